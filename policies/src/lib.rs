@@ -1,0 +1,13 @@
+//! meshflow's shared spec model: the local mesh definition, SPIFFE identities and (from later
+//! issues on) the policy kinds. Everything here is pure: no sockets, no clocks, no pingora.
+//!
+//! Errors carry the file, the field path and the line of the offending YAML so an operator can
+//! fix a file without guessing (see [`load::LoadError`]).
+
+pub mod load;
+pub mod mesh;
+pub mod spiffe;
+
+pub use load::{LoadError, Result};
+pub use mesh::{AppProtocol, MeshSpec, Workload};
+pub use spiffe::SpiffeId;
