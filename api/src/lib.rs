@@ -11,3 +11,56 @@
 pub mod v1 {
     tonic::include_proto!("meshflow.v1");
 }
+
+use serde::{Deserialize, Serialize};
+
+/// The bootstrap file the control plane writes for each workload (local mode, mode 0600) and a
+/// sidecar reads at start (`meshflow-proxy --bootstrap <file>`). JSON, camelCase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Bootstrap {
+    /// Control-plane gRPC address, `host:port`.
+    pub control_plane: String,
+    /// TLS server name the control plane's certificate carries.
+    pub control_plane_server_name: String,
+    /// Roots that verify the control plane and every SVID, PEM.
+    pub trust_bundle_pem: String,
+    /// Workload key `<namespace>/<name>`.
+    pub workload: String,
+    /// SPIFFE ID the sidecar will be issued.
+    pub spiffe_id: String,
+    /// Secret that authenticates `Certify` for this workload.
+    pub token: String,
+}
+
+/// The readiness file every meshflow binary writes once it serves (`--ready-file`): the actual
+/// bound addresses, so nobody guesses ports. JSON object of name → `host:port`, plus `pid`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyFile {
+    /// Process id.
+    pub pid: u32,
+    /// Listener name → bound address (e.g. `"inbound": "127.0.0.1:41234"`).
+    pub addresses: std::collections::BTreeMap<String, String>,
+}
+
+impl ReadyFile {
+    /// Writes the file atomically (temp file + rename), so readers never see half of it.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, path)
+    }
+
+    /// Reads a ready file; `None` while it does not exist or is incomplete.
+    pub fn read(path: &std::path::Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    /// The address named `name`.
+    pub fn address(&self, name: &str) -> Option<&str> {
+        self.addresses.get(name).map(String::as_str)
+    }
+}

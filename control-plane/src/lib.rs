@@ -1,1 +1,196 @@
+//! meshflow control plane: the mesh CA (SPIFFE X.509-SVIDs), the gRPC config server that
+//! streams per-workload snapshots, and the local mesh-file config source.
+//!
+//! [`run`] is the whole process; `main.rs` only parses flags and calls it.
+
+pub mod admin;
 pub mod ca;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshflow_api::v1::{config_server::ConfigServer, identity_server::IdentityServer};
+use meshflow_api::ReadyFile;
+use meshflow_policies::mesh::MeshFile;
+use meshflow_policies::SpiffeId;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// Control-plane settings (flags over `MESHFLOW_…` env over defaults).
+#[derive(Debug, Clone, clap::Parser, serde::Serialize)]
+#[command(name = "meshflow-control-plane", version, about = "meshflow control plane")]
+pub struct ControlPlaneConfig {
+    /// Local mesh definition (kind: Mesh) to serve; changes are pushed within 1 s.
+    #[arg(long, env = "MESHFLOW_MESH")]
+    pub mesh: PathBuf,
+    /// State directory: CA, tokens, bootstrap files, the bound address.
+    #[arg(long, env = "MESHFLOW_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// gRPC (TLS) listen address. With port 0 the first start picks a port and later starts
+    /// reuse it (kept in `<state>/control-plane.addr`).
+    #[arg(long, env = "MESHFLOW_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Admin listen address (`/metrics`, `/ready`, `/config_dump`).
+    #[arg(long, env = "MESHFLOW_ADMIN", default_value = "127.0.0.1:0")]
+    pub admin: SocketAddr,
+    /// Leaf certificate TTL, e.g. `24h`, `10s`.
+    #[arg(long, env = "MESHFLOW_LEAF_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub leaf_ttl: Duration,
+    /// User-supplied CA certificate (root or intermediate), PEM. Default: a generated root.
+    #[arg(long, env = "MESHFLOW_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Key of `--ca-cert`, PEM.
+    #[arg(long, env = "MESHFLOW_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Trust bundle (roots) when `--ca-cert` is an intermediate, PEM.
+    #[arg(long, env = "MESHFLOW_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Written once serving: bound addresses as JSON.
+    #[arg(long, env = "MESHFLOW_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Errors that stop the control plane at start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The mesh file or flags are invalid (exit code 64).
+    #[error("{0}")]
+    Config(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn other<E: std::fmt::Display>(e: E) -> StartError {
+    StartError::Other(e.to_string())
+}
+
+/// Runs the control plane until `shutdown` resolves.
+///
+/// # Errors
+/// [`StartError::Config`] for an invalid mesh file; [`StartError::Other`] for I/O or TLS
+/// failures.
+pub async fn run(
+    config: ControlPlaneConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let (mesh_text, mesh) = {
+        let text = std::fs::read_to_string(&config.mesh)
+            .map_err(|e| StartError::Config(format!("{}: {e}", config.mesh.display())))?;
+        let mesh = MeshFile::parse(&config.mesh, &text).map_err(|e| StartError::Config(e.to_string()))?;
+        (text, mesh)
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(other)?;
+    let trust_domain = mesh.spec.trust_domain.clone();
+    let ca = match (&config.ca_cert, &config.ca_key) {
+        (Some(cert), Some(key)) => ca::CertificateAuthority::from_files(
+            cert,
+            key,
+            config.ca_bundle.as_deref(),
+            config.leaf_ttl,
+        ),
+        _ => ca::CertificateAuthority::load_or_generate(
+            &config.state_dir.join("ca"),
+            &trust_domain,
+            config.leaf_ttl,
+        ),
+    }
+    .map_err(other)?;
+    let ca = Arc::new(ca);
+
+    let registry = Registry::new();
+    let metrics = metrics::ControlPlaneMetrics::new(&registry).map_err(other)?;
+    metrics.ca_expiration.set(
+        ca.issuer_not_after().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+    );
+
+    // Same address after a restart, so bootstrap files and sidecars stay valid.
+    let addr_file = config.state_dir.join("control-plane.addr");
+    let mut listen = config.listen;
+    if listen.port() == 0 {
+        if let Some(saved) = std::fs::read_to_string(&addr_file).ok().and_then(|s| s.trim().parse().ok()) {
+            listen = saved;
+        }
+    }
+    let grpc_listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| other(format!("bind {listen}: {e} (another control plane on this state dir?)")))?;
+    let grpc_addr = grpc_listener.local_addr().map_err(other)?;
+    std::fs::write(&addr_file, grpc_addr.to_string()).map_err(other)?;
+    let admin_listener = TcpListener::bind(config.admin).await.map_err(other)?;
+    let admin_addr = admin_listener.local_addr().map_err(other)?;
+
+    let server_identity = SpiffeId::new(&trust_domain, "meshflow-system", "meshflow-control-plane")
+        .map_err(other)?;
+    let tokens = tokens::TokenStore::open(&config.state_dir).map_err(other)?;
+    tokens
+        .write_bootstraps(
+            &config.state_dir,
+            &mesh,
+            &grpc_addr.to_string(),
+            &server_identity.dns_name(),
+            ca.trust_bundle_pem(),
+        )
+        .map_err(other)?;
+
+    let state = state::StateHandle::new(mesh, ca.trust_bundle_pem());
+    let last_error = Arc::new(Mutex::new(None));
+    tokio::spawn(
+        state::MeshFileWatcher::new(&config.mesh, mesh_text).run(
+            state.clone(),
+            metrics.clone(),
+            last_error.clone(),
+            Duration::from_millis(250),
+        ),
+    );
+    // New workloads in a changed mesh file get tokens and bootstrap files too.
+    {
+        let mut updates = state.subscribe();
+        let (tokens, state_dir, ca) = (tokens.clone(), config.state_dir.clone(), ca.clone());
+        let server_name = server_identity.dns_name();
+        tokio::spawn(async move {
+            while updates.changed().await.is_ok() {
+                let mesh = updates.borrow_and_update().mesh.clone();
+                if let Err(e) = tokens.write_bootstraps(&state_dir, &mesh, &grpc_addr.to_string(), &server_name, ca.trust_bundle_pem()) {
+                    tracing::error!(error = %e, "cannot write bootstrap files");
+                }
+            }
+        });
+    }
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin::AdminState { registry, state: state.clone(), last_error },
+    ));
+
+    let (cert_pem, key_pem) = ca.issue_server_cert(&server_identity).map_err(other)?;
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .client_ca_root(Certificate::from_pem(ca.trust_bundle_pem()))
+        .client_auth_optional(true);
+    let services = server::Services { ca, tokens, state, metrics };
+    let server = Server::builder()
+        .tls_config(tls)
+        .map_err(other)?
+        .add_service(IdentityServer::new(services.clone()))
+        .add_service(ConfigServer::new(services));
+
+    if let Some(ready) = &config.ready_file {
+        let mut file = ReadyFile { pid: std::process::id(), ..Default::default() };
+        file.addresses.insert("grpc".into(), grpc_addr.to_string());
+        file.addresses.insert("admin".into(), admin_addr.to_string());
+        file.write(ready).map_err(other)?;
+    }
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
+    server
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), shutdown)
+        .await
+        .map_err(other)
+}

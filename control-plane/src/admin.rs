@@ -1,0 +1,69 @@
+//! The control plane's admin listener: `/live`, `/ready`, `/metrics` (Prometheus text),
+//! `/config_dump` (current mesh state and the last config error, JSON).
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+use crate::state::StateHandle;
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Metrics registry.
+    pub registry: Registry,
+    /// Mesh state.
+    pub state: StateHandle,
+    /// Last invalid-config error, if the newest file was rejected.
+    pub last_error: Arc<Mutex<Option<String>>>,
+}
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+async fn handle(admin: AdminState, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/live" | "/ready" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/metrics" => {
+            let mut buf = Vec::new();
+            let _ = TextEncoder::new().encode(&admin.registry.gather(), &mut buf);
+            respond(StatusCode::OK, "text/plain; version=0.0.4", buf)
+        }
+        "/config_dump" => {
+            let state = admin.state.current();
+            let dump = serde_json::json!({
+                "version": state.version,
+                "mesh": &*state.mesh,
+                "endpoints": &state.endpoints,
+                "lastError": *admin.last_error.lock().unwrap_or_else(|e| e.into_inner()),
+            });
+            respond(StatusCode::OK, "application/json", serde_json::to_vec_pretty(&dump).unwrap_or_default())
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    })
+}
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, admin: AdminState) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(admin.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

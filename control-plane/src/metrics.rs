@@ -1,0 +1,78 @@
+//! Control-plane metrics on one registry per process (passed in, never global). Names follow
+//! DESIGN.md §8 (`meshflow_` prefix, OTel-style units).
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// The control plane's metric handles.
+#[derive(Clone)]
+pub struct ControlPlaneMetrics {
+    /// `meshflow_certificates_issued_total`.
+    pub certificates_issued: IntCounter,
+    /// `meshflow_certify_refused_total{reason}`: bad_token, unknown_workload, bad_csr,
+    /// unproven_san.
+    pub certify_refused: IntCounterVec,
+    /// `meshflow_connected_proxies`.
+    pub connected_proxies: IntGauge,
+    /// `meshflow_config_pushes_total`.
+    pub config_pushes: IntCounter,
+    /// `meshflow_config_acks_total{result}`: accepted / rejected.
+    pub config_acks: IntCounterVec,
+    /// `meshflow_config_errors_total`: invalid config files seen (last good config kept).
+    pub config_errors: IntCounter,
+    /// `meshflow_watch_refused_total{reason}`: no_client_certificate, unknown_identity.
+    pub watch_refused: IntCounterVec,
+    /// `meshflow_ca_expiration_timestamp_seconds`.
+    pub ca_expiration: IntGauge,
+}
+
+impl ControlPlaneMetrics {
+    /// Registers every family on `registry`.
+    ///
+    /// # Errors
+    /// When a family is registered twice on the same registry.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            certificates_issued: IntCounter::new(
+                "meshflow_certificates_issued_total",
+                "X.509-SVIDs issued by the mesh CA.",
+            )?,
+            certify_refused: IntCounterVec::new(
+                Opts::new("meshflow_certify_refused_total", "Certify requests refused, by reason."),
+                &["reason"],
+            )?,
+            connected_proxies: IntGauge::new(
+                "meshflow_connected_proxies",
+                "Sidecars with an open Watch stream.",
+            )?,
+            config_pushes: IntCounter::new(
+                "meshflow_config_pushes_total",
+                "Config snapshots sent to sidecars.",
+            )?,
+            config_acks: IntCounterVec::new(
+                Opts::new("meshflow_config_acks_total", "Snapshot acknowledgements, by result."),
+                &["result"],
+            )?,
+            config_errors: IntCounter::new(
+                "meshflow_config_errors_total",
+                "Invalid config files seen; the last good config stays in force.",
+            )?,
+            watch_refused: IntCounterVec::new(
+                Opts::new("meshflow_watch_refused_total", "Watch streams refused, by reason."),
+                &["reason"],
+            )?,
+            ca_expiration: IntGauge::new(
+                "meshflow_ca_expiration_timestamp_seconds",
+                "NotAfter of the issuing CA certificate, Unix seconds.",
+            )?,
+        };
+        registry.register(Box::new(m.certificates_issued.clone()))?;
+        registry.register(Box::new(m.certify_refused.clone()))?;
+        registry.register(Box::new(m.connected_proxies.clone()))?;
+        registry.register(Box::new(m.config_pushes.clone()))?;
+        registry.register(Box::new(m.config_acks.clone()))?;
+        registry.register(Box::new(m.config_errors.clone()))?;
+        registry.register(Box::new(m.watch_refused.clone()))?;
+        registry.register(Box::new(m.ca_expiration.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,208 @@
+//! The control plane's gRPC services: `Identity.Certify` (CSR → SVID) and `Config.Watch`
+//! (per-workload snapshots). Served over TLS; `Watch` requires the caller's SVID.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use futures::Stream;
+use meshflow_api::v1::{
+    self, config_server::Config, identity_server::Identity, watch_request, CertifyRequest,
+    CertifyResponse, WatchRequest,
+};
+use meshflow_policies::SpiffeId;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use x509_parser::extensions::GeneralName;
+
+use crate::ca::{CaError, CertificateAuthority};
+use crate::metrics::ControlPlaneMetrics;
+use crate::state::StateHandle;
+use crate::tokens::TokenStore;
+
+/// Shared by both services.
+#[derive(Clone)]
+pub struct Services {
+    /// The CA.
+    pub ca: Arc<CertificateAuthority>,
+    /// Bootstrap tokens.
+    pub tokens: TokenStore,
+    /// Mesh state.
+    pub state: StateHandle,
+    /// Metrics.
+    pub metrics: ControlPlaneMetrics,
+}
+
+fn unix(t: std::time::SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl Identity for Services {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let req = request.into_inner();
+        let refuse = |reason: &str, status: Status| {
+            self.metrics.certify_refused.with_label_values(&[reason]).inc();
+            tracing::warn!(workload = %req.workload, reason, "Certify refused: {}", status.message());
+            status
+        };
+        let state = self.state.current();
+        let Some(workload) = state.mesh.workload(&req.workload) else {
+            return Err(refuse(
+                "unknown_workload",
+                Status::not_found(format!("no workload {:?} in the mesh", req.workload)),
+            ));
+        };
+        if !self.tokens.verify(&req.workload, &req.token) {
+            return Err(refuse(
+                "bad_token",
+                Status::unauthenticated("bootstrap token does not match this workload"),
+            ));
+        }
+        let identity = workload
+            .spiffe_id(&state.mesh.spec.trust_domain)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match self.ca.sign_csr(&req.csr_pem, &identity) {
+            Ok(issued) => {
+                self.metrics.certificates_issued.inc();
+                tracing::info!(identity = %identity, serial = %issued.serial_hex, "issued SVID");
+                Ok(Response::new(CertifyResponse {
+                    cert_chain_pem: issued.cert_chain_pem,
+                    trust_bundle_pem: self.ca.trust_bundle_pem().to_string(),
+                    not_before_unix: unix(issued.not_before),
+                    not_after_unix: unix(issued.not_after),
+                    issued_at_unix: unix(issued.issued_at),
+                }))
+            }
+            Err(e @ CaError::UnprovenSan { .. }) => {
+                Err(refuse("unproven_san", Status::permission_denied(e.to_string())))
+            }
+            Err(e @ CaError::BadCsr(_)) => {
+                Err(refuse("bad_csr", Status::invalid_argument(e.to_string())))
+            }
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+/// The single SPIFFE ID in a certificate's URI SANs, or `None` (zero, several, or malformed).
+pub fn spiffe_id_of(cert_der: &[u8]) -> Option<SpiffeId> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let first = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    first.parse().ok()
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<v1::Snapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Config for Services {
+    type WatchStream = SnapshotStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+            self.metrics.watch_refused.with_label_values(&["no_client_certificate"]).inc();
+            return Err(Status::unauthenticated("Watch requires the workload's SVID"));
+        };
+        let Some(identity) = spiffe_id_of(leaf.as_ref()) else {
+            self.metrics.watch_refused.with_label_values(&["unknown_identity"]).inc();
+            return Err(Status::unauthenticated("client certificate has no single SPIFFE ID"));
+        };
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(WatchRequest { kind: Some(watch_request::Kind::Hello(hello)) }) => hello,
+            _ => return Err(Status::invalid_argument("first Watch message must be Hello")),
+        };
+        let state = self.state.current();
+        let trust_domain = state.mesh.spec.trust_domain.clone();
+        // The identity picks the workload; Hello may not claim someone else's.
+        let workload = state
+            .mesh
+            .spec
+            .workloads
+            .iter()
+            .find(|w| {
+                (hello.workload.is_empty() || w.key() == hello.workload)
+                    && w.spiffe_id(&trust_domain).is_ok_and(|id| id == identity)
+            })
+            .map(|w| w.key());
+        let Some(workload) = workload else {
+            self.metrics.watch_refused.with_label_values(&["unknown_identity"]).inc();
+            return Err(Status::permission_denied(format!(
+                "{identity} is not a workload of this mesh"
+            )));
+        };
+        tracing::info!(%workload, %identity, inbound = %hello.inbound_address, "sidecar connected");
+
+        let (tx, rx) = mpsc::channel(4);
+        let services = self.clone();
+        tokio::spawn(async move {
+            services.metrics.connected_proxies.inc();
+            if !hello.inbound_address.is_empty() {
+                services.state.add_endpoint(&workload, &hello.inbound_address);
+            }
+            services.serve_watch(&workload, inbound, tx).await;
+            if !hello.inbound_address.is_empty() {
+                services.state.remove_endpoint(&workload, &hello.inbound_address);
+            }
+            services.metrics.connected_proxies.dec();
+            tracing::info!(%workload, "sidecar disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as SnapshotStream))
+    }
+}
+
+impl Services {
+    async fn serve_watch(
+        &self,
+        workload: &str,
+        mut inbound: Streaming<WatchRequest>,
+        tx: mpsc::Sender<Result<v1::Snapshot, Status>>,
+    ) {
+        let mut updates = self.state.subscribe();
+        loop {
+            let snapshot = updates.borrow_and_update().snapshot_for(workload);
+            let Some(snapshot) = snapshot else {
+                let _ = tx.send(Err(Status::not_found("workload removed from the mesh"))).await;
+                return;
+            };
+            if tx.send(Ok(snapshot)).await.is_err() {
+                return;
+            }
+            self.metrics.config_pushes.inc();
+            loop {
+                tokio::select! {
+                    changed = updates.changed() => {
+                        if changed.is_err() { return; }
+                        break;
+                    }
+                    message = inbound.message() => match message {
+                        Ok(Some(WatchRequest { kind: Some(watch_request::Kind::Ack(ack)) })) => {
+                            let result = if ack.accepted { "accepted" } else { "rejected" };
+                            self.metrics.config_acks.with_label_values(&[result]).inc();
+                            if !ack.accepted {
+                                tracing::warn!(%workload, version = ack.version, reason = %ack.reason, "sidecar rejected config");
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => return,
+                    },
+                }
+            }
+        }
+    }
+}

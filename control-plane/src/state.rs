@@ -1,0 +1,187 @@
+//! Control-plane state: the last good mesh definition, registered endpoints and the config
+//! version, published to every `Watch` stream through a `tokio::sync::watch` channel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshflow_api::v1;
+use meshflow_policies::mesh::{AppProtocol, MeshFile};
+use meshflow_policies::LoadError;
+use tokio::sync::watch;
+
+use crate::metrics::ControlPlaneMetrics;
+
+/// One consistent view of the mesh that snapshots are built from.
+#[derive(Debug, Clone)]
+pub struct MeshState {
+    /// Version of this view; strictly increasing, also across restarts (it starts at the Unix
+    /// time in ms).
+    pub version: u64,
+    /// The last mesh file that parsed and validated.
+    pub mesh: Arc<MeshFile>,
+    /// Inbound addresses registered by connected sidecars, by workload key.
+    pub endpoints: BTreeMap<String, BTreeSet<String>>,
+    /// Trust bundle PEM.
+    pub trust_bundle_pem: Arc<str>,
+}
+
+impl MeshState {
+    /// The snapshot for workload `key`, or `None` when the mesh has no such workload.
+    pub fn snapshot_for(&self, key: &str) -> Option<v1::Snapshot> {
+        let spec = &self.mesh.spec;
+        let me = self.mesh.workload(key)?;
+        let spiffe_id = me.spiffe_id(&spec.trust_domain).ok()?;
+        let mut services: BTreeMap<(String, String), v1::Service> = BTreeMap::new();
+        for w in &spec.workloads {
+            let service = services
+                .entry((w.namespace.clone(), w.service().to_string()))
+                .or_insert_with(|| v1::Service {
+                    name: w.service().to_string(),
+                    namespace: w.namespace.clone(),
+                    protocol: match w.app.protocol {
+                        AppProtocol::Http1 => "http1",
+                        AppProtocol::H2c => "h2c",
+                        AppProtocol::Grpc => "grpc",
+                    }
+                    .to_string(),
+                    endpoints: Vec::new(),
+                });
+            let Ok(identity) = w.spiffe_id(&spec.trust_domain) else { continue };
+            for address in self.endpoints.get(&w.key()).into_iter().flatten() {
+                service.endpoints.push(v1::Endpoint {
+                    address: address.clone(),
+                    identity: identity.uri(),
+                    workload: w.key(),
+                });
+            }
+        }
+        Some(v1::Snapshot {
+            version: self.version,
+            workload: key.to_string(),
+            spiffe_id: spiffe_id.uri(),
+            trust_bundle_pem: self.trust_bundle_pem.to_string(),
+            services: services.into_values().collect(),
+            policies_json: Vec::new(),
+        })
+    }
+}
+
+/// Shared, versioned mesh state. Cheap to clone.
+#[derive(Clone)]
+pub struct StateHandle {
+    tx: Arc<watch::Sender<Arc<MeshState>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+impl StateHandle {
+    /// Starts with `mesh` at version = now in ms.
+    pub fn new(mesh: MeshFile, trust_bundle_pem: &str) -> Self {
+        let state = MeshState {
+            version: now_ms(),
+            mesh: Arc::new(mesh),
+            endpoints: BTreeMap::new(),
+            trust_bundle_pem: Arc::from(trust_bundle_pem),
+        };
+        Self { tx: Arc::new(watch::channel(Arc::new(state)).0) }
+    }
+
+    /// The current state.
+    pub fn current(&self) -> Arc<MeshState> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that wakes on every new version.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MeshState>> {
+        self.tx.subscribe()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut MeshState)) {
+        self.tx.send_modify(|state| {
+            let mut next = MeshState::clone(state);
+            change(&mut next);
+            next.version = (state.version + 1).max(now_ms());
+            *state = Arc::new(next);
+        });
+    }
+
+    /// Replaces the mesh definition (a new version).
+    pub fn set_mesh(&self, mesh: MeshFile) {
+        self.update(|s| s.mesh = Arc::new(mesh));
+    }
+
+    /// Registers `address` as an endpoint of workload `key` (a new version).
+    pub fn add_endpoint(&self, key: &str, address: &str) {
+        self.update(|s| {
+            s.endpoints.entry(key.to_string()).or_default().insert(address.to_string());
+        });
+    }
+
+    /// Removes a registration (a new version).
+    pub fn remove_endpoint(&self, key: &str, address: &str) {
+        self.update(|s| {
+            if let Some(set) = s.endpoints.get_mut(key) {
+                set.remove(address);
+                if set.is_empty() {
+                    s.endpoints.remove(key);
+                }
+            }
+        });
+    }
+}
+
+/// Watches the mesh file and pushes every valid change; an invalid file keeps the last good
+/// definition in force and is reported (log with file:line: field, metric, `/config_errors`).
+pub struct MeshFileWatcher {
+    path: PathBuf,
+    last_text: Option<String>,
+}
+
+impl MeshFileWatcher {
+    /// Watches `path`; `initial_text` is the text the state was built from.
+    pub fn new(path: &Path, initial_text: String) -> Self {
+        Self { path: path.to_path_buf(), last_text: Some(initial_text) }
+    }
+
+    /// Polls every `interval` (250 ms keeps a change under the 1 s push target) until the
+    /// process ends. Polling content (not mtime) survives editors that replace files by rename.
+    pub async fn run(
+        mut self,
+        state: StateHandle,
+        metrics: ControlPlaneMetrics,
+        last_error: Arc<std::sync::Mutex<Option<String>>>,
+        interval: Duration,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            let Ok(text) = tokio::fs::read_to_string(&self.path).await else { continue };
+            if self.last_text.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            self.last_text = Some(text.clone());
+            match MeshFile::parse(&self.path, &text) {
+                Ok(mesh) => {
+                    tracing::info!(file = %self.path.display(), "mesh definition changed; pushing");
+                    *last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    state.set_mesh(mesh);
+                }
+                Err(err) => report_invalid(&err, &metrics, &last_error),
+            }
+        }
+    }
+}
+
+fn report_invalid(
+    err: &LoadError,
+    metrics: &ControlPlaneMetrics,
+    last_error: &std::sync::Mutex<Option<String>>,
+) {
+    tracing::error!(error = %err, "invalid mesh definition; keeping the last good config");
+    metrics.config_errors.inc();
+    *last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
+}
