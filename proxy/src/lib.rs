@@ -1,1 +1,300 @@
-pub fn placeholder() {}
+//! meshflow sidecar proxy on Cloudflare Pingora with rustls.
+//!
+//! - Inbound listener: TLS 1.3 only, client certificate required (SPIFFE X.509-SVID from the
+//!   mesh CA, exactly one URI SAN in the trust domain), forwards to the app on 127.0.0.1 with
+//!   one XFCC header from the verified peer.
+//! - Outbound listener (127.0.0.1): routes by authority to a mesh service, originates mTLS over
+//!   HTTP/2 and verifies the server is the destination's expected identity.
+//! - Admin listener: `/ready`, `/live`, `/metrics`, `/config_dump`, `POST /shutdown`.
+//!
+//! The Pingora `ProxyHttp` impls ([`inbound`], [`outbound`]) are thin adapters over pure
+//! functions ([`http_hygiene`], [`routing`]).
+
+pub mod admin;
+pub mod config_state;
+pub mod cp_client;
+pub mod http_hygiene;
+pub mod identity;
+pub mod inbound;
+pub mod listener_common;
+pub mod metrics;
+pub mod outbound;
+pub mod routing;
+pub mod shared;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use meshflow_api::{Bootstrap, ReadyFile};
+use meshflow_policies::{AppProtocol, SpiffeId};
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::TcpSocketOptions;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::{background_service, BackgroundService};
+use prometheus::Registry;
+use tokio::sync::Notify;
+
+use crate::shared::Shared;
+
+/// Sidecar settings (flags over `MESHFLOW_…` env over defaults). Dumped at `/config_dump`.
+#[derive(Debug, Clone, clap::Parser, serde::Serialize)]
+#[command(name = "meshflow-proxy", version, about = "meshflow sidecar proxy")]
+pub struct ProxyConfig {
+    /// Bootstrap file the control plane wrote for this workload (JSON).
+    #[arg(long, env = "MESHFLOW_BOOTSTRAP")]
+    pub bootstrap: PathBuf,
+    /// The app's port on 127.0.0.1.
+    #[arg(long, env = "MESHFLOW_APP_PORT")]
+    pub app_port: u16,
+    /// The app's protocol: http1, h2c or grpc.
+    #[arg(long, env = "MESHFLOW_APP_PROTOCOL", default_value = "http1", value_parser = parse_protocol)]
+    #[serde(skip)]
+    pub app_protocol: AppProtocol,
+    /// Inbound (mTLS) listen address; port 0 picks a free port (see the ready file).
+    #[arg(long, env = "MESHFLOW_INBOUND", default_value = "127.0.0.1:0")]
+    pub inbound: SocketAddr,
+    /// Outbound listen address (loopback only).
+    #[arg(long, env = "MESHFLOW_OUTBOUND", default_value = "127.0.0.1:0")]
+    pub outbound: SocketAddr,
+    /// Admin listen address.
+    #[arg(long, env = "MESHFLOW_ADMIN", default_value = "127.0.0.1:0")]
+    pub admin: SocketAddr,
+    /// How long in-flight requests may finish after SIGTERM, e.g. `5s`.
+    #[arg(long, env = "MESHFLOW_DRAIN", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+    /// Worker threads per listener.
+    #[arg(long, env = "MESHFLOW_THREADS", default_value_t = 2)]
+    pub threads: usize,
+    /// HTTP/2 max concurrent streams per connection (RFC 9113 §6.5.2).
+    #[arg(long, env = "MESHFLOW_H2_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub h2_max_concurrent_streams: u32,
+    /// Largest request header section, bytes; larger → 431 (also the HTTP/2
+    /// SETTINGS_MAX_HEADER_LIST_SIZE).
+    #[arg(long, env = "MESHFLOW_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Written once ready: bound addresses (inbound, outbound, admin) as JSON.
+    #[arg(long, env = "MESHFLOW_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+fn parse_protocol(s: &str) -> Result<AppProtocol, String> {
+    match s {
+        "http1" => Ok(AppProtocol::Http1),
+        "h2c" => Ok(AppProtocol::H2c),
+        "grpc" => Ok(AppProtocol::Grpc),
+        other => Err(format!("unknown app protocol {other:?} (http1, h2c, grpc)")),
+    }
+}
+
+/// Errors that stop the sidecar at start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad flags or bootstrap file (exit code 64).
+    #[error("{0}")]
+    Config(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A port held (bound, never listening, SO_REUSEPORT) so that Pingora can bind the same
+/// address and we know the port before Pingora starts. A socket that does not listen gets no
+/// connections, so the reservation is invisible to clients.
+struct PortReservation {
+    _socket: socket2::Socket,
+    addr: SocketAddr,
+}
+
+fn reserve(addr: SocketAddr) -> std::io::Result<PortReservation> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    let addr = socket.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an inet socket"))?;
+    Ok(PortReservation { _socket: socket, addr })
+}
+
+fn reuseport() -> TcpSocketOptions {
+    let mut options = TcpSocketOptions::default();
+    options.so_reuseport = Some(true);
+    options
+}
+
+/// SIGTERM → graceful (drain), SIGINT → fast, `POST /shutdown` → graceful.
+struct SignalWatch {
+    admin_shutdown: Arc<Notify>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for SignalWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = self.admin_shutdown.notified() => ShutdownSignal::GracefulTerminate,
+        }
+    }
+}
+
+/// Control-plane client, admin listener and ready file, run inside Pingora's runtime.
+struct Background {
+    client: Arc<cp_client::ControlPlaneClient>,
+    shared: Shared,
+    admin: std::sync::Mutex<Option<std::net::TcpListener>>,
+    admin_shutdown: Arc<Notify>,
+    ready_file: Option<PathBuf>,
+    addresses: Vec<(&'static str, SocketAddr)>,
+}
+
+#[async_trait]
+impl BackgroundService for Background {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let admin = self.admin.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(listener) = admin.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
+            tokio::spawn(admin::serve(listener, self.shared.clone(), self.admin_shutdown.clone()));
+        }
+        tokio::spawn(self.client.clone().run_identity());
+        tokio::spawn(self.client.clone().run_config());
+        // Ready = SVID + config + every listener accepting connections.
+        loop {
+            if self.shared.is_ready() {
+                let mut all = true;
+                for (_, addr) in &self.addresses {
+                    all &= tokio::net::TcpStream::connect(addr).await.is_ok();
+                }
+                if all {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!("sidecar ready");
+        if let Some(path) = &self.ready_file {
+            let mut file = ReadyFile { pid: std::process::id(), ..Default::default() };
+            for (name, addr) in &self.addresses {
+                file.addresses.insert((*name).to_string(), addr.to_string());
+            }
+            if let Err(e) = file.write(path) {
+                tracing::error!(error = %e, "cannot write ready file");
+            }
+        }
+        let _ = shutdown.changed().await;
+    }
+}
+
+/// Runs the sidecar until shutdown. Must not be called inside a tokio runtime (Pingora owns
+/// its runtimes).
+///
+/// # Errors
+/// [`StartError::Config`] for unusable flags or bootstrap; [`StartError::Other`] otherwise.
+pub fn run(config: ProxyConfig) -> Result<(), StartError> {
+    let cfg = |e: String| StartError::Config(e);
+    let other = |e: String| StartError::Other(e);
+    let bootstrap_text = std::fs::read(&config.bootstrap)
+        .map_err(|e| cfg(format!("{}: {e}", config.bootstrap.display())))?;
+    let bootstrap: Bootstrap = serde_json::from_slice(&bootstrap_text)
+        .map_err(|e| cfg(format!("{}: {e}", config.bootstrap.display())))?;
+    let spiffe_id: SpiffeId = bootstrap
+        .spiffe_id
+        .parse()
+        .map_err(|e| cfg(format!("{}: spiffeId: {e}", config.bootstrap.display())))?;
+    if !config.outbound.ip().is_loopback() {
+        return Err(cfg(format!("--outbound {} must be a loopback address", config.outbound)));
+    }
+
+    let registry = Registry::new();
+    let metrics = metrics::ProxyMetrics::new(&registry).map_err(|e| other(e.to_string()))?;
+    metrics.info.with_label_values(&[&bootstrap.workload, spiffe_id.namespace()]).set(1);
+    let bundle = identity::TrustBundle::from_pem(&bootstrap.trust_bundle_pem)
+        .map_err(|e| cfg(format!("{}: trustBundlePem: {e}", config.bootstrap.display())))?;
+    let identity_state = identity::IdentityState::new(bundle, spiffe_id.trust_domain(), metrics.clone())
+        .map_err(|e| other(e.to_string()))?;
+    let shared = Shared {
+        identity: identity_state.clone(),
+        config: Arc::new(config_state::ConfigState::default()),
+        metrics: metrics.clone(),
+        registry,
+        workload: bootstrap.workload.clone(),
+        namespace: spiffe_id.namespace().to_string(),
+        app_port: config.app_port,
+        app_protocol: config.app_protocol,
+        max_header_bytes: config.max_header_bytes,
+    };
+
+    let inbound_port = reserve(config.inbound).map_err(|e| other(format!("bind {}: {e}", config.inbound)))?;
+    let outbound_port = reserve(config.outbound).map_err(|e| other(format!("bind {}: {e}", config.outbound)))?;
+    let admin = std::net::TcpListener::bind(config.admin).map_err(|e| other(format!("bind {}: {e}", config.admin)))?;
+    admin.set_nonblocking(true).map_err(|e| other(e.to_string()))?;
+    let admin_addr = admin.local_addr().map_err(|e| other(e.to_string()))?;
+
+    let mut conf = ServerConf::default();
+    conf.threads = config.threads.max(1);
+    // Pingora's default grace period is 300 s; ours is the configured drain.
+    conf.grace_period_seconds = Some(config.drain.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(1);
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut h2 = pingora_core::protocols::http::v2::server::default_h2_options();
+    h2.max_concurrent_streams(config.h2_max_concurrent_streams);
+    h2.max_header_list_size(config.max_header_bytes as u32);
+
+    let mut inbound = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        inbound::InboundProxy::new(shared.clone()),
+        "meshflow inbound",
+    );
+    let mut tls = TlsSettings::with_callbacks(Box::new(identity::HandshakeCallbacks::new(metrics.clone())))
+        .map_err(|e| other(e.to_string()))?;
+    tls.set_cert_resolver(Arc::new(identity::SvidResolver::new(identity_state.clone())));
+    tls.set_client_cert_verifier(Arc::new(identity::MeshClientVerifier::new(identity_state.clone())));
+    tls.enable_h2();
+    inbound.add_tls_with_settings(&inbound_port.addr.to_string(), Some(reuseport()), tls);
+    if let Some(app) = inbound.app_logic_mut() {
+        app.h2_options = Some(h2.clone());
+    }
+
+    let mut outbound = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        outbound::OutboundProxy::new(shared.clone()),
+        "meshflow outbound",
+    );
+    outbound.add_tcp_with_settings(&outbound_port.addr.to_string(), reuseport());
+    if let Some(app) = outbound.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+        app.h2_options = Some(h2);
+    }
+
+    let admin_shutdown = Arc::new(Notify::new());
+    let client = cp_client::ControlPlaneClient::new(bootstrap, shared.clone(), inbound_port.addr.to_string());
+    let background = background_service(
+        "control plane client",
+        Background {
+            client,
+            shared,
+            admin: std::sync::Mutex::new(Some(admin)),
+            admin_shutdown: admin_shutdown.clone(),
+            ready_file: config.ready_file.clone(),
+            addresses: vec![("inbound", inbound_port.addr), ("outbound", outbound_port.addr), ("admin", admin_addr)],
+        },
+    );
+    server.add_service(inbound);
+    server.add_service(outbound);
+    server.add_service(background);
+    tracing::info!(inbound = %inbound_port.addr, outbound = %outbound_port.addr, admin = %admin_addr, "sidecar starting");
+    server.run(RunArgs { shutdown_signal: Box::new(SignalWatch { admin_shutdown }) });
+    drop((inbound_port, outbound_port));
+    Ok(())
+}

@@ -1,0 +1,7 @@
+// Compiles proto/echo.proto with protox (no `protoc` needed).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/echo.proto");
+    let descriptors = protox::compile(["proto/echo.proto"], ["proto"])?;
+    tonic_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! The config snapshot in force, converted from the control plane's proto into lookup tables.
+//! The last good snapshot stays in force while the control plane is away or sends a bad one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use meshflow_api::v1;
+use meshflow_policies::SpiffeId;
+
+/// One endpoint of a service: a sidecar's inbound listener and the identity it must present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host:port`.
+    pub address: String,
+    /// Expected server identity.
+    pub identity: SpiffeId,
+}
+
+/// A destination service.
+#[derive(Debug, Clone)]
+pub struct ServiceEntry {
+    /// `http1` | `h2c` | `grpc`.
+    pub protocol: String,
+    /// Endpoints (may be empty while no sidecar of the service is connected).
+    pub endpoints: Vec<Endpoint>,
+    next: Arc<AtomicUsize>,
+}
+
+impl ServiceEntry {
+    /// Round-robin choice (P2C peak-EWMA arrives with the resilience work).
+    pub fn pick(&self) -> Option<&Endpoint> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        self.endpoints.get(i)
+    }
+}
+
+/// A validated snapshot.
+#[derive(Debug, Clone)]
+pub struct ConfigSnapshot {
+    /// Version from the control plane.
+    pub version: u64,
+    /// This workload's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Services by (name, namespace).
+    pub services: HashMap<(String, String), ServiceEntry>,
+    /// The proto as received (for `/config_dump`).
+    pub raw: v1::Snapshot,
+}
+
+/// Why a snapshot was rejected (the previous one stays in force).
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot {version} rejected: {reason}")]
+pub struct SnapshotError {
+    /// The rejected version.
+    pub version: u64,
+    /// Why.
+    pub reason: String,
+}
+
+impl ConfigSnapshot {
+    /// Validates and converts a proto snapshot.
+    ///
+    /// # Errors
+    /// [`SnapshotError`] for a malformed identity or endpoint address.
+    pub fn from_proto(raw: v1::Snapshot) -> Result<Self, SnapshotError> {
+        let err = |reason: String| SnapshotError { version: raw.version, reason };
+        let spiffe_id: SpiffeId = raw.spiffe_id.parse().map_err(|e| err(format!("spiffeId: {e}")))?;
+        let mut services = HashMap::new();
+        for s in &raw.services {
+            let mut endpoints = Vec::new();
+            for e in &s.endpoints {
+                if e.address.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(err(format!("service {}.{}: bad endpoint address {:?}", s.name, s.namespace, e.address)));
+                }
+                let identity = e.identity.parse().map_err(|x| err(format!("service {}.{}: {x}", s.name, s.namespace)))?;
+                endpoints.push(Endpoint { address: e.address.clone(), identity });
+            }
+            services.insert(
+                (s.name.clone(), s.namespace.clone()),
+                ServiceEntry { protocol: s.protocol.clone(), endpoints, next: Arc::new(AtomicUsize::new(0)) },
+            );
+        }
+        Ok(Self { version: raw.version, spiffe_id, services, raw })
+    }
+}
+
+/// The snapshot in force, swapped atomically.
+#[derive(Default)]
+pub struct ConfigState {
+    current: ArcSwapOption<ConfigSnapshot>,
+}
+
+impl ConfigState {
+    /// The snapshot in force, if any.
+    pub fn current(&self) -> Option<Arc<ConfigSnapshot>> {
+        self.current.load_full()
+    }
+
+    /// Puts `snapshot` in force.
+    pub fn set(&self, snapshot: ConfigSnapshot) {
+        self.current.store(Some(Arc::new(snapshot)));
+    }
+}

@@ -1,0 +1,367 @@
+//! The sidecar's identity material: its current SVID and the trust bundle, swapped atomically
+//! on renewal or bundle change, plus the rustls hooks that read them on every handshake
+//! (a certificate resolver, a rotating client-certificate verifier, and Pingora's
+//! handshake-complete callback that records the peer's SPIFFE ID).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use meshflow_policies::SpiffeId;
+use pingora_core::listeners::TlsAccept;
+use pingora_core::protocols::tls::TlsRef;
+use pingora_core::utils::tls::{CertKey, WrappedX509};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use x509_parser::extensions::GeneralName;
+
+use crate::metrics::ProxyMetrics;
+
+/// Errors building identity material.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// PEM or DER could not be parsed.
+    #[error("bad certificate material: {0}")]
+    Material(String),
+}
+
+/// The sidecar's current X.509-SVID in the shapes rustls (inbound) and Pingora (outbound) need.
+pub struct Svid {
+    /// For the inbound listener's resolver.
+    pub certified: Arc<CertifiedKey>,
+    /// For outbound peers' client certificate.
+    pub cert_key: Arc<CertKey>,
+    /// Serial number, lower-case hex.
+    pub serial_hex: String,
+    /// Issuance time (renewal is scheduled from it).
+    pub issued_at: SystemTime,
+    /// NotAfter.
+    pub not_after: SystemTime,
+    /// The SPIFFE ID in the certificate.
+    pub spiffe_id: SpiffeId,
+    /// Chain PEM (for the control-plane client's TLS identity).
+    pub chain_pem: String,
+    /// Private key PEM.
+    pub key_pem: String,
+}
+
+/// Roots the sidecar trusts, in the shapes rustls and Pingora need.
+pub struct TrustBundle {
+    /// PEM as received.
+    pub pem: String,
+    /// rustls root store.
+    pub roots: Arc<RootCertStore>,
+    /// Pingora per-peer CA list.
+    pub pingora_ca: Arc<[WrappedX509]>,
+    /// Hash of the PEM; part of outbound connection-pool keys, so connections made under an old
+    /// bundle are never reused after a change.
+    pub version: u64,
+}
+
+fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_bytes()).collect();
+    let certs = certs.map_err(|e| IdentityError::Material(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(IdentityError::Material("no certificate in PEM".into()));
+    }
+    Ok(certs)
+}
+
+impl TrustBundle {
+    /// Parses a PEM bundle.
+    ///
+    /// # Errors
+    /// [`IdentityError::Material`] when the PEM holds no usable certificate.
+    pub fn from_pem(pem: &str) -> Result<Self, IdentityError> {
+        let certs = pem_certs(pem)?;
+        let mut roots = RootCertStore::empty();
+        for cert in &certs {
+            roots.add(cert.clone()).map_err(|e| IdentityError::Material(e.to_string()))?;
+        }
+        let pingora_ca: Vec<WrappedX509> = certs
+            .iter()
+            .map(|c| WrappedX509::new(c.as_ref().to_vec(), pingora_core::utils::tls::parse_x509))
+            .collect();
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        pem.hash(&mut hasher);
+        Ok(Self { pem: pem.to_string(), roots: Arc::new(roots), pingora_ca: Arc::from(pingora_ca), version: hasher.finish() })
+    }
+}
+
+impl Svid {
+    /// Builds an SVID from the CA's chain PEM and the sidecar's PKCS#8 key (DER).
+    ///
+    /// # Errors
+    /// [`IdentityError::Material`] for unparsable certificates, a key rustls cannot use, or a
+    /// leaf without exactly one SPIFFE URI SAN.
+    pub fn new(chain_pem: &str, key_pkcs8_der: Vec<u8>, key_pem: String, issued_at: SystemTime) -> Result<Self, IdentityError> {
+        let chain = pem_certs(chain_pem)?;
+        let key = PrivateKeyDer::try_from(key_pkcs8_der.clone()).map_err(|e| IdentityError::Material(e.to_string()))?;
+        let provider = rustls::crypto::ring::default_provider();
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| IdentityError::Material(e.to_string()))?;
+        let (spiffe_id, serial_hex, not_after) = {
+            let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref())
+                .map_err(|e| IdentityError::Material(e.to_string()))?;
+            let id = single_spiffe_id(&leaf).ok_or_else(|| IdentityError::Material("leaf has no single SPIFFE ID".into()))?;
+            let not_after = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
+            (id, leaf.raw_serial_as_string().replace(':', ""), not_after)
+        };
+        let cert_key = CertKey::new(chain.iter().map(|c| c.as_ref().to_vec()).collect(), key_pkcs8_der);
+        Ok(Self {
+            certified: Arc::new(CertifiedKey::new(chain, signing_key)),
+            cert_key: Arc::new(cert_key),
+            serial_hex,
+            issued_at,
+            not_after,
+            spiffe_id,
+            chain_pem: chain_pem.to_string(),
+            key_pem,
+        })
+    }
+}
+
+/// The one SPIFFE ID among a certificate's URI SANs; `None` for zero, several or malformed.
+pub fn single_spiffe_id(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<SpiffeId> {
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let first = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    first.parse().ok()
+}
+
+/// Current identity material, shared by listeners, connectors and the control-plane client.
+pub struct IdentityState {
+    /// The current SVID (`None` until the first Certify succeeds).
+    pub svid: ArcSwapOption<Svid>,
+    /// The current trust bundle.
+    pub bundle: ArcSwap<TrustBundle>,
+    verifier: ArcSwap<Arc<dyn ClientCertVerifier>>,
+    trust_domain: String,
+    metrics: ProxyMetrics,
+}
+
+impl IdentityState {
+    /// Starts with `bundle` (from the bootstrap file) and no SVID.
+    ///
+    /// # Errors
+    /// When no client verifier can be built from the bundle.
+    pub fn new(bundle: TrustBundle, trust_domain: &str, metrics: ProxyMetrics) -> Result<Arc<Self>, IdentityError> {
+        let verifier = build_verifier(&bundle)?;
+        Ok(Arc::new(Self {
+            svid: ArcSwapOption::empty(),
+            bundle: ArcSwap::from_pointee(bundle),
+            verifier: ArcSwap::from_pointee(verifier),
+            trust_domain: trust_domain.to_string(),
+            metrics,
+        }))
+    }
+
+    /// Replaces the trust bundle if it changed (new handshakes use it at once).
+    ///
+    /// # Errors
+    /// When the new bundle is unusable; the old one stays.
+    pub fn set_bundle_pem(&self, pem: &str) -> Result<(), IdentityError> {
+        if self.bundle.load().pem == pem {
+            return Ok(());
+        }
+        let bundle = TrustBundle::from_pem(pem)?;
+        let verifier = build_verifier(&bundle)?;
+        self.verifier.store(Arc::new(verifier));
+        self.bundle.store(Arc::new(bundle));
+        Ok(())
+    }
+
+    /// Installs a new SVID; new handshakes use it, open connections keep theirs.
+    pub fn set_svid(&self, svid: Svid) {
+        self.metrics.cert_expiration.set(
+            svid.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+        );
+        self.svid.store(Some(Arc::new(svid)));
+    }
+}
+
+fn build_verifier(bundle: &TrustBundle) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
+    WebPkiClientVerifier::builder_with_provider(
+        bundle.roots.clone(),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| IdentityError::Material(e.to_string()))
+}
+
+/// Inbound certificate resolver: the current SVID, and only for TLS 1.3 clients.
+///
+/// Pingora's rustls listener enables TLS 1.2 and 1.3 and offers no setting; a ClientHello
+/// without any TLS 1.3 cipher suite is refused here (no certificate → handshake failure),
+/// counted as `protocol_version`.
+#[derive(Debug)]
+pub struct SvidResolver {
+    identity: Arc<IdentityState>,
+}
+
+impl std::fmt::Debug for IdentityState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityState").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+impl SvidResolver {
+    /// A resolver over `identity`.
+    pub fn new(identity: Arc<IdentityState>) -> Self {
+        Self { identity }
+    }
+}
+
+impl ResolvesServerCert for SvidResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let offers_tls13 = hello.cipher_suites().iter().any(|s| u16::from(*s) & 0xff00 == 0x1300);
+        if !offers_tls13 {
+            self.identity.metrics.tls_handshake_errors.with_label_values(&["inbound", "protocol_version"]).inc();
+            return None;
+        }
+        self.identity.svid.load().as_ref().map(|s| s.certified.clone())
+    }
+}
+
+/// Client-certificate verifier that reads the current trust bundle on every handshake,
+/// requires exactly one SPIFFE URI SAN in the mesh trust domain, and counts refusals by reason.
+/// A missing certificate passes here and is refused after the handshake (see
+/// [`HandshakeCallbacks`]), so that it can be counted.
+#[derive(Debug)]
+pub struct MeshClientVerifier {
+    identity: Arc<IdentityState>,
+}
+
+impl MeshClientVerifier {
+    /// A verifier over `identity`.
+    pub fn new(identity: Arc<IdentityState>) -> Self {
+        Self { identity }
+    }
+
+    fn count(&self, reason: &str) {
+        self.identity.metrics.tls_handshake_errors.with_label_values(&["inbound", reason]).inc();
+    }
+}
+
+/// The metric reason for a rustls certificate error.
+pub fn reason_for(error: &rustls::Error) -> &'static str {
+    match error {
+        rustls::Error::InvalidCertificate(e) => match e {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not_yet_valid",
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => "identity_mismatch",
+            _ => "invalid_certificate",
+        },
+        _ => "other",
+    }
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verifier = self.identity.verifier.load();
+        if let Err(e) = verifier.verify_client_cert(end_entity, intermediates, now) {
+            self.count(reason_for(&e));
+            return Err(e);
+        }
+        let in_domain = x509_parser::parse_x509_certificate(end_entity.as_ref())
+            .ok()
+            .and_then(|(_, cert)| single_spiffe_id(&cert))
+            .is_some_and(|id| id.trust_domain() == self.identity.trust_domain);
+        if !in_domain {
+            self.count("bad_identity");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.identity.verifier.load().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.identity.verifier.load().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.identity.verifier.load().supported_verify_schemes()
+    }
+}
+
+/// The verified peer of an inbound connection, attached to Pingora's `SslDigest` extension.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    /// The peer's SPIFFE ID; `None` when it sent no certificate (the connection is closed
+    /// before any request is forwarded).
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+/// Pingora handshake callbacks for the inbound listener.
+pub struct HandshakeCallbacks {
+    metrics: ProxyMetrics,
+}
+
+impl HandshakeCallbacks {
+    /// Callbacks counting into `metrics`.
+    pub fn new(metrics: ProxyMetrics) -> Self {
+        Self { metrics }
+    }
+}
+
+#[async_trait::async_trait]
+impl TlsAccept for HandshakeCallbacks {
+    async fn handshake_complete_callback(&self, tls: &TlsRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let spiffe_id = tls
+            .peer_certificate_der()
+            .and_then(|der| x509_parser::parse_x509_certificate(der).ok().and_then(|(_, c)| single_spiffe_id(&c)));
+        if spiffe_id.is_none() {
+            self.metrics.tls_handshake_errors.with_label_values(&["inbound", "no_client_certificate"]).inc();
+        } else {
+            self.metrics.tls_handshakes.with_label_values(&["inbound"]).inc();
+            self.metrics.connections.with_label_values(&["inbound"]).inc();
+        }
+        Some(Arc::new(PeerIdentity { spiffe_id }))
+    }
+}

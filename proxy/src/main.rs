@@ -1,0 +1,26 @@
+//! `meshflow-proxy`: parses flags, starts logging, runs [`meshflow_proxy::run`].
+
+use clap::Parser;
+use meshflow_proxy::{run, ProxyConfig, StartError};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHFLOW_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = ProxyConfig::parse();
+    match run(config) {
+        Ok(()) => {}
+        Err(StartError::Config(e)) => {
+            eprintln!("meshflow-proxy: invalid configuration: {e}");
+            std::process::exit(64);
+        }
+        Err(e) => {
+            eprintln!("meshflow-proxy: {e}");
+            std::process::exit(1);
+        }
+    }
+}

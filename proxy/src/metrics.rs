@@ -1,0 +1,112 @@
+//! Sidecar metrics on one registry per process (passed in, never global). Names and labels per
+//! DESIGN.md §8. Label values never come from unbounded client input.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// The sidecar's metric handles. Cheap to clone.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    /// `meshflow_requests_total{direction, service, status_code}`.
+    pub requests: IntCounterVec,
+    /// `meshflow_request_duration_seconds{direction}` (0.5 ms … 10 s).
+    pub request_duration: HistogramVec,
+    /// `meshflow_connections_total{direction}`: new TLS connections (inbound accepted,
+    /// outbound established).
+    pub connections: IntCounterVec,
+    /// `meshflow_tls_handshakes_total{direction}`: completed handshakes.
+    pub tls_handshakes: IntCounterVec,
+    /// `meshflow_tls_handshake_errors_total{direction, reason}`. Reasons: no_client_certificate,
+    /// unknown_ca, expired, not_yet_valid, bad_identity, protocol_version, identity_mismatch,
+    /// invalid_certificate, other.
+    pub tls_handshake_errors: IntCounterVec,
+    /// `meshflow_identity_cert_expiration_timestamp_seconds`.
+    pub cert_expiration: IntGauge,
+    /// `meshflow_identity_renewals_total`.
+    pub renewals: IntCounterVec,
+    /// `meshflow_config_version` of the snapshot in force.
+    pub config_version: IntGauge,
+    /// `meshflow_config_updates_total{result}`: accepted / rejected.
+    pub config_updates: IntCounterVec,
+    /// `meshflow_control_plane_connected` (1 while the Watch stream is open).
+    pub control_plane_connected: IntGauge,
+    /// `meshflow_rejected_requests_total{direction, reason}`: framing, header_too_large,
+    /// unknown_service, no_endpoint.
+    pub rejected_requests: IntCounterVec,
+    /// `meshflow_info{workload, namespace}` = 1.
+    pub info: IntGaugeVec,
+}
+
+impl ProxyMetrics {
+    /// Registers every family on `registry`.
+    ///
+    /// # Errors
+    /// When a family is registered twice.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("meshflow_requests_total", "Requests handled, by direction, service and status."),
+                &["direction", "service", "status_code"],
+            )?,
+            request_duration: HistogramVec::new(
+                HistogramOpts::new("meshflow_request_duration_seconds", "Request duration until the response ends.")
+                    .buckets(buckets),
+                &["direction"],
+            )?,
+            connections: IntCounterVec::new(
+                Opts::new("meshflow_connections_total", "New connections, by direction."),
+                &["direction"],
+            )?,
+            tls_handshakes: IntCounterVec::new(
+                Opts::new("meshflow_tls_handshakes_total", "Completed TLS handshakes, by direction."),
+                &["direction"],
+            )?,
+            tls_handshake_errors: IntCounterVec::new(
+                Opts::new("meshflow_tls_handshake_errors_total", "Refused or failed TLS handshakes, by reason."),
+                &["direction", "reason"],
+            )?,
+            cert_expiration: IntGauge::new(
+                "meshflow_identity_cert_expiration_timestamp_seconds",
+                "NotAfter of the sidecar's current SVID, Unix seconds.",
+            )?,
+            renewals: IntCounterVec::new(
+                Opts::new("meshflow_identity_renewals_total", "SVID requests, by result."),
+                &["result"],
+            )?,
+            config_version: IntGauge::new("meshflow_config_version", "Version of the config snapshot in force.")?,
+            config_updates: IntCounterVec::new(
+                Opts::new("meshflow_config_updates_total", "Config snapshots received, by result."),
+                &["result"],
+            )?,
+            control_plane_connected: IntGauge::new(
+                "meshflow_control_plane_connected",
+                "1 while the config stream to the control plane is open.",
+            )?,
+            rejected_requests: IntCounterVec::new(
+                Opts::new("meshflow_rejected_requests_total", "Requests refused by the proxy itself, by reason."),
+                &["direction", "reason"],
+            )?,
+            info: IntGaugeVec::new(
+                Opts::new("meshflow_info", "Identifies the workload this sidecar serves."),
+                &["workload", "namespace"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.request_duration.clone()))?;
+        registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.tls_handshakes.clone()))?;
+        registry.register(Box::new(m.tls_handshake_errors.clone()))?;
+        registry.register(Box::new(m.cert_expiration.clone()))?;
+        registry.register(Box::new(m.renewals.clone()))?;
+        registry.register(Box::new(m.config_version.clone()))?;
+        registry.register(Box::new(m.config_updates.clone()))?;
+        registry.register(Box::new(m.control_plane_connected.clone()))?;
+        registry.register(Box::new(m.rejected_requests.clone()))?;
+        registry.register(Box::new(m.info.clone()))?;
+        Ok(m)
+    }
+}

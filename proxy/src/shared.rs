@@ -1,0 +1,40 @@
+//! State shared by the listeners, the control-plane client and the admin endpoints.
+
+use std::sync::Arc;
+
+use meshflow_policies::AppProtocol;
+use prometheus::Registry;
+
+use crate::config_state::ConfigState;
+use crate::identity::IdentityState;
+use crate::metrics::ProxyMetrics;
+
+/// Everything a request handler may read. Cheap to clone (all `Arc`s).
+#[derive(Clone)]
+pub struct Shared {
+    /// SVID and trust bundle.
+    pub identity: Arc<IdentityState>,
+    /// Config snapshot in force.
+    pub config: Arc<ConfigState>,
+    /// Metric handles.
+    pub metrics: ProxyMetrics,
+    /// The registry behind `metrics`.
+    pub registry: Registry,
+    /// Workload key `<namespace>/<name>`.
+    pub workload: String,
+    /// This workload's namespace (for bare-name routing).
+    pub namespace: String,
+    /// The app's port on 127.0.0.1.
+    pub app_port: u16,
+    /// The app's protocol.
+    pub app_protocol: AppProtocol,
+    /// Largest accepted request header section, bytes (431 above).
+    pub max_header_bytes: usize,
+}
+
+impl Shared {
+    /// True once the sidecar has an SVID and a config snapshot.
+    pub fn is_ready(&self) -> bool {
+        self.identity.svid.load().is_some() && self.config.current().is_some()
+    }
+}
