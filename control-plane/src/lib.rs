@@ -189,8 +189,21 @@ pub async fn run(
         file.write(ready).map_err(other)?;
     }
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
-    server
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), shutdown)
-        .await
-        .map_err(other)
+    // Open Watch streams would hold a graceful shutdown until every sidecar hangs up; give
+    // them one second, then stop (sidecars keep their last config and reconnect).
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = server.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+        async move {
+            shutdown.await;
+            let _ = stopping_tx.send(());
+        },
+    );
+    tokio::select! {
+        result = serve => result.map_err(other),
+        () = async move {
+            let _ = stopping_rx.await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } => Ok(()),
+    }
 }

@@ -1,0 +1,5 @@
+//! The `meshflow` command's library: the process supervisor shared by `meshflow up`,
+//! `meshflow demo` and the end-to-end tests, and the local-mesh runner.
+
+pub mod supervisor;
+pub mod up;

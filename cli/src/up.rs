@@ -1,0 +1,240 @@
+//! A local mesh: the control plane, each workload's app and sidecar, started from one mesh
+//! file through the [`Supervisor`]. Used by `meshflow up`, `meshflow demo` and the tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshflow_api::ReadyFile;
+use meshflow_policies::mesh::{AppProtocol, MeshFile};
+
+use crate::supervisor::{find_program, free_port, wait_for_port, ChildSpec, Supervisor, SupervisorError};
+
+/// How to start a local mesh.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// State directory (CA, tokens, bootstrap files, logs, ready files).
+    pub state_dir: PathBuf,
+    /// Sidecar drain time after SIGTERM.
+    pub drain: Duration,
+    /// Leaf certificate TTL (e.g. 10 s in rotation tests).
+    pub leaf_ttl: Option<Duration>,
+    /// How long each process may take to become ready.
+    pub ready_timeout: Duration,
+    /// Extra environment for every meshflow process (e.g. `MESHFLOW_LOG`).
+    pub env: BTreeMap<String, String>,
+}
+
+impl UpOptions {
+    /// Defaults: drain 1 s, CA default TTL, 30 s readiness timeout.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            state_dir: state_dir.to_path_buf(),
+            drain: Duration::from_secs(1),
+            leaf_ttl: None,
+            ready_timeout: Duration::from_secs(30),
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+/// Addresses of one running workload.
+#[derive(Debug, Clone)]
+pub struct WorkloadAddresses {
+    /// `<namespace>/<name>`.
+    pub key: String,
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// The app on 127.0.0.1.
+    pub app: String,
+    /// Sidecar inbound (mTLS).
+    pub inbound: String,
+    /// Sidecar outbound (plaintext, loopback).
+    pub outbound: String,
+    /// Sidecar admin.
+    pub admin: String,
+}
+
+/// Up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// The mesh file is invalid (exit code 64).
+    #[error("{0}")]
+    Config(String),
+    /// A process failed to start or become ready.
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    /// I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running local mesh. Dropping it stops every process.
+pub struct LocalMesh {
+    /// The processes.
+    pub supervisor: Supervisor,
+    /// The mesh definition.
+    pub mesh: MeshFile,
+    /// The mesh file path.
+    pub mesh_path: PathBuf,
+    /// Options it was started with.
+    pub options: UpOptions,
+    /// Control-plane gRPC address.
+    pub control_plane: String,
+    /// Control-plane admin address.
+    pub control_plane_admin: String,
+    /// Workloads by key.
+    pub workloads: BTreeMap<String, WorkloadAddresses>,
+}
+
+fn protocol_flag(p: AppProtocol) -> &'static str {
+    match p {
+        AppProtocol::Http1 => "http1",
+        AppProtocol::H2c => "h2c",
+        AppProtocol::Grpc => "grpc",
+    }
+}
+
+impl LocalMesh {
+    /// Starts the mesh in `mesh_path` and waits until every sidecar is ready.
+    ///
+    /// # Errors
+    /// [`UpError::Config`] for an invalid mesh file; otherwise the first process that failed.
+    pub fn start(mesh_path: &Path, options: UpOptions) -> Result<Self, UpError> {
+        let mesh = MeshFile::load(mesh_path).map_err(|e| UpError::Config(e.to_string()))?;
+        let logs = options.state_dir.join("logs");
+        let ready_dir = options.state_dir.join("ready");
+        std::fs::create_dir_all(&ready_dir)?;
+        let mut supervisor = Supervisor::new(&logs, options.drain + Duration::from_secs(2))?;
+        let mut mesh_run = Self {
+            supervisor: Supervisor::new(&logs, Duration::ZERO)?, // replaced below
+            mesh,
+            mesh_path: mesh_path.to_path_buf(),
+            options,
+            control_plane: String::new(),
+            control_plane_admin: String::new(),
+            workloads: BTreeMap::new(),
+        };
+        std::mem::swap(&mut mesh_run.supervisor, &mut supervisor);
+        mesh_run.start_control_plane()?;
+
+        let mut apps = Vec::new();
+        for w in mesh_run.mesh.spec.workloads.clone() {
+            let port = match w.app.port {
+                Some(port) => port,
+                None => free_port()?,
+            };
+            if let Some((program, args)) = w.app.command.split_first() {
+                let args: Vec<String> = args.iter().map(|a| a.replace("{port}", &port.to_string())).collect();
+                let spec = ChildSpec::new(format!("app-{}-{}", w.namespace, w.name), find_program(program))
+                    .args(args)
+                    .env("PORT", port.to_string());
+                mesh_run.supervisor.spawn(spec)?;
+            }
+            apps.push((w, port));
+        }
+        for (w, port) in &apps {
+            if !w.app.command.is_empty() {
+                wait_for_port(&format!("127.0.0.1:{port}"), mesh_run.options.ready_timeout).map_err(|e| {
+                    UpError::Io(std::io::Error::other(format!("app of {} never listened on port {port}: {e}", w.key())))
+                })?;
+            }
+        }
+        for (w, port) in &apps {
+            let name = format!("proxy-{}-{}", w.namespace, w.name);
+            let ready_file = ready_dir.join(format!("{name}.json"));
+            let _ = std::fs::remove_file(&ready_file);
+            let bootstrap = mesh_run.options.state_dir.join("bootstrap").join(format!("{}_{}.json", w.namespace, w.name));
+            let mut spec = ChildSpec::new(&name, find_program("meshflow-proxy")).args([
+                "--bootstrap".to_string(),
+                bootstrap.display().to_string(),
+                "--app-port".into(),
+                port.to_string(),
+                "--app-protocol".into(),
+                protocol_flag(w.app.protocol).into(),
+                "--drain".into(),
+                format!("{}ms", mesh_run.options.drain.as_millis()),
+                "--ready-file".into(),
+                ready_file.display().to_string(),
+            ]);
+            for (k, v) in &mesh_run.options.env {
+                spec = spec.env(k, v);
+            }
+            mesh_run.supervisor.spawn(spec)?;
+            let _ = (w, port);
+        }
+        for (w, port) in &apps {
+            let name = format!("proxy-{}-{}", w.namespace, w.name);
+            let ready_file = ready_dir.join(format!("{name}.json"));
+            let ready = mesh_run.supervisor.wait_ready(&name, &ready_file, mesh_run.options.ready_timeout)?;
+            let addr = |n: &str| ready.address(n).unwrap_or_default().to_string();
+            mesh_run.workloads.insert(
+                w.key(),
+                WorkloadAddresses {
+                    key: w.key(),
+                    spiffe_id: w.spiffe_id(&mesh_run.mesh.spec.trust_domain).map(|i| i.uri()).unwrap_or_default(),
+                    app: format!("127.0.0.1:{port}"),
+                    inbound: addr("inbound"),
+                    outbound: addr("outbound"),
+                    admin: addr("admin"),
+                },
+            );
+        }
+        Ok(mesh_run)
+    }
+
+    /// Starts (or restarts) the control plane on the mesh's state directory and waits for it.
+    ///
+    /// # Errors
+    /// When it fails to start or become ready.
+    pub fn start_control_plane(&mut self) -> Result<ReadyFile, UpError> {
+        let ready_file = self.options.state_dir.join("ready").join("control-plane.json");
+        let _ = std::fs::remove_file(&ready_file);
+        let mut args = vec![
+            "--mesh".to_string(),
+            self.mesh_path.display().to_string(),
+            "--state-dir".into(),
+            self.options.state_dir.display().to_string(),
+            "--ready-file".into(),
+            ready_file.display().to_string(),
+        ];
+        if let Some(ttl) = self.options.leaf_ttl {
+            args.push("--leaf-ttl".into());
+            args.push(format!("{}ms", ttl.as_millis()));
+        }
+        let mut spec = ChildSpec::new("control-plane", find_program("meshflow-control-plane")).args(args);
+        for (k, v) in &self.options.env {
+            spec = spec.env(k, v);
+        }
+        self.supervisor.spawn(spec)?;
+        let ready = self.supervisor.wait_ready("control-plane", &ready_file, self.options.ready_timeout)?;
+        self.control_plane = ready.address("grpc").unwrap_or_default().to_string();
+        self.control_plane_admin = ready.address("admin").unwrap_or_default().to_string();
+        Ok(ready)
+    }
+
+    /// The workload `key` (`ns/name`, or just `name` in namespace `default`).
+    pub fn workload(&self, key: &str) -> &WorkloadAddresses {
+        let key = if key.contains('/') { key.to_string() } else { format!("default/{key}") };
+        self.workloads.get(&key).unwrap_or_else(|| panic!("no workload {key}"))
+    }
+
+    /// A human table of workloads and their addresses.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "control plane  grpc {}  admin http://{}\n{:<22} {:<22} {:<22} {:<28} {}\n",
+            self.control_plane, self.control_plane_admin, "WORKLOAD", "OUTBOUND", "INBOUND (mTLS)", "ADMIN", "IDENTITY"
+        );
+        for w in self.workloads.values() {
+            out.push_str(&format!(
+                "{:<22} {:<22} {:<22} {:<28} {}\n",
+                w.key,
+                w.outbound,
+                w.inbound,
+                format!("http://{}", w.admin),
+                w.spiffe_id
+            ));
+        }
+        out
+    }
+}
