@@ -23,6 +23,8 @@ pub struct UpOptions {
     pub ready_timeout: Duration,
     /// Extra environment for every meshflow process (e.g. `MESHFLOW_LOG`).
     pub env: BTreeMap<String, String>,
+    /// Workload keys whose sidecar is not started (tests start them by hand).
+    pub skip_sidecars: std::collections::BTreeSet<String>,
 }
 
 impl UpOptions {
@@ -34,6 +36,7 @@ impl UpOptions {
             leaf_ttl: None,
             ready_timeout: Duration::from_secs(30),
             env: BTreeMap::new(),
+            skip_sidecars: Default::default(),
         }
     }
 }
@@ -83,8 +86,10 @@ pub struct LocalMesh {
     pub control_plane: String,
     /// Control-plane admin address.
     pub control_plane_admin: String,
-    /// Workloads by key.
+    /// Workloads by key (those whose sidecar is ready).
     pub workloads: BTreeMap<String, WorkloadAddresses>,
+    /// App port of every workload, by key.
+    pub app_ports: BTreeMap<String, u16>,
 }
 
 fn protocol_flag(p: AppProtocol) -> &'static str {
@@ -114,6 +119,7 @@ impl LocalMesh {
             control_plane: String::new(),
             control_plane_admin: String::new(),
             workloads: BTreeMap::new(),
+            app_ports: BTreeMap::new(),
         };
         std::mem::swap(&mut mesh_run.supervisor, &mut supervisor);
         mesh_run.start_control_plane()?;
@@ -131,6 +137,7 @@ impl LocalMesh {
                     .env("PORT", port.to_string());
                 mesh_run.supervisor.spawn(spec)?;
             }
+            mesh_run.app_ports.insert(w.key(), port);
             apps.push((w, port));
         }
         for (w, port) in &apps {
@@ -140,47 +147,90 @@ impl LocalMesh {
                 })?;
             }
         }
+        let mut started = Vec::new();
         for (w, port) in &apps {
-            let name = format!("proxy-{}-{}", w.namespace, w.name);
-            let ready_file = ready_dir.join(format!("{name}.json"));
-            let _ = std::fs::remove_file(&ready_file);
-            let bootstrap = mesh_run.options.state_dir.join("bootstrap").join(format!("{}_{}.json", w.namespace, w.name));
-            let mut spec = ChildSpec::new(&name, find_program("meshflow-proxy")).args([
+            if mesh_run.options.skip_sidecars.contains(&w.key()) {
+                continue;
+            }
+            mesh_run.spawn_sidecar(&w.key(), *port, &[])?;
+            started.push((w.key(), *port));
+        }
+        for (key, port) in started {
+            mesh_run.wait_sidecar(&key, port)?;
+        }
+        Ok(mesh_run)
+    }
+
+    fn sidecar_name(key: &str) -> String {
+        format!("proxy-{}", key.replace('/', "-"))
+    }
+
+    /// Starts workload `key`'s sidecar (app on 127.0.0.1:`app_port`) with `extra_args`; see
+    /// [`LocalMesh::wait_sidecar`].
+    ///
+    /// # Errors
+    /// When the workload is unknown or the process cannot start.
+    pub fn spawn_sidecar(&mut self, key: &str, app_port: u16, extra_args: &[String]) -> Result<(), UpError> {
+        let w = self
+            .mesh
+            .workload(key)
+            .cloned()
+            .ok_or_else(|| UpError::Config(format!("no workload {key}")))?;
+        let name = Self::sidecar_name(key);
+        let ready_file = self.options.state_dir.join("ready").join(format!("{name}.json"));
+        let _ = std::fs::remove_file(&ready_file);
+        let bootstrap = self.options.state_dir.join("bootstrap").join(format!("{}_{}.json", w.namespace, w.name));
+        let mut spec = ChildSpec::new(&name, find_program("meshflow-proxy"))
+            .args([
                 "--bootstrap".to_string(),
                 bootstrap.display().to_string(),
                 "--app-port".into(),
-                port.to_string(),
+                app_port.to_string(),
                 "--app-protocol".into(),
                 protocol_flag(w.app.protocol).into(),
                 "--drain".into(),
-                format!("{}ms", mesh_run.options.drain.as_millis()),
+                format!("{}ms", self.options.drain.as_millis()),
                 "--ready-file".into(),
                 ready_file.display().to_string(),
-            ]);
-            for (k, v) in &mesh_run.options.env {
-                spec = spec.env(k, v);
-            }
-            mesh_run.supervisor.spawn(spec)?;
-            let _ = (w, port);
+            ])
+            .args(extra_args.iter().cloned());
+        for (k, v) in &self.options.env {
+            spec = spec.env(k, v);
         }
-        for (w, port) in &apps {
-            let name = format!("proxy-{}-{}", w.namespace, w.name);
-            let ready_file = ready_dir.join(format!("{name}.json"));
-            let ready = mesh_run.supervisor.wait_ready(&name, &ready_file, mesh_run.options.ready_timeout)?;
-            let addr = |n: &str| ready.address(n).unwrap_or_default().to_string();
-            mesh_run.workloads.insert(
-                w.key(),
-                WorkloadAddresses {
-                    key: w.key(),
-                    spiffe_id: w.spiffe_id(&mesh_run.mesh.spec.trust_domain).map(|i| i.uri()).unwrap_or_default(),
-                    app: format!("127.0.0.1:{port}"),
-                    inbound: addr("inbound"),
-                    outbound: addr("outbound"),
-                    admin: addr("admin"),
-                },
-            );
-        }
-        Ok(mesh_run)
+        self.supervisor.spawn(spec)?;
+        Ok(())
+    }
+
+    /// Waits for workload `key`'s sidecar to be ready and records its addresses.
+    ///
+    /// # Errors
+    /// When it exits or is not ready in time.
+    pub fn wait_sidecar(&mut self, key: &str, app_port: u16) -> Result<WorkloadAddresses, UpError> {
+        let name = Self::sidecar_name(key);
+        let ready_file = self.options.state_dir.join("ready").join(format!("{name}.json"));
+        let ready = self.supervisor.wait_ready(&name, &ready_file, self.options.ready_timeout)?;
+        let addr = |n: &str| ready.address(n).unwrap_or_default().to_string();
+        let spiffe_id = self
+            .mesh
+            .workload(key)
+            .and_then(|w| w.spiffe_id(&self.mesh.spec.trust_domain).ok())
+            .map(|i| i.uri())
+            .unwrap_or_default();
+        let addresses = WorkloadAddresses {
+            key: key.to_string(),
+            spiffe_id,
+            app: format!("127.0.0.1:{app_port}"),
+            inbound: addr("inbound"),
+            outbound: addr("outbound"),
+            admin: addr("admin"),
+        };
+        self.workloads.insert(key.to_string(), addresses.clone());
+        Ok(addresses)
+    }
+
+    /// The supervisor name of workload `key`'s sidecar.
+    pub fn sidecar_process(key: &str) -> String {
+        Self::sidecar_name(key)
     }
 
     /// Starts (or restarts) the control plane on the mesh's state directory and waits for it.

@@ -141,7 +141,14 @@ pub async fn run(
         )
         .map_err(other)?;
 
-    let state = state::StateHandle::new(mesh, ca.trust_bundle_pem());
+    let state = state::StateHandle::with_persistence(mesh, ca.trust_bundle_pem(), config.state_dir.join("endpoints.json"));
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(state::STALE_ENDPOINT_GRACE).await;
+            state.expire_stale();
+        });
+    }
     let last_error = Arc::new(Mutex::new(None));
     tokio::spawn(
         state::MeshFileWatcher::new(&config.mesh, mesh_text).run(
@@ -175,7 +182,7 @@ pub async fn run(
         .identity(Identity::from_pem(cert_pem, key_pem))
         .client_ca_root(Certificate::from_pem(ca.trust_bundle_pem()))
         .client_auth_optional(true);
-    let services = server::Services { ca, tokens, state, metrics };
+    let services = server::Services { ca, tokens, state: state.clone(), metrics };
     let server = Server::builder()
         .tls_config(tls)
         .map_err(other)?
@@ -196,6 +203,7 @@ pub async fn run(
         tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
         async move {
             shutdown.await;
+            state.freeze();
             let _ = stopping_tx.send(());
         },
     );

@@ -69,10 +69,21 @@ impl MeshState {
 }
 
 /// Shared, versioned mesh state. Cheap to clone.
+///
+/// Endpoint registrations are persisted (`<state>/endpoints.json`) so that a restarted control
+/// plane serves the endpoints it knew at once instead of empty services; entries loaded from
+/// disk are *stale* until their sidecar reconnects, and dropped if it does not within
+/// [`STALE_ENDPOINT_GRACE`].
 #[derive(Clone)]
 pub struct StateHandle {
     tx: Arc<watch::Sender<Arc<MeshState>>>,
+    persist: Option<PathBuf>,
+    stale: Arc<std::sync::Mutex<BTreeSet<(String, String)>>>,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How long endpoints loaded from disk are served without their sidecar reconnecting.
+pub const STALE_ENDPOINT_GRACE: Duration = Duration::from_secs(30);
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
@@ -87,7 +98,66 @@ impl StateHandle {
             endpoints: BTreeMap::new(),
             trust_bundle_pem: Arc::from(trust_bundle_pem),
         };
-        Self { tx: Arc::new(watch::channel(Arc::new(state)).0) }
+        Self {
+            tx: Arc::new(watch::channel(Arc::new(state)).0),
+            persist: None,
+            stale: Arc::default(),
+            frozen: Arc::default(),
+        }
+    }
+
+    /// Like [`StateHandle::new`], loading and persisting endpoint registrations at `path`.
+    pub fn with_persistence(mesh: MeshFile, trust_bundle_pem: &str, path: PathBuf) -> Self {
+        let mut handle = Self::new(mesh, trust_bundle_pem);
+        let loaded: BTreeMap<String, BTreeSet<String>> = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        {
+            let mut stale = handle.stale.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, addresses) in &loaded {
+                for address in addresses {
+                    stale.insert((key.clone(), address.clone()));
+                }
+            }
+        }
+        handle.tx.send_modify(|state| {
+            let mut next = MeshState::clone(state);
+            next.endpoints = loaded;
+            *state = Arc::new(next);
+        });
+        handle.persist = Some(path);
+        handle
+    }
+
+    /// Drops loaded endpoints whose sidecar has not reconnected.
+    pub fn expire_stale(&self) {
+        let stale: Vec<(String, String)> =
+            std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner())).into_iter().collect();
+        for (key, address) in stale {
+            tracing::info!(workload = %key, %address, "dropping endpoint whose sidecar did not reconnect");
+            self.remove_endpoint(&key, &address);
+        }
+    }
+
+    /// Stops persisting: streams torn down by our own shutdown must not erase registrations.
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn save(&self, state: &MeshState) {
+        let Some(path) = &self.persist else { return };
+        if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&state.endpoints)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, path = %path.display(), "cannot persist endpoints");
+        }
     }
 
     /// The current state.
@@ -116,9 +186,11 @@ impl StateHandle {
 
     /// Registers `address` as an endpoint of workload `key` (a new version).
     pub fn add_endpoint(&self, key: &str, address: &str) {
+        self.stale.lock().unwrap_or_else(|e| e.into_inner()).remove(&(key.to_string(), address.to_string()));
         self.update(|s| {
             s.endpoints.entry(key.to_string()).or_default().insert(address.to_string());
         });
+        self.save(&self.current());
     }
 
     /// Removes a registration (a new version).
@@ -131,6 +203,7 @@ impl StateHandle {
                 }
             }
         });
+        self.save(&self.current());
     }
 }
 

@@ -21,7 +21,7 @@ use crate::shared::Shared;
 /// Smallest gap between two CSRs from one sidecar.
 pub const MIN_CSR_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest reconnect backoff.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Talks to the control plane for one sidecar.
 pub struct ControlPlaneClient {
@@ -196,6 +196,7 @@ mod tests {
     #[test]
     fn backoff_is_capped() {
         assert_eq!(backoff(0), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(400));
         assert_eq!(backoff(30), MAX_BACKOFF);
     }
 }

@@ -62,6 +62,10 @@ pub struct ProxyConfig {
     /// Outbound listen address (loopback only).
     #[arg(long, env = "MESHFLOW_OUTBOUND", default_value = "127.0.0.1:0")]
     pub outbound: SocketAddr,
+    /// Address registered as this workload's endpoint (default: the bound inbound address).
+    /// In Kubernetes this is the pod IP; peers must still see this workload's identity there.
+    #[arg(long, env = "MESHFLOW_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
     /// Admin listen address.
     #[arg(long, env = "MESHFLOW_ADMIN", default_value = "127.0.0.1:0")]
     pub admin: SocketAddr,
@@ -278,7 +282,8 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
     }
 
     let admin_shutdown = Arc::new(Notify::new());
-    let client = cp_client::ControlPlaneClient::new(bootstrap, shared.clone(), inbound_port.addr.to_string());
+    let advertised = config.advertise.unwrap_or(inbound_port.addr);
+    let client = cp_client::ControlPlaneClient::new(bootstrap, shared.clone(), advertised.to_string());
     let background = background_service(
         "control plane client",
         Background {
