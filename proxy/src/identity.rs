@@ -309,11 +309,13 @@ impl ClientCertVerifier for MeshClientVerifier {
 
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.identity.verifier.load().verify_tls12_signature(message, cert, dss)
+        // Only a TLS 1.2 handshake gets here: mesh traffic is TLS 1.3 only.
+        self.count("protocol_version");
+        Err(rustls::Error::General("TLS 1.3 is required".into()))
     }
 
     fn verify_tls13_signature(
@@ -353,6 +355,12 @@ impl HandshakeCallbacks {
 #[async_trait::async_trait]
 impl TlsAccept for HandshakeCallbacks {
     async fn handshake_complete_callback(&self, tls: &TlsRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        // A TLS 1.2 client that sent no certificate completes the handshake (a 1.2 client with
+        // one fails in the verifier): refuse it here, before any request is read.
+        if tls.version() != Some("TLSv1.3") && tls.version() != Some("TLSv1_3") {
+            self.metrics.tls_handshake_errors.with_label_values(&["inbound", "protocol_version"]).inc();
+            return Some(Arc::new(PeerIdentity { spiffe_id: None }));
+        }
         let spiffe_id = tls
             .peer_certificate_der()
             .and_then(|der| x509_parser::parse_x509_certificate(der).ok().and_then(|(_, c)| single_spiffe_id(&c)));

@@ -12,7 +12,15 @@ use crate::shared::Shared;
 /// connection. Returns `true` when a response was sent.
 pub async fn refuse_bad_request(session: &mut Session, shared: &Shared, direction: &str) -> pingora_error::Result<bool> {
     let headers = &session.req_header().headers;
-    let refusal = if let Err(e) = check_request_framing(headers) {
+    // Pingora resolves Content-Length + Transfer-Encoding itself (TE wins, CL dropped) before
+    // filters run; judge HTTP/1.1 framing on the header section as received.
+    let framing = match session.as_ref() {
+        pingora_core::protocols::http::ServerSession::H1(h1) => {
+            check_request_framing(&raw_framing_headers(&h1.get_headers_raw_bytes()))
+        }
+        _ => check_request_framing(headers),
+    };
+    let refusal = if let Err(e) = framing {
         Some((400, "framing", e.to_string()))
     } else if header_section_size(headers) > shared.max_header_bytes {
         Some((431, "header_too_large", format!("request header section larger than {} bytes", shared.max_header_bytes)))
@@ -29,6 +37,28 @@ pub async fn refuse_bad_request(session: &mut Session, shared: &Shared, directio
         .respond_error_with_body(status, Bytes::from(format!("meshflow: {message}\n")))
         .await?;
     Ok(true)
+}
+
+/// The framing headers (Content-Length, Transfer-Encoding) of a raw HTTP/1.1 request head, as
+/// received, parsed with httparse.
+fn raw_framing_headers(raw: &[u8]) -> http::HeaderMap {
+    let mut storage = [httparse::EMPTY_HEADER; 256];
+    let mut request = httparse::Request::new(&mut storage);
+    let mut map = http::HeaderMap::new();
+    if request.parse(raw).is_err() {
+        return map;
+    }
+    for header in request.headers.iter() {
+        let name = header.name.to_ascii_lowercase();
+        if name == "content-length" || name == "transfer-encoding" {
+            if let (Ok(name), Ok(value)) =
+                (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_bytes(header.value))
+            {
+                map.append(name, value);
+            }
+        }
+    }
+    map
 }
 
 /// Removes hop-by-hop headers, `Connection` nominations and every header the proxy sets

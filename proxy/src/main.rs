@@ -9,6 +9,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("MESHFLOW_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = ProxyConfig::parse();

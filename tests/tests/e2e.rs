@@ -1,0 +1,14 @@
+//! End-to-end tests: real meshflow processes on 127.0.0.1 (ports from ready files), real TLS.
+//! One test binary, so Pingora links once. Timing-sensitive tests live in `timing` and run one
+//! at a time (see `.config/nextest.toml`).
+
+#[path = "e2e/common.rs"]
+mod common;
+#[path = "e2e/hygiene.rs"]
+mod hygiene;
+#[path = "e2e/identity.rs"]
+mod identity;
+#[path = "e2e/protocols.rs"]
+mod protocols;
+#[path = "e2e/timing.rs"]
+mod timing;
