@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use meshflow_cli::up::{LocalMesh, UpError, UpOptions};
 
 #[derive(Parser)]
-#[command(name = "meshflow", version, about = "meshflow: a service mesh with durable call-chain coordination")]
+#[command(
+    name = "meshflow",
+    version,
+    about = "meshflow: a service mesh with durable call-chain coordination"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +39,9 @@ enum Command {
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits.parse().map_err(|_| format!("bad duration {s:?} (e.g. 500ms, 2s)"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 500ms, 2s)"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -47,11 +53,27 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
 async fn smoke(mesh: &LocalMesh) -> anyhow::Result<()> {
     let spec = &mesh.mesh.spec;
     let (from, url) = match &spec.smoke {
-        Some(s) => (format!("{}/{}", spec.workloads.iter().find(|w| w.name == s.from).map_or("default", |w| w.namespace.as_str()), s.from), s.url.clone()),
+        Some(s) => (
+            format!(
+                "{}/{}",
+                spec.workloads
+                    .iter()
+                    .find(|w| w.name == s.from)
+                    .map_or("default", |w| w.namespace.as_str()),
+                s.from
+            ),
+            s.url.clone(),
+        ),
         None => {
-            let first = spec.workloads.first().ok_or_else(|| anyhow::anyhow!("no workloads"))?;
+            let first = spec
+                .workloads
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("no workloads"))?;
             let second = spec.workloads.get(1).unwrap_or(first);
-            (first.key(), format!("http://{}.{}/smoke", second.service(), second.namespace))
+            (
+                first.key(),
+                format!("http://{}.{}/smoke", second.service(), second.namespace),
+            )
         }
     };
     let outbound = &mesh.workload(&from).outbound;
@@ -76,7 +98,8 @@ async fn smoke(mesh: &LocalMesh) -> anyhow::Result<()> {
 }
 
 async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -87,8 +110,16 @@ async fn wait_for_signal() {
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Up { file, state_dir, drain, smoke: run_smoke } => {
-            let temp = tempfile::Builder::new().prefix("meshflow-up-").tempdir().expect("temp dir");
+        Command::Up {
+            file,
+            state_dir,
+            drain,
+            smoke: run_smoke,
+        } => {
+            let temp = tempfile::Builder::new()
+                .prefix("meshflow-up-")
+                .tempdir()
+                .expect("temp dir");
             let state_dir = state_dir.unwrap_or_else(|| temp.path().to_path_buf());
             let mut options = UpOptions::new(&state_dir);
             options.drain = drain;
@@ -106,7 +137,10 @@ async fn main() {
                             }
                         }
                     } else {
-                        println!("mesh is up; logs in {}. Ctrl-C to stop.", state_dir.join("logs").display());
+                        println!(
+                            "mesh is up; logs in {}. Ctrl-C to stop.",
+                            state_dir.join("logs").display()
+                        );
                         wait_for_signal().await;
                         0
                     };

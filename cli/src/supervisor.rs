@@ -65,7 +65,12 @@ pub struct ChildSpec {
 impl ChildSpec {
     /// A spec for `program` named `name`.
     pub fn new(name: impl Into<String>, program: impl Into<PathBuf>) -> Self {
-        Self { name: name.into(), program: program.into(), args: Vec::new(), env: BTreeMap::new() }
+        Self {
+            name: name.into(),
+            program: program.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+        }
     }
 
     /// Appends arguments.
@@ -151,7 +156,11 @@ impl Supervisor {
     /// exit after SIGTERM before SIGKILL.
     pub fn new(log_dir: &Path, grace: Duration) -> std::io::Result<Self> {
         std::fs::create_dir_all(log_dir)?;
-        Ok(Self { log_dir: log_dir.to_path_buf(), children: Vec::new(), grace })
+        Ok(Self {
+            log_dir: log_dir.to_path_buf(),
+            children: Vec::new(),
+            grace,
+        })
     }
 
     /// Starts `spec` in its own process group, logs to `<log_dir>/<name>.log`.
@@ -178,7 +187,11 @@ impl Supervisor {
             .process_group(0);
         sys::die_with_parent(&mut command);
         let child = command.spawn().map_err(spawn_err)?;
-        self.children.push(Running { name: spec.name, child, log });
+        self.children.push(Running {
+            name: spec.name,
+            child,
+            log,
+        });
         Ok(self.children.last_mut().expect("just pushed"))
     }
 
@@ -191,7 +204,12 @@ impl Supervisor {
     ///
     /// # Errors
     /// [`SupervisorError::ExitedEarly`] / [`SupervisorError::NotReady`].
-    pub fn wait_ready(&mut self, name: &str, ready_file: &Path, timeout: Duration) -> Result<ReadyFile, SupervisorError> {
+    pub fn wait_ready(
+        &mut self,
+        name: &str,
+        ready_file: &Path,
+        timeout: Duration,
+    ) -> Result<ReadyFile, SupervisorError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(ready) = ReadyFile::read(ready_file) {
@@ -207,8 +225,15 @@ impl Supervisor {
                 }
             }
             if Instant::now() > deadline {
-                let log = self.get_mut(name).map(|c| c.log.display().to_string()).unwrap_or_default();
-                return Err(SupervisorError::NotReady { name: name.to_string(), timeout, log });
+                let log = self
+                    .get_mut(name)
+                    .map(|c| c.log.display().to_string())
+                    .unwrap_or_default();
+                return Err(SupervisorError::NotReady {
+                    name: name.to_string(),
+                    timeout,
+                    log,
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -238,7 +263,10 @@ impl Supervisor {
 
     /// Names and pids of the children.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        self.children.iter().map(|c| (c.name.clone(), c.pid())).collect()
+        self.children
+            .iter()
+            .map(|c| (c.name.clone(), c.pid()))
+            .collect()
     }
 }
 
@@ -286,5 +314,7 @@ pub fn wait_for_port(addr: &str, timeout: Duration) -> std::io::Result<()> {
 /// # Errors
 /// When binding fails.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 use meshflow_api::ReadyFile;
 use meshflow_policies::mesh::{AppProtocol, MeshFile};
 
-use crate::supervisor::{find_program, free_port, wait_for_port, ChildSpec, Supervisor, SupervisorError};
+use crate::supervisor::{
+    find_program, free_port, wait_for_port, ChildSpec, Supervisor, SupervisorError,
+};
 
 /// How to start a local mesh.
 #[derive(Debug, Clone)]
@@ -131,10 +133,16 @@ impl LocalMesh {
                 None => free_port()?,
             };
             if let Some((program, args)) = w.app.command.split_first() {
-                let args: Vec<String> = args.iter().map(|a| a.replace("{port}", &port.to_string())).collect();
-                let spec = ChildSpec::new(format!("app-{}-{}", w.namespace, w.name), find_program(program))
-                    .args(args)
-                    .env("PORT", port.to_string());
+                let args: Vec<String> = args
+                    .iter()
+                    .map(|a| a.replace("{port}", &port.to_string()))
+                    .collect();
+                let spec = ChildSpec::new(
+                    format!("app-{}-{}", w.namespace, w.name),
+                    find_program(program),
+                )
+                .args(args)
+                .env("PORT", port.to_string());
                 mesh_run.supervisor.spawn(spec)?;
             }
             mesh_run.app_ports.insert(w.key(), port);
@@ -142,9 +150,13 @@ impl LocalMesh {
         }
         for (w, port) in &apps {
             if !w.app.command.is_empty() {
-                wait_for_port(&format!("127.0.0.1:{port}"), mesh_run.options.ready_timeout).map_err(|e| {
-                    UpError::Io(std::io::Error::other(format!("app of {} never listened on port {port}: {e}", w.key())))
-                })?;
+                wait_for_port(&format!("127.0.0.1:{port}"), mesh_run.options.ready_timeout)
+                    .map_err(|e| {
+                        UpError::Io(std::io::Error::other(format!(
+                            "app of {} never listened on port {port}: {e}",
+                            w.key()
+                        )))
+                    })?;
             }
         }
         let mut started = Vec::new();
@@ -170,16 +182,29 @@ impl LocalMesh {
     ///
     /// # Errors
     /// When the workload is unknown or the process cannot start.
-    pub fn spawn_sidecar(&mut self, key: &str, app_port: u16, extra_args: &[String]) -> Result<(), UpError> {
+    pub fn spawn_sidecar(
+        &mut self,
+        key: &str,
+        app_port: u16,
+        extra_args: &[String],
+    ) -> Result<(), UpError> {
         let w = self
             .mesh
             .workload(key)
             .cloned()
             .ok_or_else(|| UpError::Config(format!("no workload {key}")))?;
         let name = Self::sidecar_name(key);
-        let ready_file = self.options.state_dir.join("ready").join(format!("{name}.json"));
+        let ready_file = self
+            .options
+            .state_dir
+            .join("ready")
+            .join(format!("{name}.json"));
         let _ = std::fs::remove_file(&ready_file);
-        let bootstrap = self.options.state_dir.join("bootstrap").join(format!("{}_{}.json", w.namespace, w.name));
+        let bootstrap = self
+            .options
+            .state_dir
+            .join("bootstrap")
+            .join(format!("{}_{}.json", w.namespace, w.name));
         let mut spec = ChildSpec::new(&name, find_program("meshflow-proxy"))
             .args([
                 "--bootstrap".to_string(),
@@ -207,8 +232,14 @@ impl LocalMesh {
     /// When it exits or is not ready in time.
     pub fn wait_sidecar(&mut self, key: &str, app_port: u16) -> Result<WorkloadAddresses, UpError> {
         let name = Self::sidecar_name(key);
-        let ready_file = self.options.state_dir.join("ready").join(format!("{name}.json"));
-        let ready = self.supervisor.wait_ready(&name, &ready_file, self.options.ready_timeout)?;
+        let ready_file = self
+            .options
+            .state_dir
+            .join("ready")
+            .join(format!("{name}.json"));
+        let ready = self
+            .supervisor
+            .wait_ready(&name, &ready_file, self.options.ready_timeout)?;
         let addr = |n: &str| ready.address(n).unwrap_or_default().to_string();
         let spiffe_id = self
             .mesh
@@ -238,7 +269,11 @@ impl LocalMesh {
     /// # Errors
     /// When it fails to start or become ready.
     pub fn start_control_plane(&mut self) -> Result<ReadyFile, UpError> {
-        let ready_file = self.options.state_dir.join("ready").join("control-plane.json");
+        let ready_file = self
+            .options
+            .state_dir
+            .join("ready")
+            .join("control-plane.json");
         let _ = std::fs::remove_file(&ready_file);
         let mut args = vec![
             "--mesh".to_string(),
@@ -252,12 +287,15 @@ impl LocalMesh {
             args.push("--leaf-ttl".into());
             args.push(format!("{}ms", ttl.as_millis()));
         }
-        let mut spec = ChildSpec::new("control-plane", find_program("meshflow-control-plane")).args(args);
+        let mut spec =
+            ChildSpec::new("control-plane", find_program("meshflow-control-plane")).args(args);
         for (k, v) in &self.options.env {
             spec = spec.env(k, v);
         }
         self.supervisor.spawn(spec)?;
-        let ready = self.supervisor.wait_ready("control-plane", &ready_file, self.options.ready_timeout)?;
+        let ready =
+            self.supervisor
+                .wait_ready("control-plane", &ready_file, self.options.ready_timeout)?;
         self.control_plane = ready.address("grpc").unwrap_or_default().to_string();
         self.control_plane_admin = ready.address("admin").unwrap_or_default().to_string();
         Ok(ready)
@@ -265,15 +303,27 @@ impl LocalMesh {
 
     /// The workload `key` (`ns/name`, or just `name` in namespace `default`).
     pub fn workload(&self, key: &str) -> &WorkloadAddresses {
-        let key = if key.contains('/') { key.to_string() } else { format!("default/{key}") };
-        self.workloads.get(&key).unwrap_or_else(|| panic!("no workload {key}"))
+        let key = if key.contains('/') {
+            key.to_string()
+        } else {
+            format!("default/{key}")
+        };
+        self.workloads
+            .get(&key)
+            .unwrap_or_else(|| panic!("no workload {key}"))
     }
 
     /// A human table of workloads and their addresses.
     pub fn describe(&self) -> String {
         let mut out = format!(
             "control plane  grpc {}  admin http://{}\n{:<22} {:<22} {:<22} {:<28} {}\n",
-            self.control_plane, self.control_plane_admin, "WORKLOAD", "OUTBOUND", "INBOUND (mTLS)", "ADMIN", "IDENTITY"
+            self.control_plane,
+            self.control_plane_admin,
+            "WORKLOAD",
+            "OUTBOUND",
+            "INBOUND (mTLS)",
+            "ADMIN",
+            "IDENTITY"
         );
         for w in self.workloads.values() {
             out.push_str(&format!(

@@ -24,7 +24,11 @@ pub struct AdminState {
     pub last_error: Arc<Mutex<Option<String>>>,
 }
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -32,7 +36,10 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
         .expect("static response parts are valid")
 }
 
-async fn handle(admin: AdminState, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    admin: AdminState,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
         "/live" | "/ready" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/metrics" => {
@@ -48,7 +55,11 @@ async fn handle(admin: AdminState, req: Request<hyper::body::Incoming>) -> Resul
                 "endpoints": &state.endpoints,
                 "lastError": *admin.last_error.lock().unwrap_or_else(|e| e.into_inner()),
             });
-            respond(StatusCode::OK, "application/json", serde_json::to_vec_pretty(&dump).unwrap_or_default())
+            respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&dump).unwrap_or_default(),
+            )
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     })
@@ -57,7 +68,9 @@ async fn handle(admin: AdminState, req: Request<hyper::body::Incoming>) -> Resul
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: AdminState) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(admin.clone(), req));

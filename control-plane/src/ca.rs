@@ -86,12 +86,18 @@ pub struct CertificateAuthority {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
-    move |source| CaError::Io { path: path.to_path_buf(), source }
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn bad(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CaError {
     let what = what.into();
-    move |e| CaError::BadMaterial { what, message: e.to_string() }
+    move |e| CaError::BadMaterial {
+        what,
+        message: e.to_string(),
+    }
 }
 
 /// Writes `contents` to `path` with mode 0600 (created or truncated).
@@ -121,9 +127,11 @@ fn random_serial() -> rcgen::SerialNumber {
 }
 
 fn cert_not_after(pem: &str, what: &str) -> Result<SystemTime> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| {
-        CaError::BadMaterial { what: what.to_string(), message: e.to_string() }
-    })?;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CaError::BadMaterial {
+            what: what.to_string(),
+            message: e.to_string(),
+        })?;
     let cert = pem.parse_x509().map_err(|e| CaError::BadMaterial {
         what: what.to_string(),
         message: e.to_string(),
@@ -149,7 +157,10 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "meshflow");
-        dn.push(DnType::CommonName, format!("meshflow root CA ({trust_domain})"));
+        dn.push(
+            DnType::CommonName,
+            format!("meshflow root CA ({trust_domain})"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -182,10 +193,15 @@ impl CertificateAuthority {
             .map_err(bad(cert_path.display().to_string()))?;
         // rcgen signs with an issuer `Certificate`; re-creating it from the original params
         // and key keeps the subject DN and key identifier the leaves must chain to.
-        let issuer = params.self_signed(&key).map_err(bad(cert_path.display().to_string()))?;
+        let issuer = params
+            .self_signed(&key)
+            .map_err(bad(cert_path.display().to_string()))?;
         let issuer_not_after = cert_not_after(&cert_pem, &cert_path.display().to_string())?;
         let (trust_bundle_pem, intermediates_pem) = match bundle_path {
-            Some(bundle) => (fs::read_to_string(bundle).map_err(io_err(bundle))?, cert_pem),
+            Some(bundle) => (
+                fs::read_to_string(bundle).map_err(io_err(bundle))?,
+                cert_pem,
+            ),
             None => (cert_pem, String::new()),
         };
         Ok(Self {
@@ -248,16 +264,29 @@ impl CertificateAuthority {
         dn.push(DnType::OrganizationName, "meshflow");
         params.distinguished_name = dn;
         params.subject_alt_names = vec![
-            SanType::URI(uri.as_str().try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?),
-            SanType::DnsName(dns.as_str().try_into().map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?),
+            SanType::URI(
+                uri.as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?,
+            ),
+            SanType::DnsName(
+                dns.as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| CaError::BadCsr(e.to_string()))?,
+            ),
         ];
         params.not_before = to_offset(not_before);
         params.not_after = to_offset(not_after);
         params.serial_number = Some(random_serial());
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let serial_hex = params
             .serial_number
@@ -268,7 +297,13 @@ impl CertificateAuthority {
         let cert = csr.signed_by(&self.issuer, &self.issuer_key)?;
         let mut chain = cert.pem();
         chain.push_str(&self.intermediates_pem);
-        Ok(IssuedSvid { cert_chain_pem: chain, not_before, not_after, issued_at: now, serial_hex })
+        Ok(IssuedSvid {
+            cert_chain_pem: chain,
+            not_before,
+            not_after,
+            issued_at: now,
+            serial_hex,
+        })
     }
 
     /// Issues a certificate + key for the control plane's own gRPC server: the given identity's
@@ -279,15 +314,23 @@ impl CertificateAuthority {
     pub fn issue_server_cert(&self, identity: &SpiffeId) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![identity.dns_name()])?;
-        params.subject_alt_names.push(SanType::DnsName("localhost".try_into()?));
-        params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
-        params.subject_alt_names.push(SanType::URI(identity.uri().as_str().try_into()?));
+        params
+            .subject_alt_names
+            .push(SanType::DnsName("localhost".try_into()?));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params
+            .subject_alt_names
+            .push(SanType::URI(identity.uri().as_str().try_into()?));
         let now = SystemTime::now();
         params.not_before = to_offset(now - NOT_BEFORE_SKEW);
         params.not_after = to_offset(now + Duration::from_secs(365 * 24 * 3600));
         params.serial_number = Some(random_serial());
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer, &self.issuer_key)?;
         let mut chain = cert.pem();
@@ -315,7 +358,12 @@ mod tests {
     #[test]
     fn issues_exactly_the_proven_sans_and_persists_the_root() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_generate(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let ca = CertificateAuthority::load_or_generate(
+            dir.path(),
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .unwrap();
         let issued = ca.sign_csr(&csr(vec![]), &id("frontend")).unwrap();
         let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_chain_pem.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
@@ -339,24 +387,57 @@ mod tests {
                 "DNS:frontend.default.serviceaccount.identity.cluster.local"
             ]
         );
-        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 3600 + 60);
-        let mode = std::fs::metadata(dir.path().join("root-key.pem")).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        let mode = std::fs::metadata(dir.path().join("root-key.pem"))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
 
-        let again = CertificateAuthority::load_or_generate(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
+        let again = CertificateAuthority::load_or_generate(
+            dir.path(),
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .unwrap();
         assert_eq!(again.trust_bundle_pem(), ca.trust_bundle_pem());
     }
 
     #[test]
     fn refuses_other_identities_and_extra_sans() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_generate(dir.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
-        let other = SanType::URI("spiffe://cluster.local/ns/default/sa/payment".try_into().unwrap());
-        assert!(matches!(ca.sign_csr(&csr(vec![other]), &id("frontend")), Err(CaError::UnprovenSan { .. })));
-        let own = SanType::URI("spiffe://cluster.local/ns/default/sa/frontend".try_into().unwrap());
+        let ca = CertificateAuthority::load_or_generate(
+            dir.path(),
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let other = SanType::URI(
+            "spiffe://cluster.local/ns/default/sa/payment"
+                .try_into()
+                .unwrap(),
+        );
+        assert!(matches!(
+            ca.sign_csr(&csr(vec![other]), &id("frontend")),
+            Err(CaError::UnprovenSan { .. })
+        ));
+        let own = SanType::URI(
+            "spiffe://cluster.local/ns/default/sa/frontend"
+                .try_into()
+                .unwrap(),
+        );
         let extra = SanType::DnsName("evil.example".try_into().unwrap());
-        assert!(matches!(ca.sign_csr(&csr(vec![own, extra]), &id("frontend")), Err(CaError::UnprovenSan { .. })));
-        assert!(matches!(ca.sign_csr("garbage", &id("frontend")), Err(CaError::BadCsr(_))));
+        assert!(matches!(
+            ca.sign_csr(&csr(vec![own, extra]), &id("frontend")),
+            Err(CaError::UnprovenSan { .. })
+        ));
+        assert!(matches!(
+            ca.sign_csr("garbage", &id("frontend")),
+            Err(CaError::BadCsr(_))
+        ));
     }
 }

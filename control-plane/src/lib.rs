@@ -25,7 +25,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 /// Control-plane settings (flags over `MESHFLOW_…` env over defaults).
 #[derive(Debug, Clone, clap::Parser, serde::Serialize)]
-#[command(name = "meshflow-control-plane", version, about = "meshflow control plane")]
+#[command(
+    name = "meshflow-control-plane",
+    version,
+    about = "meshflow control plane"
+)]
 pub struct ControlPlaneConfig {
     /// Local mesh definition (kind: Mesh) to serve; changes are pushed within 1 s.
     #[arg(long, env = "MESHFLOW_MESH")]
@@ -85,7 +89,8 @@ pub async fn run(
     let (mesh_text, mesh) = {
         let text = std::fs::read_to_string(&config.mesh)
             .map_err(|e| StartError::Config(format!("{}: {e}", config.mesh.display())))?;
-        let mesh = MeshFile::parse(&config.mesh, &text).map_err(|e| StartError::Config(e.to_string()))?;
+        let mesh =
+            MeshFile::parse(&config.mesh, &text).map_err(|e| StartError::Config(e.to_string()))?;
         (text, mesh)
     };
     std::fs::create_dir_all(&config.state_dir).map_err(other)?;
@@ -109,27 +114,35 @@ pub async fn run(
     let registry = Registry::new();
     let metrics = metrics::ControlPlaneMetrics::new(&registry).map_err(other)?;
     metrics.ca_expiration.set(
-        ca.issuer_not_after().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+        ca.issuer_not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
     );
 
     // Same address after a restart, so bootstrap files and sidecars stay valid.
     let addr_file = config.state_dir.join("control-plane.addr");
     let mut listen = config.listen;
     if listen.port() == 0 {
-        if let Some(saved) = std::fs::read_to_string(&addr_file).ok().and_then(|s| s.trim().parse().ok()) {
+        if let Some(saved) = std::fs::read_to_string(&addr_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
             listen = saved;
         }
     }
-    let grpc_listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| other(format!("bind {listen}: {e} (another control plane on this state dir?)")))?;
+    let grpc_listener = TcpListener::bind(listen).await.map_err(|e| {
+        other(format!(
+            "bind {listen}: {e} (another control plane on this state dir?)"
+        ))
+    })?;
     let grpc_addr = grpc_listener.local_addr().map_err(other)?;
     std::fs::write(&addr_file, grpc_addr.to_string()).map_err(other)?;
     let admin_listener = TcpListener::bind(config.admin).await.map_err(other)?;
     let admin_addr = admin_listener.local_addr().map_err(other)?;
 
-    let server_identity = SpiffeId::new(&trust_domain, "meshflow-system", "meshflow-control-plane")
-        .map_err(other)?;
+    let server_identity =
+        SpiffeId::new(&trust_domain, "meshflow-system", "meshflow-control-plane").map_err(other)?;
     let tokens = tokens::TokenStore::open(&config.state_dir).map_err(other)?;
     tokens
         .write_bootstraps(
@@ -141,7 +154,11 @@ pub async fn run(
         )
         .map_err(other)?;
 
-    let state = state::StateHandle::with_persistence(mesh, ca.trust_bundle_pem(), config.state_dir.join("endpoints.json"));
+    let state = state::StateHandle::with_persistence(
+        mesh,
+        ca.trust_bundle_pem(),
+        config.state_dir.join("endpoints.json"),
+    );
     {
         let state = state.clone();
         tokio::spawn(async move {
@@ -150,14 +167,12 @@ pub async fn run(
         });
     }
     let last_error = Arc::new(Mutex::new(None));
-    tokio::spawn(
-        state::MeshFileWatcher::new(&config.mesh, mesh_text).run(
-            state.clone(),
-            metrics.clone(),
-            last_error.clone(),
-            Duration::from_millis(250),
-        ),
-    );
+    tokio::spawn(state::MeshFileWatcher::new(&config.mesh, mesh_text).run(
+        state.clone(),
+        metrics.clone(),
+        last_error.clone(),
+        Duration::from_millis(250),
+    ));
     // New workloads in a changed mesh file get tokens and bootstrap files too.
     {
         let mut updates = state.subscribe();
@@ -166,7 +181,13 @@ pub async fn run(
         tokio::spawn(async move {
             while updates.changed().await.is_ok() {
                 let mesh = updates.borrow_and_update().mesh.clone();
-                if let Err(e) = tokens.write_bootstraps(&state_dir, &mesh, &grpc_addr.to_string(), &server_name, ca.trust_bundle_pem()) {
+                if let Err(e) = tokens.write_bootstraps(
+                    &state_dir,
+                    &mesh,
+                    &grpc_addr.to_string(),
+                    &server_name,
+                    ca.trust_bundle_pem(),
+                ) {
                     tracing::error!(error = %e, "cannot write bootstrap files");
                 }
             }
@@ -174,7 +195,11 @@ pub async fn run(
     }
     tokio::spawn(admin::serve(
         admin_listener,
-        admin::AdminState { registry, state: state.clone(), last_error },
+        admin::AdminState {
+            registry,
+            state: state.clone(),
+            last_error,
+        },
     ));
 
     let (cert_pem, key_pem) = ca.issue_server_cert(&server_identity).map_err(other)?;
@@ -182,7 +207,12 @@ pub async fn run(
         .identity(Identity::from_pem(cert_pem, key_pem))
         .client_ca_root(Certificate::from_pem(ca.trust_bundle_pem()))
         .client_auth_optional(true);
-    let services = server::Services { ca, tokens, state: state.clone(), metrics };
+    let services = server::Services {
+        ca,
+        tokens,
+        state: state.clone(),
+        metrics,
+    };
     let server = Server::builder()
         .tls_config(tls)
         .map_err(other)?
@@ -190,9 +220,13 @@ pub async fn run(
         .add_service(ConfigServer::new(services));
 
     if let Some(ready) = &config.ready_file {
-        let mut file = ReadyFile { pid: std::process::id(), ..Default::default() };
+        let mut file = ReadyFile {
+            pid: std::process::id(),
+            ..Default::default()
+        };
         file.addresses.insert("grpc".into(), grpc_addr.to_string());
-        file.addresses.insert("admin".into(), admin_addr.to_string());
+        file.addresses
+            .insert("admin".into(), admin_addr.to_string());
         file.write(ready).map_err(other)?;
     }
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");

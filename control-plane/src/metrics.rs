@@ -37,7 +37,10 @@ impl ControlPlaneMetrics {
                 "X.509-SVIDs issued by the mesh CA.",
             )?,
             certify_refused: IntCounterVec::new(
-                Opts::new("meshflow_certify_refused_total", "Certify requests refused, by reason."),
+                Opts::new(
+                    "meshflow_certify_refused_total",
+                    "Certify requests refused, by reason.",
+                ),
                 &["reason"],
             )?,
             connected_proxies: IntGauge::new(
@@ -49,7 +52,10 @@ impl ControlPlaneMetrics {
                 "Config snapshots sent to sidecars.",
             )?,
             config_acks: IntCounterVec::new(
-                Opts::new("meshflow_config_acks_total", "Snapshot acknowledgements, by result."),
+                Opts::new(
+                    "meshflow_config_acks_total",
+                    "Snapshot acknowledgements, by result.",
+                ),
                 &["result"],
             )?,
             config_errors: IntCounter::new(
@@ -57,7 +63,10 @@ impl ControlPlaneMetrics {
                 "Invalid config files seen; the last good config stays in force.",
             )?,
             watch_refused: IntCounterVec::new(
-                Opts::new("meshflow_watch_refused_total", "Watch streams refused, by reason."),
+                Opts::new(
+                    "meshflow_watch_refused_total",
+                    "Watch streams refused, by reason.",
+                ),
                 &["reason"],
             )?,
             ca_expiration: IntGauge::new(

@@ -35,7 +35,9 @@ pub struct Services {
 }
 
 fn unix(t: std::time::SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 #[tonic::async_trait]
@@ -46,7 +48,10 @@ impl Identity for Services {
     ) -> Result<Response<CertifyResponse>, Status> {
         let req = request.into_inner();
         let refuse = |reason: &str, status: Status| {
-            self.metrics.certify_refused.with_label_values(&[reason]).inc();
+            self.metrics
+                .certify_refused
+                .with_label_values(&[reason])
+                .inc();
             tracing::warn!(workload = %req.workload, reason, "Certify refused: {}", status.message());
             status
         };
@@ -78,9 +83,10 @@ impl Identity for Services {
                     issued_at_unix: unix(issued.issued_at),
                 }))
             }
-            Err(e @ CaError::UnprovenSan { .. }) => {
-                Err(refuse("unproven_san", Status::permission_denied(e.to_string())))
-            }
+            Err(e @ CaError::UnprovenSan { .. }) => Err(refuse(
+                "unproven_san",
+                Status::permission_denied(e.to_string()),
+            )),
             Err(e @ CaError::BadCsr(_)) => {
                 Err(refuse("bad_csr", Status::invalid_argument(e.to_string())))
             }
@@ -115,17 +121,33 @@ impl Config for Services {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
-            self.metrics.watch_refused.with_label_values(&["no_client_certificate"]).inc();
-            return Err(Status::unauthenticated("Watch requires the workload's SVID"));
+            self.metrics
+                .watch_refused
+                .with_label_values(&["no_client_certificate"])
+                .inc();
+            return Err(Status::unauthenticated(
+                "Watch requires the workload's SVID",
+            ));
         };
         let Some(identity) = spiffe_id_of(leaf.as_ref()) else {
-            self.metrics.watch_refused.with_label_values(&["unknown_identity"]).inc();
-            return Err(Status::unauthenticated("client certificate has no single SPIFFE ID"));
+            self.metrics
+                .watch_refused
+                .with_label_values(&["unknown_identity"])
+                .inc();
+            return Err(Status::unauthenticated(
+                "client certificate has no single SPIFFE ID",
+            ));
         };
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
-            Some(WatchRequest { kind: Some(watch_request::Kind::Hello(hello)) }) => hello,
-            _ => return Err(Status::invalid_argument("first Watch message must be Hello")),
+            Some(WatchRequest {
+                kind: Some(watch_request::Kind::Hello(hello)),
+            }) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "first Watch message must be Hello",
+                ))
+            }
         };
         let state = self.state.current();
         let trust_domain = state.mesh.spec.trust_domain.clone();
@@ -141,7 +163,10 @@ impl Config for Services {
             })
             .map(|w| w.key());
         let Some(workload) = workload else {
-            self.metrics.watch_refused.with_label_values(&["unknown_identity"]).inc();
+            self.metrics
+                .watch_refused
+                .with_label_values(&["unknown_identity"])
+                .inc();
             return Err(Status::permission_denied(format!(
                 "{identity} is not a workload of this mesh"
             )));
@@ -153,16 +178,22 @@ impl Config for Services {
         tokio::spawn(async move {
             services.metrics.connected_proxies.inc();
             if !hello.inbound_address.is_empty() {
-                services.state.add_endpoint(&workload, &hello.inbound_address);
+                services
+                    .state
+                    .add_endpoint(&workload, &hello.inbound_address);
             }
             services.serve_watch(&workload, inbound, tx).await;
             if !hello.inbound_address.is_empty() {
-                services.state.remove_endpoint(&workload, &hello.inbound_address);
+                services
+                    .state
+                    .remove_endpoint(&workload, &hello.inbound_address);
             }
             services.metrics.connected_proxies.dec();
             tracing::info!(%workload, "sidecar disconnected");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as SnapshotStream))
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as SnapshotStream
+        ))
     }
 }
 
@@ -177,7 +208,9 @@ impl Services {
         loop {
             let snapshot = updates.borrow_and_update().snapshot_for(workload);
             let Some(snapshot) = snapshot else {
-                let _ = tx.send(Err(Status::not_found("workload removed from the mesh"))).await;
+                let _ = tx
+                    .send(Err(Status::not_found("workload removed from the mesh")))
+                    .await;
                 return;
             };
             if tx.send(Ok(snapshot)).await.is_err() {

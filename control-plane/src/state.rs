@@ -48,7 +48,9 @@ impl MeshState {
                     .to_string(),
                     endpoints: Vec::new(),
                 });
-            let Ok(identity) = w.spiffe_id(&spec.trust_domain) else { continue };
+            let Ok(identity) = w.spiffe_id(&spec.trust_domain) else {
+                continue;
+            };
             for address in self.endpoints.get(&w.key()).into_iter().flatten() {
                 service.endpoints.push(v1::Endpoint {
                     address: address.clone(),
@@ -86,7 +88,10 @@ pub struct StateHandle {
 pub const STALE_ENDPOINT_GRACE: Duration = Duration::from_secs(30);
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 impl StateHandle {
@@ -133,7 +138,9 @@ impl StateHandle {
     /// Drops loaded endpoints whose sidecar has not reconnected.
     pub fn expire_stale(&self) {
         let stale: Vec<(String, String)> =
-            std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner())).into_iter().collect();
+            std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
         for (key, address) in stale {
             tracing::info!(workload = %key, %address, "dropping endpoint whose sidecar did not reconnect");
             self.remove_endpoint(&key, &address);
@@ -186,9 +193,15 @@ impl StateHandle {
 
     /// Registers `address` as an endpoint of workload `key` (a new version).
     pub fn add_endpoint(&self, key: &str, address: &str) {
-        self.stale.lock().unwrap_or_else(|e| e.into_inner()).remove(&(key.to_string(), address.to_string()));
+        self.stale
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(key.to_string(), address.to_string()));
         self.update(|s| {
-            s.endpoints.entry(key.to_string()).or_default().insert(address.to_string());
+            s.endpoints
+                .entry(key.to_string())
+                .or_default()
+                .insert(address.to_string());
         });
         self.save(&self.current());
     }
@@ -217,7 +230,10 @@ pub struct MeshFileWatcher {
 impl MeshFileWatcher {
     /// Watches `path`; `initial_text` is the text the state was built from.
     pub fn new(path: &Path, initial_text: String) -> Self {
-        Self { path: path.to_path_buf(), last_text: Some(initial_text) }
+        Self {
+            path: path.to_path_buf(),
+            last_text: Some(initial_text),
+        }
     }
 
     /// Polls every `interval` (250 ms keeps a change under the 1 s push target) until the
@@ -232,7 +248,9 @@ impl MeshFileWatcher {
         let mut tick = tokio::time::interval(interval);
         loop {
             tick.tick().await;
-            let Ok(text) = tokio::fs::read_to_string(&self.path).await else { continue };
+            let Ok(text) = tokio::fs::read_to_string(&self.path).await else {
+                continue;
+            };
             if self.last_text.as_deref() == Some(text.as_str()) {
                 continue;
             }

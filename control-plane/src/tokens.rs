@@ -18,7 +18,9 @@ pub fn file_stem(key: &str) -> String {
 
 /// Path of the bootstrap file for workload `key` under `state_dir`.
 pub fn bootstrap_path(state_dir: &Path, key: &str) -> PathBuf {
-    state_dir.join("bootstrap").join(format!("{}.json", file_stem(key)))
+    state_dir
+        .join("bootstrap")
+        .join(format!("{}.json", file_stem(key)))
 }
 
 /// Token store rooted at `<state>/tokens`.
@@ -60,12 +62,18 @@ impl TokenStore {
 
     /// Whether `token` is workload `key`'s token (constant-time over the token bytes).
     pub fn verify(&self, key: &str, token: &str) -> bool {
-        let Ok(expected) = std::fs::read_to_string(self.path(key)) else { return false };
+        let Ok(expected) = std::fs::read_to_string(self.path(key)) else {
+            return false;
+        };
         let expected = expected.trim().as_bytes();
         let given = token.as_bytes();
         expected.len() == given.len()
             && !expected.is_empty()
-            && expected.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            && expected
+                .iter()
+                .zip(given)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 
     /// Writes a bootstrap file for every workload of `mesh`.
@@ -81,9 +89,14 @@ impl TokenStore {
         trust_bundle_pem: &str,
     ) -> Result<(), CaError> {
         let dir = state_dir.join("bootstrap");
-        std::fs::create_dir_all(&dir).map_err(|source| CaError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| CaError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         for w in &mesh.spec.workloads {
-            let Ok(id) = w.spiffe_id(&mesh.spec.trust_domain) else { continue };
+            let Ok(id) = w.spiffe_id(&mesh.spec.trust_domain) else {
+                continue;
+            };
             let bootstrap = Bootstrap {
                 control_plane: control_plane.to_string(),
                 control_plane_server_name: server_name.to_string(),

@@ -89,7 +89,12 @@ pub fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T> {
             }
             _ => message,
         };
-        LoadError::Parse { file: file.to_path_buf(), line, field, message }
+        LoadError::Parse {
+            file: file.to_path_buf(),
+            line,
+            field,
+            message,
+        }
     })
 }
 
@@ -98,8 +103,10 @@ pub fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T> {
 /// # Errors
 /// [`LoadError::Io`] when unreadable, else as [`parse_yaml`].
 pub fn load_yaml<T: DeserializeOwned>(file: &Path) -> Result<(T, String)> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|source| LoadError::Io { file: file.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(file).map_err(|source| LoadError::Io {
+        file: file.to_path_buf(),
+        source,
+    })?;
     let value = parse_yaml(file, &text)?;
     Ok((value, text))
 }

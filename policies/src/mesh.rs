@@ -321,7 +321,10 @@ spec:
         assert_eq!(err.line(), 11, "{err}");
         assert_eq!(err.field(), "spec.workloads[1].app.prot", "{err}");
         let msg = err.to_string();
-        assert!(msg.starts_with("m.yaml:11: spec.workloads[1].app.prot: unknown field `prot`"), "{msg}");
+        assert!(
+            msg.starts_with("m.yaml:11: spec.workloads[1].app.prot: unknown field `prot`"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -333,7 +336,11 @@ spec:
 
         let text = GOOD.replace("name: backend", "name: frontend");
         let err = MeshFile::parse(Path::new("m.yaml"), &text).unwrap_err();
-        assert!(err.to_string().contains("duplicate workload default/frontend"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("duplicate workload default/frontend"),
+            "{err}"
+        );
         assert_eq!(err.field(), "spec.workloads[1].name");
     }
 }

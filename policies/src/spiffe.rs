@@ -63,7 +63,10 @@ impl SpiffeId {
             ("service account", service_account, true),
         ] {
             if !valid_label(value, dots) {
-                return Err(SpiffeIdError::Component { what, value: value.to_string() });
+                return Err(SpiffeIdError::Component {
+                    what,
+                    value: value.to_string(),
+                });
             }
         }
         Ok(Self {
@@ -96,7 +99,10 @@ impl SpiffeId {
     /// Istio's principal form, `td/ns/x/sa/y` (the URI without `spiffe://`), used by
     /// AuthorizationPolicy `principals`.
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 
     /// The DNS SAN meshflow derives from the identity (Linkerd's scheme):
@@ -128,8 +134,9 @@ impl FromStr for SpiffeId {
         let rest = s
             .strip_prefix("spiffe://")
             .ok_or_else(|| SpiffeIdError::Scheme(s.to_string()))?;
-        let (trust_domain, path) =
-            rest.split_once('/').ok_or_else(|| SpiffeIdError::Path(s.to_string()))?;
+        let (trust_domain, path) = rest
+            .split_once('/')
+            .ok_or_else(|| SpiffeIdError::Path(s.to_string()))?;
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {
             ["ns", namespace, "sa", service_account] => {
@@ -146,10 +153,15 @@ mod tests {
 
     #[test]
     fn round_trips_and_derives_names() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/frontend".parse().unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/frontend"
+            .parse()
+            .unwrap();
         assert_eq!(id.uri(), "spiffe://cluster.local/ns/default/sa/frontend");
         assert_eq!(id.principal(), "cluster.local/ns/default/sa/frontend");
-        assert_eq!(id.dns_name(), "frontend.default.serviceaccount.identity.cluster.local");
+        assert_eq!(
+            id.dns_name(),
+            "frontend.default.serviceaccount.identity.cluster.local"
+        );
     }
 
     #[test]

@@ -15,7 +15,11 @@ use tokio::sync::Notify;
 
 use crate::shared::Shared;
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -43,11 +47,19 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
     })
 }
 
-async fn handle(shared: Shared, shutdown: Arc<Notify>, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    shared: Shared,
+    shutdown: Arc<Notify>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (_, "/live") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (_, "/ready") if shared.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
-        (_, "/ready") => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: waiting for SVID and config\n"),
+        (_, "/ready") => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: waiting for SVID and config\n",
+        ),
         (_, "/metrics") => {
             let mut buf = Vec::new();
             let _ = TextEncoder::new().encode(&shared.registry.gather(), &mut buf);
@@ -70,10 +82,14 @@ async fn handle(shared: Shared, shutdown: Arc<Notify>, req: Request<hyper::body:
 /// Serves admin requests on `listener` forever.
 pub async fn serve(listener: TcpListener, shared: Shared, shutdown: Arc<Notify>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(shared.clone(), shutdown.clone(), req));
+            let service = hyper::service::service_fn(move |req| {
+                handle(shared.clone(), shutdown.clone(), req)
+            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

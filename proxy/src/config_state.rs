@@ -68,24 +68,48 @@ impl ConfigSnapshot {
     /// # Errors
     /// [`SnapshotError`] for a malformed identity or endpoint address.
     pub fn from_proto(raw: v1::Snapshot) -> Result<Self, SnapshotError> {
-        let err = |reason: String| SnapshotError { version: raw.version, reason };
-        let spiffe_id: SpiffeId = raw.spiffe_id.parse().map_err(|e| err(format!("spiffeId: {e}")))?;
+        let err = |reason: String| SnapshotError {
+            version: raw.version,
+            reason,
+        };
+        let spiffe_id: SpiffeId = raw
+            .spiffe_id
+            .parse()
+            .map_err(|e| err(format!("spiffeId: {e}")))?;
         let mut services = HashMap::new();
         for s in &raw.services {
             let mut endpoints = Vec::new();
             for e in &s.endpoints {
                 if e.address.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(err(format!("service {}.{}: bad endpoint address {:?}", s.name, s.namespace, e.address)));
+                    return Err(err(format!(
+                        "service {}.{}: bad endpoint address {:?}",
+                        s.name, s.namespace, e.address
+                    )));
                 }
-                let identity = e.identity.parse().map_err(|x| err(format!("service {}.{}: {x}", s.name, s.namespace)))?;
-                endpoints.push(Endpoint { address: e.address.clone(), identity });
+                let identity = e
+                    .identity
+                    .parse()
+                    .map_err(|x| err(format!("service {}.{}: {x}", s.name, s.namespace)))?;
+                endpoints.push(Endpoint {
+                    address: e.address.clone(),
+                    identity,
+                });
             }
             services.insert(
                 (s.name.clone(), s.namespace.clone()),
-                ServiceEntry { protocol: s.protocol.clone(), endpoints, next: Arc::new(AtomicUsize::new(0)) },
+                ServiceEntry {
+                    protocol: s.protocol.clone(),
+                    endpoints,
+                    next: Arc::new(AtomicUsize::new(0)),
+                },
             );
         }
-        Ok(Self { version: raw.version, spiffe_id, services, raw })
+        Ok(Self {
+            version: raw.version,
+            spiffe_id,
+            services,
+            raw,
+        })
     }
 }
 

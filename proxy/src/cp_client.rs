@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use meshflow_api::v1::{
-    config_client::ConfigClient, identity_client::IdentityClient, watch_request, Ack, CertifyRequest, Hello,
-    WatchRequest,
+    config_client::ConfigClient, identity_client::IdentityClient, watch_request, Ack,
+    CertifyRequest, Hello, WatchRequest,
 };
 use meshflow_api::Bootstrap;
 use rand::Rng;
@@ -33,7 +33,12 @@ pub struct ControlPlaneClient {
 
 /// When to renew: a uniformly random point in [50 %, 70 %] of the lifetime counted from
 /// issuance (jitter keeps a fleet from renewing in lock-step).
-pub fn renewal_delay(issued_at: SystemTime, not_after: SystemTime, now: SystemTime, jitter: f64) -> Duration {
+pub fn renewal_delay(
+    issued_at: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+    jitter: f64,
+) -> Duration {
     let lifetime = not_after.duration_since(issued_at).unwrap_or_default();
     let fraction = 0.5 + 0.2 * jitter.clamp(0.0, 1.0);
     let at = issued_at + lifetime.mul_f64(fraction);
@@ -48,7 +53,12 @@ fn backoff(attempt: u32) -> Duration {
 impl ControlPlaneClient {
     /// A client for `bootstrap`; `inbound_address` is registered as this workload's endpoint.
     pub fn new(bootstrap: Bootstrap, shared: Shared, inbound_address: String) -> Arc<Self> {
-        Arc::new(Self { bootstrap, shared, inbound_address, last_csr: Mutex::new(None) })
+        Arc::new(Self {
+            bootstrap,
+            shared,
+            inbound_address,
+            last_csr: Mutex::new(None),
+        })
     }
 
     fn endpoint(&self, identity: Option<&Svid>) -> Result<Endpoint, tonic::transport::Error> {
@@ -77,7 +87,9 @@ impl ControlPlaneClient {
             *last = Some(Instant::now());
         }
         let key = rcgen::KeyPair::generate()?;
-        let csr = rcgen::CertificateParams::default().serialize_request(&key)?.pem()?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)?
+            .pem()?;
         let channel: Channel = self.endpoint(None)?.connect().await?;
         let response = IdentityClient::new(channel)
             .certify(CertifyRequest {
@@ -87,12 +99,24 @@ impl ControlPlaneClient {
             })
             .await?
             .into_inner();
-        let issued_at = SystemTime::UNIX_EPOCH + Duration::from_secs(response.issued_at_unix.max(0) as u64);
-        let svid = Svid::new(&response.cert_chain_pem, key.serialize_der(), key.serialize_pem(), issued_at)?;
+        let issued_at =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(response.issued_at_unix.max(0) as u64);
+        let svid = Svid::new(
+            &response.cert_chain_pem,
+            key.serialize_der(),
+            key.serialize_pem(),
+            issued_at,
+        )?;
         if svid.spiffe_id.uri() != self.bootstrap.spiffe_id {
-            anyhow::bail!("control plane issued {} but this sidecar is {}", svid.spiffe_id, self.bootstrap.spiffe_id);
+            anyhow::bail!(
+                "control plane issued {} but this sidecar is {}",
+                svid.spiffe_id,
+                self.bootstrap.spiffe_id
+            );
         }
-        self.shared.identity.set_bundle_pem(&response.trust_bundle_pem)?;
+        self.shared
+            .identity
+            .set_bundle_pem(&response.trust_bundle_pem)?;
         tracing::info!(serial = %svid.serial_hex, identity = %svid.spiffe_id, "installed SVID");
         self.shared.identity.set_svid(svid);
         Ok(())
@@ -104,15 +128,29 @@ impl ControlPlaneClient {
         loop {
             match self.certify_once().await {
                 Ok(()) => {
-                    self.shared.metrics.renewals.with_label_values(&["ok"]).inc();
+                    self.shared
+                        .metrics
+                        .renewals
+                        .with_label_values(&["ok"])
+                        .inc();
                     attempt = 0;
-                    let svid = self.shared.identity.svid.load_full().expect("just installed");
+                    let svid = self
+                        .shared
+                        .identity
+                        .svid
+                        .load_full()
+                        .expect("just installed");
                     let jitter: f64 = rand::thread_rng().gen();
-                    let delay = renewal_delay(svid.issued_at, svid.not_after, SystemTime::now(), jitter);
+                    let delay =
+                        renewal_delay(svid.issued_at, svid.not_after, SystemTime::now(), jitter);
                     tokio::time::sleep(delay.max(MIN_CSR_INTERVAL)).await;
                 }
                 Err(e) => {
-                    self.shared.metrics.renewals.with_label_values(&["error"]).inc();
+                    self.shared
+                        .metrics
+                        .renewals
+                        .with_label_values(&["error"])
+                        .inc();
                     tracing::warn!(error = %e, "Certify failed; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
@@ -131,7 +169,9 @@ impl ControlPlaneClient {
             };
             match self.watch_once(&svid).await {
                 Ok(()) => attempt = 0,
-                Err(e) => tracing::warn!(error = %e, "config stream to the control plane failed; keeping the last config"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "config stream to the control plane failed; keeping the last config")
+                }
             }
             self.shared.metrics.control_plane_connected.set(0);
             tokio::time::sleep(backoff(attempt)).await;
@@ -140,7 +180,11 @@ impl ControlPlaneClient {
     }
 
     async fn watch_once(&self, svid: &Svid) -> anyhow::Result<()> {
-        let channel = self.endpoint(Some(svid))?.timeout(Duration::from_secs(24 * 3600)).connect().await?;
+        let channel = self
+            .endpoint(Some(svid))?
+            .timeout(Duration::from_secs(24 * 3600))
+            .connect()
+            .await?;
         let (tx, rx) = mpsc::channel(8);
         tx.send(WatchRequest {
             kind: Some(watch_request::Kind::Hello(Hello {
@@ -159,22 +203,48 @@ impl ControlPlaneClient {
             let bundle = snapshot.trust_bundle_pem.clone();
             let result = ConfigSnapshot::from_proto(snapshot)
                 .map_err(|e| e.to_string())
-                .and_then(|s| self.shared.identity.set_bundle_pem(&bundle).map(|()| s).map_err(|e| e.to_string()));
+                .and_then(|s| {
+                    self.shared
+                        .identity
+                        .set_bundle_pem(&bundle)
+                        .map(|()| s)
+                        .map_err(|e| e.to_string())
+                });
             let ack = match result {
                 Ok(snapshot) => {
                     self.shared.metrics.config_version.set(version as i64);
-                    self.shared.metrics.config_updates.with_label_values(&["accepted"]).inc();
+                    self.shared
+                        .metrics
+                        .config_updates
+                        .with_label_values(&["accepted"])
+                        .inc();
                     tracing::info!(version, "config snapshot applied");
                     self.shared.config.set(snapshot);
-                    Ack { version, accepted: true, reason: String::new() }
+                    Ack {
+                        version,
+                        accepted: true,
+                        reason: String::new(),
+                    }
                 }
                 Err(reason) => {
-                    self.shared.metrics.config_updates.with_label_values(&["rejected"]).inc();
+                    self.shared
+                        .metrics
+                        .config_updates
+                        .with_label_values(&["rejected"])
+                        .inc();
                     tracing::error!(version, %reason, "config snapshot rejected; keeping the last good one");
-                    Ack { version, accepted: false, reason }
+                    Ack {
+                        version,
+                        accepted: false,
+                        reason,
+                    }
                 }
             };
-            let _ = tx.send(WatchRequest { kind: Some(watch_request::Kind::Ack(ack)) }).await;
+            let _ = tx
+                .send(WatchRequest {
+                    kind: Some(watch_request::Kind::Ack(ack)),
+                })
+                .await;
         }
         Ok(())
     }
@@ -188,9 +258,18 @@ mod tests {
     fn renewal_lands_between_50_and_70_percent() {
         let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let not_after = issued + Duration::from_secs(100);
-        assert_eq!(renewal_delay(issued, not_after, issued, 0.0), Duration::from_secs(50));
-        assert_eq!(renewal_delay(issued, not_after, issued, 1.0), Duration::from_secs(70));
-        assert_eq!(renewal_delay(issued, not_after, issued + Duration::from_secs(90), 0.5), Duration::ZERO);
+        assert_eq!(
+            renewal_delay(issued, not_after, issued, 0.0),
+            Duration::from_secs(50)
+        );
+        assert_eq!(
+            renewal_delay(issued, not_after, issued, 1.0),
+            Duration::from_secs(70)
+        );
+        assert_eq!(
+            renewal_delay(issued, not_after, issued + Duration::from_secs(90), 0.5),
+            Duration::ZERO
+        );
     }
 
     #[test]

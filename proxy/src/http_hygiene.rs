@@ -46,10 +46,10 @@ pub fn hop_by_hop_to_remove(headers: &HeaderMap) -> Vec<HeaderName> {
             remove.push(HeaderName::from_static(name));
         }
     }
-    let te_is_trailers = headers
-        .get_all("te")
-        .iter()
-        .all(|v| v.to_str().is_ok_and(|s| s.trim().eq_ignore_ascii_case("trailers")));
+    let te_is_trailers = headers.get_all("te").iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.trim().eq_ignore_ascii_case("trailers"))
+    });
     if headers.contains_key("te") && !te_is_trailers {
         remove.push(HeaderName::from_static("te"));
     }
@@ -80,7 +80,9 @@ pub fn check_request_framing(headers: &HeaderMap) -> Result<(), FramingError> {
     let has_te = headers.contains_key(TRANSFER_ENCODING);
     let mut content_length: Option<&str> = None;
     for value in headers.get_all(CONTENT_LENGTH) {
-        let Ok(value) = value.to_str() else { return Err(FramingError::BadContentLength) };
+        let Ok(value) = value.to_str() else {
+            return Err(FramingError::BadContentLength);
+        };
         for part in value.split(',') {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
@@ -99,9 +101,17 @@ pub fn check_request_framing(headers: &HeaderMap) -> Result<(), FramingError> {
         let codings: Vec<String> = headers
             .get_all(TRANSFER_ENCODING)
             .iter()
-            .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(',').map(|s| s.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+            .flat_map(|v| {
+                v.to_str()
+                    .unwrap_or("\u{0}")
+                    .split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
             .collect();
-        let (last, rest) = codings.split_last().ok_or(FramingError::BadTransferEncoding)?;
+        let (last, rest) = codings
+            .split_last()
+            .ok_or(FramingError::BadTransferEncoding)?;
         let known = |c: &str| matches!(c, "gzip" | "deflate" | "compress" | "x-gzip");
         if last != "chunked" || !rest.iter().all(|c| known(c)) {
             return Err(FramingError::BadTransferEncoding);
@@ -113,7 +123,10 @@ pub fn check_request_framing(headers: &HeaderMap) -> Result<(), FramingError> {
 /// Size of a header section as HTTP/1.1 would carry it: name + value + 4 bytes (`: ` and CRLF)
 /// per field, in bytes. Compared against the configured limit (431 above it, RFC 6585 §5).
 pub fn header_section_size(headers: &HeaderMap) -> usize {
-    headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum()
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
 }
 
 /// The XFCC value the inbound sidecar forwards: `By=<own SPIFFE ID>;URI=<peer SPIFFE ID>`.
@@ -129,7 +142,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
-            m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         m
     }
@@ -137,37 +153,70 @@ mod tests {
     #[test]
     fn nominations_never_remove_proxy_headers_or_framing() {
         let h = map(&[
-            ("connection", "close, X-Forwarded-Client-Cert, x-secret, content-length"),
+            (
+                "connection",
+                "close, X-Forwarded-Client-Cert, x-secret, content-length",
+            ),
             ("x-secret", "1"),
             ("keep-alive", "5"),
             ("te", "trailers"),
         ]);
-        let names: Vec<String> = hop_by_hop_to_remove(&h).iter().map(|n| n.to_string()).collect();
+        let names: Vec<String> = hop_by_hop_to_remove(&h)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(names, vec!["close", "connection", "keep-alive", "x-secret"]);
     }
 
     #[test]
     fn te_other_than_trailers_is_removed() {
         let h = map(&[("te", "gzip")]);
-        assert_eq!(hop_by_hop_to_remove(&h), vec![HeaderName::from_static("te")]);
+        assert_eq!(
+            hop_by_hop_to_remove(&h),
+            vec![HeaderName::from_static("te")]
+        );
     }
 
     #[test]
     fn framing_rules() {
-        assert_eq!(check_request_framing(&map(&[("content-length", "3")])), Ok(()));
-        assert_eq!(check_request_framing(&map(&[("content-length", "3"), ("content-length", "3")])), Ok(()));
-        assert_eq!(check_request_framing(&map(&[("transfer-encoding", "gzip, chunked")])), Ok(()));
         assert_eq!(
-            check_request_framing(&map(&[("content-length", "3"), ("transfer-encoding", "chunked")])),
+            check_request_framing(&map(&[("content-length", "3")])),
+            Ok(())
+        );
+        assert_eq!(
+            check_request_framing(&map(&[("content-length", "3"), ("content-length", "3")])),
+            Ok(())
+        );
+        assert_eq!(
+            check_request_framing(&map(&[("transfer-encoding", "gzip, chunked")])),
+            Ok(())
+        );
+        assert_eq!(
+            check_request_framing(&map(&[
+                ("content-length", "3"),
+                ("transfer-encoding", "chunked")
+            ])),
             Err(FramingError::ContentLengthWithTransferEncoding)
         );
         assert_eq!(
             check_request_framing(&map(&[("content-length", "3"), ("content-length", "4")])),
             Err(FramingError::BadContentLength)
         );
-        assert_eq!(check_request_framing(&map(&[("content-length", "3, 4")])), Err(FramingError::BadContentLength));
-        assert_eq!(check_request_framing(&map(&[("content-length", "-1")])), Err(FramingError::BadContentLength));
-        assert_eq!(check_request_framing(&map(&[("transfer-encoding", "chunked, gzip")])), Err(FramingError::BadTransferEncoding));
-        assert_eq!(check_request_framing(&map(&[("transfer-encoding", "identity")])), Err(FramingError::BadTransferEncoding));
+        assert_eq!(
+            check_request_framing(&map(&[("content-length", "3, 4")])),
+            Err(FramingError::BadContentLength)
+        );
+        assert_eq!(
+            check_request_framing(&map(&[("content-length", "-1")])),
+            Err(FramingError::BadContentLength)
+        );
+        assert_eq!(
+            check_request_framing(&map(&[("transfer-encoding", "chunked, gzip")])),
+            Err(FramingError::BadTransferEncoding)
+        );
+        assert_eq!(
+            check_request_framing(&map(&[("transfer-encoding", "identity")])),
+            Err(FramingError::BadTransferEncoding)
+        );
     }
 }

@@ -16,7 +16,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 use x509_parser::extensions::GeneralName;
 
 use crate::metrics::ProxyMetrics;
@@ -80,7 +82,9 @@ impl TrustBundle {
         let certs = pem_certs(pem)?;
         let mut roots = RootCertStore::empty();
         for cert in &certs {
-            roots.add(cert.clone()).map_err(|e| IdentityError::Material(e.to_string()))?;
+            roots
+                .add(cert.clone())
+                .map_err(|e| IdentityError::Material(e.to_string()))?;
         }
         let pingora_ca: Vec<WrappedX509> = certs
             .iter()
@@ -89,7 +93,12 @@ impl TrustBundle {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         pem.hash(&mut hasher);
-        Ok(Self { pem: pem.to_string(), roots: Arc::new(roots), pingora_ca: Arc::from(pingora_ca), version: hasher.finish() })
+        Ok(Self {
+            pem: pem.to_string(),
+            roots: Arc::new(roots),
+            pingora_ca: Arc::from(pingora_ca),
+            version: hasher.finish(),
+        })
     }
 }
 
@@ -99,9 +108,15 @@ impl Svid {
     /// # Errors
     /// [`IdentityError::Material`] for unparsable certificates, a key rustls cannot use, or a
     /// leaf without exactly one SPIFFE URI SAN.
-    pub fn new(chain_pem: &str, key_pkcs8_der: Vec<u8>, key_pem: String, issued_at: SystemTime) -> Result<Self, IdentityError> {
+    pub fn new(
+        chain_pem: &str,
+        key_pkcs8_der: Vec<u8>,
+        key_pem: String,
+        issued_at: SystemTime,
+    ) -> Result<Self, IdentityError> {
         let chain = pem_certs(chain_pem)?;
-        let key = PrivateKeyDer::try_from(key_pkcs8_der.clone()).map_err(|e| IdentityError::Material(e.to_string()))?;
+        let key = PrivateKeyDer::try_from(key_pkcs8_der.clone())
+            .map_err(|e| IdentityError::Material(e.to_string()))?;
         let provider = rustls::crypto::ring::default_provider();
         let signing_key = provider
             .key_provider
@@ -110,12 +125,18 @@ impl Svid {
         let (spiffe_id, serial_hex, not_after) = {
             let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref())
                 .map_err(|e| IdentityError::Material(e.to_string()))?;
-            let id = single_spiffe_id(&leaf).ok_or_else(|| IdentityError::Material("leaf has no single SPIFFE ID".into()))?;
+            let id = single_spiffe_id(&leaf)
+                .ok_or_else(|| IdentityError::Material("leaf has no single SPIFFE ID".into()))?;
             let not_after = std::time::UNIX_EPOCH
-                + std::time::Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
+                + std::time::Duration::from_secs(
+                    leaf.validity().not_after.timestamp().max(0) as u64
+                );
             (id, leaf.raw_serial_as_string().replace(':', ""), not_after)
         };
-        let cert_key = CertKey::new(chain.iter().map(|c| c.as_ref().to_vec()).collect(), key_pkcs8_der);
+        let cert_key = CertKey::new(
+            chain.iter().map(|c| c.as_ref().to_vec()).collect(),
+            key_pkcs8_der,
+        );
         Ok(Self {
             certified: Arc::new(CertifiedKey::new(chain, signing_key)),
             cert_key: Arc::new(cert_key),
@@ -159,7 +180,11 @@ impl IdentityState {
     ///
     /// # Errors
     /// When no client verifier can be built from the bundle.
-    pub fn new(bundle: TrustBundle, trust_domain: &str, metrics: ProxyMetrics) -> Result<Arc<Self>, IdentityError> {
+    pub fn new(
+        bundle: TrustBundle,
+        trust_domain: &str,
+        metrics: ProxyMetrics,
+    ) -> Result<Arc<Self>, IdentityError> {
         let verifier = build_verifier(&bundle)?;
         Ok(Arc::new(Self {
             svid: ArcSwapOption::empty(),
@@ -188,7 +213,10 @@ impl IdentityState {
     /// Installs a new SVID; new handshakes use it, open connections keep theirs.
     pub fn set_svid(&self, svid: Svid) {
         self.metrics.cert_expiration.set(
-            svid.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+            svid.not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
         );
         self.svid.store(Some(Arc::new(svid)));
     }
@@ -216,7 +244,9 @@ pub struct SvidResolver {
 
 impl std::fmt::Debug for IdentityState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdentityState").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+        f.debug_struct("IdentityState")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
     }
 }
 
@@ -229,12 +259,23 @@ impl SvidResolver {
 
 impl ResolvesServerCert for SvidResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let offers_tls13 = hello.cipher_suites().iter().any(|s| u16::from(*s) & 0xff00 == 0x1300);
+        let offers_tls13 = hello
+            .cipher_suites()
+            .iter()
+            .any(|s| u16::from(*s) & 0xff00 == 0x1300);
         if !offers_tls13 {
-            self.identity.metrics.tls_handshake_errors.with_label_values(&["inbound", "protocol_version"]).inc();
+            self.identity
+                .metrics
+                .tls_handshake_errors
+                .with_label_values(&["inbound", "protocol_version"])
+                .inc();
             return None;
         }
-        self.identity.svid.load().as_ref().map(|s| s.certified.clone())
+        self.identity
+            .svid
+            .load()
+            .as_ref()
+            .map(|s| s.certified.clone())
     }
 }
 
@@ -254,7 +295,11 @@ impl MeshClientVerifier {
     }
 
     fn count(&self, reason: &str) {
-        self.identity.metrics.tls_handshake_errors.with_label_values(&["inbound", reason]).inc();
+        self.identity
+            .metrics
+            .tls_handshake_errors
+            .with_label_values(&["inbound", reason])
+            .inc();
     }
 }
 
@@ -263,9 +308,13 @@ pub fn reason_for(error: &rustls::Error) -> &'static str {
     match error {
         rustls::Error::InvalidCertificate(e) => match e {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not_yet_valid",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
             CertificateError::UnknownIssuer => "unknown_ca",
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => "identity_mismatch",
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "identity_mismatch"
+            }
             _ => "invalid_certificate",
         },
         _ => "other",
@@ -302,7 +351,9 @@ impl ClientCertVerifier for MeshClientVerifier {
             .is_some_and(|id| id.trust_domain() == self.identity.trust_domain);
         if !in_domain {
             self.count("bad_identity");
-            return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -324,7 +375,10 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.identity.verifier.load().verify_tls13_signature(message, cert, dss)
+        self.identity
+            .verifier
+            .load()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -354,21 +408,38 @@ impl HandshakeCallbacks {
 
 #[async_trait::async_trait]
 impl TlsAccept for HandshakeCallbacks {
-    async fn handshake_complete_callback(&self, tls: &TlsRef) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         // A TLS 1.2 client that sent no certificate completes the handshake (a 1.2 client with
         // one fails in the verifier): refuse it here, before any request is read.
         if tls.version() != Some("TLSv1.3") && tls.version() != Some("TLSv1_3") {
-            self.metrics.tls_handshake_errors.with_label_values(&["inbound", "protocol_version"]).inc();
+            self.metrics
+                .tls_handshake_errors
+                .with_label_values(&["inbound", "protocol_version"])
+                .inc();
             return Some(Arc::new(PeerIdentity { spiffe_id: None }));
         }
-        let spiffe_id = tls
-            .peer_certificate_der()
-            .and_then(|der| x509_parser::parse_x509_certificate(der).ok().and_then(|(_, c)| single_spiffe_id(&c)));
+        let spiffe_id = tls.peer_certificate_der().and_then(|der| {
+            x509_parser::parse_x509_certificate(der)
+                .ok()
+                .and_then(|(_, c)| single_spiffe_id(&c))
+        });
         if spiffe_id.is_none() {
-            self.metrics.tls_handshake_errors.with_label_values(&["inbound", "no_client_certificate"]).inc();
+            self.metrics
+                .tls_handshake_errors
+                .with_label_values(&["inbound", "no_client_certificate"])
+                .inc();
         } else {
-            self.metrics.tls_handshakes.with_label_values(&["inbound"]).inc();
-            self.metrics.connections.with_label_values(&["inbound"]).inc();
+            self.metrics
+                .tls_handshakes
+                .with_label_values(&["inbound"])
+                .inc();
+            self.metrics
+                .connections
+                .with_label_values(&["inbound"])
+                .inc();
         }
         Some(Arc::new(PeerIdentity { spiffe_id }))
     }

@@ -35,7 +35,12 @@ impl InboundProxy {
 }
 
 fn peer_identity(session: &Session) -> Option<String> {
-    let ext = session.digest()?.ssl_digest.as_ref()?.extension.get::<PeerIdentity>()?;
+    let ext = session
+        .digest()?
+        .ssl_digest
+        .as_ref()?
+        .extension
+        .get::<PeerIdentity>()?;
     ext.spiffe_id.as_ref().map(|id| id.uri())
 }
 
@@ -44,14 +49,20 @@ impl ProxyHttp for InboundProxy {
     type CTX = InboundCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        InboundCtx { start: Instant::now(), peer: None }
+        InboundCtx {
+            start: Instant::now(),
+            peer: None,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let Some(peer) = peer_identity(session) else {
             // No client certificate: counted at handshake; close without forwarding anything.
             session.set_keepalive(None);
-            let mut e = Error::explain(ErrorType::ConnectionClosed, "peer presented no client certificate");
+            let mut e = Error::explain(
+                ErrorType::ConnectionClosed,
+                "peer presented no client certificate",
+            );
             e.esource = ErrorSource::Downstream;
             return Err(e);
         };
@@ -59,9 +70,16 @@ impl ProxyHttp for InboundProxy {
         refuse_bad_request(session, &self.shared, "inbound").await
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let mut peer = HttpPeer::new(("127.0.0.1", self.shared.app_port), false, String::new());
-        if matches!(self.shared.app_protocol, AppProtocol::H2c | AppProtocol::Grpc) {
+        if matches!(
+            self.shared.app_protocol,
+            AppProtocol::H2c | AppProtocol::Grpc
+        ) {
             peer.options.set_http_version(2, 2);
             peer.options.max_h2_streams = 100;
         }
@@ -76,16 +94,31 @@ impl ProxyHttp for InboundProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         scrub_forwarded_request(upstream_request);
-        let own = self.shared.identity.svid.load().as_ref().map(|s| s.spiffe_id.uri()).unwrap_or_default();
+        let own = self
+            .shared
+            .identity
+            .svid
+            .load()
+            .as_ref()
+            .map(|s| s.spiffe_id.uri())
+            .unwrap_or_default();
         let peer = ctx.peer.as_deref().unwrap_or_default();
         upstream_request.insert_header(XFCC, xfcc_value(&own, peer))?;
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Self::CTX) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut Self::CTX,
+    ) -> FailToProxy {
         let code = match (e.esource(), e.etype()) {
             (_, ErrorType::HTTPStatus(code)) => *code,
-            (ErrorSource::Downstream, ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError) => 0,
+            (
+                ErrorSource::Downstream,
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
+            ) => 0,
             (ErrorSource::Downstream, _) => 400,
             (ErrorSource::Upstream, _) => 502,
             _ => 500,
@@ -93,7 +126,10 @@ impl ProxyHttp for InboundProxy {
         if code > 0 {
             let _ = session.respond_error(code).await;
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
@@ -102,7 +138,15 @@ impl ProxyHttp for InboundProxy {
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let service = self.shared.workload.rsplit('/').next().unwrap_or("unknown");
-        self.shared.metrics.requests.with_label_values(&["inbound", service, &status.to_string()]).inc();
-        self.shared.metrics.request_duration.with_label_values(&["inbound"]).observe(ctx.start.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .requests
+            .with_label_values(&["inbound", service, &status.to_string()])
+            .inc();
+        self.shared
+            .metrics
+            .request_duration
+            .with_label_values(&["inbound"])
+            .observe(ctx.start.elapsed().as_secs_f64());
     }
 }

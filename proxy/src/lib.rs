@@ -34,8 +34,8 @@ use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::TcpSocketOptions;
 use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora_core::server::ShutdownWatch;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use prometheus::Registry;
 use tokio::sync::Notify;
@@ -77,7 +77,11 @@ pub struct ProxyConfig {
     #[arg(long, env = "MESHFLOW_THREADS", default_value_t = 2)]
     pub threads: usize,
     /// HTTP/2 max concurrent streams per connection (RFC 9113 §6.5.2).
-    #[arg(long, env = "MESHFLOW_H2_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "MESHFLOW_H2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 256
+    )]
     pub h2_max_concurrent_streams: u32,
     /// Largest request header section, bytes; larger → 431 (also the HTTP/2
     /// SETTINGS_MAX_HEADER_LIST_SIZE).
@@ -117,12 +121,22 @@ struct PortReservation {
 }
 
 fn reserve(addr: SocketAddr) -> std::io::Result<PortReservation> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     socket.set_reuse_port(true)?;
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
-    let addr = socket.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an inet socket"))?;
-    Ok(PortReservation { _socket: socket, addr })
+    let addr = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an inet socket"))?;
+    Ok(PortReservation {
+        _socket: socket,
+        addr,
+    })
 }
 
 fn reuseport() -> TcpSocketOptions {
@@ -165,7 +179,11 @@ impl BackgroundService for Background {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let admin = self.admin.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(listener) = admin.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
-            tokio::spawn(admin::serve(listener, self.shared.clone(), self.admin_shutdown.clone()));
+            tokio::spawn(admin::serve(
+                listener,
+                self.shared.clone(),
+                self.admin_shutdown.clone(),
+            ));
         }
         tokio::spawn(self.client.clone().run_identity());
         tokio::spawn(self.client.clone().run_config());
@@ -184,7 +202,10 @@ impl BackgroundService for Background {
         }
         tracing::info!("sidecar ready");
         if let Some(path) = &self.ready_file {
-            let mut file = ReadyFile { pid: std::process::id(), ..Default::default() };
+            let mut file = ReadyFile {
+                pid: std::process::id(),
+                ..Default::default()
+            };
             for (name, addr) in &self.addresses {
                 file.addresses.insert((*name).to_string(), addr.to_string());
             }
@@ -213,16 +234,27 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         .parse()
         .map_err(|e| cfg(format!("{}: spiffeId: {e}", config.bootstrap.display())))?;
     if !config.outbound.ip().is_loopback() {
-        return Err(cfg(format!("--outbound {} must be a loopback address", config.outbound)));
+        return Err(cfg(format!(
+            "--outbound {} must be a loopback address",
+            config.outbound
+        )));
     }
 
     let registry = Registry::new();
     let metrics = metrics::ProxyMetrics::new(&registry).map_err(|e| other(e.to_string()))?;
-    metrics.info.with_label_values(&[&bootstrap.workload, spiffe_id.namespace()]).set(1);
-    let bundle = identity::TrustBundle::from_pem(&bootstrap.trust_bundle_pem)
-        .map_err(|e| cfg(format!("{}: trustBundlePem: {e}", config.bootstrap.display())))?;
-    let identity_state = identity::IdentityState::new(bundle, spiffe_id.trust_domain(), metrics.clone())
-        .map_err(|e| other(e.to_string()))?;
+    metrics
+        .info
+        .with_label_values(&[&bootstrap.workload, spiffe_id.namespace()])
+        .set(1);
+    let bundle = identity::TrustBundle::from_pem(&bootstrap.trust_bundle_pem).map_err(|e| {
+        cfg(format!(
+            "{}: trustBundlePem: {e}",
+            config.bootstrap.display()
+        ))
+    })?;
+    let identity_state =
+        identity::IdentityState::new(bundle, spiffe_id.trust_domain(), metrics.clone())
+            .map_err(|e| other(e.to_string()))?;
     let shared = Shared {
         identity: identity_state.clone(),
         config: Arc::new(config_state::ConfigState::default()),
@@ -235,17 +267,25 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         max_header_bytes: config.max_header_bytes,
     };
 
-    let inbound_port = reserve(config.inbound).map_err(|e| other(format!("bind {}: {e}", config.inbound)))?;
-    let outbound_port = reserve(config.outbound).map_err(|e| other(format!("bind {}: {e}", config.outbound)))?;
-    let admin = std::net::TcpListener::bind(config.admin).map_err(|e| other(format!("bind {}: {e}", config.admin)))?;
-    admin.set_nonblocking(true).map_err(|e| other(e.to_string()))?;
+    let inbound_port =
+        reserve(config.inbound).map_err(|e| other(format!("bind {}: {e}", config.inbound)))?;
+    let outbound_port =
+        reserve(config.outbound).map_err(|e| other(format!("bind {}: {e}", config.outbound)))?;
+    let admin = std::net::TcpListener::bind(config.admin)
+        .map_err(|e| other(format!("bind {}: {e}", config.admin)))?;
+    admin
+        .set_nonblocking(true)
+        .map_err(|e| other(e.to_string()))?;
     let admin_addr = admin.local_addr().map_err(|e| other(e.to_string()))?;
 
-    let mut conf = ServerConf::default();
-    conf.threads = config.threads.max(1);
-    // Pingora's default grace period is 300 s; ours is the configured drain.
-    conf.grace_period_seconds = Some(config.drain.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(1);
+    let conf = ServerConf {
+        threads: config.threads.max(1),
+        // Pingora's default grace period is 300 s; ours is the configured drain (whole
+        // seconds, rounded up).
+        grace_period_seconds: Some(config.drain.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -258,10 +298,15 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         inbound::InboundProxy::new(shared.clone()),
         "meshflow inbound",
     );
-    let mut tls = TlsSettings::with_callbacks(Box::new(identity::HandshakeCallbacks::new(metrics.clone())))
-        .map_err(|e| other(e.to_string()))?;
-    tls.set_cert_resolver(Arc::new(identity::SvidResolver::new(identity_state.clone())));
-    tls.set_client_cert_verifier(Arc::new(identity::MeshClientVerifier::new(identity_state.clone())));
+    let mut tls =
+        TlsSettings::with_callbacks(Box::new(identity::HandshakeCallbacks::new(metrics.clone())))
+            .map_err(|e| other(e.to_string()))?;
+    tls.set_cert_resolver(Arc::new(identity::SvidResolver::new(
+        identity_state.clone(),
+    )));
+    tls.set_client_cert_verifier(Arc::new(identity::MeshClientVerifier::new(
+        identity_state.clone(),
+    )));
     tls.enable_h2();
     inbound.add_tls_with_settings(&inbound_port.addr.to_string(), Some(reuseport()), tls);
     if let Some(app) = inbound.app_logic_mut() {
@@ -283,7 +328,8 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
 
     let admin_shutdown = Arc::new(Notify::new());
     let advertised = config.advertise.unwrap_or(inbound_port.addr);
-    let client = cp_client::ControlPlaneClient::new(bootstrap, shared.clone(), advertised.to_string());
+    let client =
+        cp_client::ControlPlaneClient::new(bootstrap, shared.clone(), advertised.to_string());
     let background = background_service(
         "control plane client",
         Background {
@@ -292,14 +338,20 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
             admin: std::sync::Mutex::new(Some(admin)),
             admin_shutdown: admin_shutdown.clone(),
             ready_file: config.ready_file.clone(),
-            addresses: vec![("inbound", inbound_port.addr), ("outbound", outbound_port.addr), ("admin", admin_addr)],
+            addresses: vec![
+                ("inbound", inbound_port.addr),
+                ("outbound", outbound_port.addr),
+                ("admin", admin_addr),
+            ],
         },
     );
     server.add_service(inbound);
     server.add_service(outbound);
     server.add_service(background);
     tracing::info!(inbound = %inbound_port.addr, outbound = %outbound_port.addr, admin = %admin_addr, "sidecar starting");
-    server.run(RunArgs { shutdown_signal: Box::new(SignalWatch { admin_shutdown }) });
+    server.run(RunArgs {
+        shutdown_signal: Box::new(SignalWatch { admin_shutdown }),
+    });
     drop((inbound_port, outbound_port));
     Ok(())
 }

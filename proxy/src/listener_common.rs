@@ -5,12 +5,18 @@ use bytes::Bytes;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 
-use crate::http_hygiene::{check_request_framing, header_section_size, hop_by_hop_to_remove, PROXY_SET_HEADERS};
+use crate::http_hygiene::{
+    check_request_framing, header_section_size, hop_by_hop_to_remove, PROXY_SET_HEADERS,
+};
 use crate::shared::Shared;
 
 /// Refuses a request with bad framing (400) or an oversized header section (431), closing the
 /// connection. Returns `true` when a response was sent.
-pub async fn refuse_bad_request(session: &mut Session, shared: &Shared, direction: &str) -> pingora_error::Result<bool> {
+pub async fn refuse_bad_request(
+    session: &mut Session,
+    shared: &Shared,
+    direction: &str,
+) -> pingora_error::Result<bool> {
     let headers = &session.req_header().headers;
     // Pingora resolves Content-Length + Transfer-Encoding itself (TE wins, CL dropped) before
     // filters run; judge HTTP/1.1 framing on the header section as received.
@@ -23,13 +29,30 @@ pub async fn refuse_bad_request(session: &mut Session, shared: &Shared, directio
     let refusal = if let Err(e) = framing {
         Some((400, "framing", e.to_string()))
     } else if header_section_size(headers) > shared.max_header_bytes {
-        Some((431, "header_too_large", format!("request header section larger than {} bytes", shared.max_header_bytes)))
+        Some((
+            431,
+            "header_too_large",
+            format!(
+                "request header section larger than {} bytes",
+                shared.max_header_bytes
+            ),
+        ))
     } else {
         None
     };
-    let Some((status, reason, message)) = refusal else { return Ok(false) };
-    shared.metrics.rejected_requests.with_label_values(&[direction, reason]).inc();
-    shared.metrics.requests.with_label_values(&[direction, "unknown", &status.to_string()]).inc();
+    let Some((status, reason, message)) = refusal else {
+        return Ok(false);
+    };
+    shared
+        .metrics
+        .rejected_requests
+        .with_label_values(&[direction, reason])
+        .inc();
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[direction, "unknown", &status.to_string()])
+        .inc();
     tracing::debug!(direction, reason, "refused request: {message}");
     // The framing of the rest of the connection cannot be trusted: never reuse it.
     session.set_keepalive(None);
@@ -51,9 +74,10 @@ fn raw_framing_headers(raw: &[u8]) -> http::HeaderMap {
     for header in request.headers.iter() {
         let name = header.name.to_ascii_lowercase();
         if name == "content-length" || name == "transfer-encoding" {
-            if let (Ok(name), Ok(value)) =
-                (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_bytes(header.value))
-            {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(header.value),
+            ) {
                 map.append(name, value);
             }
         }

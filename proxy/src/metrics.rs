@@ -49,24 +49,39 @@ impl ProxyMetrics {
         ];
         let m = Self {
             requests: IntCounterVec::new(
-                Opts::new("meshflow_requests_total", "Requests handled, by direction, service and status."),
+                Opts::new(
+                    "meshflow_requests_total",
+                    "Requests handled, by direction, service and status.",
+                ),
                 &["direction", "service", "status_code"],
             )?,
             request_duration: HistogramVec::new(
-                HistogramOpts::new("meshflow_request_duration_seconds", "Request duration until the response ends.")
-                    .buckets(buckets),
+                HistogramOpts::new(
+                    "meshflow_request_duration_seconds",
+                    "Request duration until the response ends.",
+                )
+                .buckets(buckets),
                 &["direction"],
             )?,
             connections: IntCounterVec::new(
-                Opts::new("meshflow_connections_total", "New connections, by direction."),
+                Opts::new(
+                    "meshflow_connections_total",
+                    "New connections, by direction.",
+                ),
                 &["direction"],
             )?,
             tls_handshakes: IntCounterVec::new(
-                Opts::new("meshflow_tls_handshakes_total", "Completed TLS handshakes, by direction."),
+                Opts::new(
+                    "meshflow_tls_handshakes_total",
+                    "Completed TLS handshakes, by direction.",
+                ),
                 &["direction"],
             )?,
             tls_handshake_errors: IntCounterVec::new(
-                Opts::new("meshflow_tls_handshake_errors_total", "Refused or failed TLS handshakes, by reason."),
+                Opts::new(
+                    "meshflow_tls_handshake_errors_total",
+                    "Refused or failed TLS handshakes, by reason.",
+                ),
                 &["direction", "reason"],
             )?,
             cert_expiration: IntGauge::new(
@@ -74,12 +89,21 @@ impl ProxyMetrics {
                 "NotAfter of the sidecar's current SVID, Unix seconds.",
             )?,
             renewals: IntCounterVec::new(
-                Opts::new("meshflow_identity_renewals_total", "SVID requests, by result."),
+                Opts::new(
+                    "meshflow_identity_renewals_total",
+                    "SVID requests, by result.",
+                ),
                 &["result"],
             )?,
-            config_version: IntGauge::new("meshflow_config_version", "Version of the config snapshot in force.")?,
+            config_version: IntGauge::new(
+                "meshflow_config_version",
+                "Version of the config snapshot in force.",
+            )?,
             config_updates: IntCounterVec::new(
-                Opts::new("meshflow_config_updates_total", "Config snapshots received, by result."),
+                Opts::new(
+                    "meshflow_config_updates_total",
+                    "Config snapshots received, by result.",
+                ),
                 &["result"],
             )?,
             control_plane_connected: IntGauge::new(
@@ -87,11 +111,17 @@ impl ProxyMetrics {
                 "1 while the config stream to the control plane is open.",
             )?,
             rejected_requests: IntCounterVec::new(
-                Opts::new("meshflow_rejected_requests_total", "Requests refused by the proxy itself, by reason."),
+                Opts::new(
+                    "meshflow_rejected_requests_total",
+                    "Requests refused by the proxy itself, by reason.",
+                ),
                 &["direction", "reason"],
             )?,
             info: IntGaugeVec::new(
-                Opts::new("meshflow_info", "Identifies the workload this sidecar serves."),
+                Opts::new(
+                    "meshflow_info",
+                    "Identifies the workload this sidecar serves.",
+                ),
                 &["workload", "namespace"],
             )?,
         };

@@ -46,14 +46,27 @@ fn authority(req: &RequestHeader) -> Option<String> {
     if let Some(a) = req.uri.authority() {
         return Some(a.as_str().to_string());
     }
-    req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
 }
 
 impl OutboundProxy {
     async fn reject(&self, session: &mut Session, reason: &str, message: String) -> Result<bool> {
-        self.shared.metrics.rejected_requests.with_label_values(&["outbound", reason]).inc();
-        self.shared.metrics.requests.with_label_values(&["outbound", "unknown", "503"]).inc();
-        session.respond_error_with_body(503, Bytes::from(format!("meshflow: {message}\n"))).await?;
+        self.shared
+            .metrics
+            .rejected_requests
+            .with_label_values(&["outbound", reason])
+            .inc();
+        self.shared
+            .metrics
+            .requests
+            .with_label_values(&["outbound", "unknown", "503"])
+            .inc();
+        session
+            .respond_error_with_body(503, Bytes::from(format!("meshflow: {message}\n")))
+            .await?;
         Ok(true)
     }
 }
@@ -63,7 +76,12 @@ impl ProxyHttp for OutboundProxy {
     type CTX = OutboundCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        OutboundCtx { start: Instant::now(), service: None, endpoint: None, connect_attempts: 0 }
+        OutboundCtx {
+            start: Instant::now(),
+            service: None,
+            endpoint: None,
+            connect_attempts: 0,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -71,31 +89,59 @@ impl ProxyHttp for OutboundProxy {
             return Ok(true);
         }
         let Some(snapshot) = self.shared.config.current() else {
-            return self.reject(session, "no_config", "sidecar has no config yet".into()).await;
+            return self
+                .reject(session, "no_config", "sidecar has no config yet".into())
+                .await;
         };
         let authority = authority(session.req_header()).unwrap_or_default();
         let Some(name) = parse_authority(&authority, &self.shared.namespace) else {
             let shown: String = authority.chars().take(128).collect();
             return self
-                .reject(session, "unknown_service", format!("{shown:?} is not a mesh service (use <service>.<namespace>)"))
+                .reject(
+                    session,
+                    "unknown_service",
+                    format!("{shown:?} is not a mesh service (use <service>.<namespace>)"),
+                )
                 .await;
         };
-        let Some(service) = snapshot.services.get(&(name.name.clone(), name.namespace.clone())) else {
+        let Some(service) = snapshot
+            .services
+            .get(&(name.name.clone(), name.namespace.clone()))
+        else {
             return self
-                .reject(session, "unknown_service", format!("unknown service {}.{}", name.name, name.namespace))
+                .reject(
+                    session,
+                    "unknown_service",
+                    format!("unknown service {}.{}", name.name, name.namespace),
+                )
                 .await;
         };
         if service.endpoints.is_empty() {
             return self
-                .reject(session, "no_endpoint", format!("service {}.{} has no ready endpoint", name.name, name.namespace))
+                .reject(
+                    session,
+                    "no_endpoint",
+                    format!(
+                        "service {}.{} has no ready endpoint",
+                        name.name, name.namespace
+                    ),
+                )
                 .await;
         }
         ctx.service = Some(format!("{}.{}", name.name, name.namespace));
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
-        let snapshot = self.shared.config.current().ok_or_else(|| Error::explain(ErrorType::InternalError, "no config"))?;
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let snapshot = self
+            .shared
+            .config
+            .current()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no config"))?;
         let service = ctx.service.as_deref().unwrap_or_default();
         let (name, namespace) = service.split_once('.').unwrap_or((service, ""));
         let endpoint = snapshot
@@ -104,11 +150,20 @@ impl ProxyHttp for OutboundProxy {
             .and_then(|s| s.pick())
             .cloned()
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "service has no endpoint"))?;
-        let svid = self.shared.identity.svid.load_full().ok_or_else(|| Error::explain(ErrorType::InternalError, "no SVID yet"))?;
+        let svid = self
+            .shared
+            .identity
+            .svid
+            .load_full()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no SVID yet"))?;
         let bundle = self.shared.identity.bundle.load_full();
         // SNI = the expected identity's DNS SAN: Pingora's rustls connector then verifies the
         // server's chain and that it is exactly that identity.
-        let mut peer = HttpPeer::new(endpoint.address.as_str(), true, endpoint.identity.dns_name());
+        let mut peer = HttpPeer::new(
+            endpoint.address.as_str(),
+            true,
+            endpoint.identity.dns_name(),
+        );
         peer.client_cert_key = Some(svid.cert_key.clone());
         peer.options.ca = Some(bundle.pingora_ca.clone());
         peer.options.alpn = ALPN::H2;
@@ -133,8 +188,16 @@ impl ProxyHttp for OutboundProxy {
     ) -> Result<()> {
         scrub_forwarded_request(upstream_request);
         // Absolute-form (HTTP_PROXY style) → origin-form + Host for the next hop.
-        if let Some(authority) = upstream_request.uri.authority().map(|a| a.as_str().to_string()) {
-            let origin = upstream_request.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        if let Some(authority) = upstream_request
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+        {
+            let origin = upstream_request
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
             if let Ok(uri) = origin.parse() {
                 upstream_request.set_uri(uri);
             }
@@ -155,26 +218,51 @@ impl ProxyHttp for OutboundProxy {
         _ctx: &mut Self::CTX,
     ) -> Result<()> {
         if !reused {
-            self.shared.metrics.connections.with_label_values(&["outbound"]).inc();
-            self.shared.metrics.tls_handshakes.with_label_values(&["outbound"]).inc();
+            self.shared
+                .metrics
+                .connections
+                .with_label_values(&["outbound"])
+                .inc();
+            self.shared
+                .metrics
+                .tls_handshakes
+                .with_label_values(&["outbound"])
+                .inc();
         }
         Ok(())
     }
 
-    fn fail_to_connect(&self, _session: &mut Session, peer: &HttpPeer, ctx: &mut Self::CTX, mut e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
         let text = format!("{e}");
-        let tls = matches!(e.etype(), ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError)
-            || text.contains("certificate");
+        let tls = matches!(
+            e.etype(),
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError
+        ) || text.contains("certificate");
         if tls {
-            let reason = if text.contains("NotValidForName") || text.contains("not valid for name") {
+            let reason = if text.contains("NotValidForName") || text.contains("not valid for name")
+            {
                 "identity_mismatch"
             } else if text.contains("UnknownIssuer") {
                 "unknown_ca"
             } else {
                 "other"
             };
-            self.shared.metrics.tls_handshake_errors.with_label_values(&["outbound", reason]).inc();
-            let expected = ctx.endpoint.as_ref().map(|ep| ep.identity.uri()).unwrap_or_default();
+            self.shared
+                .metrics
+                .tls_handshake_errors
+                .with_label_values(&["outbound", reason])
+                .inc();
+            let expected = ctx
+                .endpoint
+                .as_ref()
+                .map(|ep| ep.identity.uri())
+                .unwrap_or_default();
             tracing::warn!(
                 endpoint = %peer.address(),
                 expected_identity = %expected,
@@ -190,10 +278,18 @@ impl ProxyHttp for OutboundProxy {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Self::CTX) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut Self::CTX,
+    ) -> FailToProxy {
         let code = match (e.esource(), e.etype()) {
             (_, ErrorType::HTTPStatus(code)) => *code,
-            (ErrorSource::Downstream, ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError) => 0,
+            (
+                ErrorSource::Downstream,
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
+            ) => 0,
             (ErrorSource::Downstream, _) => 400,
             // Upstream failed before a response: 503, as Envoy answers "upstream connect error
             // or disconnect/reset before headers".
@@ -203,13 +299,26 @@ impl ProxyHttp for OutboundProxy {
         if code > 0 {
             let _ = session.respond_error(code).await;
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        let Some(service) = ctx.service.as_deref() else { return };
+        let Some(service) = ctx.service.as_deref() else {
+            return;
+        };
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        self.shared.metrics.requests.with_label_values(&["outbound", service, &status.to_string()]).inc();
-        self.shared.metrics.request_duration.with_label_values(&["outbound"]).observe(ctx.start.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .requests
+            .with_label_values(&["outbound", service, &status.to_string()])
+            .inc();
+        self.shared
+            .metrics
+            .request_duration
+            .with_label_values(&["outbound"])
+            .observe(ctx.start.elapsed().as_secs_f64());
     }
 }

@@ -33,7 +33,10 @@ pub fn parse_authority(authority: &str, own_namespace: &str) -> Option<ServiceNa
         return None;
     }
     let labels: Vec<&str> = host.split('.').collect();
-    if labels.iter().any(|l| l.is_empty() || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')) {
+    if labels
+        .iter()
+        .any(|l| l.is_empty() || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    {
         return None;
     }
     let (name, namespace) = match labels.as_slice() {
@@ -45,7 +48,10 @@ pub fn parse_authority(authority: &str, own_namespace: &str) -> Option<ServiceNa
     if name.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(ServiceName { name: name.to_string(), namespace: namespace.to_string() })
+    Some(ServiceName {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -53,7 +59,10 @@ mod tests {
     use super::*;
 
     fn svc(n: &str, ns: &str) -> Option<ServiceName> {
-        Some(ServiceName { name: n.into(), namespace: ns.into() })
+        Some(ServiceName {
+            name: n.into(),
+            namespace: ns.into(),
+        })
     }
 
     #[test]
@@ -66,14 +75,26 @@ mod tests {
             "backend.default.svc.cluster.local",
             "backend.default.svc.cluster.local.:80",
         ] {
-            assert_eq!(parse_authority(a, "other"), svc("backend", "default"), "{a}");
+            assert_eq!(
+                parse_authority(a, "other"),
+                svc("backend", "default"),
+                "{a}"
+            );
         }
         assert_eq!(parse_authority("backend", "prod"), svc("backend", "prod"));
     }
 
     #[test]
     fn rejected_forms() {
-        for a in ["", "127.0.0.1:80", "[::1]:80", "a.b.c", "back end.default", "x.y:port", "a..b"] {
+        for a in [
+            "",
+            "127.0.0.1:80",
+            "[::1]:80",
+            "a.b.c",
+            "back end.default",
+            "x.y:port",
+            "a..b",
+        ] {
             assert_eq!(parse_authority(a, "default"), None, "{a}");
         }
     }

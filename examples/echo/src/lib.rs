@@ -42,7 +42,10 @@ fn xfcc(headers: &http::HeaderMap) -> Vec<String> {
 
 #[tonic::async_trait]
 impl Echo for App {
-    async fn unary(&self, request: tonic::Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<Response<EchoReply>, Status> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let xfcc = xfcc(&request.metadata().clone().into_headers());
         let message = request.into_inner().message;
@@ -50,14 +53,24 @@ impl Echo for App {
             let code = tonic::Code::from_i32(code.parse().unwrap_or(2));
             return Err(Status::new(code, format!("requested failure {message}")));
         }
-        let mut response = Response::new(EchoReply { message, service: self.name.to_string(), xfcc, sequence: 0 });
-        response.metadata_mut().insert("x-echo-trailer", "done".parse().expect("static"));
+        let mut response = Response::new(EchoReply {
+            message,
+            service: self.name.to_string(),
+            xfcc,
+            sequence: 0,
+        });
+        response
+            .metadata_mut()
+            .insert("x-echo-trailer", "done".parse().expect("static"));
         Ok(response)
     }
 
     type ServerStreamStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
-    async fn server_stream(&self, request: tonic::Request<StreamRequest>) -> Result<Response<Self::ServerStreamStream>, Status> {
+    async fn server_stream(
+        &self,
+        request: tonic::Request<StreamRequest>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let xfcc = xfcc(&request.metadata().clone().into_headers());
         let req = request.into_inner();
@@ -68,7 +81,10 @@ impl Echo for App {
 
     type BidiStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
-    async fn bidi(&self, request: tonic::Request<Streaming<EchoRequest>>) -> Result<Response<Self::BidiStream>, Status> {
+    async fn bidi(
+        &self,
+        request: tonic::Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Self::BidiStream>, Status> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let xfcc = xfcc(&request.metadata().clone().into_headers());
         let name = self.name.to_string();
@@ -78,21 +94,37 @@ impl Echo for App {
             let mut sequence = 0;
             while let Ok(Some(msg)) = inbound.message().await {
                 sequence += 1;
-                let reply = EchoReply { message: msg.message, service: name.clone(), xfcc: xfcc.clone(), sequence };
+                let reply = EchoReply {
+                    message: msg.message,
+                    service: name.clone(),
+                    xfcc: xfcc.clone(),
+                    sequence,
+                };
                 if tx.send(Ok(reply)).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
-fn async_stream(req: StreamRequest, name: String, xfcc: Vec<String>) -> impl Stream<Item = Result<EchoReply, Status>> + Send {
+fn async_stream(
+    req: StreamRequest,
+    name: String,
+    xfcc: Vec<String>,
+) -> impl Stream<Item = Result<EchoReply, Status>> + Send {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         for sequence in 1..=req.count {
-            let reply = EchoReply { message: req.message.clone(), service: name.clone(), xfcc: xfcc.clone(), sequence };
+            let reply = EchoReply {
+                message: req.message.clone(),
+                service: name.clone(),
+                xfcc: xfcc.clone(),
+                sequence,
+            };
             if tx.send(Ok(reply)).await.is_err() {
                 return;
             }
@@ -108,13 +140,19 @@ async fn http_echo(app: App, request: Request) -> axum::response::Response {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_string();
     if path == "/__stats" {
-        return axum::Json(serde_json::json!({"requests": app.requests.load(Ordering::Relaxed)})).into_response();
+        return axum::Json(serde_json::json!({"requests": app.requests.load(Ordering::Relaxed)}))
+            .into_response();
     }
     app.requests.fetch_add(1, Ordering::Relaxed);
-    let body: Bytes = axum::body::to_bytes(body, 16 * 1024 * 1024).await.unwrap_or_default();
+    let body: Bytes = axum::body::to_bytes(body, 16 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in &parts.headers {
-        headers.entry(k.as_str().to_string()).or_default().push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        headers
+            .entry(k.as_str().to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
     }
     let status = path
         .strip_prefix("/status/")
@@ -135,7 +173,10 @@ async fn http_echo(app: App, request: Request) -> axum::response::Response {
 
 /// Serves the echo app on `listener` (HTTP/1.1 and h2c prior knowledge) forever.
 pub async fn serve(listener: tokio::net::TcpListener, name: &str) -> std::io::Result<()> {
-    let app = App { name: Arc::from(name), requests: Arc::new(AtomicU64::new(0)) };
+    let app = App {
+        name: Arc::from(name),
+        requests: Arc::new(AtomicU64::new(0)),
+    };
     let grpc = tonic::service::Routes::new(EchoServer::new(app.clone())).into_axum_router();
     let router = grpc.fallback(move |request: Request| http_echo(app.clone(), request));
     axum::serve(listener, router).await

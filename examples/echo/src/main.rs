@@ -19,13 +19,19 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let listen = args
-        .listen
-        .unwrap_or_else(|| format!("127.0.0.1:{}", std::env::var("PORT").unwrap_or_else(|_| "0".into())));
+    let listen = args.listen.unwrap_or_else(|| {
+        format!(
+            "127.0.0.1:{}",
+            std::env::var("PORT").unwrap_or_else(|_| "0".into())
+        )
+    });
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     let addr = listener.local_addr()?;
     if let Some(path) = &args.ready_file {
-        let mut ready = meshflow_api::ReadyFile { pid: std::process::id(), ..Default::default() };
+        let mut ready = meshflow_api::ReadyFile {
+            pid: std::process::id(),
+            ..Default::default()
+        };
         ready.addresses.insert("http".into(), addr.to_string());
         ready.write(path)?;
     }

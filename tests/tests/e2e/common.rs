@@ -61,7 +61,11 @@ pub fn start_mesh(yaml: &str, tune: impl FnOnce(&mut UpOptions)) -> TestMesh {
         let logs = dir.path().join("state/logs");
         let mut text = String::new();
         for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
-            text.push_str(&format!("--- {}\n{}\n", entry.path().display(), std::fs::read_to_string(entry.path()).unwrap_or_default()));
+            text.push_str(&format!(
+                "--- {}\n{}\n",
+                entry.path().display(),
+                std::fs::read_to_string(entry.path()).unwrap_or_default()
+            ));
         }
         panic!("mesh did not start: {e}\n{text}")
     });
@@ -107,7 +111,8 @@ impl Pki {
     pub fn mesh(state_dir: &Path) -> Self {
         Self {
             ca_cert_pem: std::fs::read_to_string(state_dir.join("ca/root.pem")).expect("root.pem"),
-            ca_key_pem: std::fs::read_to_string(state_dir.join("ca/root-key.pem")).expect("root-key.pem"),
+            ca_key_pem: std::fs::read_to_string(state_dir.join("ca/root-key.pem"))
+                .expect("root-key.pem"),
         }
     }
 
@@ -118,24 +123,36 @@ impl Pki {
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
         let cert = params.self_signed(&key).unwrap();
-        Self { ca_cert_pem: cert.pem(), ca_key_pem: key.serialize_pem() }
+        Self {
+            ca_cert_pem: cert.pem(),
+            ca_key_pem: key.serialize_pem(),
+        }
     }
 
     pub fn issue(&self, spec: LeafSpec) -> Leaf {
         let ca_key = KeyPair::from_pem(&self.ca_key_pem).unwrap();
-        let ca = CertificateParams::from_ca_cert_pem(&self.ca_cert_pem).unwrap().self_signed(&ca_key).unwrap();
+        let ca = CertificateParams::from_ca_cert_pem(&self.ca_cert_pem)
+            .unwrap()
+            .self_signed(&ca_key)
+            .unwrap();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         for uri in spec.uris {
-            params.subject_alt_names.push(SanType::URI(uri.as_str().try_into().unwrap()));
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into().unwrap()));
         }
         for dns in spec.dns {
-            params.subject_alt_names.push(SanType::DnsName(dns.as_str().try_into().unwrap()));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(dns.as_str().try_into().unwrap()));
         }
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
-        params.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth, rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         Leaf {
@@ -159,7 +176,8 @@ pub fn client_config(
     leaf: Option<Leaf>,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Arc<rustls::ClientConfig> {
-    let builder = rustls::ClientConfig::builder_with_protocol_versions(versions).with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_protocol_versions(versions)
+        .with_root_certificates(roots);
     let mut config = match leaf {
         Some(leaf) => builder.with_client_auth_cert(leaf.chain, leaf.key).unwrap(),
         None => builder.with_no_client_auth(),
@@ -186,7 +204,12 @@ pub enum RawOutcome {
 
 /// Connects to `addr` with `config`, verifying the server as `server_name`, writes `request`,
 /// reads until EOF or 5 s.
-pub async fn raw_tls(addr: &str, config: Arc<rustls::ClientConfig>, server_name: &str, request: &[u8]) -> RawOutcome {
+pub async fn raw_tls(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    request: &[u8],
+) -> RawOutcome {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let connector = tokio_rustls::TlsConnector::from(config);
     let name = ServerName::try_from(server_name.to_string()).unwrap();
@@ -237,11 +260,14 @@ async fn read_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> RawOu
 
 fn response_complete(buf: &[u8]) -> bool {
     let text = String::from_utf8_lossy(buf);
-    let Some(end) = text.find("\r\n\r\n") else { return false };
+    let Some(end) = text.find("\r\n\r\n") else {
+        return false;
+    };
     let head = text[..end].to_ascii_lowercase();
-    let length = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+    let length = head.lines().find_map(|l| {
+        l.strip_prefix("content-length:")
+            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+    });
     match length {
         Some(n) => buf.len() >= end + 4 + n,
         None => head.contains("transfer-encoding: chunked") && text.ends_with("0\r\n\r\n"),
@@ -250,12 +276,18 @@ fn response_complete(buf: &[u8]) -> bool {
 
 /// GETs `http://addr/path`.
 pub async fn get_text(addr: &str, path: &str) -> String {
-    reqwest::get(format!("http://{addr}{path}")).await.expect("GET").text().await.expect("body")
+    reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body")
 }
 
 /// Requests the app has seen (its `/__stats`, read directly, not through the mesh).
 pub async fn app_requests(app: &str) -> u64 {
-    let stats: serde_json::Value = serde_json::from_str(&get_text(app, "/__stats").await).expect("stats json");
+    let stats: serde_json::Value =
+        serde_json::from_str(&get_text(app, "/__stats").await).expect("stats json");
     stats["requests"].as_u64().expect("requests")
 }
 
@@ -264,7 +296,11 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

@@ -13,9 +13,17 @@ async fn send(t: &TestMesh, listener: &Listener, request: &[u8]) -> RawOutcome {
         Listener::Outbound => raw_tcp(&t.mesh.workload("frontend").outbound, request).await,
         Listener::Inbound => {
             let pki = Pki::mesh(&t.state_dir());
-            let leaf = pki.issue(LeafSpec::spiffe("spiffe://cluster.local/ns/default/sa/frontend"));
+            let leaf = pki.issue(LeafSpec::spiffe(
+                "spiffe://cluster.local/ns/default/sa/frontend",
+            ));
             let config = client_config(pki.roots(), Some(leaf), &[&rustls::version::TLS13]);
-            raw_tls(&t.mesh.workload("backend").inbound, config, &identity_dns("backend"), request).await
+            raw_tls(
+                &t.mesh.workload("backend").inbound,
+                config,
+                &identity_dns("backend"),
+                request,
+            )
+            .await
         }
     }
 }
@@ -58,7 +66,11 @@ async fn both_listeners_refuse_smuggling_and_keep_their_own_headers() {
             let outcome = send(&t, &listener, request.as_bytes()).await;
             assert!(status_line(&outcome).starts_with("HTTP/1.1 400"), "{which} {name}: {outcome:?}");
         }
-        assert_eq!(app_requests(&backend_app).await, served, "{which}: smuggling attempts never reach the app");
+        assert_eq!(
+            app_requests(&backend_app).await,
+            served,
+            "{which}: smuggling attempts never reach the app"
+        );
 
         let outcome = send(
             &t,
@@ -66,18 +78,27 @@ async fn both_listeners_refuse_smuggling_and_keep_their_own_headers() {
             b"GET /nominated HTTP/1.1\r\nHost: backend.default\r\nConnection: close, x-forwarded-client-cert\r\nX-Forwarded-Client-Cert: By=evil;URI=spiffe://cluster.local/ns/default/sa/admin\r\nx-forwarded-client-cert: forged\r\n\r\n",
         )
         .await;
-        let RawOutcome::Response(response) = &outcome else { panic!("{which}: nominated request not served: {outcome:?}") };
+        let RawOutcome::Response(response) = &outcome else {
+            panic!("{which}: nominated request not served: {outcome:?}")
+        };
         assert!(response.starts_with("HTTP/1.1 200"), "{which}: {response}");
         let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
-        let json: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{which}: {e}: {body}"));
+        let json: serde_json::Value =
+            serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{which}: {e}: {body}"));
         assert_eq!(
             json["xfcc"],
             serde_json::json!(["By=spiffe://cluster.local/ns/default/sa/backend;URI=spiffe://cluster.local/ns/default/sa/frontend"]),
             "{which}: exactly one XFCC, the proxy's"
         );
 
-        let big = format!("GET /big HTTP/1.1\r\nHost: backend.default\r\nX-Big: {}\r\n\r\n", "a".repeat(100 * 1024));
+        let big = format!(
+            "GET /big HTTP/1.1\r\nHost: backend.default\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(100 * 1024)
+        );
         let outcome = send(&t, &listener, big.as_bytes()).await;
-        assert!(status_line(&outcome).starts_with("HTTP/1.1 431"), "{which} 100 KB header: {outcome:?}");
+        assert!(
+            status_line(&outcome).starts_with("HTTP/1.1 431"),
+            "{which} 100 KB header: {outcome:?}"
+        );
     }
 }

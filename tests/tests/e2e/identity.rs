@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use meshflow_api::v1::{
-    config_client::ConfigClient, identity_client::IdentityClient, watch_request, CertifyRequest, Hello, WatchRequest,
+    config_client::ConfigClient, identity_client::IdentityClient, watch_request, CertifyRequest,
+    Hello, WatchRequest,
 };
 use meshflow_api::Bootstrap;
 use rcgen::{CertificateParams, KeyPair, SanType};
@@ -27,15 +28,37 @@ async fn inbound_refuses_bad_client_handshakes_and_counts_reasons() {
 
     // Positive control: a valid SVID from the mesh CA is served.
     let good = pki.issue(LeafSpec::spiffe(frontend_id));
-    match raw_tls(&backend.inbound, client_config(pki.roots(), Some(good), tls13), &server_name, REQUEST).await {
+    match raw_tls(
+        &backend.inbound,
+        client_config(pki.roots(), Some(good), tls13),
+        &server_name,
+        REQUEST,
+    )
+    .await
+    {
         RawOutcome::Response(r) => assert!(r.starts_with("HTTP/1.1 200"), "{r}"),
         other => panic!("valid client refused: {other:?}"),
     }
     let served = app_requests(&backend.app).await;
 
-    let cases: Vec<(&str, Option<Leaf>, &[&rustls::SupportedProtocolVersion], &str)> = vec![
-        ("no client certificate", None, tls13, "no_client_certificate"),
-        ("another CA", Some(Pki::foreign().issue(LeafSpec::spiffe(frontend_id))), tls13, "unknown_ca"),
+    let cases: Vec<(
+        &str,
+        Option<Leaf>,
+        &[&rustls::SupportedProtocolVersion],
+        &str,
+    )> = vec![
+        (
+            "no client certificate",
+            None,
+            tls13,
+            "no_client_certificate",
+        ),
+        (
+            "another CA",
+            Some(Pki::foreign().issue(LeafSpec::spiffe(frontend_id))),
+            tls13,
+            "unknown_ca",
+        ),
         (
             "expired",
             Some(pki.issue(LeafSpec {
@@ -59,7 +82,10 @@ async fn inbound_refuses_bad_client_handshakes_and_counts_reasons() {
         (
             "two URI SANs",
             Some(pki.issue(LeafSpec {
-                uris: vec![frontend_id.into(), "spiffe://cluster.local/ns/default/sa/admin".into()],
+                uris: vec![
+                    frontend_id.into(),
+                    "spiffe://cluster.local/ns/default/sa/admin".into(),
+                ],
                 ..LeafSpec::spiffe(frontend_id)
             })),
             tls13,
@@ -67,7 +93,9 @@ async fn inbound_refuses_bad_client_handshakes_and_counts_reasons() {
         ),
         (
             "another trust domain",
-            Some(pki.issue(LeafSpec::spiffe("spiffe://evil.example/ns/default/sa/frontend"))),
+            Some(pki.issue(LeafSpec::spiffe(
+                "spiffe://evil.example/ns/default/sa/frontend",
+            ))),
             tls13,
             "bad_identity",
         ),
@@ -79,13 +107,38 @@ async fn inbound_refuses_bad_client_handshakes_and_counts_reasons() {
         ),
     ];
     for (name, leaf, versions, reason) in cases {
-        let before = metric(&metrics(&backend.admin).await, "meshflow_tls_handshake_errors_total", &[("direction", "inbound"), ("reason", reason)]);
-        let outcome = raw_tls(&backend.inbound, client_config(pki.roots(), leaf, versions), &server_name, REQUEST).await;
-        assert!(!matches!(outcome, RawOutcome::Response(_)), "{name}: must be refused, got {outcome:?}");
-        let after = metric(&metrics(&backend.admin).await, "meshflow_tls_handshake_errors_total", &[("direction", "inbound"), ("reason", reason)]);
-        assert_eq!(after, before + 1.0, "{name}: handshake-error metric with reason {reason}");
+        let before = metric(
+            &metrics(&backend.admin).await,
+            "meshflow_tls_handshake_errors_total",
+            &[("direction", "inbound"), ("reason", reason)],
+        );
+        let outcome = raw_tls(
+            &backend.inbound,
+            client_config(pki.roots(), leaf, versions),
+            &server_name,
+            REQUEST,
+        )
+        .await;
+        assert!(
+            !matches!(outcome, RawOutcome::Response(_)),
+            "{name}: must be refused, got {outcome:?}"
+        );
+        let after = metric(
+            &metrics(&backend.admin).await,
+            "meshflow_tls_handshake_errors_total",
+            &[("direction", "inbound"), ("reason", reason)],
+        );
+        assert_eq!(
+            after,
+            before + 1.0,
+            "{name}: handshake-error metric with reason {reason}"
+        );
     }
-    assert_eq!(app_requests(&backend.app).await, served, "the app received nothing from refused clients");
+    assert_eq!(
+        app_requests(&backend.app).await,
+        served,
+        "the app received nothing from refused clients"
+    );
 }
 
 const WITH_PAYMENT: &str = r#"apiVersion: meshflow.io/v1alpha1
@@ -111,35 +164,72 @@ async fn outbound_refuses_a_server_with_another_identity() {
     let backend = t.mesh.workload("backend").clone();
     let payment_port = t.mesh.app_ports["default/payment"];
     t.mesh
-        .spawn_sidecar("default/payment", payment_port, &["--advertise".into(), backend.inbound.clone()])
+        .spawn_sidecar(
+            "default/payment",
+            payment_port,
+            &["--advertise".into(), backend.inbound.clone()],
+        )
         .unwrap();
-    t.mesh.wait_sidecar("default/payment", payment_port).unwrap();
+    t.mesh
+        .wait_sidecar("default/payment", payment_port)
+        .unwrap();
     let frontend = t.mesh.workload("frontend").clone();
     // Wait until frontend's snapshot lists the (rogue) payment endpoint.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !get_text(&frontend.admin, "/config_dump").await.contains(&backend.inbound)
-        || !get_text(&frontend.admin, "/config_dump").await.contains("sa/payment")
+    while !get_text(&frontend.admin, "/config_dump")
+        .await
+        .contains(&backend.inbound)
+        || !get_text(&frontend.admin, "/config_dump")
+            .await
+            .contains("sa/payment")
     {
-        assert!(std::time::Instant::now() < deadline, "payment endpoint never reached frontend");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "payment endpoint never reached frontend"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let served = app_requests(&backend.app).await;
-    let response = via(&frontend.outbound).get("http://payment.default/charge").send().await.unwrap();
+    let response = via(&frontend.outbound)
+        .get("http://payment.default/charge")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 503);
     let text = metrics(&frontend.admin).await;
     assert!(
-        metric(&text, "meshflow_tls_handshake_errors_total", &[("direction", "outbound"), ("reason", "identity_mismatch")]) >= 1.0,
+        metric(
+            &text,
+            "meshflow_tls_handshake_errors_total",
+            &[("direction", "outbound"), ("reason", "identity_mismatch")]
+        ) >= 1.0,
         "identity mismatch counted:\n{text}"
     );
-    let log = std::fs::read_to_string(t.state_dir().join("logs/proxy-default-frontend.log")).unwrap();
-    let line = log.lines().find(|l| l.contains("did not prove the expected identity")).expect("refusal logged");
-    assert!(line.contains("spiffe://cluster.local/ns/default/sa/payment"), "log names the expected identity: {line}");
-    assert!(line.contains("backend.default.serviceaccount.identity.cluster.local"), "log names what was presented: {line}");
-    assert_eq!(app_requests(&backend.app).await, served, "backend's app got nothing");
+    let log =
+        std::fs::read_to_string(t.state_dir().join("logs/proxy-default-frontend.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("did not prove the expected identity"))
+        .expect("refusal logged");
+    assert!(
+        line.contains("spiffe://cluster.local/ns/default/sa/payment"),
+        "log names the expected identity: {line}"
+    );
+    assert!(
+        line.contains("backend.default.serviceaccount.identity.cluster.local"),
+        "log names what was presented: {line}"
+    );
+    assert_eq!(
+        app_requests(&backend.app).await,
+        served,
+        "backend's app got nothing"
+    );
 }
 
 fn bootstrap(t: &TestMesh, workload: &str) -> Bootstrap {
-    let path = t.state_dir().join(format!("bootstrap/default_{workload}.json"));
+    let path = t
+        .state_dir()
+        .join(format!("bootstrap/default_{workload}.json"));
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
@@ -168,21 +258,37 @@ async fn control_plane_refuses_unproven_identities() {
 
     // Positive control.
     let issued = identity
-        .certify(CertifyRequest { workload: "default/frontend".into(), token: frontend.token.clone(), csr_pem: csr(vec![]) })
+        .certify(CertifyRequest {
+            workload: "default/frontend".into(),
+            token: frontend.token.clone(),
+            csr_pem: csr(vec![]),
+        })
         .await
         .expect("own identity is issued")
         .into_inner();
     assert!(issued.cert_chain_pem.contains("BEGIN CERTIFICATE"));
 
-    let other = SanType::URI("spiffe://cluster.local/ns/default/sa/backend".try_into().unwrap());
+    let other = SanType::URI(
+        "spiffe://cluster.local/ns/default/sa/backend"
+            .try_into()
+            .unwrap(),
+    );
     let status = identity
-        .certify(CertifyRequest { workload: "default/frontend".into(), token: frontend.token.clone(), csr_pem: csr(vec![other]) })
+        .certify(CertifyRequest {
+            workload: "default/frontend".into(),
+            token: frontend.token.clone(),
+            csr_pem: csr(vec![other]),
+        })
         .await
         .expect_err("CSR for another workload's identity");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
     let status = identity
-        .certify(CertifyRequest { workload: "default/backend".into(), token: frontend.token.clone(), csr_pem: csr(vec![]) })
+        .certify(CertifyRequest {
+            workload: "default/backend".into(),
+            token: frontend.token.clone(),
+            csr_pem: csr(vec![]),
+        })
         .await
         .expect_err("another workload with my token");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
@@ -190,22 +296,52 @@ async fn control_plane_refuses_unproven_identities() {
     let own = SanType::URI(frontend.spiffe_id.as_str().try_into().unwrap());
     let extra = SanType::DnsName("admin.example".try_into().unwrap());
     let status = identity
-        .certify(CertifyRequest { workload: "default/frontend".into(), token: frontend.token.clone(), csr_pem: csr(vec![own, extra]) })
+        .certify(CertifyRequest {
+            workload: "default/frontend".into(),
+            token: frontend.token.clone(),
+            csr_pem: csr(vec![own, extra]),
+        })
         .await
         .expect_err("CSR with extra SANs");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
     // Watch without the workload's SVID.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(WatchRequest { kind: Some(watch_request::Kind::Hello(Hello { inbound_address: "127.0.0.1:1".into(), workload: "default/frontend".into() })) })
-        .await
-        .unwrap();
-    let result = ConfigClient::new(channel).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    tx.send(WatchRequest {
+        kind: Some(watch_request::Kind::Hello(Hello {
+            inbound_address: "127.0.0.1:1".into(),
+            workload: "default/frontend".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let result = ConfigClient::new(channel)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
     let status = result.expect_err("Watch without a client certificate");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 
     let cp_metrics = metrics(&t.mesh.control_plane_admin).await;
-    assert!(metric(&cp_metrics, "meshflow_certify_refused_total", &[("reason", "unproven_san")]) >= 2.0, "{cp_metrics}");
-    assert!(metric(&cp_metrics, "meshflow_certify_refused_total", &[("reason", "bad_token")]) >= 1.0);
-    assert!(metric(&cp_metrics, "meshflow_watch_refused_total", &[("reason", "no_client_certificate")]) >= 1.0);
+    assert!(
+        metric(
+            &cp_metrics,
+            "meshflow_certify_refused_total",
+            &[("reason", "unproven_san")]
+        ) >= 2.0,
+        "{cp_metrics}"
+    );
+    assert!(
+        metric(
+            &cp_metrics,
+            "meshflow_certify_refused_total",
+            &[("reason", "bad_token")]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &cp_metrics,
+            "meshflow_watch_refused_total",
+            &[("reason", "no_client_certificate")]
+        ) >= 1.0
+    );
 }

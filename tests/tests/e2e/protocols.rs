@@ -12,8 +12,17 @@ const CALLER: &str = "spiffe://cluster.local/ns/default/sa/frontend";
 const BACKEND: &str = "spiffe://cluster.local/ns/default/sa/backend";
 
 fn assert_one_xfcc(json: &serde_json::Value) {
-    let xfcc: Vec<&str> = json["xfcc"].as_array().expect("xfcc array").iter().map(|v| v.as_str().unwrap()).collect();
-    assert_eq!(xfcc, vec![format!("By={BACKEND};URI={CALLER}")], "app must see exactly the proxy's XFCC: {json}");
+    let xfcc: Vec<&str> = json["xfcc"]
+        .as_array()
+        .expect("xfcc array")
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        xfcc,
+        vec![format!("By={BACKEND};URI={CALLER}")],
+        "app must see exactly the proxy's XFCC: {json}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -26,8 +35,14 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
     let response = client
         .post(format!("http://{}/orders?id=7", frontend.outbound))
         .header("host", "backend.default")
-        .header("X-Forwarded-Client-Cert", "By=spiffe://evil;URI=spiffe://cluster.local/ns/default/sa/admin")
-        .header("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/kube-system/sa/root")
+        .header(
+            "X-Forwarded-Client-Cert",
+            "By=spiffe://evil;URI=spiffe://cluster.local/ns/default/sa/admin",
+        )
+        .header(
+            "x-forwarded-client-cert",
+            "URI=spiffe://cluster.local/ns/kube-system/sa/root",
+        )
         .header("X-FORWARDED-CLIENT-CERT", "forged")
         .body("hello body")
         .send()
@@ -57,9 +72,16 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
     // HTTP/2 (h2c prior knowledge) from the app.
     // RFC 9113 §8.3.1: :authority is what routes an HTTP/2 request.
     let outbound_addr: std::net::SocketAddr = frontend.outbound.parse().unwrap();
-    let h2 = reqwest::Client::builder().http2_prior_knowledge().resolve("backend.default", outbound_addr).build().unwrap();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve("backend.default", outbound_addr)
+        .build()
+        .unwrap();
     let response = h2
-        .get(format!("http://backend.default:{}/h2", outbound_addr.port()))
+        .get(format!(
+            "http://backend.default:{}/h2",
+            outbound_addr.port()
+        ))
         .header("x-forwarded-client-cert", "forged")
         .send()
         .await
@@ -76,20 +98,44 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
         .await
         .expect("gRPC channel");
     let mut echo = EchoClient::new(channel);
-    let mut request = tonic::Request::new(EchoRequest { message: "ping".into() });
-    request.metadata_mut().insert("x-forwarded-client-cert", "forged".parse().unwrap());
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "ping".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-forwarded-client-cert", "forged".parse().unwrap());
     let reply = echo.unary(request).await.expect("unary");
-    assert_eq!(reply.metadata().get("x-echo-trailer").map(|v| v.to_str().unwrap()), Some("done"), "custom trailer");
+    assert_eq!(
+        reply
+            .metadata()
+            .get("x-echo-trailer")
+            .map(|v| v.to_str().unwrap()),
+        Some("done"),
+        "custom trailer"
+    );
     let reply = reply.into_inner();
     assert_eq!(reply.message, "ping");
     assert_eq!(reply.xfcc, vec![format!("By={BACKEND};URI={CALLER}")]);
 
-    let status = echo.unary(EchoRequest { message: "fail:14".into() }).await.expect_err("status");
+    let status = echo
+        .unary(EchoRequest {
+            message: "fail:14".into(),
+        })
+        .await
+        .expect_err("status");
     assert_eq!(status.code(), tonic::Code::Unavailable);
-    assert_eq!(status.message(), "requested failure fail:14", "grpc-message intact");
+    assert_eq!(
+        status.message(),
+        "requested failure fail:14",
+        "grpc-message intact"
+    );
 
     let mut stream = echo
-        .server_stream(StreamRequest { message: "s".into(), count: 5, interval_ms: 20 })
+        .server_stream(StreamRequest {
+            message: "s".into(),
+            count: 5,
+            interval_ms: 20,
+        })
         .await
         .expect("server stream")
         .into_inner();
@@ -102,9 +148,17 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
     assert!(trailers.is_some(), "server stream ends with trailers");
 
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut replies = echo.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("bidi").into_inner();
+    let mut replies = echo
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi")
+        .into_inner();
     for i in 0..3 {
-        tx.send(EchoRequest { message: format!("m{i}") }).await.unwrap();
+        tx.send(EchoRequest {
+            message: format!("m{i}"),
+        })
+        .await
+        .unwrap();
         let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
             .await
             .expect("bidi reply in time")
@@ -124,13 +178,19 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
         .await
         .unwrap();
     assert_eq!(response.status(), 503);
-    assert!(response.text().await.unwrap().contains("unknown service nosuch.default"));
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("unknown service nosuch.default"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn up_smoke_and_promtool_clean_metrics() {
     // `meshflow up --smoke` on the shipped example, exactly as the README runs it.
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
     let meshflow = meshflow_cli::supervisor::find_program("meshflow");
     let output = tokio::process::Command::new(&meshflow)
         .args(["up", "-f", "examples/hello/mesh.yaml", "--smoke"])
@@ -139,22 +199,40 @@ async fn up_smoke_and_promtool_clean_metrics() {
         .await
         .expect("run meshflow up --smoke");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "meshflow up --smoke failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains(&format!("the backend saw the caller as {CALLER}")), "{stdout}");
+    assert!(
+        output.status.success(),
+        "meshflow up --smoke failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("the backend saw the caller as {CALLER}")),
+        "{stdout}"
+    );
 
     // promtool on each admin endpoint after traffic.
     let t = start_hello();
     let frontend = t.mesh.workload("frontend").clone();
     for _ in 0..5 {
-        let response = via(&frontend.outbound).get("http://backend.default/x").send().await.unwrap();
+        let response = via(&frontend.outbound)
+            .get("http://backend.default/x")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let _ = via(&frontend.outbound).get("http://nosuch.default/x").send().await.unwrap();
+    let _ = via(&frontend.outbound)
+        .get("http://nosuch.default/x")
+        .send()
+        .await
+        .unwrap();
     let mut admins: Vec<String> = t.mesh.workloads.values().map(|w| w.admin.clone()).collect();
     admins.push(t.mesh.control_plane_admin.clone());
     for admin in admins {
         let text = metrics(&admin).await;
-        assert!(text.contains("meshflow_"), "{admin} exposes meshflow metrics");
+        assert!(
+            text.contains("meshflow_"),
+            "{admin} exposes meshflow metrics"
+        );
         let mut promtool = tokio::process::Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())
@@ -163,7 +241,13 @@ async fn up_smoke_and_promtool_clean_metrics() {
             .spawn()
             .expect("promtool is installed by scripts/install-deps");
         use tokio::io::AsyncWriteExt;
-        promtool.stdin.take().unwrap().write_all(text.as_bytes()).await.unwrap();
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .await
+            .unwrap();
         let out = promtool.wait_with_output().await.unwrap();
         assert!(
             out.status.success(),
@@ -173,5 +257,11 @@ async fn up_smoke_and_promtool_clean_metrics() {
         );
     }
     let backend_metrics = metrics(&t.mesh.workload("backend").admin).await;
-    assert!(metric(&backend_metrics, "meshflow_requests_total", &[("direction", "inbound"), ("status_code", "200")]) >= 5.0);
+    assert!(
+        metric(
+            &backend_metrics,
+            "meshflow_requests_total",
+            &[("direction", "inbound"), ("status_code", "200")]
+        ) >= 5.0
+    );
 }

@@ -14,7 +14,11 @@ use tonic::transport::Endpoint;
 use crate::common::*;
 
 /// Sends `rate` GETs per second from frontend to backend until `stop`; counts failures.
-fn traffic(outbound: String, rate: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> (Arc<AtomicU64>, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+fn traffic(
+    outbound: String,
+    rate: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Arc<AtomicU64>, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let (ok2, failed2) = (ok.clone(), failed.clone());
@@ -42,11 +46,16 @@ fn traffic(outbound: String, rate: u64, stop: Arc<std::sync::atomic::AtomicBool>
 /// The serial of the certificate the server at `inbound` presents right now.
 async fn server_serial(t: &TestMesh, inbound: &str, workload: &str) -> Option<String> {
     let pki = Pki::mesh(&t.state_dir());
-    let leaf = pki.issue(LeafSpec::spiffe("spiffe://cluster.local/ns/default/sa/frontend"));
+    let leaf = pki.issue(LeafSpec::spiffe(
+        "spiffe://cluster.local/ns/default/sa/frontend",
+    ));
     let config = client_config(pki.roots(), Some(leaf), &[&rustls::version::TLS13]);
     let tcp = tokio::net::TcpStream::connect(inbound).await.ok()?;
     let name = rustls::pki_types::ServerName::try_from(identity_dns(workload)).ok()?;
-    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.ok()?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .ok()?;
     let cert = tls.get_ref().1.peer_certificates()?.first()?.clone();
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     Some(parsed.raw_serial_as_string())
@@ -69,7 +78,11 @@ async fn timing_renewal_under_traffic() {
         .unwrap();
     let stream_task = tokio::spawn(async move {
         let mut stream = EchoClient::new(channel)
-            .server_stream(StreamRequest { message: "long".into(), count: 60, interval_ms: 500 })
+            .server_stream(StreamRequest {
+                message: "long".into(),
+                count: 60,
+                interval_ms: 500,
+            })
             .await
             .expect("stream starts")
             .into_inner();
@@ -96,25 +109,50 @@ async fn timing_renewal_under_traffic() {
     loop_handle.await.unwrap();
 
     assert_eq!(received, 60, "the 30 s stream delivered every message");
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed during renewals");
-    assert!(ok.load(Ordering::Relaxed) >= 400, "the loop ran at ~20 req/s: {}", ok.load(Ordering::Relaxed));
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request failed during renewals"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) >= 400,
+        "the loop ran at ~20 req/s: {}",
+        ok.load(Ordering::Relaxed)
+    );
     for (name, seen) in &serials {
-        assert!(seen.len() >= 4, "{name}: at least 3 renewals seen as new serials, got {seen:?}");
+        assert!(
+            seen.len() >= 4,
+            "{name}: at least 3 renewals seen as new serials, got {seen:?}"
+        );
     }
 
     // No two CSRs from one sidecar less than 5 s apart (the CA logs every issuance).
     let log = std::fs::read_to_string(t.state_dir().join("logs/control-plane.log")).unwrap();
     let mut issued: BTreeMap<String, Vec<time::OffsetDateTime>> = BTreeMap::new();
     for line in log.lines().filter(|l| l.contains("issued SVID")) {
-        let at = time::OffsetDateTime::parse(line.split_whitespace().next().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
-        let identity = line.split("identity=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+        let at = time::OffsetDateTime::parse(
+            line.split_whitespace().next().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        let identity = line
+            .split("identity=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
         issued.entry(identity).or_default().push(at);
     }
     assert_eq!(issued.len(), 2, "{issued:?}");
     for (identity, times) in issued {
         for pair in times.windows(2) {
             let gap = pair[1] - pair[0];
-            assert!(gap >= time::Duration::seconds(5), "{identity}: CSRs {gap} apart");
+            assert!(
+                gap >= time::Duration::seconds(5),
+                "{identity}: CSRs {gap} apart"
+            );
         }
     }
 }
@@ -131,15 +169,26 @@ async fn timing_control_plane_outage_and_restart() {
     let old_cp = t.mesh.control_plane.clone();
     t.mesh.supervisor.stop("control-plane");
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no failures while the control plane is away");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no failures while the control plane is away"
+    );
     let mesh_ref: &mut LocalMesh = &mut t.mesh;
-    mesh_ref.start_control_plane().expect("control plane restarts");
+    mesh_ref
+        .start_control_plane()
+        .expect("control plane restarts");
     assert_eq!(t.mesh.control_plane, old_cp, "same address after restart");
 
     // Both sidecars reconnect.
     let deadline = Instant::now() + Duration::from_secs(5);
     for w in [&frontend, &backend] {
-        while metric(&metrics(&w.admin).await, "meshflow_control_plane_connected", &[]) != 1.0 {
+        while metric(
+            &metrics(&w.admin).await,
+            "meshflow_control_plane_connected",
+            &[],
+        ) != 1.0
+        {
             assert!(Instant::now() < deadline, "{} did not reconnect", w.key);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -148,39 +197,62 @@ async fn timing_control_plane_outage_and_restart() {
     let before: Vec<u64> = {
         let mut v = Vec::new();
         for w in [&frontend, &backend] {
-            let dump: serde_json::Value = serde_json::from_str(&get_text(&w.admin, "/config_dump").await).unwrap();
+            let dump: serde_json::Value =
+                serde_json::from_str(&get_text(&w.admin, "/config_dump").await).unwrap();
             v.push(dump["version"].as_u64().unwrap());
         }
         v
     };
-    let changed = std::fs::read_to_string(t.mesh_path()).unwrap() + "    - name: extra\n      app: { protocol: http1 }\n";
+    let changed = std::fs::read_to_string(t.mesh_path()).unwrap()
+        + "    - name: extra\n      app: { protocol: http1 }\n";
     std::fs::write(t.mesh_path(), changed).unwrap();
     let written = Instant::now();
     for (w, old_version) in [&frontend, &backend].into_iter().zip(before) {
         loop {
-            let dump: serde_json::Value = serde_json::from_str(&get_text(&w.admin, "/config_dump").await).unwrap();
-            let has_extra = dump["services"].as_array().unwrap().iter().any(|s| s["name"] == "extra");
+            let dump: serde_json::Value =
+                serde_json::from_str(&get_text(&w.admin, "/config_dump").await).unwrap();
+            let has_extra = dump["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["name"] == "extra");
             if has_extra && dump["version"].as_u64().unwrap() > old_version {
                 break;
             }
-            assert!(written.elapsed() < Duration::from_secs(2), "{}: change not pushed within 2 s: {dump}", w.key);
+            assert!(
+                written.elapsed() < Duration::from_secs(2),
+                "{}: change not pushed within 2 s: {dump}",
+                w.key
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
     stop.store(true, Ordering::Relaxed);
     loop_handle.await.unwrap();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "zero failed requests across the outage");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "zero failed requests across the outage"
+    );
     assert!(ok.load(Ordering::Relaxed) >= 150);
 }
 
 fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // Field 4 (ppid) follows the parenthesised command name.
         let after = &stat[stat.rfind(')').unwrap_or(0) + 2..];
-        let ppid: u32 = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let ppid: u32 = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if ppid == parent {
             out.push(pid);
         }
@@ -201,7 +273,10 @@ async fn timing_drain_on_sigterm_and_clean_ctrl_c() {
     t.mesh.supervisor.signal(&name, Signal::SIGTERM);
     let child = t.mesh.supervisor.get_mut(&name).unwrap();
     while child.child.try_wait().unwrap().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(3), "sidecar still running 3 s after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "sidecar still running 3 s after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(t);
@@ -220,13 +295,27 @@ async fn timing_drain_on_sigterm_and_clean_ctrl_c() {
         .unwrap();
     let ready_dir = dir.path().join("state/ready");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&ready_dir).map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "json")).count()).unwrap_or(0) < 3 {
-        assert!(Instant::now() < deadline, "meshflow up did not become ready");
+    while std::fs::read_dir(&ready_dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "meshflow up did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let children = children_of(up.id());
-    assert!(children.len() >= 5, "control plane, 2 apps, 2 sidecars: {children:?}");
+    assert!(
+        children.len() >= 5,
+        "control plane, 2 apps, 2 sidecars: {children:?}"
+    );
     let bound: Vec<String> = std::fs::read_dir(&ready_dir)
         .unwrap()
         .flatten()
@@ -236,13 +325,19 @@ async fn timing_drain_on_sigterm_and_clean_ctrl_c() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), Signal::SIGINT).unwrap();
     let interrupted = Instant::now();
     while up.try_wait().unwrap().is_none() {
-        assert!(interrupted.elapsed() < Duration::from_secs(10), "Ctrl-C took effect within 10 s");
+        assert!(
+            interrupted.elapsed() < Duration::from_secs(10),
+            "Ctrl-C took effect within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for pid in children {
         assert!(!alive(pid), "child {pid} survived Ctrl-C");
     }
     for addr in bound {
-        assert!(std::net::TcpListener::bind(&addr).is_ok(), "{addr} still bound after Ctrl-C");
+        assert!(
+            std::net::TcpListener::bind(&addr).is_ok(),
+            "{addr} still bound after Ctrl-C"
+        );
     }
 }
