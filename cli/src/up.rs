@@ -112,9 +112,10 @@ impl LocalMesh {
         let logs = options.state_dir.join("logs");
         let ready_dir = options.state_dir.join("ready");
         std::fs::create_dir_all(&ready_dir)?;
-        let mut supervisor = Supervisor::new(&logs, options.drain + Duration::from_secs(2))?;
+        // A sidecar may take its drain time to exit; SIGKILL only after that plus slack.
+        let supervisor = Supervisor::new(&logs, options.drain + Duration::from_secs(2))?;
         let mut mesh_run = Self {
-            supervisor: Supervisor::new(&logs, Duration::ZERO)?, // replaced below
+            supervisor,
             mesh,
             mesh_path: mesh_path.to_path_buf(),
             options,
@@ -123,7 +124,6 @@ impl LocalMesh {
             workloads: BTreeMap::new(),
             app_ports: BTreeMap::new(),
         };
-        std::mem::swap(&mut mesh_run.supervisor, &mut supervisor);
         mesh_run.start_control_plane()?;
 
         let mut apps = Vec::new();

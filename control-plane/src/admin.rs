@@ -22,6 +22,8 @@ pub struct AdminState {
     pub state: StateHandle,
     /// Last invalid-config error, if the newest file was rejected.
     pub last_error: Arc<Mutex<Option<String>>>,
+    /// The effective settings.
+    pub settings: Arc<serde_json::Value>,
 }
 
 fn respond(
@@ -50,6 +52,7 @@ async fn handle(
         "/config_dump" => {
             let state = admin.state.current();
             let dump = serde_json::json!({
+                "settings": &*admin.settings,
                 "version": state.version,
                 "mesh": &*state.mesh,
                 "endpoints": &state.endpoints,

@@ -408,6 +408,56 @@ mod tests {
     }
 
     #[test]
+    fn user_supplied_intermediate_issues_chains_that_verify_to_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = CertificateParams::default();
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root_params
+            .distinguished_name
+            .push(DnType::CommonName, "user root");
+        root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let root = root_params.self_signed(&root_key).unwrap();
+        let int_key = KeyPair::generate().unwrap();
+        let mut int_params = CertificateParams::default();
+        int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        int_params
+            .distinguished_name
+            .push(DnType::CommonName, "user intermediate");
+        int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let intermediate = int_params.signed_by(&int_key, &root, &root_key).unwrap();
+        std::fs::write(dir.path().join("int.pem"), intermediate.pem()).unwrap();
+        std::fs::write(dir.path().join("int-key.pem"), int_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("root.pem"), root.pem()).unwrap();
+
+        let ca = CertificateAuthority::from_files(
+            &dir.path().join("int.pem"),
+            &dir.path().join("int-key.pem"),
+            Some(&dir.path().join("root.pem")),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        assert_eq!(ca.trust_bundle_pem(), root.pem());
+        let issued = ca.sign_csr(&csr(vec![]), &id("frontend")).unwrap();
+        let chain: Vec<_> =
+            x509_parser::pem::Pem::iter_from_buffer(issued.cert_chain_pem.as_bytes())
+                .map(|p| rustls::pki_types::CertificateDer::from(p.unwrap().contents))
+                .collect();
+        assert_eq!(chain.len(), 2, "leaf + intermediate");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.der().clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        verifier
+            .verify_client_cert(&chain[0], &chain[1..], rustls::pki_types::UnixTime::now())
+            .expect("leaf chains to the user's root through the intermediate");
+    }
+
+    #[test]
     fn refuses_other_identities_and_extra_sans() {
         let dir = tempfile::tempdir().unwrap();
         let ca = CertificateAuthority::load_or_generate(

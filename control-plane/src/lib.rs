@@ -199,6 +199,7 @@ pub async fn run(
             registry,
             state: state.clone(),
             last_error,
+            settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
         },
     ));
 

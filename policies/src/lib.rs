@@ -4,10 +4,13 @@
 //! Errors carry the file, the field path and the line of the offending YAML so an operator can
 //! fix a file without guessing (see [`load::LoadError`]).
 
+pub mod duration;
 pub mod load;
 pub mod mesh;
 pub mod spiffe;
+pub mod traffic;
 
 pub use load::{LoadError, Result};
 pub use mesh::{AppProtocol, MeshSpec, Workload};
 pub use spiffe::SpiffeId;
+pub use traffic::TrafficPolicy;

@@ -32,6 +32,7 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
     let svid = shared.identity.svid.load_full();
     serde_json::json!({
         "workload": shared.workload,
+        "settings": &*shared.settings,
         "version": snapshot.as_ref().map(|s| s.version),
         "identity": svid.as_ref().map(|s| serde_json::json!({
             "spiffeId": s.spiffe_id.uri(),

@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod listener_common;
 pub mod metrics;
 pub mod outbound;
+pub mod resilience;
 pub mod routing;
 pub mod shared;
 
@@ -265,6 +266,7 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         app_port: config.app_port,
         app_protocol: config.app_protocol,
         max_header_bytes: config.max_header_bytes,
+        settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
     };
 
     let inbound_port =

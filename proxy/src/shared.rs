@@ -30,6 +30,8 @@ pub struct Shared {
     pub app_protocol: AppProtocol,
     /// Largest accepted request header section, bytes (431 above).
     pub max_header_bytes: usize,
+    /// The effective settings, shown at `/config_dump`.
+    pub settings: Arc<serde_json::Value>,
 }
 
 impl Shared {

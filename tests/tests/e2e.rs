@@ -8,6 +8,8 @@ mod common;
 mod hygiene;
 #[path = "e2e/identity.rs"]
 mod identity;
+#[path = "e2e/lifecycle.rs"]
+mod lifecycle;
 #[path = "e2e/protocols.rs"]
 mod protocols;
 #[path = "e2e/timing.rs"]
