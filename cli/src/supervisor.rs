@@ -281,10 +281,12 @@ fn stop_all(children: &mut [Running], grace: Duration) {
         while matches!(child.child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if matches!(child.child.try_wait(), Ok(None)) {
-            let _ = killpg(Pid::from_raw(child.pid() as i32), Signal::SIGKILL);
-            let _ = child.child.wait();
-        }
+    }
+    for child in children.iter_mut() {
+        // Always: the group may hold grandchildren (e.g. under a shell wrapper) that outlive
+        // its leader. ESRCH (nobody left) is success.
+        let _ = killpg(Pid::from_raw(child.pid() as i32), Signal::SIGKILL);
+        let _ = child.child.wait();
     }
 }
 

@@ -105,15 +105,22 @@ fn bad(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CaError {
 /// # Errors
 /// [`CaError::Io`].
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // Temp file + rename: a reader (a sidecar starting now) never sees half a file.
+    let tmp = path.with_extension("tmp");
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    file.write_all(contents).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    // `mode` applies only when the file is created; a leftover temp file keeps its old mode.
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io_err(&tmp))?;
+    file.write_all(contents).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 fn to_offset(t: SystemTime) -> OffsetDateTime {
@@ -149,8 +156,16 @@ impl CertificateAuthority {
     pub fn load_or_generate(dir: &Path, trust_domain: &str, leaf_ttl: Duration) -> Result<Self> {
         let cert_path = dir.join("root.pem");
         let key_path = dir.join("root-key.pem");
-        if cert_path.exists() && key_path.exists() {
-            return Self::from_files(&cert_path, &key_path, None, leaf_ttl);
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => return Self::from_files(&cert_path, &key_path, None, leaf_ttl),
+            (false, false) => {}
+            _ => {
+                // Never silently replace a root that workloads may still trust.
+                return Err(CaError::BadMaterial {
+                    what: dir.display().to_string(),
+                    message: "holds only one of root.pem and root-key.pem; restore the other or remove both".into(),
+                });
+            }
         }
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let key = KeyPair::generate().map_err(bad("root key"))?;

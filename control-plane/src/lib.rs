@@ -86,12 +86,18 @@ pub async fn run(
     config: ControlPlaneConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let (mesh_text, mesh) = {
+    let (mesh, policies) = {
         let text = std::fs::read_to_string(&config.mesh)
             .map_err(|e| StartError::Config(format!("{}: {e}", config.mesh.display())))?;
         let mesh =
             MeshFile::parse(&config.mesh, &text).map_err(|e| StartError::Config(e.to_string()))?;
-        (text, mesh)
+        let files = match mesh.policies_dir(&config.mesh) {
+            Some(dir) => meshflow_policies::documents::read_dir_texts(&dir)
+                .map_err(|e| StartError::Config(e.to_string()))?,
+            None => Vec::new(),
+        };
+        state::load_config(&config.mesh, &text, &files)
+            .map_err(|e| StartError::Config(e.to_string()))?
     };
     std::fs::create_dir_all(&config.state_dir).map_err(other)?;
     let trust_domain = mesh.spec.trust_domain.clone();
@@ -141,8 +147,12 @@ pub async fn run(
     let admin_listener = TcpListener::bind(config.admin).await.map_err(other)?;
     let admin_addr = admin_listener.local_addr().map_err(other)?;
 
-    let server_identity =
-        SpiffeId::new(&trust_domain, "meshflow-system", "meshflow-control-plane").map_err(other)?;
+    let server_identity = SpiffeId::new(
+        &trust_domain,
+        meshflow_policies::mesh::CONTROL_PLANE_NAMESPACE,
+        meshflow_policies::mesh::CONTROL_PLANE_SERVICE_ACCOUNT,
+    )
+    .map_err(other)?;
     let tokens = tokens::TokenStore::open(&config.state_dir).map_err(other)?;
     tokens
         .write_bootstraps(
@@ -159,6 +169,7 @@ pub async fn run(
         ca.trust_bundle_pem(),
         config.state_dir.join("endpoints.json"),
     );
+    state.set_config(MeshFile::clone(&state.current().mesh), policies);
     {
         let state = state.clone();
         tokio::spawn(async move {
@@ -167,7 +178,7 @@ pub async fn run(
         });
     }
     let last_error = Arc::new(Mutex::new(None));
-    tokio::spawn(state::MeshFileWatcher::new(&config.mesh, mesh_text).run(
+    tokio::spawn(state::MeshFileWatcher::new(&config.mesh).run(
         state.clone(),
         metrics.clone(),
         last_error.clone(),
@@ -179,8 +190,14 @@ pub async fn run(
         let (tokens, state_dir, ca) = (tokens.clone(), config.state_dir.clone(), ca.clone());
         let server_name = server_identity.dns_name();
         tokio::spawn(async move {
+            let mut last_mesh = updates.borrow().mesh.clone();
             while updates.changed().await.is_ok() {
                 let mesh = updates.borrow_and_update().mesh.clone();
+                // Endpoint changes bump the version too; bootstrap files depend on the mesh only.
+                if Arc::ptr_eq(&mesh, &last_mesh) {
+                    continue;
+                }
+                last_mesh = mesh.clone();
                 if let Err(e) = tokens.write_bootstraps(
                     &state_dir,
                     &mesh,

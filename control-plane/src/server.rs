@@ -10,11 +10,9 @@ use meshflow_api::v1::{
     self, config_server::Config, identity_server::Identity, watch_request, CertifyRequest,
     CertifyResponse, WatchRequest,
 };
-use meshflow_policies::SpiffeId;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use x509_parser::extensions::GeneralName;
 
 use crate::ca::{CaError, CertificateAuthority};
 use crate::metrics::ControlPlaneMetrics;
@@ -95,20 +93,11 @@ impl Identity for Services {
     }
 }
 
-/// The single SPIFFE ID in a certificate's URI SANs, or `None` (zero, several, or malformed).
-pub fn spiffe_id_of(cert_der: &[u8]) -> Option<SpiffeId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(u) => Some(*u),
-        _ => None,
-    });
-    let first = uris.next()?;
-    if uris.next().is_some() {
-        return None;
-    }
-    first.parse().ok()
-}
+/// Registrations one workload may hold at once (sidecar instances in local mode).
+pub const MAX_ENDPOINTS_PER_WORKLOAD: usize = 64;
+
+/// How long a new Watch stream may take to send its `Hello`.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<v1::Snapshot, Status>> + Send>>;
 
@@ -129,7 +118,7 @@ impl Config for Services {
                 "Watch requires the workload's SVID",
             ));
         };
-        let Some(identity) = spiffe_id_of(leaf.as_ref()) else {
+        let Some(identity) = meshflow_policies::spiffe::from_certificate_der(leaf.as_ref()) else {
             self.metrics
                 .watch_refused
                 .with_label_values(&["unknown_identity"])
@@ -139,7 +128,10 @@ impl Config for Services {
             ));
         };
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))?;
+        let hello = match first? {
             Some(WatchRequest {
                 kind: Some(watch_request::Kind::Hello(hello)),
             }) => hello,
@@ -171,6 +163,31 @@ impl Config for Services {
                 "{identity} is not a workload of this mesh"
             )));
         };
+        if !hello.inbound_address.is_empty() {
+            let valid = hello
+                .inbound_address
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_unspecified() && a.port() != 0);
+            if !valid {
+                self.metrics
+                    .watch_refused
+                    .with_label_values(&["bad_address"])
+                    .inc();
+                return Err(Status::invalid_argument(format!(
+                    "inbound address {:?} is not an ip:port",
+                    hello.inbound_address.chars().take(64).collect::<String>()
+                )));
+            }
+            if self.state.endpoint_count(&workload) >= MAX_ENDPOINTS_PER_WORKLOAD {
+                self.metrics
+                    .watch_refused
+                    .with_label_values(&["too_many_endpoints"])
+                    .inc();
+                return Err(Status::resource_exhausted(format!(
+                    "{workload} already has {MAX_ENDPOINTS_PER_WORKLOAD} registered endpoints"
+                )));
+            }
+        }
         tracing::info!(%workload, %identity, inbound = %hello.inbound_address, "sidecar connected");
 
         let (tx, rx) = mpsc::channel(4);
@@ -186,7 +203,7 @@ impl Config for Services {
             if !hello.inbound_address.is_empty() {
                 services
                     .state
-                    .remove_endpoint(&workload, &hello.inbound_address);
+                    .release_endpoint(&workload, &hello.inbound_address);
             }
             services.metrics.connected_proxies.dec();
             tracing::info!(%workload, "sidecar disconnected");

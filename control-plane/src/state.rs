@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshflow_api::v1;
+use meshflow_policies::documents::{read_dir_texts, PolicySet};
 use meshflow_policies::mesh::{AppProtocol, MeshFile};
 use meshflow_policies::LoadError;
 use tokio::sync::watch;
@@ -25,6 +26,8 @@ pub struct MeshState {
     pub endpoints: BTreeMap<String, BTreeSet<String>>,
     /// Trust bundle PEM.
     pub trust_bundle_pem: Arc<str>,
+    /// The last policy directory that parsed and validated.
+    pub policies: Arc<PolicySet>,
 }
 
 impl MeshState {
@@ -66,6 +69,12 @@ impl MeshState {
             trust_bundle_pem: self.trust_bundle_pem.to_string(),
             services: services.into_values().collect(),
             policies_json: Vec::new(),
+            traffic_policies_json: self
+                .policies
+                .traffic
+                .iter()
+                .filter_map(|p| serde_json::to_string(p).ok())
+                .collect(),
         })
     }
 }
@@ -82,6 +91,10 @@ pub struct StateHandle {
     persist: Option<PathBuf>,
     stale: Arc<std::sync::Mutex<BTreeSet<(String, String)>>>,
     frozen: Arc<std::sync::atomic::AtomicBool>,
+    /// Open streams per registration: a reconnecting sidecar re-registers before its old,
+    /// half-open stream ends, and that end must not remove the new registration.
+    registrations: Arc<std::sync::Mutex<BTreeMap<(String, String), u32>>>,
+    save_lock: Arc<std::sync::Mutex<()>>,
 }
 
 /// How long endpoints loaded from disk are served without their sidecar reconnecting.
@@ -95,19 +108,22 @@ fn now_ms() -> u64 {
 }
 
 impl StateHandle {
-    /// Starts with `mesh` at version = now in ms.
+    /// Starts with `mesh` (and no policies) at version = now in ms.
     pub fn new(mesh: MeshFile, trust_bundle_pem: &str) -> Self {
         let state = MeshState {
             version: now_ms(),
             mesh: Arc::new(mesh),
             endpoints: BTreeMap::new(),
             trust_bundle_pem: Arc::from(trust_bundle_pem),
+            policies: Arc::new(PolicySet::default()),
         };
         Self {
             tx: Arc::new(watch::channel(Arc::new(state)).0),
             persist: None,
             stale: Arc::default(),
             frozen: Arc::default(),
+            registrations: Arc::default(),
+            save_lock: Arc::default(),
         }
     }
 
@@ -154,6 +170,7 @@ impl StateHandle {
 
     fn save(&self, state: &MeshState) {
         let Some(path) = &self.persist else { return };
+        let _one_writer = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
@@ -186,13 +203,42 @@ impl StateHandle {
         });
     }
 
-    /// Replaces the mesh definition (a new version).
-    pub fn set_mesh(&self, mesh: MeshFile) {
-        self.update(|s| s.mesh = Arc::new(mesh));
+    /// Replaces the mesh definition and policies (a new version).
+    pub fn set_config(&self, mesh: MeshFile, policies: PolicySet) {
+        self.update(|s| {
+            s.mesh = Arc::new(mesh);
+            s.policies = Arc::new(policies);
+        });
+    }
+
+    /// Endpoints registered for workload `key`.
+    pub fn endpoint_count(&self, key: &str) -> usize {
+        self.current().endpoints.get(key).map_or(0, BTreeSet::len)
+    }
+
+    /// Ends one registration of `address`; the endpoint goes when its last stream ends.
+    pub fn release_endpoint(&self, key: &str, address: &str) {
+        {
+            let mut registrations = self.registrations.lock().unwrap_or_else(|e| e.into_inner());
+            let id = (key.to_string(), address.to_string());
+            let count = registrations.entry(id.clone()).or_default();
+            *count = count.saturating_sub(1);
+            if *count > 0 {
+                return;
+            }
+            registrations.remove(&id);
+        }
+        self.remove_endpoint(key, address);
     }
 
     /// Registers `address` as an endpoint of workload `key` (a new version).
     pub fn add_endpoint(&self, key: &str, address: &str) {
+        *self
+            .registrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((key.to_string(), address.to_string()))
+            .or_default() += 1;
         self.stale
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -220,19 +266,61 @@ impl StateHandle {
     }
 }
 
-/// Watches the mesh file and pushes every valid change; an invalid file keeps the last good
-/// definition in force and is reported (log with file:line: field, metric, `/config_errors`).
+/// Watches the mesh file and its policy directory and pushes every valid change; an invalid
+/// file keeps the last good config in force and is reported (log with file:line: field,
+/// metric, `/config_dump`).
 pub struct MeshFileWatcher {
     path: PathBuf,
-    last_text: Option<String>,
+    last_fingerprint: Option<String>,
+}
+
+/// Everything the config is built from, as text (mesh file, then each policy file by name).
+async fn read_inputs(path: &Path) -> Option<(String, Vec<(PathBuf, String)>)> {
+    let text = tokio::fs::read_to_string(path).await.ok()?;
+    let dir = MeshFile::parse(path, &text)
+        .ok()
+        .and_then(|m| m.policies_dir(path));
+    let files = match dir {
+        Some(dir) => tokio::task::spawn_blocking(move || read_dir_texts(&dir))
+            .await
+            .ok()?
+            .ok()?,
+        None => Vec::new(),
+    };
+    Some((text, files))
+}
+
+fn fingerprint(text: &str, files: &[(PathBuf, String)]) -> String {
+    let mut all = text.to_string();
+    for (file, body) in files {
+        all.push_str(&format!("\u{0}{}\u{0}{body}", file.display()));
+    }
+    all
+}
+
+/// Parses the mesh file and its policies.
+///
+/// # Errors
+/// The first invalid file, with file, field and line.
+pub fn load_config(
+    path: &Path,
+    text: &str,
+    files: &[(PathBuf, String)],
+) -> Result<(MeshFile, PolicySet), LoadError> {
+    let mesh = MeshFile::parse(path, text)?;
+    let mut policies = PolicySet::default();
+    for (file, body) in files {
+        policies.add_file(file, body)?;
+    }
+    Ok((mesh, policies))
 }
 
 impl MeshFileWatcher {
-    /// Watches `path`; `initial_text` is the text the state was built from.
-    pub fn new(path: &Path, initial_text: String) -> Self {
+    /// Watches `path` (and the policy directory it names).
+    pub fn new(path: &Path) -> Self {
         Self {
             path: path.to_path_buf(),
-            last_text: Some(initial_text),
+            last_fingerprint: None,
         }
     }
 
@@ -248,18 +336,24 @@ impl MeshFileWatcher {
         let mut tick = tokio::time::interval(interval);
         loop {
             tick.tick().await;
-            let Ok(text) = tokio::fs::read_to_string(&self.path).await else {
+            let Some((text, files)) = read_inputs(&self.path).await else {
                 continue;
             };
-            if self.last_text.as_deref() == Some(text.as_str()) {
+            let print = fingerprint(&text, &files);
+            if self.last_fingerprint.as_deref() == Some(print.as_str()) {
                 continue;
             }
-            self.last_text = Some(text.clone());
-            match MeshFile::parse(&self.path, &text) {
-                Ok(mesh) => {
-                    tracing::info!(file = %self.path.display(), "mesh definition changed; pushing");
+            let first = self.last_fingerprint.is_none();
+            self.last_fingerprint = Some(print);
+            match load_config(&self.path, &text, &files) {
+                Ok((mesh, policies)) => {
                     *last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    state.set_mesh(mesh);
+                    let current = state.current();
+                    if first && *current.mesh == mesh && *current.policies == policies {
+                        continue;
+                    }
+                    tracing::info!(file = %self.path.display(), "config changed; pushing");
+                    state.set_config(mesh, policies);
                 }
                 Err(err) => report_invalid(&err, &metrics, &last_error),
             }

@@ -26,6 +26,11 @@ use serde::{Deserialize, Serialize};
 use crate::load::{find_line, load_yaml, parse_yaml, LoadError, Result};
 use crate::spiffe::SpiffeId;
 
+/// Namespace of the control plane's own identity (reserved).
+pub const CONTROL_PLANE_NAMESPACE: &str = "meshflow-system";
+/// Service account of the control plane's own identity (reserved).
+pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "meshflow-control-plane";
+
 /// The API version every meshflow kind uses.
 pub const API_VERSION: &str = "meshflow.io/v1alpha1";
 
@@ -71,6 +76,10 @@ pub struct MeshSpec {
     pub trust_domain: String,
     /// The workloads, each with one sidecar.
     pub workloads: Vec<Workload>,
+    /// Directory of policy YAML (TrafficPolicy, …), relative to the mesh file. Watched like the
+    /// mesh file. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies_dir: Option<String>,
     /// What `meshflow up --smoke` sends. Default: a GET from the first workload to the second's
     /// service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +241,7 @@ impl MeshFile {
             ));
         }
         let mut seen = BTreeSet::new();
+        let mut services_by_identity: BTreeMap<(String, String), String> = BTreeMap::new();
         for (i, w) in spec.workloads.iter().enumerate() {
             let line = find_line(text, "name", &w.name);
             let field = |f: &str| format!("spec.workloads[{i}].{f}");
@@ -259,6 +269,33 @@ impl MeshFile {
                     format!("duplicate workload {}", w.key()),
                 ));
             }
+            if w.namespace == CONTROL_PLANE_NAMESPACE
+                && w.service_account() == CONTROL_PLANE_SERVICE_ACCOUNT
+            {
+                return Err(invalid(
+                    field("serviceAccount"),
+                    line,
+                    format!(
+                        "{CONTROL_PLANE_NAMESPACE}/{CONTROL_PLANE_SERVICE_ACCOUNT} is the control plane's identity; a workload may not have it"
+                    ),
+                ));
+            }
+            // One identity, one service: otherwise a holder of the identity could register
+            // itself as an endpoint of the other service and pass its callers' identity check.
+            let identity = (w.namespace.clone(), w.service_account().to_string());
+            if let Some(other) = services_by_identity.insert(identity, w.service().to_string()) {
+                if other != w.service() {
+                    return Err(invalid(
+                        field("serviceAccount"),
+                        line,
+                        format!(
+                            "service account {}/{} already serves service {other}; workloads sharing an identity must serve the same service",
+                            w.namespace,
+                            w.service_account()
+                        ),
+                    ));
+                }
+            }
             if w.app.port == Some(0) {
                 return Err(invalid(
                     field("app.port"),
@@ -277,6 +314,12 @@ impl MeshFile {
             }
         }
         Ok(())
+    }
+
+    /// The policy directory of a mesh file at `mesh_path`, if it names one.
+    pub fn policies_dir(&self, mesh_path: &Path) -> Option<std::path::PathBuf> {
+        let dir = self.spec.policies_dir.as_ref()?;
+        Some(mesh_path.parent().unwrap_or(Path::new(".")).join(dir))
     }
 
     /// The workload with key `<namespace>/<name>`.
@@ -324,6 +367,28 @@ spec:
         assert!(
             msg.starts_with("m.yaml:11: spec.workloads[1].app.prot: unknown field `prot`"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn identities_are_not_shared_across_services_or_with_the_control_plane() {
+        let text = GOOD.replace(
+            "    - name: backend\n",
+            "    - name: backend\n      serviceAccount: frontend\n",
+        );
+        let err = MeshFile::parse(Path::new("m.yaml"), &text).unwrap_err();
+        assert!(
+            err.to_string().contains("already serves service frontend"),
+            "{err}"
+        );
+        let text = GOOD.replace(
+            "    - name: frontend\n",
+            "    - name: frontend\n      namespace: meshflow-system\n      serviceAccount: meshflow-control-plane\n",
+        );
+        let err = MeshFile::parse(Path::new("m.yaml"), &text).unwrap_err();
+        assert!(
+            err.to_string().contains("control plane's identity"),
+            "{err}"
         );
     }
 

@@ -147,6 +147,24 @@ impl FromStr for SpiffeId {
     }
 }
 
+/// The one SPIFFE ID among an X.509 certificate's URI SANs (DER input), or `None` when the
+/// certificate is unparsable or has zero or several URI SANs (an X.509-SVID has exactly one,
+/// SPIFFE X509-SVID §2), or the URI is not a meshflow SPIFFE ID.
+pub fn from_certificate_der(der: &[u8]) -> Option<SpiffeId> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let first = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    first.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

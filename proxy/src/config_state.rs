@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use meshflow_api::v1;
-use meshflow_policies::SpiffeId;
+use meshflow_policies::{SpiffeId, TrafficPolicy};
 
 /// One endpoint of a service: a sidecar's inbound listener and the identity it must present.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +48,8 @@ pub struct ConfigSnapshot {
     pub spiffe_id: SpiffeId,
     /// Services by (name, namespace).
     pub services: HashMap<(String, String), ServiceEntry>,
+    /// TrafficPolicies by destination (name, namespace).
+    pub traffic: HashMap<(String, String), Arc<TrafficPolicy>>,
     /// The proto as received (for `/config_dump`).
     pub raw: v1::Snapshot,
 }
@@ -80,20 +82,22 @@ impl ConfigSnapshot {
         for s in &raw.services {
             let mut endpoints = Vec::new();
             for e in &s.endpoints {
-                if e.address.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(err(format!(
-                        "service {}.{}: bad endpoint address {:?}",
-                        s.name, s.namespace, e.address
-                    )));
+                // One bad endpoint must not cost the whole snapshot: skip it, keep the rest.
+                match (
+                    e.address.parse::<std::net::SocketAddr>(),
+                    e.identity.parse::<SpiffeId>(),
+                ) {
+                    (Ok(_), Ok(identity)) => endpoints.push(Endpoint {
+                        address: e.address.clone(),
+                        identity,
+                    }),
+                    _ => tracing::warn!(
+                        service = %s.name,
+                        namespace = %s.namespace,
+                        address = %e.address.chars().take(64).collect::<String>(),
+                        "skipping malformed endpoint in snapshot"
+                    ),
                 }
-                let identity = e
-                    .identity
-                    .parse()
-                    .map_err(|x| err(format!("service {}.{}: {x}", s.name, s.namespace)))?;
-                endpoints.push(Endpoint {
-                    address: e.address.clone(),
-                    identity,
-                });
             }
             services.insert(
                 (s.name.clone(), s.namespace.clone()),
@@ -104,10 +108,20 @@ impl ConfigSnapshot {
                 },
             );
         }
+        let mut traffic = HashMap::new();
+        for json in &raw.traffic_policies_json {
+            let policy: TrafficPolicy =
+                serde_json::from_str(json).map_err(|e| err(format!("trafficPolicies: {e}")))?;
+            traffic.insert(
+                (policy.spec.service.clone(), policy.namespace().to_string()),
+                Arc::new(policy),
+            );
+        }
         Ok(Self {
             version: raw.version,
             spiffe_id,
             services,
+            traffic,
             raw,
         })
     }

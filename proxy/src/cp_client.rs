@@ -63,7 +63,10 @@ impl ControlPlaneClient {
 
     fn endpoint(&self, identity: Option<&Svid>) -> Result<Endpoint, tonic::transport::Error> {
         let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.bootstrap.trust_bundle_pem))
+            // The current bundle, not the bootstrap one: it follows CA rotation.
+            .ca_certificate(Certificate::from_pem(
+                &self.shared.identity.bundle.load().pem,
+            ))
             .domain_name(self.bootstrap.control_plane_server_name.clone());
         if let Some(svid) = identity {
             tls = tls.identity(Identity::from_pem(&svid.chain_pem, &svid.key_pem));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use meshflow_policies::spiffe::from_certificate_der;
 use meshflow_policies::SpiffeId;
 use pingora_core::listeners::TlsAccept;
 use pingora_core::protocols::tls::TlsRef;
@@ -19,7 +20,6 @@ use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
-use x509_parser::extensions::GeneralName;
 
 use crate::metrics::ProxyMetrics;
 
@@ -125,7 +125,7 @@ impl Svid {
         let (spiffe_id, serial_hex, not_after) = {
             let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref())
                 .map_err(|e| IdentityError::Material(e.to_string()))?;
-            let id = single_spiffe_id(&leaf)
+            let id = from_certificate_der(chain[0].as_ref())
                 .ok_or_else(|| IdentityError::Material("leaf has no single SPIFFE ID".into()))?;
             let not_after = std::time::UNIX_EPOCH
                 + std::time::Duration::from_secs(
@@ -148,20 +148,6 @@ impl Svid {
             key_pem,
         })
     }
-}
-
-/// The one SPIFFE ID among a certificate's URI SANs; `None` for zero, several or malformed.
-pub fn single_spiffe_id(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<SpiffeId> {
-    let san = cert.subject_alternative_name().ok()??;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(u) => Some(*u),
-        _ => None,
-    });
-    let first = uris.next()?;
-    if uris.next().is_some() {
-        return None;
-    }
-    first.parse().ok()
 }
 
 /// Current identity material, shared by listeners, connectors and the control-plane client.
@@ -208,6 +194,27 @@ impl IdentityState {
         self.verifier.store(Arc::new(verifier));
         self.bundle.store(Arc::new(bundle));
         Ok(())
+    }
+
+    /// Verifies a client chain against the current trust bundle at `now` and requires exactly
+    /// one SPIFFE URI SAN in the mesh trust domain. On failure: the metric reason and the
+    /// rustls error.
+    pub fn verify_peer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<SpiffeId, (&'static str, rustls::Error)> {
+        let verifier = self.verifier.load();
+        verifier
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| (reason_for(&e), e))?;
+        from_certificate_der(end_entity.as_ref())
+            .filter(|id| id.trust_domain() == self.trust_domain)
+            .ok_or((
+                "bad_identity",
+                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure),
+            ))
     }
 
     /// Installs a new SVID; new handshakes use it, open connections keep theirs.
@@ -340,22 +347,13 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verifier = self.identity.verifier.load();
-        if let Err(e) = verifier.verify_client_cert(end_entity, intermediates, now) {
-            self.count(reason_for(&e));
-            return Err(e);
+        match self.identity.verify_peer(end_entity, intermediates, now) {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err((reason, error)) => {
+                self.count(reason);
+                Err(error)
+            }
         }
-        let in_domain = x509_parser::parse_x509_certificate(end_entity.as_ref())
-            .ok()
-            .and_then(|(_, cert)| single_spiffe_id(&cert))
-            .is_some_and(|id| id.trust_domain() == self.identity.trust_domain);
-        if !in_domain {
-            self.count("bad_identity");
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ));
-        }
-        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -396,13 +394,22 @@ pub struct PeerIdentity {
 
 /// Pingora handshake callbacks for the inbound listener.
 pub struct HandshakeCallbacks {
-    metrics: ProxyMetrics,
+    identity: Arc<IdentityState>,
 }
 
 impl HandshakeCallbacks {
-    /// Callbacks counting into `metrics`.
-    pub fn new(metrics: ProxyMetrics) -> Self {
-        Self { metrics }
+    /// Callbacks over `identity` (counting into its metrics).
+    pub fn new(identity: Arc<IdentityState>) -> Self {
+        Self { identity }
+    }
+
+    fn refuse(&self, reason: &str) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        self.identity
+            .metrics
+            .tls_handshake_errors
+            .with_label_values(&["inbound", reason])
+            .inc();
+        Some(Arc::new(PeerIdentity { spiffe_id: None }))
     }
 }
 
@@ -415,32 +422,29 @@ impl TlsAccept for HandshakeCallbacks {
         // A TLS 1.2 client that sent no certificate completes the handshake (a 1.2 client with
         // one fails in the verifier): refuse it here, before any request is read.
         if tls.version() != Some("TLSv1.3") && tls.version() != Some("TLSv1_3") {
-            self.metrics
-                .tls_handshake_errors
-                .with_label_values(&["inbound", "protocol_version"])
-                .inc();
-            return Some(Arc::new(PeerIdentity { spiffe_id: None }));
+            return self.refuse("protocol_version");
         }
-        let spiffe_id = tls.peer_certificate_der().and_then(|der| {
-            x509_parser::parse_x509_certificate(der)
-                .ok()
-                .and_then(|(_, c)| single_spiffe_id(&c))
-        });
-        if spiffe_id.is_none() {
-            self.metrics
-                .tls_handshake_errors
-                .with_label_values(&["inbound", "no_client_certificate"])
-                .inc();
-        } else {
-            self.metrics
-                .tls_handshakes
-                .with_label_values(&["inbound"])
-                .inc();
-            self.metrics
-                .connections
-                .with_label_values(&["inbound"])
-                .inc();
+        let Some((leaf, intermediates)) = tls.peer_cert_chain_der().and_then(|c| c.split_first())
+        else {
+            return self.refuse("no_client_certificate");
+        };
+        // A resumed session (TLS 1.3 tickets, on by default in Pingora's rustls config) restores
+        // the peer's chain without running the verifier: verify again, now, against the current
+        // bundle, so an expired or no-longer-trusted identity cannot live on through tickets.
+        // For a full handshake this repeats a check that just passed.
+        match self
+            .identity
+            .verify_peer(leaf, intermediates, UnixTime::now())
+        {
+            Ok(id) => {
+                let metrics = &self.identity.metrics;
+                metrics.tls_handshakes.with_label_values(&["inbound"]).inc();
+                metrics.connections.with_label_values(&["inbound"]).inc();
+                Some(Arc::new(PeerIdentity {
+                    spiffe_id: Some(id),
+                }))
+            }
+            Err((reason, _)) => self.refuse(reason),
         }
-        Some(Arc::new(PeerIdentity { spiffe_id }))
     }
 }

@@ -13,7 +13,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::http_hygiene::{xfcc_value, XFCC};
 use crate::identity::PeerIdentity;
-use crate::listener_common::{refuse_bad_request, scrub_forwarded_request};
+use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
 use crate::shared::Shared;
 
 /// Per-request state.
@@ -113,23 +113,7 @@ impl ProxyHttp for InboundProxy {
         e: &Error,
         _ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let code = match (e.esource(), e.etype()) {
-            (_, ErrorType::HTTPStatus(code)) => *code,
-            (
-                ErrorSource::Downstream,
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
-            ) => 0,
-            (ErrorSource::Downstream, _) => 400,
-            (ErrorSource::Upstream, _) => 502,
-            _ => 500,
-        };
-        if code > 0 {
-            let _ = session.respond_error(code).await;
-        }
-        FailToProxy {
-            error_code: code,
-            can_reuse_downstream: false,
-        }
+        respond_to_failure(session, e, 502).await
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {

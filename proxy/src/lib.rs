@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod listener_common;
 pub mod metrics;
 pub mod outbound;
+pub mod plan;
 pub mod resilience;
 pub mod routing;
 pub mod shared;
@@ -300,9 +301,10 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         inbound::InboundProxy::new(shared.clone()),
         "meshflow inbound",
     );
-    let mut tls =
-        TlsSettings::with_callbacks(Box::new(identity::HandshakeCallbacks::new(metrics.clone())))
-            .map_err(|e| other(e.to_string()))?;
+    let mut tls = TlsSettings::with_callbacks(Box::new(identity::HandshakeCallbacks::new(
+        identity_state.clone(),
+    )))
+    .map_err(|e| other(e.to_string()))?;
     tls.set_cert_resolver(Arc::new(identity::SvidResolver::new(
         identity_state.clone(),
     )));

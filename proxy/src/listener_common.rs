@@ -2,8 +2,9 @@
 //! Pingora glue over [`crate::http_hygiene`].
 
 use bytes::Bytes;
+use pingora_error::{Error, ErrorSource, ErrorType};
 use pingora_http::RequestHeader;
-use pingora_proxy::Session;
+use pingora_proxy::{FailToProxy, Session};
 
 use crate::http_hygiene::{
     check_request_framing, header_section_size, hop_by_hop_to_remove, PROXY_SET_HEADERS,
@@ -22,7 +23,11 @@ pub async fn refuse_bad_request(
     // filters run; judge HTTP/1.1 framing on the header section as received.
     let framing = match session.as_ref() {
         pingora_core::protocols::http::ServerSession::H1(h1) => {
-            check_request_framing(&raw_framing_headers(&h1.get_headers_raw_bytes()))
+            match raw_framing_headers(&h1.get_headers_raw_bytes()) {
+                Some(raw) => check_request_framing(&raw),
+                // Fail closed: a head we cannot re-read is not forwarded.
+                None => Err(crate::http_hygiene::FramingError::BadTransferEncoding),
+            }
         }
         _ => check_request_framing(headers),
     };
@@ -64,12 +69,12 @@ pub async fn refuse_bad_request(
 
 /// The framing headers (Content-Length, Transfer-Encoding) of a raw HTTP/1.1 request head, as
 /// received, parsed with httparse.
-fn raw_framing_headers(raw: &[u8]) -> http::HeaderMap {
+fn raw_framing_headers(raw: &[u8]) -> Option<http::HeaderMap> {
     let mut storage = [httparse::EMPTY_HEADER; 256];
     let mut request = httparse::Request::new(&mut storage);
     let mut map = http::HeaderMap::new();
-    if request.parse(raw).is_err() {
-        return map;
+    if !matches!(request.parse(raw), Ok(httparse::Status::Complete(_))) {
+        return None;
     }
     for header in request.headers.iter() {
         let name = header.name.to_ascii_lowercase();
@@ -82,7 +87,7 @@ fn raw_framing_headers(raw: &[u8]) -> http::HeaderMap {
             }
         }
     }
-    map
+    Some(map)
 }
 
 /// Removes hop-by-hop headers, `Connection` nominations and every header the proxy sets
@@ -93,5 +98,42 @@ pub fn scrub_forwarded_request(request: &mut RequestHeader) {
     }
     for name in PROXY_SET_HEADERS {
         while request.remove_header(*name).is_some() {}
+    }
+    // Pingora drops `te` on the way upstream; gRPC requires `te: trailers` (gRPC over HTTP/2).
+    let grpc = request
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc {
+        let _ = request.insert_header("te", "trailers");
+    }
+}
+
+/// Answers a request that failed before a response was sent: the error's own HTTP status, no
+/// response when the client is gone, 400 for other client errors, `upstream_status` when the
+/// upstream failed (the inbound side says 502; the outbound side 503, as Envoy does for
+/// "upstream connect error or disconnect/reset before headers"), 500 otherwise.
+pub async fn respond_to_failure(
+    session: &mut Session,
+    e: &Error,
+    upstream_status: u16,
+) -> FailToProxy {
+    let code = match (e.esource(), e.etype()) {
+        (_, ErrorType::HTTPStatus(code)) => *code,
+        (
+            ErrorSource::Downstream,
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
+        ) => 0,
+        (ErrorSource::Downstream, _) => 400,
+        (ErrorSource::Upstream, _) => upstream_status,
+        _ => 500,
+    };
+    if code > 0 {
+        let _ = session.respond_error(code).await;
+    }
+    FailToProxy {
+        error_code: code,
+        can_reuse_downstream: false,
     }
 }

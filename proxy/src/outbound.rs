@@ -9,12 +9,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config_state::Endpoint;
-use crate::listener_common::{refuse_bad_request, scrub_forwarded_request};
+use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
 use crate::routing::parse_authority;
 use crate::shared::Shared;
 
@@ -201,9 +201,8 @@ impl ProxyHttp for OutboundProxy {
             if let Ok(uri) = origin.parse() {
                 upstream_request.set_uri(uri);
             }
-            if upstream_request.headers.get(http::header::HOST).is_none() {
-                upstream_request.insert_header(http::header::HOST, authority)?;
-            }
+            // RFC 9112 §3.2.2: the absolute-form target's authority replaces any Host.
+            upstream_request.insert_header(http::header::HOST, authority)?;
         }
         Ok(())
     }
@@ -284,25 +283,7 @@ impl ProxyHttp for OutboundProxy {
         e: &Error,
         _ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let code = match (e.esource(), e.etype()) {
-            (_, ErrorType::HTTPStatus(code)) => *code,
-            (
-                ErrorSource::Downstream,
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
-            ) => 0,
-            (ErrorSource::Downstream, _) => 400,
-            // Upstream failed before a response: 503, as Envoy answers "upstream connect error
-            // or disconnect/reset before headers".
-            (ErrorSource::Upstream, _) => 503,
-            _ => 500,
-        };
-        if code > 0 {
-            let _ = session.respond_error(code).await;
-        }
-        FailToProxy {
-            error_code: code,
-            can_reuse_downstream: false,
-        }
+        respond_to_failure(session, e, 503).await
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {

@@ -1,0 +1,205 @@
+//! A directory of Kubernetes-shaped policy YAML (several documents per file, `---` separated),
+//! parsed into typed policies with file, field and line on every error.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::load::{parse_yaml, LoadError, Result};
+use crate::traffic::TrafficPolicy;
+
+/// Every policy of a directory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicySet {
+    /// `kind: TrafficPolicy` documents, at most one per destination service.
+    pub traffic: Vec<TrafficPolicy>,
+}
+
+/// The kinds a policy directory may hold today.
+pub const SUPPORTED_KINDS: &[&str] = &["TrafficPolicy"];
+
+#[derive(Deserialize)]
+struct KindOnly {
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+/// Splits a multi-document YAML text on `---` lines: (0-based line offset, document text).
+/// Documents with nothing but blank lines and comments are dropped.
+pub fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_end() == "---" {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 1;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs.retain(|(_, d)| {
+        d.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+fn shift(err: LoadError, offset: usize) -> LoadError {
+    match err {
+        LoadError::Parse {
+            file,
+            line,
+            field,
+            message,
+        } => LoadError::Parse {
+            file,
+            line: if line > 0 { line + offset } else { 0 },
+            field,
+            message,
+        },
+        LoadError::Invalid {
+            file,
+            line,
+            field,
+            message,
+        } => LoadError::Invalid {
+            file,
+            line: if line > 0 { line + offset } else { 0 },
+            field,
+            message,
+        },
+        other => other,
+    }
+}
+
+impl PolicySet {
+    /// Parses one file's documents into `self`.
+    ///
+    /// # Errors
+    /// [`LoadError`] naming the file, field and line (counted in the whole file).
+    pub fn add_file(&mut self, file: &Path, text: &str) -> Result<()> {
+        for (offset, doc) in split_documents(text) {
+            let kind: KindOnly = parse_yaml(file, &doc).map_err(|e| shift(e, offset))?;
+            match kind.kind.as_deref() {
+                Some("TrafficPolicy") => {
+                    let policy = TrafficPolicy::parse(file, &doc).map_err(|e| shift(e, offset))?;
+                    if let Some(dup) = self.traffic.iter().find(|p| {
+                        p.spec.service == policy.spec.service && p.namespace() == policy.namespace()
+                    }) {
+                        return Err(LoadError::Invalid {
+                            file: file.to_path_buf(),
+                            line: offset
+                                + crate::load::find_line(&doc, "service", &policy.spec.service),
+                            field: "spec.service".into(),
+                            message: format!(
+                                "service {}.{} already has TrafficPolicy {:?}; merge them",
+                                policy.spec.service,
+                                policy.namespace(),
+                                dup.metadata.name
+                            ),
+                        });
+                    }
+                    self.traffic.push(policy);
+                }
+                other => {
+                    return Err(LoadError::Invalid {
+                        file: file.to_path_buf(),
+                        line: offset + crate::load::find_line(&doc, "kind", ""),
+                        field: "kind".into(),
+                        message: format!(
+                            "kind {:?} is not supported here (supported: {})",
+                            other.unwrap_or(""),
+                            SUPPORTED_KINDS.join(", ")
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads every `*.yaml` / `*.yml` file of `dir` (sorted by name; not recursive).
+    ///
+    /// # Errors
+    /// The first file that cannot be read or parsed.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let mut set = Self::default();
+        for (file, text) in read_dir_texts(dir)? {
+            set.add_file(&file, &text)?;
+        }
+        Ok(set)
+    }
+
+    /// The TrafficPolicy for service `name` in `namespace`.
+    pub fn traffic_for(&self, name: &str, namespace: &str) -> Option<&TrafficPolicy> {
+        self.traffic
+            .iter()
+            .find(|p| p.spec.service == name && p.namespace() == namespace)
+    }
+}
+
+/// (path, text) of every `*.yaml`/`*.yml` file in `dir`, sorted by name. A missing directory is
+/// empty.
+///
+/// # Errors
+/// [`LoadError::Io`] for unreadable files.
+pub fn read_dir_texts(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(&file).map_err(|source| LoadError::Io {
+                file: file.clone(),
+                source,
+            })?;
+            Ok((file, text))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_errors_count_lines_in_the_whole_file() {
+        let text = "# shipping\napiVersion: meshflow.io/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: a }\nspec:\n  service: a\n---\napiVersion: meshflow.io/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: b }\nspec:\n  service: b\n  timeouts: { request: 5 }\n";
+        let mut set = PolicySet::default();
+        let err = set.add_file(Path::new("p.yaml"), text).unwrap_err();
+        assert_eq!(err.line(), 13, "{err}");
+        assert_eq!(err.field(), "spec.timeouts.request");
+    }
+
+    #[test]
+    fn unknown_kinds_and_duplicates_are_refused() {
+        let mut set = PolicySet::default();
+        let err = set
+            .add_file(Path::new("p.yaml"), "apiVersion: v1\nkind: ConfigMap\n")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("kind \"ConfigMap\" is not supported"),
+            "{err}"
+        );
+        let one = "apiVersion: meshflow.io/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: a }\nspec:\n  service: a\n";
+        let err = set
+            .add_file(Path::new("p.yaml"), &format!("{one}---\n{one}"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("already has TrafficPolicy"),
+            "{err}"
+        );
+        assert_eq!(err.line(), 11);
+    }
+}
