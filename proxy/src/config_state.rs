@@ -29,6 +29,17 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// Round-robin choice that prefers endpoints not in `avoid` (a retry goes elsewhere when
+    /// it can).
+    pub fn pick_avoiding(&self, avoid: &[String]) -> Option<&Endpoint> {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| &self.endpoints[(start + k) % n])
+            .find(|e| !avoid.contains(&e.address))
+            .or_else(|| self.endpoints.get(start % n.max(1)))
+    }
+
     /// Round-robin choice (P2C peak-EWMA arrives with the resilience work).
     pub fn pick(&self) -> Option<&Endpoint> {
         if self.endpoints.is_empty() {

@@ -268,6 +268,7 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         app_protocol: config.app_protocol,
         max_header_bytes: config.max_header_bytes,
         settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
+        budgets: Arc::default(),
     };
 
     let inbound_port =

@@ -36,6 +36,21 @@ pub struct ProxyMetrics {
     pub rejected_requests: IntCounterVec,
     /// `meshflow_info{workload, namespace}` = 1.
     pub info: IntGaugeVec,
+    /// `meshflow_attempts_total{service}`: upstream attempts started (first tries and retries).
+    pub attempts: IntCounterVec,
+    /// `meshflow_retries_total{service, reason}`: retries started, by the condition that
+    /// triggered them (`connect-failure`, `reset`, `per-attempt-timeout`, `status-503`,
+    /// `grpc-14`, …).
+    pub retries: IntCounterVec,
+    /// `meshflow_retry_budget_exhausted_total{service}`: retries refused by the budget.
+    pub retry_budget_exhausted: IntCounterVec,
+    /// `meshflow_retry_skipped_total{service, reason}`: retryable failures not retried
+    /// (`body` — request body over 64 KiB or unfinished; `deadline` — no time left;
+    /// `pushback` — server asked not to or to wait too long).
+    pub retry_skipped: IntCounterVec,
+    /// `meshflow_timeouts_total{service, kind}`: `request`, `per_attempt`, `stream_idle`,
+    /// `connect`.
+    pub timeouts: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -124,6 +139,38 @@ impl ProxyMetrics {
                 ),
                 &["workload", "namespace"],
             )?,
+            attempts: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_attempts_total",
+                    "Upstream attempts started, by service.",
+                ),
+                &["service"],
+            )?,
+            retries: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_retries_total",
+                    "Retries started, by service and triggering condition.",
+                ),
+                &["service", "reason"],
+            )?,
+            retry_budget_exhausted: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_retry_budget_exhausted_total",
+                    "Retries refused by the retry budget.",
+                ),
+                &["service"],
+            )?,
+            retry_skipped: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_retry_skipped_total",
+                    "Retryable failures not retried, by reason.",
+                ),
+                &["service", "reason"],
+            )?,
+            timeouts: IntCounterVec::new(
+                Opts::new("meshflow_timeouts_total", "Timeouts, by service and kind."),
+                &["service", "kind"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -137,6 +184,11 @@ impl ProxyMetrics {
         registry.register(Box::new(m.control_plane_connected.clone()))?;
         registry.register(Box::new(m.rejected_requests.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
+        registry.register(Box::new(m.attempts.clone()))?;
+        registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.retry_budget_exhausted.clone()))?;
+        registry.register(Box::new(m.retry_skipped.clone()))?;
+        registry.register(Box::new(m.timeouts.clone()))?;
         Ok(m)
     }
 }

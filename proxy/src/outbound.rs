@@ -1,22 +1,38 @@
 //! The outbound listener (Pingora adapter): requests from the local app (127.0.0.1 only) are
 //! routed by authority to a mesh service, sent to one of its endpoints over mTLS (HTTP/2), and
 //! the server must prove the destination's expected identity.
+//!
+//! Resilience: the destination's TrafficPolicy (or the defaults) becomes an [`AttemptPlan`];
+//! the decisions come from [`crate::resilience`]. Retries are Pingora retries: a retryable
+//! response is turned into a retryable error in `upstream_response_filter` (nothing has been
+//! sent downstream yet), Pingora replays the buffered request body (64 KiB), and
+//! `upstream_peer` waits the backoff and picks another endpoint when there is one.
 
 use std::hash::{Hash, Hasher};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, Result};
-use pingora_http::RequestHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config_state::Endpoint;
 use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
+use crate::plan::AttemptPlan;
+use crate::resilience::{
+    backoff_delay, format_grpc_timeout, is_idempotent, matches_retry_on, parse_grpc_pushback,
+    parse_grpc_timeout, parse_retry_after, pushback_wait, AttemptOutcome, Pushback, RetryBudget,
+};
 use crate::routing::parse_authority;
 use crate::shared::Shared;
+
+/// Deadline header an app may set on the outbound listener (milliseconds); removed before
+/// forwarding.
+pub const TIMEOUT_HEADER: &str = "meshflow-timeout-ms";
 
 /// Per-request state.
 pub struct OutboundCtx {
@@ -25,7 +41,25 @@ pub struct OutboundCtx {
     /// that exist in the snapshot).
     service: Option<String>,
     endpoint: Option<Endpoint>,
-    connect_attempts: u32,
+    /// Endpoints tried so far (a retry prefers another).
+    tried: Vec<String>,
+    /// Attempts started.
+    attempts: u32,
+    plan: AttemptPlan,
+    budget: Option<Arc<RetryBudget>>,
+    /// No attempt starts after this; until response headers only.
+    deadline: Option<Instant>,
+    /// When the current attempt started.
+    attempt_started: Option<Instant>,
+    /// Set when the current attempt's outcome was judged retryable: wait this long first.
+    retry_wait: Option<Duration>,
+    /// Request method permits replay after the server may have acted.
+    replay_safe: bool,
+    grpc: bool,
+    /// Response headers were passed on to the app (no retry, only streamIdle from now on).
+    responded: bool,
+    /// Which timeout ended the request, if one did.
+    timed_out: Option<&'static str>,
 }
 
 /// The outbound `ProxyHttp`.
@@ -52,6 +86,25 @@ fn authority(req: &RequestHeader) -> Option<String> {
         .map(str::to_string)
 }
 
+fn header_str<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The metric/log word for an outcome.
+fn outcome_reason(outcome: AttemptOutcome) -> String {
+    match outcome {
+        AttemptOutcome::ConnectFailure => "connect-failure".into(),
+        AttemptOutcome::RefusedStream => "refused-stream".into(),
+        AttemptOutcome::Reset => "reset".into(),
+        AttemptOutcome::PerAttemptTimeout => "per-attempt-timeout".into(),
+        AttemptOutcome::Response {
+            grpc_status: Some(g),
+            ..
+        } if g != 0 => format!("grpc-{g}"),
+        AttemptOutcome::Response { status, .. } => format!("status-{status}"),
+    }
+}
+
 impl OutboundProxy {
     async fn reject(&self, session: &mut Session, reason: &str, message: String) -> Result<bool> {
         self.shared
@@ -69,6 +122,123 @@ impl OutboundProxy {
             .await?;
         Ok(true)
     }
+
+    fn service_label<'a>(&self, ctx: &'a OutboundCtx) -> &'a str {
+        ctx.service.as_deref().unwrap_or("unknown")
+    }
+
+    /// Decides whether the attempt that ended with `outcome` is retried; on yes records the wait
+    /// in `ctx.retry_wait` and counts the retry. `pushback` is the server's requested wait.
+    fn decide_retry(
+        &self,
+        session: &Session,
+        ctx: &mut OutboundCtx,
+        outcome: AttemptOutcome,
+        pushback: Option<Pushback>,
+    ) -> bool {
+        ctx.retry_wait = None;
+        if ctx.responded || ctx.attempts >= ctx.plan.max_attempts {
+            return false;
+        }
+        if !matches_retry_on(&ctx.plan.retry_on, outcome, ctx.replay_safe) {
+            return false;
+        }
+        let service = self.service_label(ctx).to_string();
+        let metrics = &self.shared.metrics;
+        let never_sent = matches!(
+            outcome,
+            AttemptOutcome::ConnectFailure | AttemptOutcome::RefusedStream
+        );
+        if !never_sent && session.as_ref().retry_buffer_truncated() {
+            metrics
+                .retry_skipped
+                .with_label_values(&[&service, "body"])
+                .inc();
+            return false;
+        }
+        let now = Instant::now();
+        let remaining = ctx.deadline.map(|d| d.saturating_duration_since(now));
+        let wait = match pushback {
+            Some(Pushback::DoNotRetry) => {
+                metrics
+                    .retry_skipped
+                    .with_label_values(&[&service, "pushback"])
+                    .inc();
+                return false;
+            }
+            Some(Pushback::Wait(asked)) => {
+                match pushback_wait(asked, ctx.plan.backoff.max_retry_after.get(), remaining) {
+                    Some(wait) => wait,
+                    None => {
+                        metrics
+                            .retry_skipped
+                            .with_label_values(&[&service, "pushback"])
+                            .inc();
+                        return false;
+                    }
+                }
+            }
+            None => backoff_delay(
+                ctx.attempts,
+                ctx.plan.backoff.base.get(),
+                ctx.plan.backoff.max.get(),
+                rand::random::<f64>(),
+            ),
+        };
+        if remaining.is_some_and(|left| wait >= left) {
+            metrics
+                .retry_skipped
+                .with_label_values(&[&service, "deadline"])
+                .inc();
+            return false;
+        }
+        if let Some(budget) = &ctx.budget {
+            if !budget.try_retry(now) {
+                metrics
+                    .retry_budget_exhausted
+                    .with_label_values(&[&service])
+                    .inc();
+                return false;
+            }
+        }
+        metrics
+            .retries
+            .with_label_values(&[&service, &outcome_reason(outcome)])
+            .inc();
+        ctx.retry_wait = Some(wait);
+        true
+    }
+
+    /// Classifies a transport error of the current attempt.
+    fn classify_error(&self, e: &Error, ctx: &mut OutboundCtx) -> AttemptOutcome {
+        match e.etype() {
+            ErrorType::ReadTimedout => {
+                let kind = if ctx.responded {
+                    "stream_idle"
+                } else if ctx.deadline.is_some_and(|d| Instant::now() >= d) {
+                    "request"
+                } else {
+                    "per_attempt"
+                };
+                ctx.timed_out = Some(kind);
+                let service = self.service_label(ctx).to_string();
+                self.shared
+                    .metrics
+                    .timeouts
+                    .with_label_values(&[&service, kind])
+                    .inc();
+                AttemptOutcome::PerAttemptTimeout
+            }
+            _ => {
+                let text = e.to_string();
+                if text.contains("REFUSED_STREAM") {
+                    AttemptOutcome::RefusedStream
+                } else {
+                    AttemptOutcome::Reset
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -80,7 +250,17 @@ impl ProxyHttp for OutboundProxy {
             start: Instant::now(),
             service: None,
             endpoint: None,
-            connect_attempts: 0,
+            tried: Vec::new(),
+            attempts: 0,
+            plan: AttemptPlan::default(),
+            budget: None,
+            deadline: None,
+            attempt_started: None,
+            retry_wait: None,
+            replay_safe: false,
+            grpc: false,
+            responded: false,
+            timed_out: None,
         }
     }
 
@@ -104,10 +284,8 @@ impl ProxyHttp for OutboundProxy {
                 )
                 .await;
         };
-        let Some(service) = snapshot
-            .services
-            .get(&(name.name.clone(), name.namespace.clone()))
-        else {
+        let key = (name.name.clone(), name.namespace.clone());
+        let Some(service) = snapshot.services.get(&key) else {
             return self
                 .reject(
                     session,
@@ -128,7 +306,47 @@ impl ProxyHttp for OutboundProxy {
                 )
                 .await;
         }
-        ctx.service = Some(format!("{}.{}", name.name, name.namespace));
+        let service_label = format!("{}.{}", name.name, name.namespace);
+
+        let now = Instant::now();
+        let req = session.req_header();
+        let method = req.method.as_str().to_string();
+        let path = req.uri.path().to_string();
+        let headers = &req.headers;
+        let plan = AttemptPlan::resolve(
+            snapshot.traffic.get(&key).map(|p| p.as_ref()),
+            &method,
+            &path,
+            |n| header_str(headers, n),
+        );
+        ctx.grpc = header_str(headers, "content-type")
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        ctx.replay_safe = is_idempotent(&method)
+            || headers.contains_key("idempotency-key")
+            || plan.retry_non_idempotent;
+        // The caller's own deadline bounds `request`: meshflow-timeout-ms (outbound only) and
+        // grpc-timeout (gRPC over HTTP/2).
+        let caller_ms = header_str(headers, TIMEOUT_HEADER)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_millis);
+        let caller_grpc = if ctx.grpc {
+            header_str(headers, "grpc-timeout").and_then(parse_grpc_timeout)
+        } else {
+            None
+        };
+        let limit = [plan.request_timeout, caller_ms, caller_grpc]
+            .into_iter()
+            .flatten()
+            .min();
+        ctx.deadline = limit.map(|d| now + d);
+        let budget = self.shared.budgets.get(&service_label, plan.budget, now);
+        budget.record_request(now);
+        ctx.budget = Some(budget);
+        ctx.plan = plan;
+        ctx.service = Some(service_label);
+        session.req_header_mut().remove_header(TIMEOUT_HEADER);
+        // Buffer the request body (up to Pingora's 64 KiB) so an attempt can be replayed.
+        session.as_mut().enable_retry_buffering();
         Ok(false)
     }
 
@@ -137,6 +355,25 @@ impl ProxyHttp for OutboundProxy {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        if let Some(wait) = ctx.retry_wait.take() {
+            tokio::time::sleep(wait).await;
+        }
+        let now = Instant::now();
+        let remaining = ctx.deadline.map(|d| d.saturating_duration_since(now));
+        if remaining == Some(Duration::ZERO) {
+            // No attempt starts after the deadline.
+            ctx.timed_out = Some("request");
+            let service = self.service_label(ctx).to_string();
+            self.shared
+                .metrics
+                .timeouts
+                .with_label_values(&[&service, "request"])
+                .inc();
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(504),
+                "request deadline passed before the next attempt",
+            ));
+        }
         let snapshot = self
             .shared
             .config
@@ -147,7 +384,7 @@ impl ProxyHttp for OutboundProxy {
         let endpoint = snapshot
             .services
             .get(&(name.to_string(), namespace.to_string()))
-            .and_then(|s| s.pick())
+            .and_then(|s| s.pick_avoiding(&ctx.tried))
             .cloned()
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "service has no endpoint"))?;
         let svid = self
@@ -168,15 +405,31 @@ impl ProxyHttp for OutboundProxy {
         peer.options.ca = Some(bundle.pingora_ca.clone());
         peer.options.alpn = ALPN::H2;
         peer.options.max_h2_streams = 100;
-        peer.options.connection_timeout = Some(Duration::from_secs(1));
+        peer.options.connection_timeout = Some(ctx.plan.connect);
+        // Until response headers: the per-attempt limit and the request deadline; Pingora
+        // applies the same read timeout to body reads afterwards (see ARCHITECTURE.md).
+        let header_limit = [ctx.plan.per_attempt, remaining]
+            .into_iter()
+            .flatten()
+            .min();
+        peer.options.read_timeout = Some(header_limit.unwrap_or(ctx.plan.stream_idle));
+        peer.options.idle_timeout = Some(Duration::from_secs(90));
         // The pool key must change with the trust bundle and our certificate, or a connection
         // made under old material could be reused.
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         bundle.version.hash(&mut hasher);
         svid.serial_hex.hash(&mut hasher);
         peer.group_key = hasher.finish();
+        ctx.tried.push(endpoint.address.clone());
         ctx.endpoint = Some(endpoint);
-        ctx.connect_attempts += 1;
+        ctx.attempts += 1;
+        ctx.attempt_started = Some(now);
+        let service = self.service_label(ctx).to_string();
+        self.shared
+            .metrics
+            .attempts
+            .with_label_values(&[&service])
+            .inc();
         Ok(Box::new(peer))
     }
 
@@ -184,9 +437,10 @@ impl ProxyHttp for OutboundProxy {
         &self,
         _session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
         scrub_forwarded_request(upstream_request);
+        upstream_request.remove_header(TIMEOUT_HEADER);
         // Absolute-form (HTTP_PROXY style) → origin-form + Host for the next hop.
         if let Some(authority) = upstream_request
             .uri
@@ -204,7 +458,71 @@ impl ProxyHttp for OutboundProxy {
             // RFC 9112 §3.2.2: the absolute-form target's authority replaces any Host.
             upstream_request.insert_header(http::header::HOST, authority)?;
         }
+        // Propagate what is left of the deadline to gRPC servers (never more than was asked).
+        if ctx.grpc {
+            if let Some(deadline) = ctx.deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                upstream_request.insert_header("grpc-timeout", format_grpc_timeout(left))?;
+            }
+        }
         Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        // Trailers-Only gRPC responses carry grpc-status in the headers; a status in trailers
+        // after messages is not retried.
+        let grpc_status = header_str(&upstream_response.headers, "grpc-status")
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        let outcome = AttemptOutcome::Response {
+            status,
+            grpc_status,
+        };
+        let pushback =
+            if let Some(v) = header_str(&upstream_response.headers, "grpc-retry-pushback-ms") {
+                Some(parse_grpc_pushback(v))
+            } else if matches!(status, 429 | 503) {
+                header_str(&upstream_response.headers, "retry-after")
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()))
+                    .map(Pushback::Wait)
+            } else {
+                None
+            };
+        if self.decide_retry(session, ctx, outcome, pushback) {
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                "retryable response; retrying",
+            );
+            e.set_retry(true);
+            return Err(e);
+        }
+        ctx.responded = true;
+        Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.retry_wait.is_some() {
+            // upstream_response_filter already decided (and counted) this retry.
+            e.set_retry(true);
+            return e;
+        }
+        let outcome = self.classify_error(&e, ctx);
+        let retry = self.decide_retry(session, ctx, outcome, None);
+        e.set_retry(retry);
+        e
     }
 
     async fn connected_to_upstream(
@@ -233,7 +551,7 @@ impl ProxyHttp for OutboundProxy {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         peer: &HttpPeer,
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
@@ -270,10 +588,19 @@ impl ProxyHttp for OutboundProxy {
                 "outbound TLS refused: server did not prove the expected identity; presented: {text}"
             );
             e.set_retry(false);
-        } else {
-            // Never reached the server: one more try, on another endpoint if there is one.
-            e.set_retry(ctx.connect_attempts < 2);
+            return e;
         }
+        if matches!(e.etype(), ErrorType::ConnectTimedout) {
+            let service = self.service_label(ctx).to_string();
+            self.shared
+                .metrics
+                .timeouts
+                .with_label_values(&[&service, "connect"])
+                .inc();
+        }
+        // Never reached the server: retryable for any method, on another endpoint if possible.
+        let retry = self.decide_retry(session, ctx, AttemptOutcome::ConnectFailure, None);
+        e.set_retry(retry);
         e
     }
 
@@ -281,8 +608,28 @@ impl ProxyHttp for OutboundProxy {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
     ) -> FailToProxy {
+        let timed_out = ctx.timed_out.is_some() && !ctx.responded;
+        if timed_out || matches!(e.etype(), ErrorType::HTTPStatus(504)) {
+            if ctx.grpc {
+                // gRPC clients read DEADLINE_EXCEEDED from a Trailers-Only response.
+                let mut resp = ResponseHeader::build(200, Some(3)).expect("static status");
+                let _ = resp.insert_header("content-type", "application/grpc");
+                let _ = resp.insert_header("grpc-status", "4");
+                let _ = resp.insert_header("grpc-message", "meshflow: deadline exceeded");
+                let _ = session.write_response_header(Box::new(resp), true).await;
+                return FailToProxy {
+                    error_code: 200,
+                    can_reuse_downstream: false,
+                };
+            }
+            let _ = session.respond_error(504).await;
+            return FailToProxy {
+                error_code: 504,
+                can_reuse_downstream: false,
+            };
+        }
         respond_to_failure(session, e, 503).await
     }
 

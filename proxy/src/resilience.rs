@@ -178,17 +178,21 @@ pub fn format_grpc_timeout(remaining: Duration) -> String {
     format!("{}M", (remaining.as_secs() / 60).min(99_999_999))
 }
 
-/// What to do about a pushback given the remaining deadline: wait `min(pushback, max)` if the
-/// wait fits in the remaining time, else return the response now.
+/// What to do about a server's requested wait (`Retry-After`, `grpc-retry-pushback-ms`): wait
+/// exactly that long if it is within `max_retry_after` and fits the remaining deadline; otherwise
+/// `None`, and the response goes back to the caller at once (waiting less than the server asked
+/// would be ignoring it; waiting longer than allowed would hold the caller).
 pub fn pushback_wait(
     pushback: Duration,
     max_retry_after: Duration,
     remaining: Option<Duration>,
 ) -> Option<Duration> {
-    let wait = pushback.min(max_retry_after);
+    if pushback > max_retry_after {
+        return None;
+    }
     match remaining {
-        Some(left) if wait >= left => None,
-        _ => Some(wait),
+        Some(left) if pushback >= left => None,
+        _ => Some(pushback),
     }
 }
 
@@ -350,7 +354,11 @@ mod tests {
             pushback_wait(Duration::from_secs(2), ten, Some(Duration::from_secs(5))),
             Some(Duration::from_secs(2))
         );
-        assert_eq!(pushback_wait(Duration::from_secs(30), ten, None), Some(ten));
+        assert_eq!(
+            pushback_wait(Duration::from_secs(30), ten, None),
+            None,
+            "longer than allowed"
+        );
         assert_eq!(
             pushback_wait(Duration::from_secs(30), ten, Some(Duration::from_secs(5))),
             None

@@ -32,6 +32,8 @@ pub struct Shared {
     pub max_header_bytes: usize,
     /// The effective settings, shown at `/config_dump`.
     pub settings: Arc<serde_json::Value>,
+    /// Retry budgets per destination service.
+    pub budgets: Arc<crate::plan::Budgets>,
 }
 
 impl Shared {

@@ -12,5 +12,7 @@ mod identity;
 mod lifecycle;
 #[path = "e2e/protocols.rs"]
 mod protocols;
+#[path = "e2e/resilience.rs"]
+mod resilience;
 #[path = "e2e/timing.rs"]
 mod timing;

@@ -1,8 +1,11 @@
 //! Example echo app: HTTP/1.1 and h2c JSON echo plus a gRPC `Echo` service on one port.
 //!
 //! HTTP: every path answers JSON `{service, method, path, headers, body, xfcc}`;
-//! `/status/<code>` answers that status; `/__stats` answers `{"requests": N}` (requests seen,
-//! itself excluded), so tests can prove a request never reached the app.
+//! `/status/<code>` answers that status; `/sleep/<ms>` answers after a delay;
+//! `/flaky/<n>/<code>[?retry-after=v]` answers `<code>` to the first n requests carrying the same
+//! `x-test-key`; `/__stats` answers `{"requests": N}` (itself excluded), so tests can prove a
+//! request never reached the app; `/__attempts/<key>` lists the requests seen for a key (method,
+//! body, `Idempotency-Key`, `grpc-timeout`, time).
 //! gRPC: see `proto/echo.proto`; unary replies carry the custom trailer `x-echo-trailer: done`.
 #![allow(clippy::all)]
 
@@ -30,6 +33,24 @@ use pb::{EchoReply, EchoRequest, StreamRequest};
 struct App {
     name: Arc<str>,
     requests: Arc<AtomicU64>,
+    /// Every request (HTTP, or gRPC `flaky:`) with an `x-test-key`, by key.
+    attempts: Arc<std::sync::Mutex<BTreeMap<String, Vec<serde_json::Value>>>>,
+    /// When set, every HTTP request (but `/__…`) answers this status.
+    always: Option<u16>,
+    started: std::time::Instant,
+}
+
+impl App {
+    /// Records an attempt for `key` and returns how many came before it.
+    fn record(&self, key: &str, detail: serde_json::Value) -> usize {
+        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        let list = attempts.entry(key.to_string()).or_default();
+        let mut detail = detail;
+        detail["atMs"] = serde_json::json!(self.started.elapsed().as_millis() as u64);
+        detail["service"] = serde_json::json!(&*self.name);
+        list.push(detail);
+        list.len() - 1
+    }
 }
 
 fn xfcc(headers: &http::HeaderMap) -> Vec<String> {
@@ -48,7 +69,30 @@ impl Echo for App {
     ) -> Result<Response<EchoReply>, Status> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let xfcc = xfcc(&request.metadata().clone().into_headers());
+        let grpc_timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let message = request.into_inner().message;
+        // flaky:<key>:<n>:<code> fails the first n calls for key with gRPC status code.
+        if let Some(rest) = message.strip_prefix("flaky:") {
+            let parts: Vec<&str> = rest.split(':').collect();
+            if let [key, n, code] = parts.as_slice() {
+                let before = self.record(key, serde_json::json!({"grpcTimeout": grpc_timeout}));
+                if before < n.parse::<usize>().unwrap_or(0) {
+                    let code = tonic::Code::from_i32(code.parse().unwrap_or(14));
+                    return Err(Status::new(code, format!("flaky failure {}", before + 1)));
+                }
+            }
+        }
+        // sleep:<key>:<ms> records grpc-timeout and sleeps.
+        if let Some(rest) = message.strip_prefix("sleep:") {
+            if let Some((key, ms)) = rest.split_once(':') {
+                self.record(key, serde_json::json!({"grpcTimeout": grpc_timeout}));
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            }
+        }
         if let Some(code) = message.strip_prefix("fail:") {
             let code = tonic::Code::from_i32(code.parse().unwrap_or(2));
             return Err(Status::new(code, format!("requested failure {message}")));
@@ -147,6 +191,65 @@ async fn http_echo(app: App, request: Request) -> axum::response::Response {
     let body: Bytes = axum::body::to_bytes(body, 16 * 1024 * 1024)
         .await
         .unwrap_or_default();
+    if let Some(key) = path.strip_prefix("/__attempts/") {
+        let attempts = app.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        return axum::Json(attempts.get(key).cloned().unwrap_or_default()).into_response();
+    }
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut before = 0;
+    if let Some(key) = header("x-test-key") {
+        before = app.record(
+            &key,
+            serde_json::json!({
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "body": String::from_utf8_lossy(&body),
+                "idempotencyKey": header("idempotency-key"),
+                "grpcTimeout": header("grpc-timeout"),
+            }),
+        );
+    }
+    if let Some(code) = app.always {
+        let status =
+            http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+        return (status, format!("{} always answers {code}\n", app.name)).into_response();
+    }
+    // /sleep/<ms>: answer after a delay.
+    if let Some(ms) = path
+        .split_once("/sleep/")
+        .and_then(|(_, m)| m.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    // /flaky/<n>/<code>[?retry-after=<v>]: the first n requests with this x-test-key get <code>.
+    if let Some((_, rest)) = path.split_once("/flaky/") {
+        let mut it = rest.split('/');
+        let n: usize = it.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let code: u16 = it.next().and_then(|c| c.parse().ok()).unwrap_or(503);
+        if before < n {
+            let mut response = (
+                http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE),
+                "flaky\n",
+            )
+                .into_response();
+            if let Some(v) = parts
+                .uri
+                .query()
+                .and_then(|q| q.strip_prefix("retry-after="))
+            {
+                if let Ok(v) = http::HeaderValue::from_str(&v.replace("%20", " ")) {
+                    response.headers_mut().insert("retry-after", v);
+                }
+            }
+            return response;
+        }
+    }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in &parts.headers {
         headers
@@ -172,10 +275,19 @@ async fn http_echo(app: App, request: Request) -> axum::response::Response {
 }
 
 /// Serves the echo app on `listener` (HTTP/1.1 and h2c prior knowledge) forever.
-pub async fn serve(listener: tokio::net::TcpListener, name: &str) -> std::io::Result<()> {
+///
+/// `always`: answer every HTTP request (but `/__…`) with this status (a broken endpoint).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    name: &str,
+    always: Option<u16>,
+) -> std::io::Result<()> {
     let app = App {
         name: Arc::from(name),
         requests: Arc::new(AtomicU64::new(0)),
+        attempts: Arc::default(),
+        always,
+        started: std::time::Instant::now(),
     };
     let grpc = tonic::service::Routes::new(EchoServer::new(app.clone())).into_axum_router();
     let router = grpc.fallback(move |request: Request| http_echo(app.clone(), request));

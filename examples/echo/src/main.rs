@@ -11,6 +11,9 @@ struct Args {
     /// Listen address; default 127.0.0.1:$PORT (or :0).
     #[arg(long)]
     listen: Option<String>,
+    /// Answer every HTTP request with this status (a broken endpoint for tests).
+    #[arg(long)]
+    always: Option<u16>,
     /// Written once listening: `{"pid":…,"addresses":{"http":"127.0.0.1:…"}}`.
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
@@ -36,5 +39,5 @@ async fn main() -> std::io::Result<()> {
         ready.write(path)?;
     }
     eprintln!("meshflow-echo {} listening on {addr}", args.name);
-    meshflow_example_echo::serve(listener, &args.name).await
+    meshflow_example_echo::serve(listener, &args.name, args.always).await
 }

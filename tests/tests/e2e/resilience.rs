@@ -1,0 +1,442 @@
+//! Issue 3: retries, bodies, Retry-After, gRPC statuses, timeouts and deadlines through real
+//! sidecars and a fault-injecting upstream (the echo app's `/flaky`, `/sleep`, `flaky:` modes).
+
+use std::time::{Duration, Instant};
+
+use meshflow_example_echo::pb::{echo_client::EchoClient, EchoRequest};
+use tonic::transport::Endpoint;
+
+use crate::common::*;
+
+const MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Mesh
+metadata: { name: resilience }
+spec:
+  policiesDir: policies
+  workloads:
+    - name: client
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "client", "--listen", "127.0.0.1:{port}"] }
+    - name: shipping
+      app: { protocol: grpc, command: ["meshflow-echo", "--name", "shipping", "--listen", "127.0.0.1:{port}"] }
+    - name: slow
+      app: { protocol: grpc, command: ["meshflow-echo", "--name", "slow", "--listen", "127.0.0.1:{port}"] }
+"#;
+
+const POLICIES: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: TrafficPolicy
+metadata: { name: shipping }
+spec:
+  service: shipping
+  retries:
+    maxAttempts: 2
+    retryOn: [gateway-error, unavailable]
+    backoff: { base: 10ms, max: 50ms }
+  routes:
+    - match: { path: { prefix: /opt-in } }
+      retries: { maxAttempts: 2, retryOn: [gateway-error], retryNonIdempotent: true, backoff: { base: 10ms, max: 50ms } }
+---
+apiVersion: meshflow.io/v1alpha1
+kind: TrafficPolicy
+metadata: { name: slow }
+spec:
+  service: slow
+  timeouts: { perAttempt: 200ms }
+  retries: { maxAttempts: 2, retryOn: [per-attempt-timeout], backoff: { base: 10ms, max: 20ms } }
+  routes:
+    - match: { path: { prefix: /deadline } }
+      timeouts: { request: 300ms, perAttempt: 1s }
+      retries: { maxAttempts: 3, retryOn: [per-attempt-timeout, gateway-error], backoff: { base: 10ms, max: 20ms } }
+"#;
+
+fn start_with_policies() -> TestMesh {
+    // The policy directory sits next to the mesh file; write it before the control plane starts.
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/traffic.yaml"), POLICIES).unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_path, MESH).unwrap();
+    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
+    options.drain = Duration::from_millis(500);
+    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
+    TestMesh { mesh, dir }
+}
+
+async fn attempts(t: &TestMesh, workload: &str, key: &str) -> Vec<serde_json::Value> {
+    let app = &t.mesh.workload(workload).app;
+    serde_json::from_str::<Vec<serde_json::Value>>(
+        &get_text(app, &format!("/__attempts/{key}")).await,
+    )
+    .unwrap()
+}
+
+async fn client_metrics(t: &TestMesh) -> String {
+    metrics(&t.mesh.workload("client").admin).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_follow_policy_methods_bodies_and_pushback() {
+    let t = start_with_policies();
+    let client = via(&t.mesh.workload("client").outbound);
+    let svc = [("service", "shipping.default")];
+
+    // 1. 503 then 200 on a GET: two attempts, one retry counted.
+    let before = metric(
+        &client_metrics(&t).await,
+        "meshflow_retries_total",
+        &[svc[0], ("reason", "status-503")],
+    );
+    let r = client
+        .get("http://shipping.default/flaky/1/503")
+        .header("x-test-key", "get")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(attempts(&t, "shipping", "get").await.len(), 2);
+    let after = metric(
+        &client_metrics(&t).await,
+        "meshflow_retries_total",
+        &[svc[0], ("reason", "status-503")],
+    );
+    assert_eq!(after, before + 1.0);
+
+    // 2. POST with a 13-byte chunked body and retryNonIdempotent: both attempts carry the bytes.
+    let chunks = futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes_of("hello, world!"))]);
+    let r = client
+        .post("http://shipping.default/opt-in/flaky/1/503")
+        .header("x-test-key", "post-opt-in")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = attempts(&t, "shipping", "post-opt-in").await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen.iter().all(|a| a["body"] == "hello, world!"),
+        "{seen:?}"
+    );
+
+    // 3. The same POST without the opt-in: one attempt, the 503 goes back.
+    let r = client
+        .post("http://shipping.default/flaky/1/503")
+        .header("x-test-key", "post")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(attempts(&t, "shipping", "post").await.len(), 1);
+
+    // 4. With an Idempotency-Key the POST is retried.
+    let r = client
+        .post("http://shipping.default/flaky/1/503")
+        .header("x-test-key", "post-key")
+        .header("idempotency-key", "order-7/ship")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = attempts(&t, "shipping", "post-key").await;
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|a| a["idempotencyKey"] == "order-7/ship"));
+
+    // 5. An 80 KiB body is over the replay buffer: one attempt, counted as skipped.
+    let skipped = metric(
+        &client_metrics(&t).await,
+        "meshflow_retry_skipped_total",
+        &[svc[0], ("reason", "body")],
+    );
+    let r = client
+        .post("http://shipping.default/opt-in/flaky/1/503")
+        .header("x-test-key", "big")
+        .body(vec![b'a'; 80 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(attempts(&t, "shipping", "big").await.len(), 1);
+    let now_skipped = metric(
+        &client_metrics(&t).await,
+        "meshflow_retry_skipped_total",
+        &[svc[0], ("reason", "body")],
+    );
+    assert_eq!(now_skipped, skipped + 1.0);
+
+    // 6. Retry-After: 2 → retried after ≥ 2 s; 30 → returned at once with the header;
+    //    "soon" → default backoff.
+    let r = client
+        .get("http://shipping.default/flaky/1/503?retry-after=2")
+        .header("x-test-key", "ra2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = attempts(&t, "shipping", "ra2").await;
+    assert_eq!(seen.len(), 2);
+    let gap = seen[1]["atMs"].as_u64().unwrap() - seen[0]["atMs"].as_u64().unwrap();
+    assert!(gap >= 2000, "waited {gap} ms for Retry-After: 2");
+
+    let sent = Instant::now();
+    let r = client
+        .get("http://shipping.default/flaky/1/503?retry-after=30")
+        .header("x-test-key", "ra30")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("30")
+    );
+    assert!(sent.elapsed() < Duration::from_secs(5), "returned at once");
+    assert_eq!(attempts(&t, "shipping", "ra30").await.len(), 1);
+
+    let r = client
+        .get("http://shipping.default/flaky/1/503?retry-after=soon")
+        .header("x-test-key", "rasoon")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(attempts(&t, "shipping", "rasoon").await.len(), 2);
+
+    // 7. gRPC UNAVAILABLE in a Trailers-Only response is retried and succeeds (any method).
+    let channel = Endpoint::from_shared(format!("http://{}", t.mesh.workload("client").outbound))
+        .unwrap()
+        .origin("http://shipping.default".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let reply = EchoClient::new(channel)
+        .unary(EchoRequest {
+            message: "flaky:g1:1:14".into(),
+        })
+        .await
+        .expect("retried");
+    assert_eq!(reply.into_inner().message, "flaky:g1:1:14");
+    assert_eq!(attempts(&t, "shipping", "g1").await.len(), 2);
+}
+
+fn bytes_of(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timing_per_attempt_request_and_caller_deadlines() {
+    let t = start_with_policies();
+    let client = via(&t.mesh.workload("client").outbound);
+
+    // perAttempt 200 ms × 2 attempts against a 2 s upstream → 504, both attempts seen, fast.
+    let sent = Instant::now();
+    let r = client
+        .get("http://slow.default/sleep/2000")
+        .header("x-test-key", "pa")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "answered before the upstream would have: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(attempts(&t, "slow", "pa").await.len(), 2);
+
+    // request 300 ms with perAttempt 1 s and 3 attempts → 504 before 1.3 s; no attempt starts
+    // after the deadline.
+    let sent = Instant::now();
+    let r = client
+        .get("http://slow.default/deadline/sleep/2000")
+        .header("x-test-key", "rq")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        sent.elapsed() < Duration::from_millis(1300),
+        "{:?}",
+        sent.elapsed()
+    );
+    let seen = attempts(&t, "slow", "rq").await;
+    assert!(!seen.is_empty());
+    let first = seen[0]["atMs"].as_u64().unwrap();
+    assert!(
+        seen.iter()
+            .all(|a| a["atMs"].as_u64().unwrap() < first + 300),
+        "attempt after the deadline: {seen:?}"
+    );
+
+    // meshflow-timeout-ms from the app bounds the request (and is not forwarded).
+    let sent = Instant::now();
+    let r = client
+        .get("http://shipping.default/sleep/2000")
+        .header("x-test-key", "mt")
+        .header("meshflow-timeout-ms", "300")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        sent.elapsed() < Duration::from_millis(1300),
+        "{:?}",
+        sent.elapsed()
+    );
+
+    // grpc-timeout: 500m from the app → DEADLINE_EXCEEDED by ~0.5 s; the upstream saw less.
+    let channel = Endpoint::from_shared(format!("http://{}", t.mesh.workload("client").outbound))
+        .unwrap()
+        .origin("http://shipping.default".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    // A raw gRPC call (tonic would enforce grpc-timeout itself and race the proxy).
+    let _ = channel;
+    let outbound: std::net::SocketAddr = t.mesh.workload("client").outbound.parse().unwrap();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve("shipping.default", outbound)
+        .build()
+        .unwrap();
+    let message = prost::Message::encode_to_vec(&EchoRequest {
+        message: "sleep:gt:2000".into(),
+    });
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let sent = Instant::now();
+    let response = h2
+        .post(format!(
+            "http://shipping.default:{}/meshflow.echo.v1.Echo/Unary",
+            outbound.port()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "500m")
+        .body(frame)
+        .send()
+        .await
+        .expect("gRPC call");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("4"),
+        "DEADLINE_EXCEEDED in a Trailers-Only response: {:?}",
+        response.headers()
+    );
+    assert!(
+        sent.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        sent.elapsed()
+    );
+    let seen = attempts(&t, "shipping", "gt").await;
+    let forwarded = seen[0]["grpcTimeout"]
+        .as_str()
+        .expect("grpc-timeout forwarded")
+        .to_string();
+    let value: u64 = forwarded[..forwarded.len() - 1].parse().unwrap();
+    let nanos = match &forwarded[forwarded.len() - 1..] {
+        "n" => value,
+        "u" => value * 1_000,
+        "m" => value * 1_000_000,
+        "S" => value * 1_000_000_000,
+        other => panic!("unit {other}"),
+    };
+    assert!(
+        nanos < 500_000_000,
+        "upstream saw a smaller grpc-timeout: {forwarded}"
+    );
+
+    let text = client_metrics(&t).await;
+    assert!(
+        metric(&text, "meshflow_timeouts_total", &[("kind", "per_attempt")]) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "meshflow_timeouts_total", &[("kind", "request")]) >= 1.0,
+        "{text}"
+    );
+}
+
+const BUDGET_MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Mesh
+metadata: { name: budget }
+spec:
+  policiesDir: policies
+  workloads:
+    - name: client
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "client", "--listen", "127.0.0.1:{port}"] }
+    - name: broken
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "broken", "--always", "503", "--listen", "127.0.0.1:{port}"] }
+"#;
+
+const BUDGET_POLICY: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: TrafficPolicy
+metadata: { name: broken }
+spec:
+  service: broken
+  retries:
+    maxAttempts: 3
+    retryOn: [gateway-error]
+    backoff: { base: 1ms, max: 5ms }
+    budget: { ratio: 0.2, minPerSecond: 10 }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timing_retry_budget_bounds_retries_against_an_always_failing_upstream() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/broken.yaml"), BUDGET_POLICY).unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_path, BUDGET_MESH).unwrap();
+    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
+    options.drain = Duration::from_millis(500);
+    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
+    let t = TestMesh { mesh, dir };
+    let client = via(&t.mesh.workload("client").outbound);
+
+    const N: u64 = 2000;
+    let mut tick = tokio::time::interval(Duration::from_millis(5)); // 200 req/s
+    let mut tasks = Vec::new();
+    for _ in 0..N {
+        tick.tick().await;
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .get("http://broken.default/x")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    let mut served = 0;
+    for task in tasks {
+        if matches!(task.await.unwrap(), Ok(503)) {
+            served += 1;
+        }
+    }
+    assert_eq!(served, N, "every request got the upstream's 503");
+    let text = client_metrics(&t).await;
+    let retries = metric(
+        &text,
+        "meshflow_retries_total",
+        &[("service", "broken.default")],
+    );
+    let exhausted = metric(
+        &text,
+        "meshflow_retry_budget_exhausted_total",
+        &[("service", "broken.default")],
+    );
+    let n = N as f64;
+    assert!(
+        retries >= 0.15 * n && retries <= 0.2 * n + 100.0,
+        "retries {retries} for {N} requests"
+    );
+    assert!(exhausted > 0.0, "the budget ran out: {exhausted}");
+}
