@@ -539,6 +539,17 @@ impl TrafficPolicy {
         if let Some(f) = &self.spec.fault_injection {
             check_fault("spec.faultInjection", f)?;
         }
+        if self
+            .spec
+            .connection_pool
+            .is_some_and(|p| p.max_connections.is_some())
+        {
+            return Err(invalid(
+                "spec.connectionPool.maxConnections",
+                "maxConnections",
+                "not supported yet (sidecars multiplex HTTP/2; limit maxRequestsPerEndpoint instead)".into(),
+            ));
+        }
         if let Some(o) = &self.spec.outlier_detection {
             if o.consecutive_failures == 0 || o.max_ejected_percent > 100 {
                 return Err(invalid(

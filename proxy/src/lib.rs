@@ -11,6 +11,7 @@
 //! functions ([`http_hygiene`], [`routing`]).
 
 pub mod admin;
+pub mod balancer;
 pub mod config_state;
 pub mod cp_client;
 pub mod http_hygiene;
@@ -269,6 +270,8 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         max_header_bytes: config.max_header_bytes,
         settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
         budgets: Arc::default(),
+        balancer: Arc::default(),
+        outstanding: Arc::default(),
     };
 
     let inbound_port =

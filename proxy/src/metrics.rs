@@ -51,6 +51,13 @@ pub struct ProxyMetrics {
     /// `meshflow_timeouts_total{service, kind}`: `request`, `per_attempt`, `stream_idle`,
     /// `connect`.
     pub timeouts: IntCounterVec,
+    /// `meshflow_pool_overflow_total{service, limit}`: requests refused at once (503) by
+    /// `maxPendingRequests` or `maxRequestsPerEndpoint`.
+    pub pool_overflow: IntCounterVec,
+    /// `meshflow_endpoint_ejections_total{service}`: outlier ejections.
+    pub endpoint_ejections: IntCounterVec,
+    /// `meshflow_fault_injections_total{service, kind}`: injected `delay` / `abort`.
+    pub fault_injections: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -171,6 +178,27 @@ impl ProxyMetrics {
                 Opts::new("meshflow_timeouts_total", "Timeouts, by service and kind."),
                 &["service", "kind"],
             )?,
+            pool_overflow: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_pool_overflow_total",
+                    "Requests refused at once by a request limit.",
+                ),
+                &["service", "limit"],
+            )?,
+            endpoint_ejections: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_endpoint_ejections_total",
+                    "Endpoints ejected by outlier detection.",
+                ),
+                &["service"],
+            )?,
+            fault_injections: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_fault_injections_total",
+                    "Injected faults, by kind.",
+                ),
+                &["service", "kind"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -189,6 +217,9 @@ impl ProxyMetrics {
         registry.register(Box::new(m.retry_budget_exhausted.clone()))?;
         registry.register(Box::new(m.retry_skipped.clone()))?;
         registry.register(Box::new(m.timeouts.clone()))?;
+        registry.register(Box::new(m.pool_overflow.clone()))?;
+        registry.register(Box::new(m.endpoint_ejections.clone()))?;
+        registry.register(Box::new(m.fault_injections.clone()))?;
         Ok(m)
     }
 }

@@ -20,9 +20,10 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::balancer::{Balancer, EndpointStats, Health, InFlight};
 use crate::config_state::Endpoint;
 use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
-use crate::plan::AttemptPlan;
+use crate::plan::{AttemptPlan, OutstandingSlot};
 use crate::resilience::{
     backoff_delay, format_grpc_timeout, is_idempotent, matches_retry_on, parse_grpc_pushback,
     parse_grpc_timeout, parse_retry_after, pushback_wait, AttemptOutcome, Pushback, RetryBudget,
@@ -60,6 +61,11 @@ pub struct OutboundCtx {
     responded: bool,
     /// Which timeout ended the request, if one did.
     timed_out: Option<&'static str>,
+    /// The current attempt's endpoint statistics and in-flight guard.
+    attempt_stats: Option<Arc<EndpointStats>>,
+    in_flight: Option<InFlight>,
+    /// This request's `maxPendingRequests` slot.
+    outstanding: Option<OutstandingSlot>,
 }
 
 /// The outbound `ProxyHttp`.
@@ -209,6 +215,35 @@ impl OutboundProxy {
         true
     }
 
+    /// Records the current attempt's health (and latency until headers) for balancing and
+    /// outlier ejection.
+    fn record_health(&self, ctx: &mut OutboundCtx, health: Health, with_latency: bool) {
+        let Some(stats) = ctx.attempt_stats.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let latency = if with_latency {
+            ctx.attempt_started
+                .map(|t| now.saturating_duration_since(t))
+        } else {
+            None
+        };
+        if Balancer::record(&stats, health, latency, ctx.plan.outlier.as_ref(), now) {
+            let service = self.service_label(ctx).to_string();
+            self.shared
+                .metrics
+                .endpoint_ejections
+                .with_label_values(&[&service])
+                .inc();
+            let endpoint = ctx
+                .endpoint
+                .as_ref()
+                .map(|e| e.address.clone())
+                .unwrap_or_default();
+            tracing::warn!(%service, %endpoint, "endpoint ejected after consecutive failures");
+        }
+    }
+
     /// Classifies a transport error of the current attempt.
     fn classify_error(&self, e: &Error, ctx: &mut OutboundCtx) -> AttemptOutcome {
         match e.etype() {
@@ -261,6 +296,9 @@ impl ProxyHttp for OutboundProxy {
             grpc: false,
             responded: false,
             timed_out: None,
+            attempt_stats: None,
+            in_flight: None,
+            outstanding: None,
         }
     }
 
@@ -343,8 +381,60 @@ impl ProxyHttp for OutboundProxy {
         budget.record_request(now);
         ctx.budget = Some(budget);
         ctx.plan = plan;
-        ctx.service = Some(service_label);
+        ctx.service = Some(service_label.clone());
         session.req_header_mut().remove_header(TIMEOUT_HEADER);
+        let metrics = &self.shared.metrics;
+        match self
+            .shared
+            .outstanding
+            .try_acquire(&service_label, ctx.plan.pool.max_pending_requests)
+        {
+            Some(slot) => ctx.outstanding = Some(slot),
+            None => {
+                metrics
+                    .pool_overflow
+                    .with_label_values(&[&service_label, "max_pending_requests"])
+                    .inc();
+                session.set_keepalive(None);
+                session
+                    .respond_error_with_body(
+                        503,
+                        Bytes::from(format!(
+                            "meshflow: {service_label} has too many requests outstanding\n"
+                        )),
+                    )
+                    .await?;
+                return Ok(true);
+            }
+        }
+        if let Some(fault) = ctx.plan.fault {
+            if let Some(delay) = fault
+                .delay
+                .filter(|d| rand::random::<f64>() * 100.0 < d.percent)
+            {
+                metrics
+                    .fault_injections
+                    .with_label_values(&[&service_label, "delay"])
+                    .inc();
+                tokio::time::sleep(delay.duration.get()).await;
+            }
+            if let Some(abort) = fault
+                .abort
+                .filter(|a| rand::random::<f64>() * 100.0 < a.percent)
+            {
+                metrics
+                    .fault_injections
+                    .with_label_values(&[&service_label, "abort"])
+                    .inc();
+                session
+                    .respond_error_with_body(
+                        abort.status,
+                        Bytes::from("meshflow: injected fault\n"),
+                    )
+                    .await?;
+                return Ok(true);
+            }
+        }
         // Buffer the request body (up to Pingora's 64 KiB) so an attempt can be replayed.
         session.as_mut().enable_retry_buffering();
         Ok(false)
@@ -381,12 +471,35 @@ impl ProxyHttp for OutboundProxy {
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no config"))?;
         let service = ctx.service.as_deref().unwrap_or_default();
         let (name, namespace) = service.split_once('.').unwrap_or((service, ""));
-        let endpoint = snapshot
+        let entry = snapshot
             .services
             .get(&(name.to_string(), namespace.to_string()))
-            .and_then(|s| s.pick_avoiding(&ctx.tried))
-            .cloned()
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "service has no endpoint"))?;
+        let max_ejected = ctx.plan.outlier.map_or(100, |o| o.max_ejected_percent);
+        let picked = self.shared.balancer.pick(
+            &entry.endpoints,
+            ctx.plan.load_balancer,
+            &ctx.tried,
+            max_ejected,
+            ctx.plan.pool.max_requests_per_endpoint,
+            now,
+            rand::random::<f64>,
+        );
+        let Some((endpoint, stats)) = picked else {
+            let service = self.service_label(ctx).to_string();
+            self.shared
+                .metrics
+                .pool_overflow
+                .with_label_values(&[&service, "max_requests_per_endpoint"])
+                .inc();
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "every endpoint is at its request limit",
+            ));
+        };
+        let endpoint = endpoint.clone();
+        ctx.in_flight = Some(Balancer::start(&stats));
+        ctx.attempt_stats = Some(stats);
         let svid = self
             .shared
             .identity
@@ -483,6 +596,12 @@ impl ProxyHttp for OutboundProxy {
             status,
             grpc_status,
         };
+        let health = if status >= 500 {
+            Health::Failure
+        } else {
+            Health::Success
+        };
+        self.record_health(ctx, health, true);
         let pushback =
             if let Some(v) = header_str(&upstream_response.headers, "grpc-retry-pushback-ms") {
                 Some(parse_grpc_pushback(v))
@@ -520,6 +639,7 @@ impl ProxyHttp for OutboundProxy {
             return e;
         }
         let outcome = self.classify_error(&e, ctx);
+        self.record_health(ctx, Health::Failure, false);
         let retry = self.decide_retry(session, ctx, outcome, None);
         e.set_retry(retry);
         e
@@ -556,6 +676,7 @@ impl ProxyHttp for OutboundProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.record_health(ctx, Health::Failure, false);
         let text = format!("{e}");
         let tls = matches!(
             e.etype(),

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meshflow_policies::traffic::{
-    Backoff, Budget, RetryOn, TrafficPolicy, DEFAULT_CONNECT, DEFAULT_STREAM_IDLE,
+    Backoff, Budget, ConnectionPool, FaultInjection, LoadBalancerPolicy, OutlierDetection, RetryOn,
+    TrafficPolicy, DEFAULT_CONNECT, DEFAULT_STREAM_IDLE,
 };
 
 use crate::resilience::{RetryBudget, DEFAULT_RETRY_ON};
@@ -33,6 +34,14 @@ pub struct AttemptPlan {
     pub stream_idle: Duration,
     /// Connect limit.
     pub connect: Duration,
+    /// Endpoint choice.
+    pub load_balancer: LoadBalancerPolicy,
+    /// Ejection of failing endpoints (none without a policy).
+    pub outlier: Option<OutlierDetection>,
+    /// Request limits.
+    pub pool: ConnectionPool,
+    /// Injected faults.
+    pub fault: Option<FaultInjection>,
 }
 
 impl Default for AttemptPlan {
@@ -49,6 +58,10 @@ impl Default for AttemptPlan {
             per_attempt: None,
             stream_idle: DEFAULT_STREAM_IDLE,
             connect: DEFAULT_CONNECT,
+            load_balancer: LoadBalancerPolicy::default(),
+            outlier: None,
+            pool: ConnectionPool::default(),
+            fault: None,
         }
     }
 }
@@ -79,6 +92,12 @@ impl AttemptPlan {
             plan.stream_idle = t.stream_idle.map_or(DEFAULT_STREAM_IDLE, |d| d.get());
             plan.connect = t.connect.map_or(DEFAULT_CONNECT, |d| d.get());
         }
+        plan.load_balancer = spec.load_balancer.map(|l| l.policy).unwrap_or_default();
+        plan.outlier = spec.outlier_detection;
+        plan.pool = spec.connection_pool.unwrap_or_default();
+        plan.fault = route
+            .and_then(|r| r.fault_injection)
+            .or(spec.fault_injection);
         if let Some(r) = retries {
             plan.max_attempts = r.max_attempts.max(1);
             plan.retry_on = r.retry_on.clone();
@@ -110,6 +129,37 @@ impl Budgets {
                 ))
             })
             .clone()
+    }
+}
+
+/// Outstanding requests per destination service.
+#[derive(Default)]
+pub struct Outstanding {
+    map: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU32>>>,
+}
+
+/// One outstanding request; released when dropped.
+pub struct OutstandingSlot(Arc<std::sync::atomic::AtomicU32>);
+
+impl Drop for OutstandingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Outstanding {
+    /// Takes a slot for `service` unless `limit` requests are already outstanding.
+    pub fn try_acquire(&self, service: &str, limit: Option<u32>) -> Option<OutstandingSlot> {
+        let counter = {
+            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(service.to_string()).or_default().clone()
+        };
+        let previous = counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if limit.is_some_and(|max| previous >= max) {
+            counter.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return None;
+        }
+        Some(OutstandingSlot(counter))
     }
 }
 

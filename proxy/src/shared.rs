@@ -34,6 +34,10 @@ pub struct Shared {
     pub settings: Arc<serde_json::Value>,
     /// Retry budgets per destination service.
     pub budgets: Arc<crate::plan::Budgets>,
+    /// Endpoint statistics (latency, in-flight, ejection).
+    pub balancer: Arc<crate::balancer::Balancer>,
+    /// Outstanding requests per destination service (for `maxPendingRequests`).
+    pub outstanding: Arc<crate::plan::Outstanding>,
 }
 
 impl Shared {

@@ -37,6 +37,8 @@ struct App {
     attempts: Arc<std::sync::Mutex<BTreeMap<String, Vec<serde_json::Value>>>>,
     /// When set, every HTTP request (but `/__…`) answers this status.
     always: Option<u16>,
+    /// Added to every HTTP response (a slow endpoint).
+    delay: Duration,
     started: std::time::Instant,
 }
 
@@ -215,6 +217,9 @@ async fn http_echo(app: App, request: Request) -> axum::response::Response {
             }),
         );
     }
+    if !app.delay.is_zero() {
+        tokio::time::sleep(app.delay).await;
+    }
     if let Some(code) = app.always {
         let status =
             http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
@@ -277,16 +282,20 @@ async fn http_echo(app: App, request: Request) -> axum::response::Response {
 /// Serves the echo app on `listener` (HTTP/1.1 and h2c prior knowledge) forever.
 ///
 /// `always`: answer every HTTP request (but `/__…`) with this status (a broken endpoint).
+///
+/// `delay`: add this much to every HTTP response (a slow endpoint).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     name: &str,
     always: Option<u16>,
+    delay: Duration,
 ) -> std::io::Result<()> {
     let app = App {
         name: Arc::from(name),
         requests: Arc::new(AtomicU64::new(0)),
         attempts: Arc::default(),
         always,
+        delay,
         started: std::time::Instant::now(),
     };
     let grpc = tonic::service::Routes::new(EchoServer::new(app.clone())).into_axum_router();

@@ -14,6 +14,9 @@ struct Args {
     /// Answer every HTTP request with this status (a broken endpoint for tests).
     #[arg(long)]
     always: Option<u16>,
+    /// Delay every HTTP response by this many milliseconds (a slow endpoint for tests).
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
     /// Written once listening: `{"pid":…,"addresses":{"http":"127.0.0.1:…"}}`.
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
@@ -39,5 +42,11 @@ async fn main() -> std::io::Result<()> {
         ready.write(path)?;
     }
     eprintln!("meshflow-echo {} listening on {addr}", args.name);
-    meshflow_example_echo::serve(listener, &args.name, args.always).await
+    meshflow_example_echo::serve(
+        listener,
+        &args.name,
+        args.always,
+        std::time::Duration::from_millis(args.delay_ms),
+    )
+    .await
 }

@@ -440,3 +440,267 @@ async fn timing_retry_budget_bounds_retries_against_an_always_failing_upstream()
     );
     assert!(exhausted > 0.0, "the budget ran out: {exhausted}");
 }
+
+fn start_dir(
+    mesh: &str,
+    policies: &str,
+    tune: impl FnOnce(&mut meshflow_cli::up::UpOptions),
+) -> TestMesh {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/traffic.yaml"), policies).unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh).unwrap();
+    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
+    options.drain = Duration::from_millis(500);
+    tune(&mut options);
+    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
+    TestMesh { mesh, dir }
+}
+
+const LB_MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Mesh
+metadata: { name: lb }
+spec:
+  policiesDir: policies
+  workloads:
+    - name: client
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "client", "--listen", "127.0.0.1:{port}"] }
+    - name: lb-a
+      service: lb
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "lb-a", "--listen", "127.0.0.1:{port}"] }
+    - name: lb-b
+      service: lb
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "lb-b", "--listen", "127.0.0.1:{port}"] }
+    - name: lb-slow
+      service: lb
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "lb-slow", "--delay-ms", "50", "--listen", "127.0.0.1:{port}"] }
+"#;
+
+const LB_POLICY: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: TrafficPolicy
+metadata: { name: lb }
+spec:
+  service: lb
+  loadBalancer: { policy: p2cPeakEwma }
+  outlierDetection: { consecutiveFailures: 2, baseEjectionTime: 3s, maxEjectedPercent: 50 }
+"#;
+
+async fn wait_endpoints(admin: &str, service: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dump: serde_json::Value =
+            serde_json::from_str(&get_text(admin, "/config_dump").await).unwrap();
+        let count = dump["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service)
+            .map_or(0, |s| s["endpoints"].as_array().unwrap().len());
+        if count == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} never had {n} endpoints (has {count})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timing_p2c_peak_ewma_avoids_a_slow_endpoint() {
+    let t = start_dir(LB_MESH, LB_POLICY, |_| {});
+    let client_addr = t.mesh.workload("client").clone();
+    wait_endpoints(&client_addr.admin, "lb", 3).await;
+    let client = via(&client_addr.outbound);
+    let mut handles = Vec::new();
+    for worker in 0..8 {
+        let client = client.clone();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..250 {
+                let r = client.get("http://lb.default/x").send().await.unwrap();
+                assert_eq!(r.status(), 200, "worker {worker}");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let slow = app_requests(&t.mesh.workload("lb-slow").app).await;
+    let a = app_requests(&t.mesh.workload("lb-a").app).await;
+    let b = app_requests(&t.mesh.workload("lb-b").app).await;
+    assert_eq!(a + b + slow, 2000);
+    assert!(
+        slow < 400,
+        "the 50 ms slower endpoint got {slow} of 2000 (a {a}, b {b})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timing_refusing_endpoint_is_ejected_and_readmitted() {
+    let refused_port = meshflow_cli::supervisor::free_port().unwrap();
+    let mut t = start_dir(LB_MESH, LB_POLICY, |o| {
+        o.skip_sidecars.insert("default/lb-b".into());
+    });
+    // lb-b's endpoint is registered at a port nobody listens on: connections are refused.
+    let lb_b_port = t.mesh.app_ports["default/lb-b"];
+    t.mesh
+        .spawn_sidecar(
+            "default/lb-b",
+            lb_b_port,
+            &["--advertise".into(), format!("127.0.0.1:{refused_port}")],
+        )
+        .unwrap();
+    t.mesh.wait_sidecar("default/lb-b", lb_b_port).unwrap();
+    let client_addr = t.mesh.workload("client").clone();
+    wait_endpoints(&client_addr.admin, "lb", 3).await;
+    let client = via(&client_addr.outbound);
+    let failures = |text: &str| {
+        metric(
+            text,
+            "meshflow_retries_total",
+            &[("service", "lb.default"), ("reason", "connect-failure")],
+        )
+    };
+
+    // Until ejected, a refused connection is retried elsewhere: every request succeeds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &client_metrics(&t).await,
+        "meshflow_endpoint_ejections_total",
+        &[("service", "lb.default")],
+    ) < 1.0
+    {
+        let r = client.get("http://lb.default/x").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(Instant::now() < deadline, "never ejected");
+    }
+    // While ejected (3 s) it gets no attempt.
+    let before = failures(&client_metrics(&t).await);
+    for _ in 0..100 {
+        let r = client.get("http://lb.default/y").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        failures(&client_metrics(&t).await),
+        before,
+        "no attempt on the ejected endpoint"
+    );
+
+    // It recovers: a real lb-b sidecar now listens on that port.
+    t.mesh
+        .supervisor
+        .stop(&meshflow_cli::up::LocalMesh::sidecar_process(
+            "default/lb-b",
+        ));
+    t.mesh
+        .spawn_sidecar(
+            "default/lb-b",
+            lb_b_port,
+            &["--inbound".into(), format!("127.0.0.1:{refused_port}")],
+        )
+        .unwrap();
+    t.mesh.wait_sidecar("default/lb-b", lb_b_port).unwrap();
+    let served = app_requests(&t.mesh.workload("lb-b").app).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app_requests(&t.mesh.workload("lb-b").app).await == served {
+        let r = client.get("http://lb.default/z").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            Instant::now() < deadline,
+            "recovered endpoint never re-admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const POOL_MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Mesh
+metadata: { name: pool }
+spec:
+  policiesDir: policies
+  workloads:
+    - name: client
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "client", "--listen", "127.0.0.1:{port}"] }
+    - name: stalled
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "stalled", "--listen", "127.0.0.1:{port}"] }
+"#;
+
+const POOL_POLICY: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: TrafficPolicy
+metadata: { name: stalled }
+spec:
+  service: stalled
+  connectionPool: { maxPendingRequests: 10 }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timing_max_pending_requests_sheds_load_at_once() {
+    let t = start_dir(POOL_MESH, POOL_POLICY, |_| {});
+    let client = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(format!("http://{}", t.mesh.workload("client").outbound)).unwrap(),
+        )
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    // 10 requests stall for 5 s; then 40 more arrive.
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let client = client.clone();
+        stalled.push(tokio::spawn(async move {
+            client
+                .get("http://stalled.default/sleep/5000")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app_requests(&t.mesh.workload("stalled").app).await < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the first 10 never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = Instant::now();
+    let mut shed = Vec::new();
+    for _ in 0..40 {
+        let client = client.clone();
+        shed.push(tokio::spawn(async move {
+            client
+                .get("http://stalled.default/sleep/5000")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    let mut fast_503 = 0;
+    for task in shed {
+        if matches!(task.await.unwrap(), Ok(503)) {
+            fast_503 += 1;
+        }
+    }
+    assert_eq!(fast_503, 40, "every request over the limit got 503");
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "shed at once, not after the stall: {:?}",
+        sent.elapsed()
+    );
+    let text = client_metrics(&t).await;
+    assert_eq!(
+        metric(
+            &text,
+            "meshflow_pool_overflow_total",
+            &[("service", "stalled.default")]
+        ),
+        40.0
+    );
+    for task in stalled {
+        assert!(matches!(task.await.unwrap(), Ok(200)));
+    }
+}
