@@ -58,6 +58,9 @@ pub struct ProxyMetrics {
     pub endpoint_ejections: IntCounterVec,
     /// `meshflow_fault_injections_total{service, kind}`: injected `delay` / `abort`.
     pub fault_injections: IntCounterVec,
+    /// `meshflow_endpoint_in_flight{service, endpoint}`: attempts in flight per endpoint
+    /// (endpoints come from the snapshot, so the label set is bounded).
+    pub endpoint_in_flight: IntGaugeVec,
 }
 
 impl ProxyMetrics {
@@ -199,6 +202,13 @@ impl ProxyMetrics {
                 ),
                 &["service", "kind"],
             )?,
+            endpoint_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "meshflow_endpoint_in_flight",
+                    "Attempts in flight, per endpoint.",
+                ),
+                &["service", "endpoint"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -220,6 +230,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.pool_overflow.clone()))?;
         registry.register(Box::new(m.endpoint_ejections.clone()))?;
         registry.register(Box::new(m.fault_injections.clone()))?;
+        registry.register(Box::new(m.endpoint_in_flight.clone()))?;
         Ok(m)
     }
 }

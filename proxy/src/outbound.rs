@@ -63,9 +63,21 @@ pub struct OutboundCtx {
     timed_out: Option<&'static str>,
     /// The current attempt's endpoint statistics and in-flight guard.
     attempt_stats: Option<Arc<EndpointStats>>,
-    in_flight: Option<InFlight>,
+    in_flight: Option<AttemptGuard>,
     /// This request's `maxPendingRequests` slot.
     outstanding: Option<OutstandingSlot>,
+}
+
+/// Holds an attempt's in-flight counts (balancer and metric) until dropped.
+struct AttemptGuard {
+    _in_flight: InFlight,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// The outbound `ProxyHttp`.
@@ -498,7 +510,16 @@ impl ProxyHttp for OutboundProxy {
             ));
         };
         let endpoint = endpoint.clone();
-        ctx.in_flight = Some(Balancer::start(&stats));
+        let gauge = self
+            .shared
+            .metrics
+            .endpoint_in_flight
+            .with_label_values(&[self.service_label(ctx), &endpoint.address]);
+        gauge.inc();
+        ctx.in_flight = Some(AttemptGuard {
+            _in_flight: Balancer::start(&stats),
+            gauge,
+        });
         ctx.attempt_stats = Some(stats);
         let svid = self
             .shared

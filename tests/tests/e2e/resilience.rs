@@ -34,6 +34,8 @@ spec:
   routes:
     - match: { path: { prefix: /opt-in } }
       retries: { maxAttempts: 2, retryOn: [gateway-error], retryNonIdempotent: true, backoff: { base: 10ms, max: 50ms } }
+    - match: { path: { exact: /meshflow.echo.v1.Echo/ServerStream } }
+      timeouts: { streamIdle: 1s }
 ---
 apiVersion: meshflow.io/v1alpha1
 kind: TrafficPolicy
@@ -703,4 +705,49 @@ async fn timing_max_pending_requests_sheds_load_at_once() {
     for task in stalled {
         assert!(matches!(task.await.unwrap(), Ok(200)));
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timing_a_stream_silent_longer_than_stream_idle_is_cut_and_counted() {
+    let t = start_with_policies();
+    let channel = Endpoint::from_shared(format!("http://{}", t.mesh.workload("client").outbound))
+        .unwrap()
+        .origin("http://shipping.default".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut stream = EchoClient::new(channel)
+        .server_stream(meshflow_example_echo::pb::StreamRequest {
+            message: "idle".into(),
+            count: 3,
+            interval_ms: 3000,
+        })
+        .await
+        .expect("stream starts")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("first message")
+        .expect("not ended");
+    assert_eq!(first.sequence, 1);
+    let started = Instant::now();
+    let next = stream.message().await;
+    assert!(
+        next.is_err(),
+        "the stream was cut during 3 s of silence: {next:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(2900),
+        "cut after streamIdle, not at the next message"
+    );
+    let text = client_metrics(&t).await;
+    assert!(
+        metric(
+            &text,
+            "meshflow_timeouts_total",
+            &[("service", "shipping.default"), ("kind", "stream_idle")]
+        ) >= 1.0,
+        "{text}"
+    );
 }
