@@ -55,6 +55,29 @@ impl App {
     }
 }
 
+/// Marks attempt `index` of `key` as `cancelled` if dropped while armed (the handler was
+/// abandoned because the caller reset the stream or closed the connection).
+struct Cancellation {
+    attempts: Arc<std::sync::Mutex<BTreeMap<String, Vec<serde_json::Value>>>>,
+    key: String,
+    index: usize,
+    armed: bool,
+}
+
+impl Drop for Cancellation {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(attempt) = attempts
+                .get_mut(&self.key)
+                .and_then(|l| l.get_mut(self.index))
+            {
+                attempt["cancelled"] = serde_json::json!(true);
+            }
+        }
+    }
+}
+
 fn xfcc(headers: &http::HeaderMap) -> Vec<String> {
     headers
         .get_all("x-forwarded-client-cert")
@@ -230,7 +253,17 @@ async fn http_echo(app: App, request: Request) -> axum::response::Response {
         .split_once("/sleep/")
         .and_then(|(_, m)| m.parse::<u64>().ok())
     {
+        // If the caller resets the stream mid-sleep, this future is dropped: record that.
+        let _watch = header("x-test-key").map(|key| Cancellation {
+            attempts: app.attempts.clone(),
+            key,
+            index: before,
+            armed: true,
+        });
         tokio::time::sleep(Duration::from_millis(ms)).await;
+        if let Some(mut watch) = _watch {
+            watch.armed = false;
+        }
     }
     // /flaky/<n>/<code>[?retry-after=<v>]: the first n requests with this x-test-key get <code>.
     if let Some((_, rest)) = path.split_once("/flaky/") {

@@ -245,7 +245,18 @@ async fn timing_per_attempt_request_and_caller_deadlines() {
         "answered before the upstream would have: {:?}",
         sent.elapsed()
     );
-    assert_eq!(attempts(&t, "slow", "pa").await.len(), 2);
+    let seen = attempts(&t, "slow", "pa").await;
+    assert_eq!(seen.len(), 2);
+    // The proxy reset the first attempt when its 200 ms ran out (the app saw the cancel).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while attempts(&t, "slow", "pa").await[0]["cancelled"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "first attempt never reset: {:?}",
+            attempts(&t, "slow", "pa").await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // request 300 ms with perAttempt 1 s and 3 attempts → 504 before 1.3 s; no attempt starts
     // after the deadline.
@@ -478,6 +489,12 @@ spec:
     - name: lb-slow
       service: lb
       app: { protocol: http1, command: ["meshflow-echo", "--name", "lb-slow", "--delay-ms", "50", "--listen", "127.0.0.1:{port}"] }
+    - name: pair-bad
+      service: pair
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "pair-bad", "--always", "503", "--listen", "127.0.0.1:{port}"] }
+    - name: pair-good
+      service: pair
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "pair-good", "--listen", "127.0.0.1:{port}"] }
 "#;
 
 const LB_POLICY: &str = r#"apiVersion: meshflow.io/v1alpha1
@@ -487,6 +504,14 @@ spec:
   service: lb
   loadBalancer: { policy: p2cPeakEwma }
   outlierDetection: { consecutiveFailures: 2, baseEjectionTime: 3s, maxEjectedPercent: 50 }
+---
+apiVersion: meshflow.io/v1alpha1
+kind: TrafficPolicy
+metadata: { name: pair }
+spec:
+  service: pair
+  loadBalancer: { policy: roundRobin }
+  retries: { maxAttempts: 2, retryOn: [gateway-error], backoff: { base: 1ms, max: 5ms } }
 "#;
 
 async fn wait_endpoints(admin: &str, service: &str, n: usize) {
@@ -669,6 +694,9 @@ async fn timing_max_pending_requests_sheds_load_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let sidecar = meshflow_cli::up::LocalMesh::sidecar_process("default/client");
+    let pid = t_pid(&t, &sidecar);
+    let rss_before = rss_kib(pid);
     let sent = Instant::now();
     let mut shed = Vec::new();
     for _ in 0..40 {
@@ -701,6 +729,11 @@ async fn timing_max_pending_requests_sheds_load_at_once() {
             &[("service", "stalled.default")]
         ),
         40.0
+    );
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "sidecar memory stayed bounded: {rss_before} → {rss_after} KiB"
     );
     for task in stalled {
         assert!(matches!(task.await.unwrap(), Ok(200)));
@@ -750,4 +783,54 @@ async fn timing_a_stream_silent_longer_than_stream_idle_is_cut_and_counted() {
         ) >= 1.0,
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_goes_to_the_other_endpoint() {
+    let t = start_dir(LB_MESH, LB_POLICY, |_| {});
+    let client_addr = t.mesh.workload("client").clone();
+    wait_endpoints(&client_addr.admin, "pair", 2).await;
+    let client = via(&client_addr.outbound);
+    let mut retried = 0;
+    for i in 0..20 {
+        let key = format!("pair-{i}");
+        let r = client
+            .get("http://pair.default/x")
+            .header("x-test-key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{key}");
+        let bad = attempts(&t, "pair-bad", &key).await.len();
+        let good = attempts(&t, "pair-good", &key).await.len();
+        assert_eq!(good, 1, "{key}: answered by the good endpoint exactly once");
+        assert!(
+            bad <= 1,
+            "{key}: the failing endpoint was never tried twice"
+        );
+        retried += bad;
+    }
+    assert!(
+        retried >= 5,
+        "round robin sent some first attempts to the failing endpoint: {retried}"
+    );
+}
+
+fn t_pid(t: &TestMesh, name: &str) -> u32 {
+    t.mesh
+        .supervisor
+        .pids()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p)
+        .expect("sidecar pid")
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
