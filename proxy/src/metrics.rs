@@ -61,6 +61,9 @@ pub struct ProxyMetrics {
     /// `meshflow_endpoint_in_flight{service, endpoint}`: attempts in flight per endpoint
     /// (endpoints come from the snapshot, so the label set is bounded).
     pub endpoint_in_flight: IntGaugeVec,
+    /// `meshflow_grpc_responses_total{service, grpc_status}`: gRPC statuses seen outbound, from
+    /// Trailers-Only headers or from trailers after messages (`0`–`16`, else `invalid`).
+    pub grpc_responses: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -209,6 +212,13 @@ impl ProxyMetrics {
                 ),
                 &["service", "endpoint"],
             )?,
+            grpc_responses: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_grpc_responses_total",
+                    "gRPC statuses seen on outbound responses.",
+                ),
+                &["service", "grpc_status"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -231,6 +241,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.endpoint_ejections.clone()))?;
         registry.register(Box::new(m.fault_injections.clone()))?;
         registry.register(Box::new(m.endpoint_in_flight.clone()))?;
+        registry.register(Box::new(m.grpc_responses.clone()))?;
         Ok(m)
     }
 }

@@ -256,6 +256,19 @@ impl OutboundProxy {
         }
     }
 
+    fn count_grpc_status(&self, ctx: &OutboundCtx, status: &str) {
+        let label = match status.trim().parse::<u32>() {
+            Ok(code) if code <= 16 => code.to_string(),
+            _ => "invalid".to_string(),
+        };
+        let service = self.service_label(ctx);
+        self.shared
+            .metrics
+            .grpc_responses
+            .with_label_values(&[service, &label])
+            .inc();
+    }
+
     /// Classifies a transport error of the current attempt.
     fn classify_error(&self, e: &Error, ctx: &mut OutboundCtx) -> AttemptOutcome {
         match e.etype() {
@@ -617,6 +630,10 @@ impl ProxyHttp for OutboundProxy {
             status,
             grpc_status,
         };
+        if let Some(g) = header_str(&upstream_response.headers, "grpc-status") {
+            let g = g.to_string();
+            self.count_grpc_status(ctx, &g);
+        }
         let health = if status >= 500 {
             Health::Failure
         } else {
@@ -642,6 +659,19 @@ impl ProxyHttp for OutboundProxy {
             return Err(e);
         }
         ctx.responded = true;
+        Ok(())
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        // A status after messages: counted, never retried (the messages already went out).
+        if let Some(status) = header_str(trailers, "grpc-status") {
+            self.count_grpc_status(ctx, status);
+        }
         Ok(())
     }
 

@@ -36,6 +36,10 @@ spec:
       retries: { maxAttempts: 2, retryOn: [gateway-error], retryNonIdempotent: true, backoff: { base: 10ms, max: 50ms } }
     - match: { path: { exact: /meshflow.echo.v1.Echo/ServerStream } }
       timeouts: { streamIdle: 1s }
+    - match: { path: { prefix: /fault-abort } }
+      faultInjection: { abort: { percent: 100, status: 418 } }
+    - match: { path: { prefix: /fault-delay } }
+      faultInjection: { delay: { percent: 100, duration: 300ms } }
 ---
 apiVersion: meshflow.io/v1alpha1
 kind: TrafficPolicy
@@ -205,6 +209,48 @@ async fn retries_follow_policy_methods_bodies_and_pushback() {
     assert_eq!(r.status(), 200);
     assert_eq!(attempts(&t, "shipping", "rasoon").await.len(), 2);
 
+    // Fault injection: abort and delay, counted.
+    let r = client
+        .get("http://shipping.default/fault-abort/x")
+        .header("x-test-key", "fa")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 418);
+    assert!(
+        attempts(&t, "shipping", "fa").await.is_empty(),
+        "an aborted request never leaves the sidecar"
+    );
+    let sent = Instant::now();
+    let r = client
+        .get("http://shipping.default/fault-delay/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(300),
+        "delayed: {:?}",
+        sent.elapsed()
+    );
+    let text = client_metrics(&t).await;
+    assert_eq!(
+        metric(
+            &text,
+            "meshflow_fault_injections_total",
+            &[svc[0], ("kind", "abort")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "meshflow_fault_injections_total",
+            &[svc[0], ("kind", "delay")]
+        ),
+        1.0
+    );
+
     // 7. gRPC UNAVAILABLE in a Trailers-Only response is retried and succeeds (any method).
     let channel = Endpoint::from_shared(format!("http://{}", t.mesh.workload("client").outbound))
         .unwrap()
@@ -220,6 +266,23 @@ async fn retries_follow_policy_methods_bodies_and_pushback() {
         .expect("retried");
     assert_eq!(reply.into_inner().message, "flaky:g1:1:14");
     assert_eq!(attempts(&t, "shipping", "g1").await.len(), 2);
+    let text = client_metrics(&t).await;
+    assert!(
+        metric(
+            &text,
+            "meshflow_grpc_responses_total",
+            &[svc[0], ("grpc_status", "14")]
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "meshflow_grpc_responses_total",
+            &[svc[0], ("grpc_status", "0")]
+        ) >= 1.0,
+        "{text}"
+    );
 }
 
 fn bytes_of(s: &str) -> Vec<u8> {
