@@ -55,17 +55,7 @@ spec:
 "#;
 
 fn start_with_policies() -> TestMesh {
-    // The policy directory sits next to the mesh file; write it before the control plane starts.
-    install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/traffic.yaml"), POLICIES).unwrap();
-    let mesh_path = dir.path().join("mesh.yaml");
-    std::fs::write(&mesh_path, MESH).unwrap();
-    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
-    options.drain = Duration::from_millis(500);
-    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
-    TestMesh { mesh, dir }
+    start_dir(MESH, POLICIES, |_| {})
 }
 
 async fn attempts(t: &TestMesh, workload: &str, key: &str) -> Vec<serde_json::Value> {
@@ -465,16 +455,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn timing_retry_budget_bounds_retries_against_an_always_failing_upstream() {
-    install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/broken.yaml"), BUDGET_POLICY).unwrap();
-    let mesh_path = dir.path().join("mesh.yaml");
-    std::fs::write(&mesh_path, BUDGET_MESH).unwrap();
-    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
-    options.drain = Duration::from_millis(500);
-    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
-    let t = TestMesh { mesh, dir };
+    let t = start_dir(BUDGET_MESH, BUDGET_POLICY, |_| {});
     let client = via(&t.mesh.workload("client").outbound);
 
     const N: u64 = 2000;
