@@ -96,6 +96,9 @@ pub struct Timeouts {
 pub const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(300);
 /// Default `connect`.
 pub const DEFAULT_CONNECT: Duration = Duration::from_secs(1);
+/// Longest duration a TrafficPolicy may hold (keeps every deadline arithmetic in range).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// Largest `maxAttempts` accepted: nothing unbounded, and no retry storms by configuration.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
 
@@ -412,6 +415,62 @@ impl RouteMatch {
 }
 
 impl TrafficPolicy {
+    /// Every duration in the policy with its field path.
+    fn durations(&self) -> Vec<(String, SpecDuration)> {
+        let mut out = Vec::new();
+        let mut timeouts = |prefix: &str, t: &Option<Timeouts>| {
+            if let Some(t) = t {
+                for (name, d) in [
+                    ("request", t.request),
+                    ("perAttempt", t.per_attempt),
+                    ("streamIdle", t.stream_idle),
+                    ("connect", t.connect),
+                ] {
+                    if let Some(d) = d {
+                        out.push((format!("{prefix}.timeouts.{name}"), d));
+                    }
+                }
+            }
+        };
+        timeouts("spec", &self.spec.timeouts);
+        for (i, r) in self.spec.routes.iter().enumerate() {
+            timeouts(&format!("spec.routes[{i}]"), &r.timeouts);
+        }
+        let mut retries = |prefix: String, r: &Option<Retries>| {
+            if let Some(r) = r {
+                out.push((format!("{prefix}.retries.backoff.base"), r.backoff.base));
+                out.push((format!("{prefix}.retries.backoff.max"), r.backoff.max));
+                out.push((
+                    format!("{prefix}.retries.backoff.maxRetryAfter"),
+                    r.backoff.max_retry_after,
+                ));
+            }
+        };
+        retries("spec".into(), &self.spec.retries);
+        for (i, r) in self.spec.routes.iter().enumerate() {
+            retries(format!("spec.routes[{i}]"), &r.retries);
+        }
+        if let Some(o) = &self.spec.outlier_detection {
+            out.push((
+                "spec.outlierDetection.baseEjectionTime".into(),
+                o.base_ejection_time,
+            ));
+        }
+        let mut faults = |prefix: String, f: &Option<FaultInjection>| {
+            if let Some(d) = f.and_then(|f| f.delay) {
+                out.push((
+                    format!("{prefix}.faultInjection.delay.duration"),
+                    d.duration,
+                ));
+            }
+        };
+        faults("spec".into(), &self.spec.fault_injection);
+        for (i, r) in self.spec.routes.iter().enumerate() {
+            faults(format!("spec.routes[{i}]"), &r.fault_injection);
+        }
+        out
+    }
+
     /// Namespace (default `default`).
     pub fn namespace(&self) -> &str {
         self.metadata.namespace.as_deref().unwrap_or("default")
@@ -447,6 +506,15 @@ impl TrafficPolicy {
         }
         if self.kind != "TrafficPolicy" {
             return Err(invalid("kind", "kind", "must be TrafficPolicy".into()));
+        }
+        for (field, d) in self.durations() {
+            if d.get() > MAX_DURATION {
+                return Err(invalid(
+                    &field,
+                    "",
+                    format!("{d} is longer than the 24h limit"),
+                ));
+            }
         }
         if self.spec.service.is_empty() {
             return Err(invalid(
@@ -634,6 +702,8 @@ spec:
         assert!(err.to_string().contains("ambiguous"), "{err}");
         let err = parse(&GOOD.replace("unavailable,", "sometimes,")).unwrap_err();
         assert!(err.field().starts_with("spec.retries.retryOn"), "{err}");
+        let err = parse(&GOOD.replace("request: 2s", "request: 400000000000y")).unwrap_err();
+        assert_eq!(err.field(), "spec.timeouts.request", "{err}");
         let err = parse(&GOOD.replace("maxAttempts: 3", "maxAttempts: 1000")).unwrap_err();
         assert_eq!(err.field(), "spec.retries.maxAttempts");
         let err = parse(&GOOD.replace("perAttempt: 500ms", "perAtempt: 500ms")).unwrap_err();

@@ -85,6 +85,14 @@ impl EndpointStats {
         latency * f64::from(self.in_flight() + 1)
     }
 
+    /// Until when the endpoint is ejected, if it is at `now`.
+    pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
+        self.ejected_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(|until| now < *until)
+    }
+
     /// Whether the endpoint is ejected at `now`.
     pub fn is_ejected(&self, now: Instant) -> bool {
         self.ejected_until
@@ -146,13 +154,27 @@ impl Balancer {
             .iter()
             .map(|e| (e, self.stats(&e.address)))
             .collect();
-        let ejected = all.iter().filter(|(_, s)| s.is_ejected(now)).count();
-        let honour_ejection =
-            !all.is_empty() && ejected * 100 <= all.len() * max_ejected_percent as usize;
+        // Honour at most max_ejected_percent of the endpoints' ejections (those ejected until
+        // latest); beyond that, ejected endpoints take traffic again rather than overload the rest.
+        let allowed = all.len() * max_ejected_percent as usize / 100;
+        let mut ejected: Vec<(&str, Instant)> = all
+            .iter()
+            .filter_map(|(e, s)| {
+                s.ejected_until(now)
+                    .map(|until| (e.address.as_str(), until))
+            })
+            .collect();
+        ejected.sort_by_key(|(_, until)| *until);
+        let honoured: Vec<&str> = ejected
+            .iter()
+            .rev()
+            .take(allowed)
+            .map(|(a, _)| *a)
+            .collect();
         let usable = |avoid_tried: bool| -> Vec<&(&Endpoint, Arc<EndpointStats>)> {
             all.iter()
                 .filter(|(e, s)| {
-                    let ejected_now = honour_ejection && s.is_ejected(now);
+                    let ejected_now = honoured.contains(&e.address.as_str());
                     let avoided = avoid_tried && avoid.contains(&e.address);
                     let at_limit = max_in_flight.is_some_and(|max| s.in_flight() >= max);
                     !(ejected_now || avoided || at_limit)
@@ -214,21 +236,33 @@ impl Balancer {
         match health {
             Health::Success => {
                 stats.consecutive_failures.store(0, Ordering::Relaxed);
+                // Health earns back the ejection multiplier, one step per success.
+                let _ = stats
+                    .ejections
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
                 false
             }
             Health::Failure => {
+                // Failures of attempts still running when the endpoint was ejected do not count
+                // towards the next ejection; it starts from zero when re-admitted.
+                if stats.is_ejected(now) {
+                    return false;
+                }
                 let failures = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 let Some(outlier) = outlier else { return false };
-                if failures < outlier.consecutive_failures || stats.is_ejected(now) {
+                if failures < outlier.consecutive_failures {
                     return false;
+                }
+                let mut until = stats
+                    .ejected_until
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if until.is_some_and(|u| now < u) {
+                    return false; // a concurrent failure ejected it already
                 }
                 // The n-th ejection lasts n × base (Envoy), capped at 10 × base.
                 let n = (stats.ejections.fetch_add(1, Ordering::Relaxed) + 1).min(10);
-                *stats
-                    .ejected_until
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) =
-                    Some(now + outlier.base_ejection_time.get() * n);
+                *until = now.checked_add(outlier.base_ejection_time.get() * n);
                 stats.consecutive_failures.store(0, Ordering::Relaxed);
                 true
             }

@@ -108,6 +108,25 @@ fn header_str<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Whether the server refused the stream before processing it (HTTP/2 REFUSED_STREAM, RFC 9113
+/// §8.7): walks the error's cause chain to the h2 error.
+fn is_refused_stream(e: &Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e.cause.as_deref().map(|c| c as _);
+    while let Some(err) = cause {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_reset()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        if let Some(inner) = err.downcast_ref::<Error>() {
+            cause = inner.cause.as_deref().map(|c| c as _);
+            continue;
+        }
+        cause = err.source();
+    }
+    false
+}
+
 /// The metric/log word for an outcome.
 fn outcome_reason(outcome: AttemptOutcome) -> String {
     match outcome {
@@ -118,7 +137,11 @@ fn outcome_reason(outcome: AttemptOutcome) -> String {
         AttemptOutcome::Response {
             grpc_status: Some(g),
             ..
-        } if g != 0 => format!("grpc-{g}"),
+        } if g != 0 && g <= 16 => format!("grpc-{g}"),
+        AttemptOutcome::Response {
+            grpc_status: Some(g),
+            ..
+        } if g > 16 => "grpc-invalid".into(),
         AttemptOutcome::Response { status, .. } => format!("status-{status}"),
     }
 }
@@ -163,11 +186,8 @@ impl OutboundProxy {
         }
         let service = self.service_label(ctx).to_string();
         let metrics = &self.shared.metrics;
-        let never_sent = matches!(
-            outcome,
-            AttemptOutcome::ConnectFailure | AttemptOutcome::RefusedStream
-        );
-        if !never_sent && session.as_ref().retry_buffer_truncated() {
+        // Even a refused stream may have consumed body bytes past the replay buffer.
+        if session.as_ref().retry_buffer_truncated() {
             metrics
                 .retry_skipped
                 .with_label_values(&[&service, "body"])
@@ -289,14 +309,8 @@ impl OutboundProxy {
                     .inc();
                 AttemptOutcome::PerAttemptTimeout
             }
-            _ => {
-                let text = e.to_string();
-                if text.contains("REFUSED_STREAM") {
-                    AttemptOutcome::RefusedStream
-                } else {
-                    AttemptOutcome::Reset
-                }
-            }
+            _ if is_refused_stream(e) => AttemptOutcome::RefusedStream,
+            _ => AttemptOutcome::Reset,
         }
     }
 }
@@ -402,9 +416,7 @@ impl ProxyHttp for OutboundProxy {
             .flatten()
             .min();
         ctx.deadline = limit.map(|d| now + d);
-        let budget = self.shared.budgets.get(&service_label, plan.budget, now);
-        budget.record_request(now);
-        ctx.budget = Some(budget);
+        ctx.budget = Some(self.shared.budgets.get(&service_label, plan.budget, now));
         ctx.plan = plan;
         ctx.service = Some(service_label.clone());
         session.req_header_mut().remove_header(TIMEOUT_HEADER);
@@ -460,6 +472,10 @@ impl ProxyHttp for OutboundProxy {
                 return Ok(true);
             }
         }
+        // Only admitted requests earn retry budget (shed or aborted ones must not raise it).
+        if let Some(budget) = &ctx.budget {
+            budget.record_request(now);
+        }
         // Buffer the request body (up to Pingora's 64 KiB) so an attempt can be replayed.
         session.as_mut().enable_retry_buffering();
         Ok(false)
@@ -470,6 +486,11 @@ impl ProxyHttp for OutboundProxy {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        // The previous attempt is over: it no longer counts as in flight (not even during the
+        // backoff), and its timeout does not describe this attempt.
+        ctx.in_flight = None;
+        ctx.attempt_stats = None;
+        ctx.timed_out = None;
         if let Some(wait) = ctx.retry_wait.take() {
             tokio::time::sleep(wait).await;
         }
@@ -552,7 +573,13 @@ impl ProxyHttp for OutboundProxy {
         peer.options.ca = Some(bundle.pingora_ca.clone());
         peer.options.alpn = ALPN::H2;
         peer.options.max_h2_streams = 100;
-        peer.options.connection_timeout = Some(ctx.plan.connect);
+        // Connecting (TCP + TLS together) never outlasts the request deadline.
+        let connect_limit = [Some(ctx.plan.connect), remaining]
+            .into_iter()
+            .flatten()
+            .min();
+        peer.options.connection_timeout = connect_limit;
+        peer.options.total_connection_timeout = connect_limit;
         // Until response headers: the per-attempt limit and the request deadline; Pingora
         // applies the same read timeout to body reads afterwards (see ARCHITECTURE.md).
         let header_limit = [ctx.plan.per_attempt, remaining]
@@ -689,6 +716,12 @@ impl ProxyHttp for OutboundProxy {
             e.set_retry(true);
             return e;
         }
+        if e.esource() == &pingora_error::ErrorSource::Downstream {
+            // The app went away or stalled: not the endpoint's fault, and nobody to retry for.
+            ctx.attempt_stats = None;
+            e.set_retry(false);
+            return e;
+        }
         let outcome = self.classify_error(&e, ctx);
         self.record_health(ctx, Health::Failure, false);
         let retry = self.decide_retry(session, ctx, outcome, None);
@@ -782,7 +815,8 @@ impl ProxyHttp for OutboundProxy {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let timed_out = ctx.timed_out.is_some() && !ctx.responded;
+        let deadline_passed = ctx.deadline.is_some_and(|d| Instant::now() >= d);
+        let timed_out = (ctx.timed_out.is_some() || deadline_passed) && !ctx.responded;
         if timed_out || matches!(e.etype(), ErrorType::HTTPStatus(504)) {
             if ctx.grpc {
                 // gRPC clients read DEADLINE_EXCEEDED from a Trailers-Only response.
