@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::authz::AuthorizationPolicy;
 use crate::load::{parse_yaml, LoadError, Result};
 use crate::traffic::TrafficPolicy;
 
@@ -13,10 +14,13 @@ use crate::traffic::TrafficPolicy;
 pub struct PolicySet {
     /// `kind: TrafficPolicy` documents, at most one per destination service.
     pub traffic: Vec<TrafficPolicy>,
+    /// `kind: AuthorizationPolicy` documents, unique by namespace/name.
+    #[serde(default)]
+    pub authorization: Vec<AuthorizationPolicy>,
 }
 
 /// The kinds a policy directory may hold today.
-pub const SUPPORTED_KINDS: &[&str] = &["TrafficPolicy"];
+pub const SUPPORTED_KINDS: &[&str] = &["TrafficPolicy", "AuthorizationPolicy"];
 
 #[derive(Deserialize)]
 struct KindOnly {
@@ -104,6 +108,23 @@ impl PolicySet {
                     }
                     self.traffic.push(policy);
                 }
+                Some("AuthorizationPolicy") => {
+                    let policy =
+                        AuthorizationPolicy::parse(file, &doc).map_err(|e| shift(e, offset))?;
+                    if self.authorization.iter().any(|p| p.id() == policy.id()) {
+                        return Err(LoadError::Invalid {
+                            file: file.to_path_buf(),
+                            line: offset
+                                + crate::load::find_line(&doc, "name", &policy.metadata.name),
+                            field: "metadata.name".into(),
+                            message: format!(
+                                "AuthorizationPolicy {} is defined twice",
+                                policy.id()
+                            ),
+                        });
+                    }
+                    self.authorization.push(policy);
+                }
                 other => {
                     return Err(LoadError::Invalid {
                         file: file.to_path_buf(),
@@ -131,6 +152,18 @@ impl PolicySet {
             set.add_file(&file, &text)?;
         }
         Ok(set)
+    }
+
+    /// The AuthorizationPolicies that select a workload (its namespace's and the root
+    /// namespace's, by selector).
+    pub fn authorization_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a std::collections::BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a AuthorizationPolicy> + Clone + 'a {
+        self.authorization
+            .iter()
+            .filter(move |p| p.selects(namespace, labels))
     }
 
     /// The TrafficPolicy for service `name` in `namespace`.

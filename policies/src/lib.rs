@@ -4,10 +4,12 @@
 //! Errors carry the file, the field path and the line of the offending YAML so an operator can
 //! fix a file without guessing (see [`load::LoadError`]).
 
+pub mod authz;
 pub mod documents;
 pub mod duration;
 pub mod load;
 pub mod mesh;
+pub mod path;
 pub mod spiffe;
 pub mod traffic;
 
