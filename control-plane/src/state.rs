@@ -68,7 +68,11 @@ impl MeshState {
             spiffe_id: spiffe_id.uri(),
             trust_bundle_pem: self.trust_bundle_pem.to_string(),
             services: services.into_values().collect(),
-            policies_json: Vec::new(),
+            policies_json: self
+                .policies
+                .authorization_for(&me.namespace, &me.labels)
+                .filter_map(|p| serde_json::to_string(p).ok())
+                .collect(),
             traffic_policies_json: self
                 .policies
                 .traffic

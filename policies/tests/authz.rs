@@ -65,7 +65,14 @@ const HTTPBIN: &[(&str, &str)] = &[("app", "httpbin")];
 fn istio_reference_examples_have_istios_outcomes() {
     let set = istio_examples();
     let google = "https://accounts.google.com";
-    let mut cases: Vec<(&str, &str, &[(&str, &str)], RequestAttributes, bool)> = vec![
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        RequestAttributes,
+        bool,
+    );
+    let mut cases: Vec<Case> = vec![
         // httpbin (foo): ALLOW sleep SA or ns test, GET /info* or POST /data, iss google.
         (
             "1 sleep GET /info with google JWT",

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use meshflow_api::v1;
+use meshflow_policies::authz::AuthorizationPolicy;
 use meshflow_policies::{SpiffeId, TrafficPolicy};
 
 /// One endpoint of a service: a sidecar's inbound listener and the identity it must present.
@@ -61,6 +62,8 @@ pub struct ConfigSnapshot {
     pub services: HashMap<(String, String), ServiceEntry>,
     /// TrafficPolicies by destination (name, namespace).
     pub traffic: HashMap<(String, String), Arc<TrafficPolicy>>,
+    /// AuthorizationPolicies selecting this workload (evaluated on inbound requests).
+    pub authorization: Vec<AuthorizationPolicy>,
     /// The proto as received (for `/config_dump`).
     pub raw: v1::Snapshot,
 }
@@ -128,11 +131,20 @@ impl ConfigSnapshot {
                 Arc::new(policy),
             );
         }
+        // An unreadable policy rejects the whole snapshot: the previous policies stay in force,
+        // so a bad policy can never widen access.
+        let mut authorization = Vec::new();
+        for json in &raw.policies_json {
+            let policy: AuthorizationPolicy = serde_json::from_str(json)
+                .map_err(|e| err(format!("authorizationPolicies: {e}")))?;
+            authorization.push(policy);
+        }
         Ok(Self {
             version: raw.version,
             spiffe_id,
             services,
             traffic,
+            authorization,
             raw,
         })
     }

@@ -15,11 +15,16 @@ use crate::http_hygiene::{xfcc_value, XFCC};
 use crate::identity::PeerIdentity;
 use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
 use crate::shared::Shared;
+use meshflow_policies::authz::{authorize, RequestAttributes};
+use meshflow_policies::path::{normalize_host, normalize_path, PathError};
+use meshflow_policies::SpiffeId;
 
 /// Per-request state.
 pub struct InboundCtx {
     start: Instant,
-    peer: Option<String>,
+    peer: Option<SpiffeId>,
+    /// The normalized path (and the original query) that was authorized and is forwarded.
+    forwarded_target: Option<String>,
 }
 
 /// The inbound `ProxyHttp`.
@@ -34,14 +39,129 @@ impl InboundProxy {
     }
 }
 
-fn peer_identity(session: &Session) -> Option<String> {
+fn peer_identity(session: &Session) -> Option<SpiffeId> {
     let ext = session
         .digest()?
         .ssl_digest
         .as_ref()?
         .extension
         .get::<PeerIdentity>()?;
-    ext.spiffe_id.as_ref().map(|id| id.uri())
+    ext.spiffe_id.clone()
+}
+
+/// Whether the raw HTTP/1.1 request target carries a fragment (`#`), which the URI parser
+/// would silently drop.
+fn raw_target_has_fragment(session: &Session) -> bool {
+    match session.as_ref() {
+        pingora_core::protocols::http::ServerSession::H1(h1) => {
+            let head = h1.get_headers_raw_bytes();
+            let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+            line.contains(&b'#')
+        }
+        _ => false,
+    }
+}
+
+impl InboundProxy {
+    /// Normalizes the path, evaluates the workload's AuthorizationPolicies and answers 400/403
+    /// itself when the request must not reach the app. Returns `true` when it answered.
+    async fn authorize(&self, session: &mut Session, ctx: &mut InboundCtx) -> Result<bool> {
+        let metrics = &self.shared.metrics;
+        let req = session.req_header();
+        let normalized = if raw_target_has_fragment(session) {
+            Err(PathError::Fragment)
+        } else {
+            normalize_path(req.uri.path())
+        };
+        let path = match normalized {
+            Ok(path) => path,
+            Err(e) => {
+                metrics
+                    .rejected_requests
+                    .with_label_values(&["inbound", "path"])
+                    .inc();
+                session.set_keepalive(None);
+                session
+                    .respond_error_with_body(400, bytes::Bytes::from(format!("meshflow: {e}\n")))
+                    .await?;
+                return Ok(true);
+            }
+        };
+        let host = req
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let mut headers: std::collections::BTreeMap<String, Vec<String>> =
+            std::collections::BTreeMap::new();
+        for (name, value) in &req.headers {
+            headers
+                .entry(name.as_str().to_string())
+                .or_default()
+                .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        }
+        let peer = ctx.peer.as_ref();
+        let source_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let attributes = RequestAttributes {
+            principal: peer.map(SpiffeId::principal),
+            source_namespace: peer.map(|p| p.namespace().to_string()),
+            source_ip,
+            remote_ip: source_ip,
+            host: normalize_host(&host),
+            port: self.shared.app_port,
+            method: req.method.as_str().to_string(),
+            path: path.clone(),
+            headers,
+            ..Default::default()
+        };
+        let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let snapshot = self.shared.config.current();
+        let policies = snapshot
+            .as_ref()
+            .map(|s| s.authorization.as_slice())
+            .unwrap_or_default();
+        let decision = authorize(policies.iter(), &attributes);
+        let policy = decision.policy.clone().unwrap_or_else(|| "none".into());
+        let verdict = if decision.allowed { "allow" } else { "deny" };
+        metrics
+            .authz_decisions
+            .with_label_values(&[verdict, &policy])
+            .inc();
+        for audited in &decision.audited {
+            metrics
+                .authz_decisions
+                .with_label_values(&["audit", audited])
+                .inc();
+        }
+        tracing::info!(
+            target: "meshflow::access",
+            decision = verdict,
+            policy = %policy,
+            rule = ?decision.rule,
+            audited = ?decision.audited,
+            principal = %attributes.principal.as_deref().unwrap_or("-"),
+            method = %attributes.method,
+            path = %path,
+            "authorization"
+        );
+        if !decision.allowed {
+            session
+                .respond_error_with_body(403, bytes::Bytes::from_static(b"RBAC: access denied\n"))
+                .await?;
+            return Ok(true);
+        }
+        ctx.forwarded_target = Some(format!("{path}{query}"));
+        Ok(false)
+    }
 }
 
 #[async_trait]
@@ -52,6 +172,7 @@ impl ProxyHttp for InboundProxy {
         InboundCtx {
             start: Instant::now(),
             peer: None,
+            forwarded_target: None,
         }
     }
 
@@ -67,7 +188,10 @@ impl ProxyHttp for InboundProxy {
             return Err(e);
         };
         ctx.peer = Some(peer);
-        refuse_bad_request(session, &self.shared, "inbound").await
+        if refuse_bad_request(session, &self.shared, "inbound").await? {
+            return Ok(true);
+        }
+        self.authorize(session, ctx).await
     }
 
     async fn upstream_peer(
@@ -102,8 +226,23 @@ impl ProxyHttp for InboundProxy {
             .as_ref()
             .map(|s| s.spiffe_id.uri())
             .unwrap_or_default();
-        let peer = ctx.peer.as_deref().unwrap_or_default();
-        upstream_request.insert_header(XFCC, xfcc_value(&own, peer))?;
+        let peer = ctx.peer.as_ref().map(|p| p.uri()).unwrap_or_default();
+        upstream_request.insert_header(XFCC, xfcc_value(&own, &peer))?;
+        // Forward exactly what was authorized.
+        tracing::debug!(uri = %upstream_request.uri, target = ?ctx.forwarded_target, "inbound upstream request");
+        if let Some(target) = &ctx.forwarded_target {
+            let current = upstream_request.uri.path_and_query().map(|p| p.as_str());
+            if current != Some(target.as_str()) {
+                // Replace only the path and query: an HTTP/2 request keeps scheme and authority.
+                let mut parts = upstream_request.uri.clone().into_parts();
+                if let Ok(path_and_query) = target.parse() {
+                    parts.path_and_query = Some(path_and_query);
+                    if let Ok(uri) = http::Uri::from_parts(parts) {
+                        upstream_request.set_uri(uri);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

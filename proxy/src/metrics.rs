@@ -61,6 +61,9 @@ pub struct ProxyMetrics {
     /// `meshflow_endpoint_in_flight{service, endpoint}`: attempts in flight per endpoint
     /// (endpoints come from the snapshot, so the label set is bounded).
     pub endpoint_in_flight: IntGaugeVec,
+    /// `meshflow_authz_decisions_total{decision, policy}`: inbound authorization decisions;
+    /// `policy` is the deciding AuthorizationPolicy `namespace/name` or `none`.
+    pub authz_decisions: IntCounterVec,
     /// `meshflow_grpc_responses_total{service, grpc_status}`: gRPC statuses seen outbound, from
     /// Trailers-Only headers or from trailers after messages (`0`–`16`, else `invalid`).
     pub grpc_responses: IntCounterVec,
@@ -219,6 +222,13 @@ impl ProxyMetrics {
                 ),
                 &["service", "grpc_status"],
             )?,
+            authz_decisions: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_authz_decisions_total",
+                    "Inbound authorization decisions, by decision and policy.",
+                ),
+                &["decision", "policy"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -242,6 +252,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.fault_injections.clone()))?;
         registry.register(Box::new(m.endpoint_in_flight.clone()))?;
         registry.register(Box::new(m.grpc_responses.clone()))?;
+        registry.register(Box::new(m.authz_decisions.clone()))?;
         Ok(m)
     }
 }

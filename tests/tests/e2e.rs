@@ -2,6 +2,8 @@
 //! One test binary, so Pingora links once. Timing-sensitive tests live in `timing` and run one
 //! at a time (see `.config/nextest.toml`).
 
+#[path = "e2e/authz.rs"]
+mod authz;
 #[path = "e2e/common.rs"]
 mod common;
 #[path = "e2e/hygiene.rs"]

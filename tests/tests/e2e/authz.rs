@@ -1,0 +1,273 @@
+//! Issue 4 (part): AuthorizationPolicy enforced by the inbound sidecar on the normalized path;
+//! bypass attempts through path encodings, host variants and forged identity headers.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+const MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Mesh
+metadata: { name: authz }
+spec:
+  policiesDir: policies
+  workloads:
+    - name: frontend
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "frontend", "--listen", "127.0.0.1:{port}"] }
+    - name: intruder
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "intruder", "--listen", "127.0.0.1:{port}"] }
+    - name: backend
+      labels: { app: backend }
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "backend", "--listen", "127.0.0.1:{port}"] }
+"#;
+
+const POLICIES: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: deny-admin, namespace: default }
+spec:
+  selector: { matchLabels: { app: backend } }
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin", "/admin/*"]
+  - to:
+    - operation:
+        hosts: ["backend.default"]
+        paths: ["/hostcheck"]
+---
+apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: frontend-only, namespace: default }
+spec:
+  selector: { matchLabels: { app: backend } }
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/frontend"]
+"#;
+
+fn start() -> TestMesh {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/authz.yaml"), POLICIES).unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_path, MESH).unwrap();
+    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
+    options.drain = Duration::from_millis(500);
+    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
+    TestMesh { mesh, dir }
+}
+
+fn status(outcome: &RawOutcome) -> String {
+    match outcome {
+        RawOutcome::Response(r) => r.split_whitespace().nth(1).unwrap_or_default().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deny_admin_holds_against_path_host_and_header_tricks() {
+    let t = start();
+    let frontend = t.mesh.workload("frontend").clone();
+    let backend = t.mesh.workload("backend").clone();
+    let served = app_requests(&backend.app).await;
+
+    // Through the frontend's sidecar (raw HTTP/1.1 so the client library normalizes nothing).
+    for target in [
+        "/admin",
+        "//admin",
+        "/admin/",
+        "/admin/x",
+        "/%2Fadmin",
+        "/public/%2e%2e/admin",
+        "/public/..;/admin",
+        "/admin?x=1",
+        "/admin#x",
+        "/./admin",
+        "/%61dmin",
+    ] {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: backend.default\r\nConnection: close\r\n\r\n");
+        let outcome = raw_tcp(&frontend.outbound, request.as_bytes()).await;
+        let code = status(&outcome);
+        assert!(
+            code == "403" || code == "400",
+            "{target} must be denied or rejected, got {outcome:?}"
+        );
+    }
+    // Directly at the backend's inbound listener with a valid SVID (raw HTTP/1.1 over mTLS).
+    let pki = Pki::mesh(&t.state_dir());
+    for target in [
+        "/admin#x",
+        "//admin",
+        "/%2Fadmin",
+        "/public/..;/admin",
+        "/public/%2e%2e/admin",
+    ] {
+        let leaf = pki.issue(LeafSpec::spiffe(
+            "spiffe://cluster.local/ns/default/sa/frontend",
+        ));
+        let config = client_config(pki.roots(), Some(leaf), &[&rustls::version::TLS13]);
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: backend.default\r\nConnection: close\r\n\r\n");
+        let outcome = raw_tls(
+            &backend.inbound,
+            config,
+            &identity_dns("backend"),
+            request.as_bytes(),
+        )
+        .await;
+        let code = status(&outcome);
+        assert!(
+            code == "403" || code == "400",
+            "inbound {target}: {outcome:?}"
+        );
+    }
+    // Host variants get the canonical host's decision.
+    for host in [
+        "backend.default",
+        "BACKEND.Default",
+        "backend.default:8080",
+        "backend.default.",
+    ] {
+        let request =
+            format!("GET /hostcheck HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let outcome = raw_tcp(&frontend.outbound, request.as_bytes()).await;
+        assert_eq!(status(&outcome), "403", "host {host}: {outcome:?}");
+    }
+    assert_eq!(
+        app_requests(&backend.app).await,
+        served,
+        "nothing denied reached the app"
+    );
+
+    // Allowed: /public/x from frontend, with the normalized path forwarded.
+    let r = via(&frontend.outbound)
+        .get("http://backend.default/public/./x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let json: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        json["path"], "/public/x",
+        "the bytes authorized are the bytes forwarded"
+    );
+
+    // A forged XFCC claiming frontend's identity never changes the decision for intruder.
+    let intruder = t.mesh.workload("intruder").clone();
+    for xfcc in ["By=spiffe://cluster.local/ns/default/sa/backend;URI=spiffe://cluster.local/ns/default/sa/frontend", "URI=spiffe://cluster.local/ns/default/sa/frontend"] {
+        let r = via(&intruder.outbound)
+            .get("http://backend.default/public/x")
+            .header("X-Forwarded-Client-Cert", xfcc)
+            .header("x-forwarded-client-cert", xfcc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "intruder with forged XFCC");
+        assert_eq!(r.text().await.unwrap(), "RBAC: access denied\n", "generic body");
+    }
+
+    let text = metrics(&backend.admin).await;
+    assert!(
+        metric(
+            &text,
+            "meshflow_authz_decisions_total",
+            &[("decision", "deny"), ("policy", "default/deny-admin")]
+        ) >= 10.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "meshflow_authz_decisions_total",
+            &[("decision", "deny"), ("policy", "none")]
+        ) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "meshflow_authz_decisions_total",
+            &[("decision", "allow"), ("policy", "default/frontend-only")]
+        ) >= 1.0
+    );
+    let log =
+        std::fs::read_to_string(t.state_dir().join("logs/proxy-default-backend.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("meshflow::access")
+            && l.contains("default/deny-admin")
+            && l.contains("path=/admin")),
+        "access log line"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_change_reaches_sidecars_and_an_invalid_one_changes_nothing() {
+    let t = start();
+    let frontend = t.mesh.workload("frontend").clone();
+    let client = via(&frontend.outbound);
+    assert_eq!(
+        client
+            .get("http://backend.default/reports")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Add a DENY for /reports: in force within 2 s.
+    let path = t.dir.path().join("policies/reports.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: meshflow.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: no-reports, namespace: default }\nspec:\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/reports\"]}}]\n",
+    )
+    .unwrap();
+    let written = std::time::Instant::now();
+    while client
+        .get("http://backend.default/reports")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 403
+    {
+        assert!(
+            written.elapsed() < Duration::from_secs(2),
+            "policy change not in force within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // An invalid policy: nothing changes, the error is reported with file and line.
+    std::fs::write(&path, "apiVersion: meshflow.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: no-reports, namespace: default }\nspec:\n  action: CUSTOM\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let dump: serde_json::Value =
+            serde_json::from_str(&get_text(&t.mesh.control_plane_admin, "/config_dump").await)
+                .unwrap();
+        if let Some(e) = dump["lastError"].as_str() {
+            assert!(
+                e.contains("reports.yaml:5") && e.contains("CUSTOM is not supported"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "invalid policy not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        client
+            .get("http://backend.default/reports")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403,
+        "previous policy stays in force"
+    );
+}
