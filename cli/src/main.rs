@@ -19,6 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Run a local mesh from one mesh file in the foreground; Ctrl-C stops everything.
     Up {
         /// Mesh definition (kind: Mesh).
@@ -34,6 +39,46 @@ enum Command {
         /// it, and exit 0 if it succeeded over mTLS.
         #[arg(long)]
         smoke: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Evaluate the AuthorizationPolicies in a directory for one request, with the sidecar's own
+    /// evaluation code (path normalization included); prints the decision and the policy and
+    /// rule that made it. Exit code 0 = allowed, 1 = denied, 2 = the request is rejected (400),
+    /// 64 = invalid policy files.
+    Check {
+        /// Policy directory (the mesh file's policiesDir).
+        #[arg(short = 'd', long)]
+        dir: PathBuf,
+        /// Target workload's namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Target workload's labels, `key=value` (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Caller principal (Istio form `td/ns/x/sa/y`) or SPIFFE ID; absent = plaintext.
+        #[arg(long)]
+        principal: Option<String>,
+        /// Caller IP.
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
+        /// Method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Request path (as sent; it is normalized like the sidecar does).
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Host / :authority.
+        #[arg(long, default_value = "")]
+        host: String,
+        /// Destination (app) port.
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        /// Request header `name=value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
 }
 
@@ -110,6 +155,7 @@ async fn wait_for_signal() {
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
+        Command::Policy { command } => policy_check(command),
         Command::Up {
             file,
             state_dir,
@@ -160,4 +206,93 @@ async fn main() {
         }
     };
     std::process::exit(code);
+}
+
+fn policy_check(command: PolicyCommand) -> i32 {
+    use meshflow_policies::authz::{authorize, RequestAttributes};
+    use meshflow_policies::documents::PolicySet;
+    use meshflow_policies::path::{normalize_host, normalize_path};
+    let PolicyCommand::Check {
+        dir,
+        namespace,
+        labels,
+        principal,
+        source_ip,
+        method,
+        path,
+        host,
+        port,
+        headers,
+    } = command;
+    let set = match PolicySet::load_dir(&dir) {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("meshflow policy check: {e}");
+            return 64;
+        }
+    };
+    let split = |pairs: &[String]| -> std::collections::BTreeMap<String, String> {
+        pairs
+            .iter()
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    };
+    let labels = split(&labels);
+    let principal = principal.map(|p| p.trim_start_matches("spiffe://").to_string());
+    let source_namespace = principal
+        .as_deref()
+        .and_then(|p| p.split('/').nth(2))
+        .map(str::to_string);
+    let (raw_path, query) = path
+        .split_once('?')
+        .map_or((path.as_str(), ""), |(p, q)| (p, q));
+    let normalized = match normalize_path(raw_path) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("REJECT 400 ({e}): the sidecar answers before any policy is consulted");
+            return 2;
+        }
+    };
+    let mut header_map: std::collections::BTreeMap<String, Vec<String>> =
+        std::collections::BTreeMap::new();
+    for (k, v) in split(&headers) {
+        header_map
+            .entry(k.to_ascii_lowercase())
+            .or_default()
+            .push(v);
+    }
+    let attributes = RequestAttributes {
+        principal,
+        source_namespace,
+        source_ip,
+        remote_ip: source_ip,
+        host: normalize_host(&host),
+        port,
+        method,
+        path: normalized.clone(),
+        headers: header_map,
+        ..Default::default()
+    };
+    let decision = authorize(set.authorization_for(&namespace, &labels), &attributes);
+    let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
+    let by = match (&decision.policy, decision.rule) {
+        (Some(p), Some(r)) => format!("by {p} rule {r}"),
+        (None, _) if decision.allowed => "(no ALLOW policy selects the workload)".to_string(),
+        _ => "(ALLOW policies exist and none matches)".to_string(),
+    };
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    println!("{verdict} {by}; normalized path {normalized}{query}");
+    for audited in &decision.audited {
+        println!("AUDIT {audited}");
+    }
+    if decision.allowed {
+        0
+    } else {
+        1
+    }
 }

@@ -271,3 +271,66 @@ async fn a_policy_change_reaches_sidecars_and_an_invalid_one_changes_nothing() {
         "previous policy stays in force"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_check_gives_the_live_sidecars_decision() {
+    let t = start();
+    let backend = t.mesh.workload("backend").clone();
+    let pki = Pki::mesh(&t.state_dir());
+    let meshflow = meshflow_cli::supervisor::find_program("meshflow");
+    let dir = t.dir.path().join("policies");
+    for (caller, target) in [
+        ("frontend", "/admin"),
+        ("frontend", "//admin"),
+        ("frontend", "/admin#x"),
+        ("frontend", "/%2Fadmin"),
+        ("frontend", "/public/..;/admin"),
+        ("frontend", "/public/%2e%2e/admin"),
+        ("frontend", "/public/x"),
+        ("frontend", "/admin?x=1"),
+        ("intruder", "/public/x"),
+    ] {
+        let leaf = pki.issue(LeafSpec::spiffe(&format!(
+            "spiffe://cluster.local/ns/default/sa/{caller}"
+        )));
+        let config = client_config(pki.roots(), Some(leaf), &[&rustls::version::TLS13]);
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: backend.default\r\nConnection: close\r\n\r\n");
+        let live = status(
+            &raw_tls(
+                &backend.inbound,
+                config,
+                &identity_dns("backend"),
+                request.as_bytes(),
+            )
+            .await,
+        );
+        let out = std::process::Command::new(&meshflow)
+            .args(["policy", "check", "-d"])
+            .arg(&dir)
+            .args([
+                "--label",
+                "app=backend",
+                "--principal",
+                &format!("cluster.local/ns/default/sa/{caller}"),
+            ])
+            .args(["--host", "backend.default", "--path", target])
+            .output()
+            .unwrap();
+        let predicted = match out.status.code() {
+            Some(0) => "200",
+            Some(1) => "403",
+            Some(2) => "400",
+            other => panic!(
+                "policy check exit {other:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        };
+        assert_eq!(
+            live,
+            predicted,
+            "{caller} {target}: live sidecar vs `meshflow policy check` ({})",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
