@@ -48,16 +48,7 @@ spec:
 "#;
 
 fn start() -> TestMesh {
-    install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/authz.yaml"), POLICIES).unwrap();
-    let mesh_path = dir.path().join("mesh.yaml");
-    std::fs::write(&mesh_path, MESH).unwrap();
-    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
-    options.drain = Duration::from_millis(500);
-    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
-    TestMesh { mesh, dir }
+    start_dir(MESH, POLICIES, |_| {})
 }
 
 fn status(outcome: &RawOutcome) -> String {

@@ -72,6 +72,26 @@ pub fn start_mesh(yaml: &str, tune: impl FnOnce(&mut UpOptions)) -> TestMesh {
     TestMesh { mesh, dir }
 }
 
+/// Starts `mesh` with `policies` written to `policies/policies.yaml` next to the mesh file (the
+/// mesh names `policiesDir: policies`).
+pub fn start_dir(
+    mesh: &str,
+    policies: &str,
+    tune: impl FnOnce(&mut meshflow_cli::up::UpOptions),
+) -> TestMesh {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/policies.yaml"), policies).unwrap();
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh).unwrap();
+    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
+    options.drain = Duration::from_millis(500);
+    tune(&mut options);
+    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
+    TestMesh { mesh, dir }
+}
+
 pub fn start_hello() -> TestMesh {
     start_mesh(HELLO, |_| {})
 }

@@ -498,24 +498,6 @@ async fn timing_retry_budget_bounds_retries_against_an_always_failing_upstream()
     assert!(exhausted > 0.0, "the budget ran out: {exhausted}");
 }
 
-fn start_dir(
-    mesh: &str,
-    policies: &str,
-    tune: impl FnOnce(&mut meshflow_cli::up::UpOptions),
-) -> TestMesh {
-    install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/traffic.yaml"), policies).unwrap();
-    let mesh_path = dir.path().join("mesh.yaml");
-    std::fs::write(&mesh_path, mesh).unwrap();
-    let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));
-    options.drain = Duration::from_millis(500);
-    tune(&mut options);
-    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).expect("mesh starts");
-    TestMesh { mesh, dir }
-}
-
 const LB_MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
 kind: Mesh
 metadata: { name: lb }
