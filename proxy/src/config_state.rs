@@ -2,7 +2,6 @@
 //! The last good snapshot stays in force while the control plane is away or sends a bad one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -26,29 +25,6 @@ pub struct ServiceEntry {
     pub protocol: String,
     /// Endpoints (may be empty while no sidecar of the service is connected).
     pub endpoints: Vec<Endpoint>,
-    next: Arc<AtomicUsize>,
-}
-
-impl ServiceEntry {
-    /// Round-robin choice that prefers endpoints not in `avoid` (a retry goes elsewhere when
-    /// it can).
-    pub fn pick_avoiding(&self, avoid: &[String]) -> Option<&Endpoint> {
-        let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|k| &self.endpoints[(start + k) % n])
-            .find(|e| !avoid.contains(&e.address))
-            .or_else(|| self.endpoints.get(start % n.max(1)))
-    }
-
-    /// Round-robin choice (P2C peak-EWMA arrives with the resilience work).
-    pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
-    }
 }
 
 /// A validated snapshot.
@@ -118,7 +94,6 @@ impl ConfigSnapshot {
                 ServiceEntry {
                     protocol: s.protocol.clone(),
                     endpoints,
-                    next: Arc::new(AtomicUsize::new(0)),
                 },
             );
         }
