@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::authn::{effective_mtls_mode, MtlsMode, PeerAuthentication, RequestAuthentication};
 use crate::authz::AuthorizationPolicy;
 use crate::load::{parse_yaml, LoadError, Result};
 use crate::traffic::TrafficPolicy;
@@ -17,10 +18,37 @@ pub struct PolicySet {
     /// `kind: AuthorizationPolicy` documents, unique by namespace/name.
     #[serde(default)]
     pub authorization: Vec<AuthorizationPolicy>,
+    /// `kind: RequestAuthentication` documents (JWT), unique by namespace/name.
+    #[serde(default)]
+    pub request_authentication: Vec<RequestAuthentication>,
+    /// `kind: PeerAuthentication` documents (mTLS mode), unique by namespace/name.
+    #[serde(default)]
+    pub peer_authentication: Vec<PeerAuthentication>,
 }
 
 /// The kinds a policy directory may hold today.
-pub const SUPPORTED_KINDS: &[&str] = &["TrafficPolicy", "AuthorizationPolicy"];
+pub const SUPPORTED_KINDS: &[&str] = &[
+    "TrafficPolicy",
+    "AuthorizationPolicy",
+    "RequestAuthentication",
+    "PeerAuthentication",
+];
+
+fn defined_twice(
+    file: &Path,
+    doc: &str,
+    offset: usize,
+    kind: &str,
+    name: &str,
+    id: &str,
+) -> LoadError {
+    LoadError::Invalid {
+        file: file.to_path_buf(),
+        line: offset + crate::load::find_line(doc, "name", name),
+        field: "metadata.name".into(),
+        message: format!("{kind} {id} is defined twice"),
+    }
+}
 
 #[derive(Deserialize)]
 struct KindOnly {
@@ -112,18 +140,57 @@ impl PolicySet {
                     let policy =
                         AuthorizationPolicy::parse(file, &doc).map_err(|e| shift(e, offset))?;
                     if self.authorization.iter().any(|p| p.id() == policy.id()) {
-                        return Err(LoadError::Invalid {
-                            file: file.to_path_buf(),
-                            line: offset
-                                + crate::load::find_line(&doc, "name", &policy.metadata.name),
-                            field: "metadata.name".into(),
-                            message: format!(
-                                "AuthorizationPolicy {} is defined twice",
-                                policy.id()
-                            ),
-                        });
+                        let (name, id) = (&policy.metadata.name, policy.id());
+                        return Err(defined_twice(
+                            file,
+                            &doc,
+                            offset,
+                            "AuthorizationPolicy",
+                            name,
+                            &id,
+                        ));
                     }
                     self.authorization.push(policy);
+                }
+                Some("RequestAuthentication") => {
+                    let policy =
+                        RequestAuthentication::parse(file, &doc).map_err(|e| shift(e, offset))?;
+                    if self
+                        .request_authentication
+                        .iter()
+                        .any(|p| p.id() == policy.id())
+                    {
+                        let (name, id) = (&policy.metadata.name, policy.id());
+                        return Err(defined_twice(
+                            file,
+                            &doc,
+                            offset,
+                            "RequestAuthentication",
+                            name,
+                            &id,
+                        ));
+                    }
+                    self.request_authentication.push(policy);
+                }
+                Some("PeerAuthentication") => {
+                    let policy =
+                        PeerAuthentication::parse(file, &doc).map_err(|e| shift(e, offset))?;
+                    if self
+                        .peer_authentication
+                        .iter()
+                        .any(|p| p.id() == policy.id())
+                    {
+                        let (name, id) = (&policy.metadata.name, policy.id());
+                        return Err(defined_twice(
+                            file,
+                            &doc,
+                            offset,
+                            "PeerAuthentication",
+                            name,
+                            &id,
+                        ));
+                    }
+                    self.peer_authentication.push(policy);
                 }
                 other => {
                     return Err(LoadError::Invalid {
@@ -164,6 +231,29 @@ impl PolicySet {
         self.authorization
             .iter()
             .filter(move |p| p.selects(namespace, labels))
+    }
+
+    /// The RequestAuthentications that select a workload (its namespace's and the root
+    /// namespace's, by selector).
+    pub fn request_authentication_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a std::collections::BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a RequestAuthentication> + Clone + 'a {
+        self.request_authentication
+            .iter()
+            .filter(move |p| p.selects(namespace, labels))
+    }
+
+    /// The effective mTLS mode of a workload's application `port` and the PeerAuthentication
+    /// that set it (see [`effective_mtls_mode`]; STRICT when none applies).
+    pub fn mtls_mode_for(
+        &self,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        port: u16,
+    ) -> (MtlsMode, Option<String>) {
+        effective_mtls_mode(&self.peer_authentication, namespace, labels, port)
     }
 
     /// The TrafficPolicy for service `name` in `namespace`.
