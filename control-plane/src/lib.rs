@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod ca;
+pub mod jwks;
 pub mod metrics;
 pub mod server;
 pub mod state;
@@ -99,6 +100,7 @@ pub async fn run(
         state::load_config(&config.mesh, &text, &files)
             .map_err(|e| StartError::Config(e.to_string()))?
     };
+    let mesh_policies_dir = mesh.policies_dir(&config.mesh);
     std::fs::create_dir_all(&config.state_dir).map_err(other)?;
     let trust_domain = mesh.spec.trust_domain.clone();
     let ca = match (&config.ca_cert, &config.ca_key) {
@@ -169,6 +171,10 @@ pub async fn run(
         ca.trust_bundle_pem(),
         config.state_dir.join("endpoints.json"),
     );
+    let mut jwks = jwks::JwksResolver::new(metrics.clone());
+    let mut policies = policies;
+    jwks.resolve(&mut policies, mesh_policies_dir.as_deref())
+        .await;
     state.set_config(MeshFile::clone(&state.current().mesh), policies);
     {
         let state = state.clone();
@@ -178,7 +184,7 @@ pub async fn run(
         });
     }
     let last_error = Arc::new(Mutex::new(None));
-    tokio::spawn(state::MeshFileWatcher::new(&config.mesh).run(
+    tokio::spawn(state::MeshFileWatcher::new(&config.mesh, jwks).run(
         state.clone(),
         metrics.clone(),
         last_error.clone(),

@@ -19,6 +19,8 @@ pub struct ControlPlaneMetrics {
     pub config_acks: IntCounterVec,
     /// `meshflow_config_errors_total`: invalid config files seen (last good config kept).
     pub config_errors: IntCounter,
+    /// `meshflow_jwks_fetch_errors_total`: failed JWKS fetches (RequestAuthentication `jwksUri`).
+    pub jwks_fetch_errors: IntCounter,
     /// `meshflow_watch_refused_total{reason}`: no_client_certificate, unknown_identity.
     pub watch_refused: IntCounterVec,
     /// `meshflow_ca_expiration_timestamp_seconds`.
@@ -62,6 +64,10 @@ impl ControlPlaneMetrics {
                 "meshflow_config_errors_total",
                 "Invalid config files seen; the last good config stays in force.",
             )?,
+            jwks_fetch_errors: IntCounter::new(
+                "meshflow_jwks_fetch_errors_total",
+                "Failed JWKS fetches; the last good key set (or none: tokens refused) stays in force.",
+            )?,
             watch_refused: IntCounterVec::new(
                 Opts::new(
                     "meshflow_watch_refused_total",
@@ -80,6 +86,7 @@ impl ControlPlaneMetrics {
         registry.register(Box::new(m.config_pushes.clone()))?;
         registry.register(Box::new(m.config_acks.clone()))?;
         registry.register(Box::new(m.config_errors.clone()))?;
+        registry.register(Box::new(m.jwks_fetch_errors.clone()))?;
         registry.register(Box::new(m.watch_refused.clone()))?;
         registry.register(Box::new(m.ca_expiration.clone()))?;
         Ok(m)

@@ -12,6 +12,7 @@ use meshflow_policies::mesh::{AppProtocol, MeshFile};
 use meshflow_policies::LoadError;
 use tokio::sync::watch;
 
+use crate::jwks::{JwksResolver, JWKS_REFRESH};
 use crate::metrics::ControlPlaneMetrics;
 
 /// One consistent view of the mesh that snapshots are built from.
@@ -36,6 +37,9 @@ impl MeshState {
         let spec = &self.mesh.spec;
         let me = self.mesh.workload(key)?;
         let spiffe_id = me.spiffe_id(&spec.trust_domain).ok()?;
+        let (mtls_mode, mtls_policy) =
+            self.policies
+                .mtls_mode_for(&me.namespace, &me.labels, me.app.port.unwrap_or(0));
         let mut services: BTreeMap<(String, String), v1::Service> = BTreeMap::new();
         for w in &spec.workloads {
             let service = services
@@ -79,6 +83,13 @@ impl MeshState {
                 .iter()
                 .filter_map(|p| serde_json::to_string(p).ok())
                 .collect(),
+            request_authentications_json: self
+                .policies
+                .request_authentication_for(&me.namespace, &me.labels)
+                .filter_map(|p| serde_json::to_string(p).ok())
+                .collect(),
+            mtls_mode: mtls_mode.as_str().to_string(),
+            mtls_policy: mtls_policy.unwrap_or_default(),
         })
     }
 }
@@ -276,6 +287,10 @@ impl StateHandle {
 pub struct MeshFileWatcher {
     path: PathBuf,
     last_fingerprint: Option<String>,
+    jwks: JwksResolver,
+    /// The last good policies as parsed (before JWKS resolution), for JWKS refreshes.
+    parsed: Option<(MeshFile, PolicySet)>,
+    last_resolve: std::time::Instant,
 }
 
 /// Everything the config is built from, as text (mesh file, then each policy file by name).
@@ -320,12 +335,29 @@ pub fn load_config(
 }
 
 impl MeshFileWatcher {
-    /// Watches `path` (and the policy directory it names).
-    pub fn new(path: &Path) -> Self {
+    /// Watches `path` (and the policy directory it names), resolving JWKS with `jwks`.
+    pub fn new(path: &Path, jwks: JwksResolver) -> Self {
         Self {
             path: path.to_path_buf(),
             last_fingerprint: None,
+            jwks,
+            parsed: None,
+            last_resolve: std::time::Instant::now(),
         }
+    }
+
+    /// Resolves the JWKS of `policies` and pushes the config unless nothing changed.
+    async fn push(&mut self, state: &StateHandle, mesh: MeshFile, mut policies: PolicySet) {
+        self.jwks
+            .resolve(&mut policies, mesh.policies_dir(&self.path).as_deref())
+            .await;
+        self.last_resolve = std::time::Instant::now();
+        let current = state.current();
+        if *current.mesh == mesh && *current.policies == policies {
+            return;
+        }
+        tracing::info!(file = %self.path.display(), "config changed; pushing");
+        state.set_config(mesh, policies);
     }
 
     /// Polls every `interval` (250 ms keeps a change under the 1 s push target) until the
@@ -345,19 +377,22 @@ impl MeshFileWatcher {
             };
             let print = fingerprint(&text, &files);
             if self.last_fingerprint.as_deref() == Some(print.as_str()) {
+                // Unchanged files: refresh key sets fetched from a jwksUri now and then.
+                if let Some((mesh, policies)) = self.parsed.clone() {
+                    if JwksResolver::needs_refresh(&policies)
+                        && self.last_resolve.elapsed() >= JWKS_REFRESH
+                    {
+                        self.push(&state, mesh, policies).await;
+                    }
+                }
                 continue;
             }
-            let first = self.last_fingerprint.is_none();
             self.last_fingerprint = Some(print);
             match load_config(&self.path, &text, &files) {
                 Ok((mesh, policies)) => {
                     *last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    let current = state.current();
-                    if first && *current.mesh == mesh && *current.policies == policies {
-                        continue;
-                    }
-                    tracing::info!(file = %self.path.display(), "config changed; pushing");
-                    state.set_config(mesh, policies);
+                    self.parsed = Some((mesh.clone(), policies.clone()));
+                    self.push(&state, mesh, policies).await;
                 }
                 Err(err) => report_invalid(&err, &metrics, &last_error),
             }

@@ -474,6 +474,16 @@ pub fn effective_mtls_mode<'a>(
     (MtlsMode::Strict, None)
 }
 
+/// Checks that `text` is a JSON Web Key Set (RFC 7517) and returns its number of keys.
+///
+/// # Errors
+/// The JSON or JWK error.
+pub fn check_jwks(text: &str) -> std::result::Result<usize, String> {
+    serde_json::from_str::<JwkSet>(text)
+        .map(|set| set.keys.len())
+        .map_err(|e| e.to_string())
+}
+
 /// Why a token was refused. Each maps to a bounded metric label ([`Self::reason`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use meshflow_api::v1;
+use meshflow_policies::authn::{Authenticator, MtlsMode, RequestAuthentication};
 use meshflow_policies::authz::AuthorizationPolicy;
 use meshflow_policies::{SpiffeId, TrafficPolicy};
 
@@ -40,6 +41,10 @@ pub struct ConfigSnapshot {
     pub traffic: HashMap<(String, String), Arc<TrafficPolicy>>,
     /// AuthorizationPolicies selecting this workload (evaluated on inbound requests).
     pub authorization: Vec<AuthorizationPolicy>,
+    /// JWT rules of the RequestAuthentications selecting this workload, keys parsed.
+    pub authenticator: Arc<Authenticator>,
+    /// Inbound mTLS mode (PeerAuthentication): STRICT or PERMISSIVE.
+    pub mtls_mode: MtlsMode,
     /// The proto as received (for `/config_dump`).
     pub raw: v1::Snapshot,
 }
@@ -114,12 +119,25 @@ impl ConfigSnapshot {
                 .map_err(|e| err(format!("authorizationPolicies: {e}")))?;
             authorization.push(policy);
         }
+        let mut request_authentication = Vec::new();
+        for json in &raw.request_authentications_json {
+            let policy: RequestAuthentication = serde_json::from_str(json)
+                .map_err(|e| err(format!("requestAuthentications: {e}")))?;
+            request_authentication.push(policy);
+        }
+        let mtls_mode = match MtlsMode::parse(&raw.mtls_mode) {
+            Some(MtlsMode::Unset) => MtlsMode::Strict,
+            Some(mode @ (MtlsMode::Strict | MtlsMode::Permissive)) => mode,
+            _ => return Err(err(format!("mtlsMode: {:?} is not STRICT or PERMISSIVE", raw.mtls_mode))),
+        };
         Ok(Self {
             version: raw.version,
             spiffe_id,
             services,
             traffic,
             authorization,
+            authenticator: Arc::new(Authenticator::new(&request_authentication)),
+            mtls_mode,
             raw,
         })
     }

@@ -15,6 +15,7 @@ use crate::http_hygiene::{xfcc_value, XFCC};
 use crate::identity::PeerIdentity;
 use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
 use crate::shared::Shared;
+use meshflow_policies::authn::{AuthnOutcome, MtlsMode};
 use meshflow_policies::authz::{authorize, RequestAttributes};
 use meshflow_policies::path::{normalize_host, normalize_path, PathError};
 use meshflow_policies::SpiffeId;
@@ -22,7 +23,13 @@ use meshflow_policies::SpiffeId;
 /// Per-request state.
 pub struct InboundCtx {
     start: Instant,
+    /// Whether the request passed the transport checks (mTLS, or plaintext under PERMISSIVE).
+    admitted: bool,
+    /// The verified peer; `None` for plaintext (PERMISSIVE).
     peer: Option<SpiffeId>,
+    /// Token headers to remove before forwarding (RequestAuthentication,
+    /// `forwardOriginalToken: false`).
+    strip_headers: Vec<String>,
     /// The normalized path (and the original query) that was authorized and is forwarded.
     forwarded_target: Option<String>,
 }
@@ -36,6 +43,15 @@ impl InboundProxy {
     /// A proxy over `shared`.
     pub fn new(shared: Shared) -> Self {
         Self { shared }
+    }
+}
+
+/// How the connection reached us: `Ok(Some(peer))` for verified mTLS, `Ok(None)` for
+/// plaintext, `Err(())` for TLS whose client identity was refused at the handshake.
+fn transport_peer(session: &Session) -> Result<Option<SpiffeId>, ()> {
+    match session.digest().and_then(|d| d.ssl_digest.as_ref()) {
+        None => Ok(None),
+        Some(_) => peer_identity(session).map(Some).ok_or(()),
     }
 }
 
@@ -125,6 +141,48 @@ impl InboundProxy {
         };
         let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let snapshot = self.shared.config.current();
+        let mut attributes = attributes;
+        if let Some(snapshot) = &snapshot {
+            if !snapshot.authenticator.is_empty() {
+                match snapshot
+                    .authenticator
+                    .authenticate(&attributes.headers, req.uri.query().unwrap_or(""))
+                {
+                    AuthnOutcome::Anonymous => {}
+                    AuthnOutcome::Authenticated(identity) => {
+                        metrics.jwt_authentications.with_label_values(&["ok"]).inc();
+                        identity.apply_to(&mut attributes);
+                        ctx.strip_headers = identity.strip_headers;
+                    }
+                    AuthnOutcome::Rejected(e) => {
+                        metrics
+                            .jwt_authentications
+                            .with_label_values(&[e.reason()])
+                            .inc();
+                        tracing::info!(
+                            target: "meshflow::access",
+                            decision = "unauthenticated",
+                            reason = e.reason(),
+                            principal = %attributes.principal.as_deref().unwrap_or("-"),
+                            method = %attributes.method,
+                            path = %path,
+                            "request authentication"
+                        );
+                        let mut resp = pingora_http::ResponseHeader::build(401, Some(2))?;
+                        resp.insert_header(
+                            http::header::WWW_AUTHENTICATE,
+                            "Bearer realm=\"meshflow\", error=\"invalid_token\"",
+                        )?;
+                        let body = bytes::Bytes::from(format!("{e}\n"));
+                        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+                        session.set_keepalive(None);
+                        session.write_response_header(Box::new(resp), false).await?;
+                        session.write_response_body(Some(body), true).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+        }
         let policies = snapshot
             .as_ref()
             .map(|s| s.authorization.as_slice())
@@ -171,23 +229,38 @@ impl ProxyHttp for InboundProxy {
     fn new_ctx(&self) -> Self::CTX {
         InboundCtx {
             start: Instant::now(),
+            admitted: false,
             peer: None,
+            strip_headers: Vec::new(),
             forwarded_target: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        let Some(peer) = peer_identity(session) else {
-            // No client certificate: counted at handshake; close without forwarding anything.
-            session.set_keepalive(None);
-            let mut e = Error::explain(
-                ErrorType::ConnectionClosed,
-                "peer presented no client certificate",
-            );
-            e.esource = ErrorSource::Downstream;
-            return Err(e);
+        let peer = match transport_peer(session) {
+            Ok(Some(peer)) => Some(peer),
+            // Plaintext: only while the mode is PERMISSIVE (it may have changed since accept).
+            Ok(None) if crate::inbound_accept::current_mode(&self.shared) == MtlsMode::Permissive => {
+                None
+            }
+            refused => {
+                // No (acceptable) client certificate: counted at accept or handshake; close
+                // without forwarding anything.
+                session.set_keepalive(None);
+                let mut e = Error::explain(
+                    ErrorType::ConnectionClosed,
+                    if refused.is_ok() {
+                        "plaintext request while the mTLS mode is STRICT"
+                    } else {
+                        "peer presented no acceptable client certificate"
+                    },
+                );
+                e.esource = ErrorSource::Downstream;
+                return Err(e);
+            }
         };
-        ctx.peer = Some(peer);
+        ctx.peer = peer;
+        ctx.admitted = true;
         if refuse_bad_request(session, &self.shared, "inbound").await? {
             return Ok(true);
         }
@@ -218,6 +291,9 @@ impl ProxyHttp for InboundProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         scrub_forwarded_request(upstream_request);
+        for name in &ctx.strip_headers {
+            while upstream_request.remove_header(name.as_str()).is_some() {}
+        }
         let own = self
             .shared
             .identity
@@ -226,8 +302,10 @@ impl ProxyHttp for InboundProxy {
             .as_ref()
             .map(|s| s.spiffe_id.uri())
             .unwrap_or_default();
-        let peer = ctx.peer.as_ref().map(|p| p.uri()).unwrap_or_default();
-        upstream_request.insert_header(XFCC, xfcc_value(&own, &peer))?;
+        // Plaintext (PERMISSIVE) requests have no verified peer and get no XFCC.
+        if let Some(peer) = &ctx.peer {
+            upstream_request.insert_header(XFCC, xfcc_value(&own, &peer.uri()))?;
+        }
         // Forward exactly what was authorized.
         tracing::debug!(uri = %upstream_request.uri, target = ?ctx.forwarded_target, "inbound upstream request");
         if let Some(target) = &ctx.forwarded_target {
@@ -256,7 +334,7 @@ impl ProxyHttp for InboundProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        if ctx.peer.is_none() {
+        if !ctx.admitted {
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());

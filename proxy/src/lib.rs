@@ -17,6 +17,7 @@ pub mod cp_client;
 pub mod http_hygiene;
 pub mod identity;
 pub mod inbound;
+pub mod inbound_accept;
 pub mod listener_common;
 pub mod metrics;
 pub mod outbound;
@@ -300,11 +301,14 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
     h2.max_concurrent_streams(config.h2_max_concurrent_streams);
     h2.max_header_list_size(config.max_header_bytes as u32);
 
-    let mut inbound = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        inbound::InboundProxy::new(shared.clone()),
-        "meshflow inbound",
-    );
+    // The inbound port is bound plaintext; `InboundAccept` peeks at the first byte and runs
+    // the TLS handshake itself, so one port serves STRICT and PERMISSIVE (PeerAuthentication).
+    let mut inbound_proxy =
+        pingora_proxy::http_proxy(&server.configuration, inbound::InboundProxy::new(shared.clone()));
+    inbound_proxy.h2_options = Some(h2.clone());
+    let mut plaintext_options = HttpServerOptions::default();
+    plaintext_options.h2c = true;
+    inbound_proxy.server_options = Some(plaintext_options);
     let mut tls = TlsSettings::with_callbacks(Box::new(identity::HandshakeCallbacks::new(
         identity_state.clone(),
     )))
@@ -316,10 +320,11 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         identity_state.clone(),
     )));
     tls.enable_h2();
-    inbound.add_tls_with_settings(&inbound_port.addr.to_string(), Some(reuseport()), tls);
-    if let Some(app) = inbound.app_logic_mut() {
-        app.h2_options = Some(h2.clone());
-    }
+    let mut inbound = pingora_core::services::listening::Service::new(
+        "meshflow inbound".to_string(),
+        inbound_accept::InboundAccept::new(inbound_proxy, tls.build(), shared.clone()),
+    );
+    inbound.add_tcp_with_settings(&inbound_port.addr.to_string(), reuseport());
 
     let mut outbound = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -1,7 +1,7 @@
 //! Sidecar metrics on one registry per process (passed in, never global). Names and labels per
 //! DESIGN.md §8. Label values never come from unbounded client input.
 
-use prometheus::{
+use prometheus::{IntCounter, 
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
@@ -15,6 +15,12 @@ pub struct ProxyMetrics {
     /// `meshflow_connections_total{direction}`: new TLS connections (inbound accepted,
     /// outbound established).
     pub connections: IntCounterVec,
+    /// `meshflow_plaintext_connections_total`: plaintext inbound connections served
+    /// (PeerAuthentication PERMISSIVE).
+    pub plaintext_connections: IntCounter,
+    /// `meshflow_jwt_authentications_total{result}`: inbound requests carrying a JWT, by
+    /// result (`ok` or a refusal reason such as `expired`, `bad_signature`).
+    pub jwt_authentications: IntCounterVec,
     /// `meshflow_tls_handshakes_total{direction}`: completed handshakes.
     pub tls_handshakes: IntCounterVec,
     /// `meshflow_tls_handshake_errors_total{direction, reason}`. Reasons: no_client_certificate,
@@ -100,6 +106,17 @@ impl ProxyMetrics {
                     "New connections, by direction.",
                 ),
                 &["direction"],
+            )?,
+            plaintext_connections: IntCounter::new(
+                "meshflow_plaintext_connections_total",
+                "Plaintext inbound connections served (PeerAuthentication PERMISSIVE).",
+            )?,
+            jwt_authentications: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_jwt_authentications_total",
+                    "Inbound requests carrying a JWT, by result.",
+                ),
+                &["result"],
             )?,
             tls_handshakes: IntCounterVec::new(
                 Opts::new(
@@ -233,6 +250,8 @@ impl ProxyMetrics {
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.plaintext_connections.clone()))?;
+        registry.register(Box::new(m.jwt_authentications.clone()))?;
         registry.register(Box::new(m.tls_handshakes.clone()))?;
         registry.register(Box::new(m.tls_handshake_errors.clone()))?;
         registry.register(Box::new(m.cert_expiration.clone()))?;

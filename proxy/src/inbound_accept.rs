@@ -1,0 +1,113 @@
+//! One inbound port for both mTLS and plaintext (PeerAuthentication PERMISSIVE).
+//!
+//! Pingora binds a listener as either TLS or plaintext. meshflow binds the inbound port as
+//! plaintext and runs this [`ServerApp`] on each accepted connection: it peeks at the first
+//! byte (Pingora's `Peek` on the L4 stream: read, then rewind), and a TLS record
+//! (`0x16`, handshake, RFC 8446 §5.1) goes through Pingora's own rustls [`Acceptor`] — the
+//! same resolver, client verifier and handshake callbacks a TLS listener would use — before
+//! the stream reaches the inbound [`HttpProxy`]. Anything else is plaintext: served only when
+//! the workload's current mode is PERMISSIVE, otherwise closed and counted as
+//! `meshflow_tls_handshake_errors_total{direction="inbound", reason="plaintext"}`.
+//! The mode is read per connection (and again per request by the inbound proxy), so a
+//! PeerAuthentication change applies without rebinding the port.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use meshflow_policies::authn::MtlsMode;
+use pingora_core::apps::ServerApp;
+use pingora_core::listeners::tls::Acceptor;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::{Peek, Stream};
+use pingora_core::server::ShutdownWatch;
+use pingora_proxy::HttpProxy;
+
+use crate::inbound::InboundProxy;
+use crate::shared::Shared;
+
+/// How long a new connection may take to send its first byte and finish a TLS handshake.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The inbound port's connection handler (see the module docs).
+pub struct InboundAccept {
+    proxy: Arc<HttpProxy<InboundProxy>>,
+    tls: Acceptor,
+    shared: Shared,
+}
+
+impl InboundAccept {
+    /// Serves `proxy` behind `tls` (built from the inbound `TlsSettings`).
+    pub fn new(proxy: HttpProxy<InboundProxy>, tls: Acceptor, shared: Shared) -> Self {
+        Self {
+            proxy: Arc::new(proxy),
+            tls,
+            shared,
+        }
+    }
+
+    fn refuse(&self, reason: &str) -> Option<Stream> {
+        self.shared
+            .metrics
+            .tls_handshake_errors
+            .with_label_values(&["inbound", reason])
+            .inc();
+        None
+    }
+}
+
+/// The current inbound mTLS mode (STRICT until a snapshot says otherwise).
+pub fn current_mode(shared: &Shared) -> MtlsMode {
+    shared
+        .config
+        .current()
+        .map_or(MtlsMode::Strict, |s| s.mtls_mode)
+}
+
+#[async_trait]
+impl ServerApp for InboundAccept {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // The plaintext listener hands over Pingora's L4 stream.
+        let mut l4: Box<L4Stream> = stream.into_any().downcast().ok()?;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(FIRST_BYTES_TIMEOUT, l4.try_peek(&mut first)).await {
+            Ok(Ok(_)) => {}
+            // Closed or silent before sending anything.
+            _ => return None,
+        }
+        let stream: Stream = if first[0] == TLS_HANDSHAKE_RECORD {
+            match tokio::time::timeout(FIRST_BYTES_TIMEOUT, self.tls.tls_handshake(*l4)).await {
+                Ok(Ok(tls)) => Box::new(tls),
+                // Verifier and callbacks have counted their own reasons.
+                Ok(Err(e)) => {
+                    tracing::debug!("inbound TLS handshake failed: {e}");
+                    return None;
+                }
+                Err(_) => return self.refuse("handshake_timeout"),
+            }
+        } else if current_mode(&self.shared) == MtlsMode::Permissive {
+            self.shared.metrics.plaintext_connections.inc();
+            l4
+        } else {
+            return self.refuse("plaintext");
+        };
+        // Serve every request of the connection here: a reused stream must not be peeked at
+        // again as if it were new.
+        let mut next = self.proxy.process_new(stream, shutdown).await;
+        while let Some(stream) = next {
+            next = self.proxy.process_new(stream, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(self.proxy.as_ref()).await;
+    }
+}
