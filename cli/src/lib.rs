@@ -1,5 +1,6 @@
 //! The `meshflow` command's library: the process supervisor shared by `meshflow up`,
 //! `meshflow demo` and the end-to-end tests, and the local-mesh runner.
 
+pub mod policy_check;
 pub mod supervisor;
 pub mod up;

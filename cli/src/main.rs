@@ -44,14 +44,29 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Evaluate the AuthorizationPolicies in a directory for one request, with the sidecar's own
-    /// evaluation code (path normalization included); prints the decision and the policy and
-    /// rule that made it. Exit code 0 = allowed, 1 = denied, 2 = the request is rejected (400),
-    /// 64 = invalid policy files.
+    /// Judge one request as the target's inbound sidecar would, with its own code: mTLS mode
+    /// (PeerAuthentication), path normalization, JWT (RequestAuthentication), then
+    /// AuthorizationPolicy. Prints the decision and the policy and rule that made it.
+    /// Policies come from a directory (`-d`) or from a running control plane
+    /// (`--control-plane`, with `--workload` naming the target).
+    /// Exit code 0 = allowed, 1 = denied (403), 2 = rejected (400), 3 = bad token (401),
+    /// 4 = plaintext refused (STRICT), 64 = invalid policy files or unreachable control plane.
     Check {
         /// Policy directory (the mesh file's policiesDir).
-        #[arg(short = 'd', long)]
-        dir: PathBuf,
+        #[arg(
+            short = 'd',
+            long,
+            required_unless_present = "control_plane",
+            conflicts_with = "control_plane"
+        )]
+        dir: Option<PathBuf>,
+        /// A running control plane's admin address, e.g. `http://127.0.0.1:9901`.
+        #[arg(long, requires = "workload")]
+        control_plane: Option<String>,
+        /// Target workload `namespace/name` (with `--control-plane`: gives namespace, labels
+        /// and port from the mesh).
+        #[arg(long)]
+        workload: Option<String>,
         /// Target workload's namespace.
         #[arg(long, default_value = "default")]
         namespace: String,
@@ -67,16 +82,17 @@ enum PolicyCommand {
         /// Method.
         #[arg(long, default_value = "GET")]
         method: String,
-        /// Request path (as sent; it is normalized like the sidecar does).
+        /// Request path, with an optional `?query` (as sent; normalized like the sidecar does).
         #[arg(long, default_value = "/")]
         path: String,
         /// Host / :authority.
         #[arg(long, default_value = "")]
         host: String,
-        /// Destination (app) port.
-        #[arg(long, default_value_t = 80)]
-        port: u16,
-        /// Request header `name=value` (repeatable).
+        /// Destination (app) port; with `--control-plane`, the mesh file's port unless given
+        /// (a port the mesh assigns at start, `{port}`, must be given).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Request header `name=value` (repeatable), e.g. `authorization=Bearer <jwt>`.
         #[arg(long = "header")]
         headers: Vec<String>,
     },
@@ -155,7 +171,7 @@ async fn wait_for_signal() {
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Policy { command } => policy_check(command),
+        Command::Policy { command } => policy_check(command).await,
         Command::Up {
             file,
             state_dir,
@@ -208,12 +224,14 @@ async fn main() {
     std::process::exit(code);
 }
 
-fn policy_check(command: PolicyCommand) -> i32 {
-    use meshflow_policies::authz::{authorize, RequestAttributes};
-    use meshflow_policies::documents::PolicySet;
-    use meshflow_policies::path::{normalize_host, normalize_path};
+async fn policy_check(command: PolicyCommand) -> i32 {
+    use meshflow_cli::policy_check::{
+        check, load_dir_with_jwks, load_from_control_plane, CheckRequest,
+    };
     let PolicyCommand::Check {
         dir,
+        control_plane,
+        workload,
         namespace,
         labels,
         principal,
@@ -224,75 +242,62 @@ fn policy_check(command: PolicyCommand) -> i32 {
         port,
         headers,
     } = command;
-    let set = match PolicySet::load_dir(&dir) {
-        Ok(set) => set,
-        Err(e) => {
-            eprintln!("meshflow policy check: {e}");
-            return 64;
-        }
-    };
-    let split = |pairs: &[String]| -> std::collections::BTreeMap<String, String> {
+    let split = |pairs: &[String]| -> Vec<(String, String)> {
         pairs
             .iter()
             .filter_map(|p| p.split_once('='))
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
             .collect()
     };
-    let labels = split(&labels);
-    let principal = principal.map(|p| p.trim_start_matches("spiffe://").to_string());
-    let source_namespace = principal
-        .as_deref()
-        .and_then(|p| p.split('/').nth(2))
-        .map(str::to_string);
-    let (raw_path, query) = path
-        .split_once('?')
-        .map_or((path.as_str(), ""), |(p, q)| (p, q));
-    let normalized = match normalize_path(raw_path) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("REJECT 400 ({e}): the sidecar answers before any policy is consulted");
-            return 2;
-        }
+    let mut request = CheckRequest {
+        namespace,
+        labels: split(&labels).into_iter().collect(),
+        port: port.unwrap_or(80),
+        principal,
+        source_ip,
+        method,
+        path,
+        host,
+        headers: Default::default(),
     };
-    let mut header_map: std::collections::BTreeMap<String, Vec<String>> =
-        std::collections::BTreeMap::new();
     for (k, v) in split(&headers) {
-        header_map
+        request
+            .headers
             .entry(k.to_ascii_lowercase())
             .or_default()
             .push(v);
     }
-    let attributes = RequestAttributes {
-        principal,
-        source_namespace,
-        source_ip,
-        remote_ip: source_ip,
-        host: normalize_host(&host),
-        port,
-        method,
-        path: normalized.clone(),
-        headers: header_map,
-        ..Default::default()
+    let set = match (dir, control_plane) {
+        (Some(dir), _) => match load_dir_with_jwks(&dir) {
+            Ok(set) => set,
+            Err(e) => {
+                eprintln!("meshflow policy check: {e}");
+                return 64;
+            }
+        },
+        (None, Some(admin)) => match load_from_control_plane(&admin).await {
+            Ok((mesh, set)) => {
+                let key = workload.unwrap_or_default();
+                let Some(w) = mesh.workload(&key) else {
+                    eprintln!("meshflow policy check: the mesh has no workload {key:?}");
+                    return 64;
+                };
+                request.namespace = w.namespace.clone();
+                request.labels = w.labels.clone();
+                request.port = port.or(w.app.port).unwrap_or(request.port);
+                set
+            }
+            Err(e) => {
+                eprintln!("meshflow policy check: {e}");
+                return 64;
+            }
+        },
+        (None, None) => unreachable!("clap requires --dir or --control-plane"),
     };
-    let decision = authorize(set.authorization_for(&namespace, &labels), &attributes);
-    let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
-    let by = match (&decision.policy, decision.rule) {
-        (Some(p), Some(r)) => format!("by {p} rule {r}"),
-        (None, _) if decision.allowed => "(no ALLOW policy selects the workload)".to_string(),
-        _ => "(ALLOW policies exist and none matches)".to_string(),
-    };
-    let query = if query.is_empty() {
-        String::new()
-    } else {
-        format!("?{query}")
-    };
-    println!("{verdict} {by}; normalized path {normalized}{query}");
-    for audited in &decision.audited {
-        println!("AUDIT {audited}");
+    let (verdict, audited) = check(&set, &request);
+    println!("{}", verdict.describe());
+    for policy in audited {
+        println!("AUDIT {policy}");
     }
-    if decision.allowed {
-        0
-    } else {
-        1
-    }
+    verdict.exit_code()
 }

@@ -56,6 +56,7 @@ async fn handle(
                 "version": state.version,
                 "mesh": &*state.mesh,
                 "endpoints": &state.endpoints,
+                "policies": &*state.policies,
                 "lastError": *admin.last_error.lock().unwrap_or_else(|e| e.into_inner()),
             });
             respond(

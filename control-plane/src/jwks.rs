@@ -62,9 +62,14 @@ impl JwksResolver {
                     .as_deref()
                     .and_then(|t| humantime::parse_duration(t).ok())
                     .unwrap_or(DEFAULT_FETCH_TIMEOUT);
-                let fetched = self.fetch(&uri, timeout, policies_dir).await.and_then(|text| {
-                    check_jwks(&text).map(|_| text).map_err(|e| format!("not a JWKS: {e}"))
-                });
+                let fetched = self
+                    .fetch(&uri, timeout, policies_dir)
+                    .await
+                    .and_then(|text| {
+                        check_jwks(&text)
+                            .map(|_| text)
+                            .map_err(|e| format!("not a JWKS: {e}"))
+                    });
                 let jwks = match fetched {
                     Ok(text) => {
                         self.last_good.insert(uri.clone(), text.clone());

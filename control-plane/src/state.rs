@@ -37,9 +37,6 @@ impl MeshState {
         let spec = &self.mesh.spec;
         let me = self.mesh.workload(key)?;
         let spiffe_id = me.spiffe_id(&spec.trust_domain).ok()?;
-        let (mtls_mode, mtls_policy) =
-            self.policies
-                .mtls_mode_for(&me.namespace, &me.labels, me.app.port.unwrap_or(0));
         let mut services: BTreeMap<(String, String), v1::Service> = BTreeMap::new();
         for w in &spec.workloads {
             let service = services
@@ -88,8 +85,11 @@ impl MeshState {
                 .request_authentication_for(&me.namespace, &me.labels)
                 .filter_map(|p| serde_json::to_string(p).ok())
                 .collect(),
-            mtls_mode: mtls_mode.as_str().to_string(),
-            mtls_policy: mtls_policy.unwrap_or_default(),
+            peer_authentications_json: self
+                .policies
+                .peer_authentication_for(&me.namespace, &me.labels)
+                .filter_map(|p| serde_json::to_string(p).ok())
+                .collect(),
         })
     }
 }

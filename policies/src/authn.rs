@@ -433,24 +433,37 @@ impl PeerAuthentication {
     }
 }
 
-/// The effective mTLS mode for a workload's application `port`, with the policy that set it
-/// (Istio precedence: a selecting policy in the workload's namespace, port level first, then
-/// the namespace-wide policy, then the mesh-wide one in the root namespace; UNSET inherits).
+impl PeerAuthentication {
+    /// Whether this policy applies to a workload in `namespace` with `labels`: a selecting
+    /// policy in its namespace, the namespace-wide one, or the mesh-wide one (root namespace,
+    /// no selector).
+    pub fn applies_to(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        match &self.spec.selector {
+            Some(_) => {
+                self.namespace() == namespace && selector_matches(&self.spec.selector, labels)
+            }
+            None => self.namespace() == namespace || self.namespace() == ROOT_NAMESPACE,
+        }
+    }
+}
+
+/// The effective mTLS mode for a workload's application `port`, with the policy that set it.
+/// `applicable` are the policies that apply to the workload (see
+/// [`PeerAuthentication::applies_to`]; the control plane sends a sidecar exactly those), and
+/// `namespace` is the workload's. Istio precedence: the workload's selecting policy, port
+/// level first, then the namespace-wide policy, then the mesh-wide one; UNSET inherits.
 /// Without any policy the mode is STRICT (meshflow's default; Istio's is PERMISSIVE). When two
-/// selecting policies match, the first by `namespace/name` wins.
+/// selecting policies apply, the first by `namespace/name` wins.
 pub fn effective_mtls_mode<'a>(
-    policies: impl IntoIterator<Item = &'a PeerAuthentication>,
+    applicable: impl IntoIterator<Item = &'a PeerAuthentication>,
     namespace: &str,
-    labels: &BTreeMap<String, String>,
     port: u16,
 ) -> (MtlsMode, Option<String>) {
-    let mut policies: Vec<&PeerAuthentication> = policies.into_iter().collect();
+    let mut policies: Vec<&PeerAuthentication> = applicable.into_iter().collect();
     policies.sort_by_key(|p| p.id());
-    let workload = policies.iter().find(|p| {
-        p.namespace() == namespace
-            && p.spec.selector.is_some()
-            && selector_matches(&p.spec.selector, labels)
-    });
+    let workload = policies
+        .iter()
+        .find(|p| p.namespace() == namespace && p.spec.selector.is_some());
     let namespace_wide = policies
         .iter()
         .find(|p| p.namespace() == namespace && p.spec.selector.is_none());
@@ -906,33 +919,28 @@ mod tests {
             "api",
             "  selector: { matchLabels: { app: api } }\n  mtls: { mode: UNSET }\n  portLevelMtls:\n    8080: { mode: PERMISSIVE }\n",
         );
-        assert_eq!(
-            effective_mtls_mode([], "shop", &labels, 8080),
-            (MtlsMode::Strict, None)
-        );
-        assert_eq!(
-            effective_mtls_mode([&mesh], "shop", &labels, 8080).0,
-            MtlsMode::Permissive
-        );
-        assert_eq!(
-            effective_mtls_mode([&mesh, &ns], "shop", &labels, 8080).0,
-            MtlsMode::Strict
-        );
+        let mode = |all: &[&PeerAuthentication], ns: &str, port: u16| {
+            effective_mtls_mode(
+                all.iter().copied().filter(|p| p.applies_to(ns, &labels)),
+                ns,
+                port,
+            )
+        };
+        assert_eq!(mode(&[], "shop", 8080), (MtlsMode::Strict, None));
+        assert_eq!(mode(&[&mesh], "shop", 8080).0, MtlsMode::Permissive);
+        assert_eq!(mode(&[&mesh, &ns], "shop", 8080).0, MtlsMode::Strict);
         let all = [&mesh, &ns, &workload];
         assert_eq!(
-            effective_mtls_mode(all, "shop", &labels, 8080),
+            mode(&all, "shop", 8080),
             (MtlsMode::Permissive, Some("shop/api".into()))
         );
         // Another port of the same workload: UNSET inherits the namespace's STRICT.
         assert_eq!(
-            effective_mtls_mode(all, "shop", &labels, 9090),
+            mode(&all, "shop", 9090),
             (MtlsMode::Strict, Some("shop/ns".into()))
         );
         // Another namespace only sees the mesh-wide policy.
-        assert_eq!(
-            effective_mtls_mode(all, "other", &labels, 8080).0,
-            MtlsMode::Permissive
-        );
+        assert_eq!(mode(&all, "other", 8080).0, MtlsMode::Permissive);
     }
 
     #[test]

@@ -253,7 +253,23 @@ impl PolicySet {
         labels: &std::collections::BTreeMap<String, String>,
         port: u16,
     ) -> (MtlsMode, Option<String>) {
-        effective_mtls_mode(&self.peer_authentication, namespace, labels, port)
+        effective_mtls_mode(
+            self.peer_authentication_for(namespace, labels),
+            namespace,
+            port,
+        )
+    }
+
+    /// The PeerAuthentications that apply to a workload (see
+    /// [`PeerAuthentication::applies_to`]).
+    pub fn peer_authentication_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a std::collections::BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a PeerAuthentication> + Clone + 'a {
+        self.peer_authentication
+            .iter()
+            .filter(move |p| p.applies_to(namespace, labels))
     }
 
     /// The TrafficPolicy for service `name` in `namespace`.

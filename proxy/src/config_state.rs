@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use meshflow_api::v1;
-use meshflow_policies::authn::{Authenticator, MtlsMode, RequestAuthentication};
+use meshflow_policies::authn::{
+    effective_mtls_mode, Authenticator, MtlsMode, PeerAuthentication, RequestAuthentication,
+};
 use meshflow_policies::authz::AuthorizationPolicy;
 use meshflow_policies::{SpiffeId, TrafficPolicy};
 
@@ -43,8 +45,10 @@ pub struct ConfigSnapshot {
     pub authorization: Vec<AuthorizationPolicy>,
     /// JWT rules of the RequestAuthentications selecting this workload, keys parsed.
     pub authenticator: Arc<Authenticator>,
-    /// Inbound mTLS mode (PeerAuthentication): STRICT or PERMISSIVE.
+    /// Inbound mTLS mode of the app port (PeerAuthentication): STRICT or PERMISSIVE.
     pub mtls_mode: MtlsMode,
+    /// The PeerAuthentication that set `mtls_mode` (`namespace/name`), if any.
+    pub mtls_policy: Option<String>,
     /// The proto as received (for `/config_dump`).
     pub raw: v1::Snapshot,
 }
@@ -60,11 +64,11 @@ pub struct SnapshotError {
 }
 
 impl ConfigSnapshot {
-    /// Validates and converts a proto snapshot.
+    /// Validates and converts a proto snapshot for a sidecar whose app listens on `app_port`.
     ///
     /// # Errors
-    /// [`SnapshotError`] for a malformed identity or endpoint address.
-    pub fn from_proto(raw: v1::Snapshot) -> Result<Self, SnapshotError> {
+    /// [`SnapshotError`] for a malformed identity or an unreadable policy.
+    pub fn from_proto(raw: v1::Snapshot, app_port: u16) -> Result<Self, SnapshotError> {
         let err = |reason: String| SnapshotError {
             version: raw.version,
             reason,
@@ -125,11 +129,20 @@ impl ConfigSnapshot {
                 .map_err(|e| err(format!("requestAuthentications: {e}")))?;
             request_authentication.push(policy);
         }
-        let mtls_mode = match MtlsMode::parse(&raw.mtls_mode) {
-            Some(MtlsMode::Unset) => MtlsMode::Strict,
-            Some(mode @ (MtlsMode::Strict | MtlsMode::Permissive)) => mode,
-            _ => return Err(err(format!("mtlsMode: {:?} is not STRICT or PERMISSIVE", raw.mtls_mode))),
-        };
+        let mut peer_authentication = Vec::new();
+        for json in &raw.peer_authentications_json {
+            let policy: PeerAuthentication =
+                serde_json::from_str(json).map_err(|e| err(format!("peerAuthentications: {e}")))?;
+            peer_authentication.push(policy);
+        }
+        let (mtls_mode, mtls_policy) =
+            effective_mtls_mode(&peer_authentication, spiffe_id.namespace(), app_port);
+        if !matches!(mtls_mode, MtlsMode::Strict | MtlsMode::Permissive) {
+            return Err(err(format!(
+                "peerAuthentications: mode {} is not supported",
+                mtls_mode.as_str()
+            )));
+        }
         Ok(Self {
             version: raw.version,
             spiffe_id,
@@ -138,6 +151,7 @@ impl ConfigSnapshot {
             authorization,
             authenticator: Arc::new(Authenticator::new(&request_authentication)),
             mtls_mode,
+            mtls_policy,
             raw,
         })
     }

@@ -204,7 +204,7 @@ impl ControlPlaneClient {
         while let Some(snapshot) = stream.message().await? {
             let version = snapshot.version;
             let bundle = snapshot.trust_bundle_pem.clone();
-            let result = ConfigSnapshot::from_proto(snapshot)
+            let result = ConfigSnapshot::from_proto(snapshot, self.shared.app_port)
                 .map_err(|e| e.to_string())
                 .and_then(|s| {
                     self.shared

@@ -240,7 +240,9 @@ impl ProxyHttp for InboundProxy {
         let peer = match transport_peer(session) {
             Ok(Some(peer)) => Some(peer),
             // Plaintext: only while the mode is PERMISSIVE (it may have changed since accept).
-            Ok(None) if crate::inbound_accept::current_mode(&self.shared) == MtlsMode::Permissive => {
+            Ok(None)
+                if crate::inbound_accept::current_mode(&self.shared) == MtlsMode::Permissive =>
+            {
                 None
             }
             refused => {

@@ -303,8 +303,10 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
 
     // The inbound port is bound plaintext; `InboundAccept` peeks at the first byte and runs
     // the TLS handshake itself, so one port serves STRICT and PERMISSIVE (PeerAuthentication).
-    let mut inbound_proxy =
-        pingora_proxy::http_proxy(&server.configuration, inbound::InboundProxy::new(shared.clone()));
+    let mut inbound_proxy = pingora_proxy::http_proxy(
+        &server.configuration,
+        inbound::InboundProxy::new(shared.clone()),
+    );
     inbound_proxy.h2_options = Some(h2.clone());
     let mut plaintext_options = HttpServerOptions::default();
     plaintext_options.h2c = true;

@@ -1,8 +1,8 @@
 //! Sidecar metrics on one registry per process (passed in, never global). Names and labels per
 //! DESIGN.md §8. Label values never come from unbounded client input.
 
-use prometheus::{IntCounter, 
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// The sidecar's metric handles. Cheap to clone.

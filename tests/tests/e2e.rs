@@ -2,6 +2,8 @@
 //! One test binary, so Pingora links once. Timing-sensitive tests live in `timing` and run one
 //! at a time (see `.config/nextest.toml`).
 
+#[path = "e2e/authn.rs"]
+mod authn;
 #[path = "e2e/authz.rs"]
 mod authz;
 #[path = "e2e/common.rs"]
@@ -10,6 +12,8 @@ mod common;
 mod hygiene;
 #[path = "e2e/identity.rs"]
 mod identity;
+#[path = "../../policies/tests/support/issuer.rs"]
+mod issuer;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
 #[path = "e2e/protocols.rs"]

@@ -39,6 +39,11 @@ impl TestMesh {
         self.mesh.options.state_dir.clone()
     }
 
+    /// Writes (or replaces) `name` in the policy directory of a mesh from [`start_dir`].
+    pub fn write_policy_file(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.path().join("policies").join(name), text).unwrap();
+    }
+
     pub fn mesh_path(&self) -> PathBuf {
         self.mesh.mesh_path.clone()
     }
@@ -79,10 +84,22 @@ pub fn start_dir(
     policies: &str,
     tune: impl FnOnce(&mut meshflow_cli::up::UpOptions),
 ) -> TestMesh {
+    start_with_files(mesh, &[("policies.yaml", policies)], tune)
+}
+
+/// Starts `mesh` (whose `policiesDir` is `policies`) with `files` (name, text) written into
+/// the policy directory first.
+pub fn start_with_files(
+    mesh: &str,
+    files: &[(&str, &str)],
+    tune: impl FnOnce(&mut meshflow_cli::up::UpOptions),
+) -> TestMesh {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/policies.yaml"), policies).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join("policies").join(name), text).unwrap();
+    }
     let mesh_path = dir.path().join("mesh.yaml");
     std::fs::write(&mesh_path, mesh).unwrap();
     let mut options = meshflow_cli::up::UpOptions::new(&dir.path().join("state"));

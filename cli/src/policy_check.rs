@@ -1,0 +1,206 @@
+//! `meshflow policy check`: the inbound sidecar's decision for one request, computed with the
+//! sidecar's own code (`meshflow_policies`: path normalization, PeerAuthentication mode,
+//! RequestAuthentication, AuthorizationPolicy), from a policy directory or from a running
+//! control plane's `/config_dump` (the policies in force, JWKS included).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use meshflow_policies::authn::{Authenticator, AuthnOutcome, MtlsMode};
+use meshflow_policies::authz::{authorize, RequestAttributes};
+use meshflow_policies::documents::PolicySet;
+use meshflow_policies::mesh::MeshFile;
+use meshflow_policies::path::{normalize_host, normalize_path};
+
+/// The request to judge.
+#[derive(Debug, Clone, Default)]
+pub struct CheckRequest {
+    /// Target workload's namespace.
+    pub namespace: String,
+    /// Target workload's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Target app port (PeerAuthentication `portLevelMtls`, `destination.port`).
+    pub port: u16,
+    /// Caller principal (`td/ns/x/sa/y`, a `spiffe://` prefix is accepted); `None` = plaintext.
+    pub principal: Option<String>,
+    /// Caller IP.
+    pub source_ip: Option<std::net::IpAddr>,
+    /// Method.
+    pub method: String,
+    /// Path as sent, with an optional `?query`.
+    pub path: String,
+    /// Host / :authority.
+    pub host: String,
+    /// Headers, lower-case names.
+    pub headers: BTreeMap<String, Vec<String>>,
+}
+
+/// What the inbound sidecar does with the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forwarded to the app (exit 0).
+    Allow(String),
+    /// 403 (exit 1).
+    Deny(String),
+    /// 400 before any policy (exit 2).
+    Reject(String),
+    /// 401: a token was present and failed (exit 3).
+    Unauthenticated(String),
+    /// Plaintext while the mode is STRICT: the connection is closed (exit 4).
+    PlaintextRefused(String),
+}
+
+impl Verdict {
+    /// The process exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Verdict::Allow(_) => 0,
+            Verdict::Deny(_) => 1,
+            Verdict::Reject(_) => 2,
+            Verdict::Unauthenticated(_) => 3,
+            Verdict::PlaintextRefused(_) => 4,
+        }
+    }
+
+    /// The line printed for a human.
+    pub fn describe(&self) -> String {
+        match self {
+            Verdict::Allow(s) => format!("ALLOW {s}"),
+            Verdict::Deny(s) => format!("DENY {s}"),
+            Verdict::Reject(s) => format!("REJECT 400 {s}"),
+            Verdict::Unauthenticated(s) => format!("UNAUTHENTICATED 401 {s}"),
+            Verdict::PlaintextRefused(s) => format!("REFUSED {s}"),
+        }
+    }
+}
+
+/// Judges `request` against `set` in the order the sidecar does: transport (mTLS mode), path
+/// normalization, JWT, authorization. Returns the verdict and AUDIT policies that matched.
+pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) {
+    let principal = request
+        .principal
+        .as_deref()
+        .map(|p| p.trim_start_matches("spiffe://").to_string());
+    if principal.is_none() {
+        let (mode, policy) = set.mtls_mode_for(&request.namespace, &request.labels, request.port);
+        if mode != MtlsMode::Permissive {
+            let by = policy.map_or("(the default)".to_string(), |p| format!("by {p}"));
+            return (
+                Verdict::PlaintextRefused(format!(
+                    "plaintext connection closed: mTLS mode is STRICT {by}"
+                )),
+                Vec::new(),
+            );
+        }
+    }
+    let (raw_path, query) = request
+        .path
+        .split_once('?')
+        .unwrap_or((request.path.as_str(), ""));
+    let normalized = match normalize_path(raw_path) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                Verdict::Reject(format!(
+                    "({e}): the sidecar answers before any policy is consulted"
+                )),
+                Vec::new(),
+            )
+        }
+    };
+    let source_namespace = principal
+        .as_deref()
+        .and_then(|p| p.split('/').nth(2))
+        .map(str::to_string);
+    let mut attributes = RequestAttributes {
+        principal,
+        source_namespace,
+        source_ip: request.source_ip,
+        remote_ip: request.source_ip,
+        host: normalize_host(&request.host),
+        port: request.port,
+        method: request.method.clone(),
+        path: normalized.clone(),
+        headers: request.headers.clone(),
+        ..Default::default()
+    };
+    let authenticator =
+        Authenticator::new(set.request_authentication_for(&request.namespace, &request.labels));
+    match authenticator.authenticate(&request.headers, query) {
+        AuthnOutcome::Anonymous => {}
+        AuthnOutcome::Authenticated(identity) => identity.apply_to(&mut attributes),
+        AuthnOutcome::Rejected(e) => {
+            return (Verdict::Unauthenticated(format!("({e})")), Vec::new());
+        }
+    }
+    let decision = authorize(
+        set.authorization_for(&request.namespace, &request.labels),
+        &attributes,
+    );
+    let by = match (&decision.policy, decision.rule) {
+        (Some(p), Some(r)) => format!("by {p} rule {r}"),
+        (None, _) if decision.allowed => "(no ALLOW policy selects the workload)".to_string(),
+        _ => "(ALLOW policies exist and none matches)".to_string(),
+    };
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    let who = attributes
+        .request_principal
+        .as_deref()
+        .map(|p| format!("; request principal {p}"))
+        .unwrap_or_default();
+    let text = format!("{by}; normalized path {normalized}{query}{who}");
+    let verdict = if decision.allowed {
+        Verdict::Allow(text)
+    } else {
+        Verdict::Deny(text)
+    };
+    (verdict, decision.audited)
+}
+
+/// Loads a policy directory and fills in every `jwksUri: file://…` (relative to `dir`) so
+/// tokens can be checked offline. `http(s)://` key sets are fetched only by the control plane:
+/// their tokens are refused here (use `--control-plane`), and a note says so on stderr.
+///
+/// # Errors
+/// The first invalid file, with file, field and line.
+pub fn load_dir_with_jwks(dir: &Path) -> Result<PolicySet, meshflow_policies::LoadError> {
+    let mut set = PolicySet::load_dir(dir)?;
+    for policy in &mut set.request_authentication {
+        let id = policy.id();
+        for rule in &mut policy.spec.jwt_rules {
+            let Some(uri) = &rule.jwks_uri else { continue };
+            match uri.strip_prefix("file://") {
+                Some(path) => rule.jwks = std::fs::read_to_string(dir.join(path)).ok(),
+                None => eprintln!(
+                    "note: {} fetches its JWKS from {uri}; only the control plane fetches URLs (use --control-plane)",
+                    id
+                ),
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// The mesh and the policies in force at a running control plane (admin address
+/// `http://host:port`), as `/config_dump` shows them.
+///
+/// # Errors
+/// A message when the control plane cannot be reached or answers something else.
+pub async fn load_from_control_plane(admin: &str) -> Result<(MeshFile, PolicySet), String> {
+    let url = format!("{}/config_dump", admin.trim_end_matches('/'));
+    let dump: serde_json::Value = reqwest::get(&url)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let mesh: MeshFile =
+        serde_json::from_value(dump["mesh"].clone()).map_err(|e| format!("{url}: mesh: {e}"))?;
+    let policies: PolicySet = serde_json::from_value(dump["policies"].clone())
+        .map_err(|e| format!("{url}: policies: {e}"))?;
+    Ok((mesh, policies))
+}
