@@ -1,6 +1,8 @@
-//! The inbound listener (Pingora adapter): mTLS-terminated requests from other sidecars are
-//! checked, stripped of spoofable identity headers, given one XFCC from the verified peer,
-//! and forwarded to the app on 127.0.0.1.
+//! The inbound listener (Pingora adapter): requests from other sidecars (mTLS) or, under
+//! PeerAuthentication PERMISSIVE, plaintext clients are checked (framing, path normalization,
+//! JWT per RequestAuthentication, AuthorizationPolicy), stripped of spoofable identity headers,
+//! given one XFCC from the verified peer (none for plaintext), and forwarded to the app on
+//! 127.0.0.1.
 
 use std::time::Instant;
 

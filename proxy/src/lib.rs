@@ -1,8 +1,10 @@
 //! meshflow sidecar proxy on Cloudflare Pingora with rustls.
 //!
 //! - Inbound listener: TLS 1.3 only, client certificate required (SPIFFE X.509-SVID from the
-//!   mesh CA, exactly one URI SAN in the trust domain), forwards to the app on 127.0.0.1 with
-//!   one XFCC header from the verified peer.
+//!   mesh CA, exactly one URI SAN in the trust domain); plaintext on the same port only under
+//!   PeerAuthentication PERMISSIVE ([`inbound_accept`]). Checks JWTs (RequestAuthentication) and
+//!   AuthorizationPolicy, then forwards to the app on 127.0.0.1 with one XFCC header from the
+//!   verified peer.
 //! - Outbound listener (127.0.0.1): routes by authority to a mesh service, originates mTLS over
 //!   HTTP/2 and verifies the server is the destination's expected identity.
 //! - Admin listener: `/ready`, `/live`, `/metrics`, `/config_dump`, `POST /shutdown`.
