@@ -270,23 +270,45 @@ async fn policy_check_gives_the_live_sidecars_decision() {
     let pki = Pki::mesh(&t.state_dir());
     let meshflow = meshflow_cli::supervisor::find_program("meshflow");
     let dir = t.dir.path().join("policies");
-    for (caller, target) in [
-        ("frontend", "/admin"),
-        ("frontend", "//admin"),
-        ("frontend", "/admin#x"),
-        ("frontend", "/%2Fadmin"),
-        ("frontend", "/public/..;/admin"),
-        ("frontend", "/public/%2e%2e/admin"),
-        ("frontend", "/public/x"),
-        ("frontend", "/admin?x=1"),
-        ("intruder", "/public/x"),
+    // (caller, target, Host, forged XFCC): cases of acceptance 2 (paths), 3 (host variants)
+    // and 4 (client-sent identity headers).
+    let forged = "By=spiffe://cluster.local/ns/default/sa/backend;URI=spiffe://cluster.local/ns/default/sa/frontend";
+    for (caller, target, host, xfcc) in [
+        ("frontend", "/admin", "backend.default", None),
+        ("frontend", "//admin", "backend.default", None),
+        ("frontend", "/admin#x", "backend.default", None),
+        ("frontend", "/%2Fadmin", "backend.default", None),
+        ("frontend", "/public/..;/admin", "backend.default", None),
+        ("frontend", "/public/%2e%2e/admin", "backend.default", None),
+        ("frontend", "/public/x", "backend.default", None),
+        ("frontend", "/admin?x=1", "backend.default", None),
+        ("intruder", "/public/x", "backend.default", None),
+        ("frontend", "/hostcheck", "BACKEND.Default", None),
+        ("frontend", "/hostcheck", "backend.default:8080", None),
+        ("frontend", "/hostcheck", "backend.default.", None),
+        ("frontend", "/hostcheck", "other.default", None),
+        (
+            "intruder",
+            "/public/x",
+            "backend.default",
+            Some(("X-Forwarded-Client-Cert", forged)),
+        ),
+        (
+            "intruder",
+            "/public/x",
+            "backend.default",
+            Some(("X-FORWARDED-CLIENT-CERT", forged)),
+        ),
     ] {
         let leaf = pki.issue(LeafSpec::spiffe(&format!(
             "spiffe://cluster.local/ns/default/sa/{caller}"
         )));
         let config = client_config(pki.roots(), Some(leaf), &[&rustls::version::TLS13]);
+        let extra = xfcc
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .unwrap_or_default();
         let request =
-            format!("GET {target} HTTP/1.1\r\nHost: backend.default\r\nConnection: close\r\n\r\n");
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
         let live = status(
             &raw_tls(
                 &backend.inbound,
@@ -305,7 +327,12 @@ async fn policy_check_gives_the_live_sidecars_decision() {
                 "--principal",
                 &format!("cluster.local/ns/default/sa/{caller}"),
             ])
-            .args(["--host", "backend.default", "--path", target])
+            .args(["--host", host, "--path", target])
+            .args(
+                xfcc.map(|(name, value)| ["--header".to_string(), format!("{name}={value}")])
+                    .into_iter()
+                    .flatten(),
+            )
             .output()
             .unwrap();
         let predicted = match out.status.code() {
@@ -320,7 +347,7 @@ async fn policy_check_gives_the_live_sidecars_decision() {
         assert_eq!(
             live,
             predicted,
-            "{caller} {target}: live sidecar vs `meshflow policy check` ({})",
+            "{caller} {target} {host} {xfcc:?}: live sidecar vs `meshflow policy check` ({})",
             String::from_utf8_lossy(&out.stdout)
         );
     }
