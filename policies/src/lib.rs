@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod path;
 pub mod spiffe;
 pub mod traffic;
+pub mod workflow;
 
 pub use load::{LoadError, Result};
 pub use mesh::{AppProtocol, MeshSpec, Workload};
