@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod server;
 pub mod state;
 pub mod tokens;
+pub mod workflow;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,294 @@
+//! The engine on a controlled clock: every decision is a pure function of (state, input, now).
+
+use std::path::Path;
+
+use meshflow_policies::workflow::Workflow;
+use serde_json::{json, Value};
+
+use super::engine::*;
+
+const ORDER: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Workflow
+metadata: { name: order }
+spec:
+  steps:
+  - name: reserve
+    call: { service: inventory, path: /reserve, body: { sku: "${input.sku}" } }
+    retry: { maxAttempts: 3, initialInterval: 100ms, backoffCoefficient: 2, maxInterval: 150ms }
+    timeouts: { perAttempt: 1s, total: 10s }
+    compensate: { service: inventory, method: DELETE, path: "/reserve/${run.id}" }
+  - name: charge
+    dependsOn: [reserve]
+    call: { service: payment, path: /charge }
+    retry: { maxAttempts: 1 }
+    compensate: { service: payment, path: /refund }
+  - name: approve
+    dependsOn: [charge]
+    waitForSignal: { name: approval, timeout: 5s }
+  - name: ship
+    dependsOn: [approve]
+    call: { service: shipping, path: /ship, body: { approver: "${signals.approval.by}" } }
+    retry: { maxAttempts: 2, initialInterval: 50ms }
+    compensate: { service: shipping, path: /cancel }
+  output: { shipment: "${steps.ship.output.id}" }
+"#;
+
+struct Harness {
+    wf: Workflow,
+    state: RunState,
+    history: Vec<Event>,
+    now: u64,
+}
+
+impl Harness {
+    fn new(yaml: &str) -> Self {
+        let wf = Workflow::parse(Path::new("wf.yaml"), yaml).unwrap();
+        let start = Event::RunStarted {
+            workflow: wf.id(),
+            version: 1,
+            input: json!({"sku": "A-1"}),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            at_ms: 1_000,
+        };
+        let state = RunState::replay(&wf, std::slice::from_ref(&start)).unwrap();
+        let mut h = Harness {
+            wf,
+            state,
+            history: vec![start],
+            now: 1_000,
+        };
+        h.input(Input::Advance);
+        h
+    }
+
+    fn input(&mut self, input: Input) -> Vec<Event> {
+        let ctx = Ctx {
+            workflow: &self.wf,
+            run_id: "r1",
+            now_ms: self.now,
+        };
+        let events = decide(&self.state, &input, &ctx);
+        for e in &events {
+            self.state.apply(e);
+        }
+        self.history.extend(events.clone());
+        // Replaying the history gives the same state.
+        assert_eq!(
+            RunState::replay(&self.wf, &self.history).unwrap(),
+            self.state
+        );
+        events
+    }
+
+    fn respond(&mut self, step: &str, compensation: bool, status: u16, body: Value) -> Vec<Event> {
+        let d = self
+            .state
+            .dispatches()
+            .into_iter()
+            .find(|d| d.step == step && d.compensation == compensation)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no dispatch for {step} (compensation {compensation}): {:?}",
+                    self.state.dispatches()
+                )
+            });
+        self.input(Input::AttemptResult {
+            step: step.into(),
+            attempt: d.attempt,
+            compensation,
+            outcome: AttemptOutcome::Response { status, body },
+        })
+    }
+
+    fn fire_due(&mut self) {
+        let mut due: Vec<(Timer, u64)> = self
+            .state
+            .timers(&self.wf)
+            .into_iter()
+            .filter(|(_, at)| *at <= self.now)
+            .collect();
+        due.sort_by_key(|(_, at)| *at);
+        for (t, _) in due {
+            self.input(Input::TimerFired(t));
+        }
+    }
+}
+
+#[test]
+fn happy_path_with_a_signal_sent_before_the_wait() {
+    let mut h = Harness::new(ORDER);
+    assert_eq!(h.state.dispatches().len(), 1);
+    let d = &h.state.dispatches()[0];
+    assert_eq!(d.request.body, Some(json!({"sku": "A-1"})));
+    assert_eq!(d.deadline_ms, 2_000, "perAttempt 1 s");
+    // The signal arrives early and is kept.
+    h.input(Input::Signal {
+        name: "approval".into(),
+        payload: json!({"by": "ann"}),
+    });
+    h.respond("reserve", false, 201, json!({"id": 7}));
+    h.respond("charge", false, 200, json!({"ok": true}));
+    // approve used the early signal at once; ship is in flight with the signal's data.
+    let d = h.state.dispatches();
+    assert_eq!(d[0].step, "ship");
+    assert_eq!(d[0].request.body, Some(json!({"approver": "ann"})));
+    h.respond("ship", false, 200, json!({"id": "S-9"}));
+    assert_eq!(h.state.status, RunStatus::Completed);
+    assert_eq!(h.state.output, Some(json!({"shipment": "S-9"})));
+    assert!(h.state.timers(&h.wf).is_empty() && h.state.dispatches().is_empty());
+}
+
+#[test]
+fn backoff_schedule_and_per_attempt_timeout_on_a_controlled_clock() {
+    let mut h = Harness::new(ORDER);
+    // Attempt 1 times out at 2 000 ms: unknown outcome, retry after 100 ms.
+    h.now = 2_000;
+    h.fire_due();
+    assert_eq!(h.state.steps["reserve"].status, StepStatus::Backoff);
+    assert_eq!(h.state.steps["reserve"].until_ms, Some(2_100));
+    h.now = 2_099;
+    h.fire_due();
+    assert!(
+        h.state.dispatches().is_empty(),
+        "not before the backoff ends"
+    );
+    h.now = 2_100;
+    h.fire_due();
+    assert_eq!(h.state.dispatches()[0].attempt, 2);
+    // A late result of attempt 1 is recorded, not applied.
+    let late = h.input(Input::AttemptResult {
+        step: "reserve".into(),
+        attempt: 1,
+        compensation: false,
+        outcome: AttemptOutcome::Response {
+            status: 201,
+            body: json!({"id": 1}),
+        },
+    });
+    assert!(matches!(late[..], [Event::LateResult { .. }]));
+    assert_eq!(h.state.steps["reserve"].status, StepStatus::Running);
+    // Attempt 2 gets 503: retry after min(100 × 2, 150) = 150 ms.
+    h.respond("reserve", false, 503, json!("busy"));
+    assert_eq!(h.state.steps["reserve"].until_ms, Some(2_250));
+    h.now = 2_250;
+    h.fire_due();
+    // Attempt 3 of 3 fails: the step fails for good; nothing completed → Failed.
+    h.respond("reserve", false, 500, json!("boom"));
+    assert_eq!(h.state.status, RunStatus::Compensating);
+    // reserve's first attempt timed out (unknown outcome): its compensation runs.
+    h.respond("reserve", true, 200, json!({}));
+    assert_eq!(h.state.status, RunStatus::Compensated);
+}
+
+#[test]
+fn a_permanent_failure_compensates_in_reverse_order_once_each() {
+    let mut h = Harness::new(ORDER);
+    h.respond("reserve", false, 201, json!({"id": 7}));
+    h.respond("charge", false, 200, json!({}));
+    h.input(Input::Signal {
+        name: "approval".into(),
+        payload: json!({"by": "bo"}),
+    });
+    h.respond("ship", false, 400, json!("no address"));
+    assert_eq!(h.state.status, RunStatus::Compensating);
+    let order: Vec<String> = h.state.compensation.as_ref().unwrap().remaining.clone();
+    assert_eq!(
+        order,
+        vec!["charge", "reserve"],
+        "ship never completed; reverse completion order"
+    );
+    // One at a time: only charge's compensation is in flight.
+    assert_eq!(h.state.dispatches().len(), 1);
+    h.respond("charge", true, 200, json!({}));
+    let d = h.state.dispatches();
+    assert_eq!(d[0].request.path, "/reserve/r1");
+    assert_eq!(d[0].request.method, "DELETE");
+    h.respond("reserve", true, 204, Value::Null);
+    assert_eq!(h.state.status, RunStatus::Compensated);
+    let compensations = h
+        .history
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::AttemptStarted {
+                    compensation: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(compensations, 2);
+}
+
+#[test]
+fn wait_timeout_cancel_terminate_and_retry() {
+    // The approval never comes: the wait fails, the saga runs.
+    let mut h = Harness::new(ORDER);
+    h.respond("reserve", false, 201, json!({"id": 7}));
+    h.respond("charge", false, 200, json!({}));
+    assert_eq!(
+        h.state.waiting_on(&h.wf),
+        vec!["signal \"approval\" (step approve)"]
+    );
+    h.now += 5_000;
+    h.fire_due();
+    assert_eq!(h.state.steps["approve"].status, StepStatus::Failed);
+    assert_eq!(h.state.status, RunStatus::Compensating);
+
+    // Cancel compensates.
+    let mut h = Harness::new(ORDER);
+    h.respond("reserve", false, 201, json!({"id": 7}));
+    h.input(Input::Cancel);
+    // charge was in flight: abandoned, and compensated too.
+    assert_eq!(
+        h.state.compensation.as_ref().unwrap().remaining,
+        vec!["charge", "reserve"]
+    );
+    h.respond("charge", true, 200, json!({}));
+    h.respond("reserve", true, 200, json!({}));
+    assert_eq!(h.state.status, RunStatus::Cancelled);
+
+    // Terminate does not.
+    let mut h = Harness::new(ORDER);
+    h.respond("reserve", false, 201, json!({"id": 7}));
+    h.input(Input::Terminate);
+    assert_eq!(h.state.status, RunStatus::Terminated);
+    assert!(h.state.dispatches().is_empty());
+
+    // A failed compensation ends the run naming the step; retry resumes it.
+    let mut h = Harness::new(ORDER);
+    h.respond("reserve", false, 201, json!({"id": 7}));
+    h.respond("charge", false, 402, json!("declined"));
+    h.respond("reserve", true, 500, json!("down"));
+    h.now += 1_000;
+    h.fire_due();
+    h.respond("reserve", true, 500, json!("down"));
+    h.now += 1_000;
+    h.fire_due();
+    h.respond("reserve", true, 500, json!("down"));
+    assert_eq!(h.state.status, RunStatus::CompensationFailed);
+    assert!(h
+        .state
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("compensation of step reserve failed"));
+    h.input(Input::Retry);
+    h.respond("reserve", true, 200, json!({}));
+    assert_eq!(h.state.status, RunStatus::Compensated);
+}
+
+#[test]
+fn history_limit_ends_the_run_explicitly() {
+    let yaml = ORDER.replace("spec:\n  steps:", "spec:\n  historyLimit: 6\n  steps:");
+    let mut h = Harness::new(&yaml);
+    // 3 events so far; the answer adds 4 more (ended, completed, next started, next attempt).
+    h.respond("reserve", false, 201, json!({"id": 7}));
+    assert_eq!(
+        h.state.status,
+        RunStatus::HistoryLimitExceeded,
+        "{:?}",
+        h.history
+    );
+}
