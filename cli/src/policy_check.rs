@@ -97,7 +97,12 @@ pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) 
         .path
         .split_once('?')
         .unwrap_or((request.path.as_str(), ""));
-    let normalized = match normalize_path(raw_path) {
+    // The sidecar answers 400 to a fragment anywhere in the request target.
+    let normalized = match if request.path.contains('#') {
+        Err(meshflow_policies::path::PathError::Fragment)
+    } else {
+        normalize_path(raw_path)
+    } {
         Ok(p) => p,
         Err(e) => {
             return (
@@ -174,7 +179,14 @@ pub fn load_dir_with_jwks(dir: &Path) -> Result<PolicySet, meshflow_policies::Lo
         for rule in &mut policy.spec.jwt_rules {
             let Some(uri) = &rule.jwks_uri else { continue };
             match uri.strip_prefix("file://") {
-                Some(path) => rule.jwks = std::fs::read_to_string(dir.join(path)).ok(),
+                Some(path) => {
+                    // Bounded: a FIFO or a huge file must not hang or exhaust the CLI.
+                    use std::io::Read;
+                    let mut text = String::new();
+                    let read = std::fs::File::open(dir.join(path))
+                        .and_then(|f| f.take(1 << 20).read_to_string(&mut text));
+                    rule.jwks = read.ok().map(|_| text);
+                }
                 None => eprintln!(
                     "note: {} fetches its JWKS from {uri}; only the control plane fetches URLs (use --control-plane)",
                     id

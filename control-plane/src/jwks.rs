@@ -17,6 +17,8 @@ use crate::metrics::ControlPlaneMetrics;
 pub const JWKS_REFRESH: Duration = Duration::from_secs(60);
 /// Default fetch timeout when a rule gives none.
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest fetch timeout a rule may ask for.
+pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest JWKS accepted, bytes.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
 const EMPTY_JWKS: &str = r#"{"keys":[]}"#;
@@ -47,13 +49,14 @@ impl JwksResolver {
             .any(|r| r.jwks_uri.is_some())
     }
 
-    /// Fills in `jwks` for every rule with a `jwksUri`. Failures are logged and counted in
-    /// `meshflow_jwks_fetch_errors_total`; the rule gets the last good key set, else none.
-    /// Relative `file://` paths are relative to `policies_dir`.
+    /// Fetches every `jwksUri` of `policies` (concurrently, each bounded by its timeout, at
+    /// most [`MAX_FETCH_TIMEOUT`]) and then [`fill`](Self::fill)s the rules. Failures are
+    /// logged and counted in `meshflow_jwks_fetch_errors_total`; the rule keeps the last good
+    /// key set, else none. Relative `file://` paths are relative to `policies_dir`.
     pub async fn resolve(&mut self, policies: &mut PolicySet, policies_dir: Option<&Path>) {
-        for policy in &mut policies.request_authentication {
-            let id = policy.id();
-            for rule in &mut policy.spec.jwt_rules {
+        let mut wanted: HashMap<String, (Duration, String)> = HashMap::new();
+        for policy in &policies.request_authentication {
+            for rule in &policy.spec.jwt_rules {
                 let Some(uri) = rule.jwks_uri.clone() else {
                     continue;
                 };
@@ -61,31 +64,51 @@ impl JwksResolver {
                     .timeout
                     .as_deref()
                     .and_then(|t| humantime::parse_duration(t).ok())
-                    .unwrap_or(DEFAULT_FETCH_TIMEOUT);
-                let fetched = self
-                    .fetch(&uri, timeout, policies_dir)
-                    .await
-                    .and_then(|text| {
-                        check_jwks(&text)
-                            .map(|_| text)
-                            .map_err(|e| format!("not a JWKS: {e}"))
-                    });
-                let jwks = match fetched {
-                    Ok(text) => {
-                        self.last_good.insert(uri.clone(), text.clone());
-                        text
-                    }
-                    Err(e) => {
-                        self.metrics.jwks_fetch_errors.inc();
-                        tracing::error!(policy = %id, issuer = %rule.issuer, jwks_uri = %uri,
-                            "cannot fetch JWKS: {e}; tokens of this issuer are refused until it loads");
+                    .unwrap_or(DEFAULT_FETCH_TIMEOUT)
+                    .min(MAX_FETCH_TIMEOUT);
+                wanted.insert(uri, (timeout, policy.id()));
+            }
+        }
+        let this = &*self;
+        let fetches = wanted.iter().map(|(uri, (timeout, policy))| async move {
+            let result = this
+                .fetch(uri, *timeout, policies_dir)
+                .await
+                .and_then(|text| {
+                    check_jwks(&text)
+                        .map(|_| text)
+                        .map_err(|e| format!("not a JWKS: {e}"))
+                });
+            (uri.clone(), policy.clone(), result)
+        });
+        for (uri, policy, result) in futures::future::join_all(fetches).await {
+            match result {
+                Ok(text) => {
+                    self.last_good.insert(uri, text);
+                }
+                Err(e) => {
+                    self.metrics.jwks_fetch_errors.inc();
+                    tracing::error!(policy = %policy, jwks_uri = %uri,
+                        "cannot fetch JWKS: {e}; the last good key set (or none: tokens refused) stays in force");
+                }
+            }
+        }
+        self.fill(policies);
+    }
+
+    /// Writes the last good key set of each rule's `jwksUri` into its `jwks` (none fetched
+    /// yet: an empty set, so its tokens are refused).
+    pub fn fill(&self, policies: &mut PolicySet) {
+        for policy in &mut policies.request_authentication {
+            for rule in &mut policy.spec.jwt_rules {
+                if let Some(uri) = &rule.jwks_uri {
+                    rule.jwks = Some(
                         self.last_good
-                            .get(&uri)
+                            .get(uri)
                             .cloned()
-                            .unwrap_or_else(|| EMPTY_JWKS.to_string())
-                    }
-                };
-                rule.jwks = Some(jwks);
+                            .unwrap_or_else(|| EMPTY_JWKS.to_string()),
+                    );
+                }
             }
         }
     }
@@ -101,16 +124,26 @@ impl JwksResolver {
                 Some(dir) if Path::new(path).is_relative() => dir.join(path),
                 _ => PathBuf::from(path),
             };
-            let text = tokio::fs::read_to_string(&path)
-                .await
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            return if text.len() > MAX_JWKS_BYTES {
-                Err(format!("larger than {MAX_JWKS_BYTES} bytes"))
-            } else {
-                Ok(text)
+            // Bounded in size and time: a FIFO or /dev/zero must not stall or exhaust us.
+            let read = async {
+                use tokio::io::AsyncReadExt;
+                let file = tokio::fs::File::open(&path).await?;
+                let mut buf = Vec::new();
+                file.take(MAX_JWKS_BYTES as u64 + 1)
+                    .read_to_end(&mut buf)
+                    .await?;
+                Ok::<_, std::io::Error>(buf)
             };
+            let buf = tokio::time::timeout(timeout, read)
+                .await
+                .map_err(|_| format!("{}: timed out", path.display()))?
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if buf.len() > MAX_JWKS_BYTES {
+                return Err(format!("larger than {MAX_JWKS_BYTES} bytes"));
+            }
+            return String::from_utf8(buf).map_err(|e| e.to_string());
         }
-        let response = self
+        let mut response = self
             .client
             .get(uri)
             .timeout(timeout)
@@ -120,10 +153,20 @@ impl JwksResolver {
         if !response.status().is_success() {
             return Err(format!("HTTP {}", response.status()));
         }
-        let body = response.bytes().await.map_err(|e| e.to_string())?;
-        if body.len() > MAX_JWKS_BYTES {
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
             return Err(format!("larger than {MAX_JWKS_BYTES} bytes"));
         }
-        String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
+        // Read in chunks and stop at the cap (the timeout covers the whole body).
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_JWKS_BYTES {
+                return Err(format!("larger than {MAX_JWKS_BYTES} bytes"));
+            }
+        }
+        String::from_utf8(body).map_err(|e| e.to_string())
     }
 }

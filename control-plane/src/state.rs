@@ -346,18 +346,30 @@ impl MeshFileWatcher {
         }
     }
 
-    /// Resolves the JWKS of `policies` and pushes the config unless nothing changed.
-    async fn push(&mut self, state: &StateHandle, mesh: MeshFile, mut policies: PolicySet) {
-        self.jwks
-            .resolve(&mut policies, mesh.policies_dir(&self.path).as_deref())
-            .await;
+    /// Pushes the config at once with the key sets known so far, then fetches every
+    /// `jwksUri` and pushes again if a key set changed (a slow JWKS host never delays a
+    /// policy change, only the new keys).
+    async fn push(&mut self, state: &StateHandle, mesh: MeshFile, policies: PolicySet) {
+        let mut now = policies.clone();
+        self.jwks.fill(&mut now);
+        self.set_if_changed(state, &mesh, now);
+        if JwksResolver::needs_refresh(&policies) {
+            let mut fetched = policies;
+            self.jwks
+                .resolve(&mut fetched, mesh.policies_dir(&self.path).as_deref())
+                .await;
+            self.set_if_changed(state, &mesh, fetched);
+        }
         self.last_resolve = std::time::Instant::now();
+    }
+
+    fn set_if_changed(&self, state: &StateHandle, mesh: &MeshFile, policies: PolicySet) {
         let current = state.current();
-        if *current.mesh == mesh && *current.policies == policies {
+        if *current.mesh == *mesh && *current.policies == policies {
             return;
         }
         tracing::info!(file = %self.path.display(), "config changed; pushing");
-        state.set_config(mesh, policies);
+        state.set_config(mesh.clone(), policies);
     }
 
     /// Polls every `interval` (250 ms keeps a change under the 1 s push target) until the

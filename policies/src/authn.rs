@@ -422,7 +422,7 @@ impl PeerAuthentication {
                 ));
             }
         }
-        if policy.spec.port_level_mtls.is_some() && policy.spec.selector.is_none() {
+        if policy.spec.port_level_mtls.is_some() && !policy.has_selector() {
             return Err(invalid(
                 "spec.portLevelMtls".into(),
                 "portLevelMtls",
@@ -438,12 +438,20 @@ impl PeerAuthentication {
     /// policy in its namespace, the namespace-wide one, or the mesh-wide one (root namespace,
     /// no selector).
     pub fn applies_to(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        match &self.spec.selector {
-            Some(_) => {
-                self.namespace() == namespace && selector_matches(&self.spec.selector, labels)
-            }
-            None => self.namespace() == namespace || self.namespace() == ROOT_NAMESPACE,
+        if self.has_selector() {
+            self.namespace() == namespace && selector_matches(&self.spec.selector, labels)
+        } else {
+            self.namespace() == namespace || self.namespace() == ROOT_NAMESPACE
         }
+    }
+
+    /// Whether the policy selects workloads (an empty `matchLabels` is namespace-wide, as in
+    /// Istio).
+    pub fn has_selector(&self) -> bool {
+        self.spec
+            .selector
+            .as_ref()
+            .is_some_and(|s| !s.match_labels.is_empty())
     }
 }
 
@@ -453,7 +461,8 @@ impl PeerAuthentication {
 /// `namespace` is the workload's. Istio precedence: the workload's selecting policy, port
 /// level first, then the namespace-wide policy, then the mesh-wide one; UNSET inherits.
 /// Without any policy the mode is STRICT (meshflow's default; Istio's is PERMISSIVE). When two
-/// selecting policies apply, the first by `namespace/name` wins.
+/// selecting policies apply, the first by `namespace/name` wins (Istio picks the oldest; files
+/// have no creation time, so meshflow uses a stable order instead).
 pub fn effective_mtls_mode<'a>(
     applicable: impl IntoIterator<Item = &'a PeerAuthentication>,
     namespace: &str,
@@ -463,13 +472,13 @@ pub fn effective_mtls_mode<'a>(
     policies.sort_by_key(|p| p.id());
     let workload = policies
         .iter()
-        .find(|p| p.namespace() == namespace && p.spec.selector.is_some());
+        .find(|p| p.namespace() == namespace && p.has_selector());
     let namespace_wide = policies
         .iter()
-        .find(|p| p.namespace() == namespace && p.spec.selector.is_none());
+        .find(|p| p.namespace() == namespace && !p.has_selector());
     let mesh_wide = policies
         .iter()
-        .find(|p| p.namespace() == ROOT_NAMESPACE && p.spec.selector.is_none());
+        .find(|p| p.namespace() == ROOT_NAMESPACE && !p.has_selector());
     let port_level = workload.and_then(|p| {
         let mode = p.spec.port_level_mtls.as_ref()?.get(&port)?.mode;
         Some((mode, *p))
@@ -634,7 +643,8 @@ impl JwtRule {
             for value in headers.get(&name).into_iter().flatten() {
                 let token = match &location.prefix {
                     Some(prefix) => {
-                        // Istio compares the prefix exactly; "bearer" in any case is common.
+                        // Compared without regard to ASCII case: an auth-scheme such as
+                        // "Bearer" is case-insensitive (RFC 9110 §11.1, RFC 6750).
                         if value.len() >= prefix.len()
                             && value.as_bytes()[..prefix.len()]
                                 .eq_ignore_ascii_case(prefix.as_bytes())
@@ -687,7 +697,9 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
                 match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                     Some(b) => {
                         out.push(b);
@@ -766,50 +778,70 @@ impl Authenticator {
     }
 
     /// Finds the request's token (headers with lower-case names; `query` without `?`) and
-    /// verifies it against the rule for its issuer.
+    /// verifies it against the rules for its issuer that look for a token where it was found
+    /// (as Envoy's `jwt_authn` providers do: any one that verifies suffices).
     pub fn authenticate(
         &self,
         headers: &BTreeMap<String, Vec<String>>,
         query: &str,
     ) -> AuthnOutcome {
-        let mut found: Vec<Found> = self
+        let found: Vec<(usize, Found)> = self
             .rules
             .iter()
-            .flat_map(|r| r.rule.find_tokens(headers, query))
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.rule
+                    .find_tokens(headers, query)
+                    .into_iter()
+                    .map(move |f| (i, f))
+            })
             .collect();
-        let Some(first) = found.first() else {
+        let Some((_, first)) = found.first() else {
             return AuthnOutcome::Anonymous;
         };
-        if found.iter().any(|f| f.token != first.token) {
+        if found.iter().any(|(_, f)| f.token != first.token) {
             return AuthnOutcome::Rejected(JwtError::MultipleTokens);
         }
         let token = first.token.clone();
-        match self.verify(&token) {
-            Ok((rule, mut identity)) => {
-                if !rule.forward_original_token {
-                    found.retain(|f| f.header.is_some());
-                    identity.strip_headers = found.into_iter().filter_map(|f| f.header).collect();
-                    identity.strip_headers.dedup();
+        let claims = match checked_claims(&token) {
+            Ok(claims) => claims,
+            Err(e) => return AuthnOutcome::Rejected(e),
+        };
+        let Some(issuer) = claims.get("iss").and_then(|v| v.as_str()) else {
+            return AuthnOutcome::Rejected(JwtError::UnknownIssuer);
+        };
+        let mut candidates: Vec<usize> = found
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| self.rules[*i].rule.issuer == issuer)
+            .collect();
+        candidates.dedup();
+        let mut last = JwtError::UnknownIssuer;
+        for i in candidates {
+            match self.verify(&self.rules[i], &token, issuer) {
+                Ok(mut identity) => {
+                    if !self.rules[i].rule.forward_original_token {
+                        identity.strip_headers =
+                            found.iter().filter_map(|(_, f)| f.header.clone()).collect();
+                        identity.strip_headers.sort();
+                        identity.strip_headers.dedup();
+                    }
+                    return AuthnOutcome::Authenticated(identity);
                 }
-                AuthnOutcome::Authenticated(identity)
+                Err(e) => last = e,
             }
-            Err(e) => AuthnOutcome::Rejected(e),
         }
+        AuthnOutcome::Rejected(last)
     }
 
-    fn verify(&self, token: &str) -> std::result::Result<(&JwtRule, JwtIdentity), JwtError> {
+    fn verify(
+        &self,
+        compiled: &CompiledRule,
+        token: &str,
+        issuer: &str,
+    ) -> std::result::Result<JwtIdentity, JwtError> {
         // `decode_header` refuses `alg: none` (not a jsonwebtoken Algorithm) and junk.
         let header = decode_header(token).map_err(|_| JwtError::Malformed)?;
-        let unverified = unverified_claims(token).ok_or(JwtError::Malformed)?;
-        let issuer = unverified
-            .get("iss")
-            .and_then(|v| v.as_str())
-            .ok_or(JwtError::UnknownIssuer)?;
-        let compiled = self
-            .rules
-            .iter()
-            .find(|r| r.rule.issuer == issuer)
-            .ok_or(JwtError::UnknownIssuer)?;
         let rule = &compiled.rule;
         let mut validation = Validation::new(header.alg);
         validation.leeway = CLOCK_SKEW_S;
@@ -820,6 +852,8 @@ impl Authenticator {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&rule.audiences);
+            // jsonwebtoken checks `aud` only when present; a rule with audiences requires it.
+            validation.required_spec_claims.insert("aud".to_string());
         }
         let mut last = JwtError::BadSignature;
         for jwk in &compiled.keys.keys {
@@ -838,13 +872,14 @@ impl Authenticator {
                 continue;
             };
             match decode::<serde_json::Value>(token, &key, &validation) {
-                Ok(data) => return Ok((rule, identity(issuer, &data.claims))),
+                Ok(data) => return Ok(identity(issuer, &data.claims)),
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind;
                     last = match e.kind() {
                         ErrorKind::ExpiredSignature => JwtError::Expired,
                         ErrorKind::ImmatureSignature => JwtError::NotYetValid,
                         ErrorKind::InvalidAudience => JwtError::BadAudience,
+                        ErrorKind::MissingRequiredClaim(c) if c == "aud" => JwtError::BadAudience,
                         ErrorKind::InvalidIssuer => JwtError::UnknownIssuer,
                         _ => continue,
                     };
@@ -855,6 +890,22 @@ impl Authenticator {
         }
         Err(last)
     }
+}
+
+/// The unverified payload, refusing `exp`/`nbf` that are not non-negative numbers
+/// (jsonwebtoken would treat such a claim as absent, so the token would never expire).
+fn checked_claims(
+    token: &str,
+) -> std::result::Result<serde_json::Map<String, serde_json::Value>, JwtError> {
+    let claims = unverified_claims(token).ok_or(JwtError::Malformed)?;
+    for name in ["exp", "nbf"] {
+        if let Some(v) = claims.get(name) {
+            if !v.as_f64().is_some_and(|n| n >= 0.0) {
+                return Err(JwtError::Malformed);
+            }
+        }
+    }
+    Ok(claims)
 }
 
 /// The payload of a compact JWS without verifying it (only to pick the rule by `iss`).

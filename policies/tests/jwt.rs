@@ -218,3 +218,58 @@ fn claims_and_request_principals_drive_authorization() {
         "anonymous requests have no request principal"
     );
 }
+
+#[test]
+fn review_findings_missing_aud_bad_exp_and_issuer_per_location() {
+    let issuer = TestIssuer::new(ISS, "k1");
+    let a = authn(&issuer, "");
+    // A rule with audiences requires `aud`.
+    let no_aud = issuer.token(json!({"sub": "a", "exp": now() + 60}));
+    assert_eq!(
+        rejected(a.authenticate(&bearer(&no_aud), "")),
+        JwtError::BadAudience
+    );
+    // `exp`/`nbf` of the wrong type never mean "no expiry".
+    for claims in [
+        json!({"sub": "a", "aud": "orders", "exp": "1"}),
+        json!({"sub": "a", "aud": "orders", "exp": -5}),
+        json!({"sub": "a", "aud": "orders", "nbf": "soon"}),
+    ] {
+        assert_eq!(
+            rejected(a.authenticate(&bearer(&issuer.token(claims.clone())), "")),
+            JwtError::Malformed,
+            "{claims}"
+        );
+    }
+    // Two policies for one issuer: any rule that verifies suffices, whatever the order.
+    let empty = RequestAuthentication::parse(
+        Path::new("mesh.yaml"),
+        &format!("apiVersion: meshflow.io/v1alpha1\nkind: RequestAuthentication\nmetadata: {{ name: mesh, namespace: meshflow-system }}\nspec:\n  jwtRules:\n  - issuer: {ISS}\n    jwks: '{{\"keys\": []}}'\n"),
+    )
+    .unwrap();
+    let own = RequestAuthentication::parse(
+        Path::new("own.yaml"),
+        &format!("apiVersion: meshflow.io/v1alpha1\nkind: RequestAuthentication\nmetadata: {{ name: own, namespace: shop }}\nspec:\n  jwtRules:\n  - issuer: {ISS}\n    jwks: '{}'\n", issuer.jwks()),
+    )
+    .unwrap();
+    let token = issuer.valid("alice", "orders");
+    for order in [[&empty, &own], [&own, &empty]] {
+        assert!(matches!(
+            Authenticator::new(order).authenticate(&bearer(&token), ""),
+            AuthnOutcome::Authenticated(_)
+        ));
+    }
+    // A token for issuer A found only in issuer B's location is not A's token.
+    let other = TestIssuer::new("https://other.example.com", "k9");
+    let b = RequestAuthentication::parse(
+        Path::new("b.yaml"),
+        &format!("apiVersion: meshflow.io/v1alpha1\nkind: RequestAuthentication\nmetadata: {{ name: b }}\nspec:\n  jwtRules:\n  - issuer: {ISS}\n    jwks: '{}'\n    fromHeaders: [{{ name: x-a }}]\n  - issuer: https://other.example.com\n    jwks: '{}'\n    fromHeaders: [{{ name: x-b }}]\n", issuer.jwks(), other.jwks()),
+    )
+    .unwrap();
+    let headers: BTreeMap<String, Vec<String>> =
+        [("x-b".to_string(), vec![issuer.valid("a", "orders")])].into();
+    assert_eq!(
+        rejected(Authenticator::new([&b]).authenticate(&headers, "")),
+        JwtError::UnknownIssuer
+    );
+}

@@ -310,9 +310,9 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         inbound::InboundProxy::new(shared.clone()),
     );
     inbound_proxy.h2_options = Some(h2.clone());
-    let mut plaintext_options = HttpServerOptions::default();
-    plaintext_options.h2c = true;
-    inbound_proxy.server_options = Some(plaintext_options);
+    // No h2c on plaintext inbound: Pingora's h2c detection waits, without a timeout, for 24
+    // bytes (the HTTP/2 preface) on every new and reused connection, so a short HTTP/1.0
+    // request or an idle client would hang a task. Sidecar-to-sidecar HTTP/2 uses TLS + ALPN.
     let mut tls = TlsSettings::with_callbacks(Box::new(identity::HandshakeCallbacks::new(
         identity_state.clone(),
     )))
