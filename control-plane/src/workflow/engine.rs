@@ -1338,7 +1338,7 @@ fn on_timer(state: &RunState, timer: &Timer, ctx: &Ctx<'_>) -> Vec<Event> {
             } else {
                 &s.in_flight
             };
-            if !flight.as_ref().is_some_and(|f| f.attempt == *attempt) {
+            if flight.as_ref().is_none_or(|f| f.attempt != *attempt) {
                 return Vec::new();
             }
             let mut events = vec![Event::AttemptTimedOut {
