@@ -4,3 +4,4 @@
 pub mod policy_check;
 pub mod supervisor;
 pub mod up;
+pub mod workflow_cli;

@@ -19,6 +19,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Workflow definitions and runs (a client of the coordinator's API).
+    Workflow {
+        #[command(flatten)]
+        api: meshflow_cli::workflow_cli::ApiArgs,
+        #[command(subcommand)]
+        command: meshflow_cli::workflow_cli::WorkflowCommand,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -172,6 +179,15 @@ async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Policy { command } => policy_check(command).await,
+        Command::Workflow { api, command } => {
+            use meshflow_cli::workflow_cli::{command as verb, run, WorkflowCommand as W};
+            match command {
+                W::Cancel { id } => verb(api, "cancel", &id).await,
+                W::Terminate { id } => verb(api, "terminate", &id).await,
+                W::Retry { id } => verb(api, "retry", &id).await,
+                other => run(api, other).await,
+            }
+        }
         Command::Up {
             file,
             state_dir,

@@ -27,6 +27,8 @@ pub struct UpOptions {
     pub env: BTreeMap<String, String>,
     /// Workload keys whose sidecar is not started (tests start them by hand).
     pub skip_sidecars: std::collections::BTreeSet<String>,
+    /// Extra control-plane arguments (e.g. `--workflow-store postgres://…`).
+    pub control_plane_args: Vec<String>,
 }
 
 impl UpOptions {
@@ -39,6 +41,7 @@ impl UpOptions {
             ready_timeout: Duration::from_secs(30),
             env: BTreeMap::new(),
             skip_sidecars: Default::default(),
+            control_plane_args: Vec::new(),
         }
     }
 }
@@ -92,6 +95,10 @@ pub struct LocalMesh {
     pub workloads: BTreeMap<String, WorkloadAddresses>,
     /// App port of every workload, by key.
     pub app_ports: BTreeMap<String, u16>,
+    /// The workflow API (`host:port`) when a workload is `builtin: coordinator`.
+    pub workflow_api: Option<String>,
+    /// (workflow API port, coordinator sidecar outbound port), fixed for restarts.
+    coordinator_ports: Option<(u16, u16)>,
 }
 
 fn protocol_flag(p: AppProtocol) -> &'static str {
@@ -123,14 +130,24 @@ impl LocalMesh {
             control_plane_admin: String::new(),
             workloads: BTreeMap::new(),
             app_ports: BTreeMap::new(),
+            workflow_api: None,
+            coordinator_ports: None,
         };
+        if let Some(w) = mesh_run.mesh.spec.workloads.iter().find(|w| w.app.builtin.is_some()) {
+            let api = match w.app.port {
+                Some(port) => port,
+                None => free_port()?,
+            };
+            mesh_run.coordinator_ports = Some((api, free_port()?));
+        }
         mesh_run.start_control_plane()?;
 
         let mut apps = Vec::new();
         for w in mesh_run.mesh.spec.workloads.clone() {
-            let port = match w.app.port {
-                Some(port) => port,
-                None => free_port()?,
+            let port = match (w.app.builtin, w.app.port, mesh_run.coordinator_ports) {
+                (Some(_), _, Some((api, _))) => api,
+                (_, Some(port), _) => port,
+                _ => free_port()?,
             };
             if let Some((program, args)) = w.app.command.split_first() {
                 let args: Vec<String> = args
@@ -164,7 +181,13 @@ impl LocalMesh {
             if mesh_run.options.skip_sidecars.contains(&w.key()) {
                 continue;
             }
-            mesh_run.spawn_sidecar(&w.key(), *port, &[])?;
+            let extra = match (w.app.builtin, mesh_run.coordinator_ports) {
+                (Some(_), Some((_, outbound))) => {
+                    vec!["--outbound".to_string(), format!("127.0.0.1:{outbound}")]
+                }
+                _ => Vec::new(),
+            };
+            mesh_run.spawn_sidecar(&w.key(), *port, &extra)?;
             started.push((w.key(), *port));
         }
         for (key, port) in started {
@@ -287,6 +310,15 @@ impl LocalMesh {
             args.push("--leaf-ttl".into());
             args.push(format!("{}ms", ttl.as_millis()));
         }
+        if let Some((api, outbound)) = self.coordinator_ports {
+            args.extend([
+                "--workflow-api".to_string(),
+                format!("127.0.0.1:{api}"),
+                "--workflow-outbound".into(),
+                format!("127.0.0.1:{outbound}"),
+            ]);
+        }
+        args.extend(self.options.control_plane_args.iter().cloned());
         let mut spec =
             ChildSpec::new("control-plane", find_program("meshflow-control-plane")).args(args);
         for (k, v) in &self.options.env {
@@ -298,6 +330,7 @@ impl LocalMesh {
                 .wait_ready("control-plane", &ready_file, self.options.ready_timeout)?;
         self.control_plane = ready.address("grpc").unwrap_or_default().to_string();
         self.control_plane_admin = ready.address("admin").unwrap_or_default().to_string();
+        self.workflow_api = ready.address("workflow-api").map(str::to_string);
         Ok(ready)
     }
 
@@ -335,6 +368,17 @@ impl LocalMesh {
                 w.spiffe_id
             ));
         }
+        if let Some(api) = &self.workflow_api {
+            out.push_str(&format!(
+                "workflow API   http://{api}  (token: {})\n",
+                self.workflow_token_path().display()
+            ));
+        }
         out
+    }
+
+    /// The workflow API token file.
+    pub fn workflow_token_path(&self) -> PathBuf {
+        self.options.state_dir.join("workflow-api-token")
     }
 }

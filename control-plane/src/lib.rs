@@ -62,6 +62,22 @@ pub struct ControlPlaneConfig {
     /// Written once serving: bound addresses as JSON.
     #[arg(long, env = "MESHFLOW_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Run the workflow coordinator and serve its HTTP API here (`127.0.0.1:0`: any free
+    /// port; the ready file names it as `workflow-api`). Absent: no coordinator.
+    #[arg(long, env = "MESHFLOW_WORKFLOW_API")]
+    pub workflow_api: Option<SocketAddr>,
+    /// The coordinator's outbound sidecar (`host:port`): every step call goes through it, so
+    /// it gets mTLS, authorization and mesh retries.
+    #[arg(long, env = "MESHFLOW_WORKFLOW_OUTBOUND")]
+    pub workflow_outbound: Option<String>,
+    /// Workflow store URL: `sqlite:///abs/path.db` or `postgres://…`. Default: SQLite
+    /// `<state-dir>/workflows.db`.
+    #[arg(long, env = "MESHFLOW_WORKFLOW_STORE")]
+    pub workflow_store: Option<String>,
+    /// How long finished runs are kept (e.g. `7d`).
+    #[arg(long, env = "MESHFLOW_WORKFLOW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub workflow_retention: Duration,
 }
 
 /// Errors that stop the control plane at start.
@@ -84,6 +100,61 @@ fn other<E: std::fmt::Display>(e: E) -> StartError {
 /// # Errors
 /// [`StartError::Config`] for an invalid mesh file; [`StartError::Other`] for I/O or TLS
 /// failures.
+/// Opens the workflow store, recovers in-flight runs and serves the workflow API on `addr`.
+/// The API token is `<state-dir>/workflow-api-token` (created, mode 0600).
+async fn start_coordinator(
+    config: &ControlPlaneConfig,
+    addr: SocketAddr,
+    registry: &Registry,
+) -> Result<SocketAddr, StartError> {
+    use workflow::coordinator::{Coordinator, CoordinatorSettings};
+    let url = config.workflow_store.clone().unwrap_or_else(|| {
+        format!("sqlite://{}", config.state_dir.join("workflows.db").display())
+    });
+    let store = workflow::store::SqlStore::open(&url)
+        .await
+        .map_err(|e| StartError::Config(format!("workflow store {url}: {e}")))?;
+    let metrics = workflow::metrics::WorkflowMetrics::new(registry).map_err(other)?;
+    let coordinator = Coordinator::new(
+        Arc::new(store),
+        CoordinatorSettings {
+            outbound: config.workflow_outbound.clone(),
+            retention: config.workflow_retention,
+        },
+        metrics,
+    );
+    let token_path = config.state_dir.join("workflow-api-token");
+    let token = match std::fs::read_to_string(&token_path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let token = workflow::coordinator::new_run_id();
+            ca::write_private(&token_path, token.as_bytes()).map_err(other)?;
+            token
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Config(format!("bind {addr}: {e}")))?;
+    let bound = listener.local_addr().map_err(other)?;
+    let resent = coordinator.recover().await.map_err(other)?;
+    if resent > 0 {
+        tracing::info!(calls = resent, "workflow coordinator: re-sending calls in flight at the last stop");
+    }
+    tokio::spawn(coordinator.clone().run_timers());
+    tokio::spawn(coordinator.clone().run_retention());
+    let app = workflow::api::router(workflow::api::ApiState {
+        coordinator,
+        token: Arc::new(token),
+    });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("workflow API stopped: {e}");
+        }
+    });
+    tracing::info!(api = %bound, store = %url, "workflow coordinator serving");
+    Ok(bound)
+}
+
 pub async fn run(
     config: ControlPlaneConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -220,7 +291,7 @@ pub async fn run(
     tokio::spawn(admin::serve(
         admin_listener,
         admin::AdminState {
-            registry,
+            registry: registry.clone(),
             state: state.clone(),
             last_error,
             settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
@@ -244,11 +315,18 @@ pub async fn run(
         .add_service(IdentityServer::new(services.clone()))
         .add_service(ConfigServer::new(services));
 
+    let workflow_addr = match config.workflow_api {
+        Some(addr) => Some(start_coordinator(&config, addr, &registry).await?),
+        None => None,
+    };
     if let Some(ready) = &config.ready_file {
         let mut file = ReadyFile {
             pid: std::process::id(),
             ..Default::default()
         };
+        if let Some(addr) = workflow_addr {
+            file.addresses.insert("workflow-api".into(), addr.to_string());
+        }
         file.addresses.insert("grpc".into(), grpc_addr.to_string());
         file.addresses
             .insert("admin".into(), admin_addr.to_string());

@@ -124,6 +124,19 @@ pub struct App {
     /// the `meshflow` binary).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// A part of meshflow instead of a command: `coordinator` makes this workload the workflow
+    /// coordinator (its app is the control plane's workflow API; step calls leave through this
+    /// workload's sidecar, so policies name its identity). At most one per mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinApp>,
+}
+
+/// Built-in apps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuiltinApp {
+    /// The workflow coordinator.
+    Coordinator,
 }
 
 /// Application protocol on the sidecar → app hop.
@@ -295,6 +308,22 @@ impl MeshFile {
                         ),
                     ));
                 }
+            }
+            if w.app.builtin.is_some() && !w.app.command.is_empty() {
+                return Err(invalid(
+                    field("app.builtin"),
+                    find_line(text, "builtin", ""),
+                    "give builtin or command, not both".into(),
+                ));
+            }
+            if w.app.builtin.is_some()
+                && spec.workloads[..i].iter().any(|o| o.app.builtin.is_some())
+            {
+                return Err(invalid(
+                    field("app.builtin"),
+                    find_line(text, "builtin", ""),
+                    "only one workload can be the coordinator".into(),
+                ));
             }
             if w.app.port == Some(0) {
                 return Err(invalid(

@@ -382,6 +382,8 @@ pub struct Dispatch {
     pub request: RenderedCall,
     /// Deadline, Unix ms.
     pub deadline_ms: u64,
+    /// When the attempt was committed, Unix ms (dispatch lag counts from here).
+    pub started_ms: u64,
 }
 
 impl Dispatch {
@@ -425,6 +427,7 @@ pub struct InFlight {
     attempt: u32,
     request: RenderedCall,
     deadline_ms: u64,
+    started_ms: u64,
 }
 
 /// One step's state.
@@ -616,6 +619,7 @@ impl RunState {
                         attempt: *attempt,
                         request: request.clone(),
                         deadline_ms: *deadline_ms,
+                        started_ms: *at_ms,
                     };
                     if *compensation {
                         s.comp_in_flight = Some(flight);
@@ -851,6 +855,7 @@ impl RunState {
                         compensation,
                         request: f.request.clone(),
                         deadline_ms: f.deadline_ms,
+                        started_ms: f.started_ms,
                     });
                 }
             }

@@ -2,8 +2,15 @@
 //! mesh (see `docs/ARCHITECTURE.md`, "Workflow coordinator").
 //!
 //! - [`engine`]: the pure state machine (input + state → events; events fold into state).
+//! - [`store`]: durable storage (SQLite or PostgreSQL through sqlx), one transaction per step.
+//! - [`coordinator`]: the effector — commits, then sends calls and fires timers.
+//! - [`api`]: the HTTP/JSON API.
 
+pub mod api;
+pub mod coordinator;
 pub mod engine;
+pub mod metrics;
+pub mod store;
 
 #[cfg(test)]
 mod engine_tests;

@@ -1,0 +1,239 @@
+//! The coordinator's HTTP/JSON API (served on `--workflow-api`, 127.0.0.1 by default).
+//!
+//! | Method and path | What |
+//! |---|---|
+//! | `POST /v1/workflows` | register a definition (YAML or JSON body) → `{workflow, version}` |
+//! | `GET /v1/workflows` | latest version of each definition |
+//! | `GET /v1/workflows/{ns}/{name}` | latest definition |
+//! | `POST /v1/runs` | `{workflow, runId?, input?, signal?: {name, payload}}` → 201 created, 200 existing |
+//! | `GET /v1/runs?workflow=&status=&limit=` | runs, newest first |
+//! | `GET /v1/runs/{id}` | status, steps with attempts, outputs, errors, what it waits on |
+//! | `GET /v1/runs/{id}/history` | the events |
+//! | `POST /v1/runs/{id}/signals/{name}` | signal (JSON payload) → 202; 404 for an unknown run |
+//! | `POST /v1/runs/{id}/cancel` · `/terminate` · `/retry` | 202 |
+//!
+//! Protected: a request needs `Authorization: Bearer <token>` (the API token file) or must
+//! arrive through the coordinator's sidecar, which sets `x-forwarded-client-cert` after
+//! AuthorizationPolicy allowed the caller. Like any meshed app, the API trusts its sidecar on
+//! the loopback interface. Errors are JSON `{error}` with 400, 401, 404, 409 or 500.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::coordinator::{Coordinator, CoordinatorError};
+use super::engine::Input;
+
+/// API state.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The coordinator.
+    pub coordinator: Arc<Coordinator>,
+    /// The API token (constant-time compared).
+    pub token: Arc<String>,
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(json!({"error": message.to_string()}))).into_response()
+}
+
+impl IntoResponse for CoordinatorError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            CoordinatorError::NotFound(_) => StatusCode::NOT_FOUND,
+            CoordinatorError::Invalid(_) => StatusCode::BAD_REQUEST,
+            CoordinatorError::Conflict(_) => StatusCode::CONFLICT,
+            CoordinatorError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error(status, self)
+    }
+}
+
+fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
+    if headers.contains_key("x-forwarded-client-cert") {
+        return true;
+    }
+    let Some(given) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), state.token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/workflows", post(register).get(list_workflows))
+        .route("/v1/workflows/:ns/:name", get(get_workflow))
+        .route("/v1/runs", post(start).get(list_runs))
+        .route("/v1/runs/:id", get(get_run))
+        .route("/v1/runs/:id/history", get(history))
+        .route("/v1/runs/:id/signals/:name", post(signal))
+        .route("/v1/runs/:id/:command", post(command))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+async fn guard(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !authorized(&state, request.headers()) {
+        return error(StatusCode::UNAUTHORIZED, "an API token (Authorization: Bearer …) or a call through the coordinator's sidecar is required");
+    }
+    next.run(request).await
+}
+
+async fn register(State(s): State<ApiState>, body: Bytes) -> Response {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
+    };
+    match s.coordinator.register(text).await {
+        Ok((workflow, version)) => (StatusCode::OK, Json(json!({"workflow": workflow, "version": version}))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_workflows(State(s): State<ApiState>) -> Response {
+    match s.coordinator.store().definitions().await {
+        Ok(rows) => Json(
+            rows.into_iter()
+                .map(|r| json!({"workflow": r.workflow, "version": r.version, "createdMs": r.created_ms}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => CoordinatorError::from(e).into_response(),
+    }
+}
+
+async fn get_workflow(State(s): State<ApiState>, Path((ns, name)): Path<(String, String)>) -> Response {
+    match s.coordinator.store().definition(&format!("{ns}/{name}"), None).await {
+        Ok(Some(r)) => Json(json!({
+            "workflow": r.workflow, "version": r.version, "createdMs": r.created_ms,
+            "definition": serde_json::from_str::<Value>(&r.spec).unwrap_or(Value::Null),
+        }))
+        .into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("workflow {ns}/{name} not found")),
+        Err(e) => CoordinatorError::from(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct StartRequest {
+    workflow: String,
+    #[serde(default)]
+    run_id: Option<String>,
+    #[serde(default)]
+    input: Value,
+    #[serde(default)]
+    signal: Option<SignalBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    name: String,
+    #[serde(default)]
+    payload: Value,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("body: {e}")))
+}
+
+async fn start(State(s): State<ApiState>, body: Bytes) -> Response {
+    let req: StartRequest = match json_body(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let signal = req.signal.map(|s| (s.name, s.payload));
+    match s.coordinator.start(&req.workflow, req.run_id, req.input, signal).await {
+        Ok((run_id, created)) => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            (status, Json(json!({"runId": run_id, "created": created}))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    workflow: Option<String>,
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_runs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    match s.coordinator.store().runs(q.workflow.as_deref(), q.status.as_deref(), limit).await {
+        Ok(rows) => Json(
+            rows.into_iter()
+                .map(|r| json!({"runId": r.run_id, "workflow": r.workflow, "version": r.version, "status": r.status, "createdMs": r.created_ms, "updatedMs": r.updated_ms, "events": r.seq}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => CoordinatorError::from(e).into_response(),
+    }
+}
+
+async fn get_run(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    match s.coordinator.get(&id).await {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn history(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    match s.coordinator.store().history(&id).await {
+        Ok(events) if events.is_empty() => error(StatusCode::NOT_FOUND, format!("run {id} not found")),
+        Ok(events) => Json(
+            events
+                .iter()
+                .map(|e| serde_json::from_str::<Value>(e).unwrap_or(Value::Null))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => CoordinatorError::from(e).into_response(),
+    }
+}
+
+async fn signal(State(s): State<ApiState>, Path((id, name)): Path<(String, String)>, body: Bytes) -> Response {
+    let payload: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match json_body(&body) {
+            Ok(v) => v,
+            Err(r) => return r,
+        }
+    };
+    match s.coordinator.send(&id, Input::Signal { name, payload }).await {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({"runId": id}))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn command(State(s): State<ApiState>, Path((id, command)): Path<(String, String)>) -> Response {
+    let input = match command.as_str() {
+        "cancel" => Input::Cancel,
+        "terminate" => Input::Terminate,
+        "retry" => Input::Retry,
+        other => return error(StatusCode::NOT_FOUND, format!("no command {other:?} (cancel, terminate, retry)")),
+    };
+    match s.coordinator.send(&id, input).await {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({"runId": id}))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

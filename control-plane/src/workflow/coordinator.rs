@@ -1,0 +1,525 @@
+//! The effector around the pure engine: loads a run, asks [`engine::decide`] what follows from
+//! an input, commits events + state + outbox + timers in one transaction, and only then acts —
+//! sends the calls of the outbox through the coordinator's outbound sidecar and fires due
+//! timers. After a crash, [`Coordinator::recover`] re-sends every outbox entry (at-least-once;
+//! the `Idempotency-Key` is stable across attempts and restarts) and overdue timers fire at
+//! once, each exactly once (a fired timer disappears in the same transaction that records it).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshflow_policies::workflow::Workflow;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use super::engine::{self, AttemptOutcome, Dispatch, Event, Input, RunState, RunStatus, Timer};
+use super::metrics::WorkflowMetrics;
+use super::store::{Commit, NewRun, StoreError, WorkflowStore};
+
+/// Errors the API maps to HTTP statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// 404.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// 400 (with file/field/line for definitions).
+    #[error("{0}")]
+    Invalid(String),
+    /// 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// 500.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Unix ms now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// Test-only crash points (`MESHFLOW_FAILPOINT=<name>[:<n>]`, the n-th hit, default 1): the
+/// process aborts like `kill -9`, with no cleanup.
+#[derive(Debug, Default)]
+pub struct Failpoint {
+    name: Option<String>,
+    at: u64,
+    hits: AtomicU64,
+}
+
+impl Failpoint {
+    /// From `MESHFLOW_FAILPOINT`.
+    pub fn from_env() -> Self {
+        let Ok(spec) = std::env::var("MESHFLOW_FAILPOINT") else {
+            return Self::default();
+        };
+        let (name, at) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
+        Self {
+            name: Some(name.to_string()),
+            at: at.parse().unwrap_or(1),
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    /// Aborts the process at the configured hit of `name`.
+    pub fn hit(&self, name: &str) {
+        if self.name.as_deref() == Some(name) && self.hits.fetch_add(1, Ordering::SeqCst) + 1 == self.at {
+            eprintln!("meshflow: failpoint {name} reached; aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// Settings of the coordinator.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    /// The coordinator's outbound sidecar (`host:port`); step calls go through it.
+    pub outbound: Option<String>,
+    /// Finished runs are deleted after this long.
+    pub retention: Duration,
+}
+
+/// The coordinator.
+pub struct Coordinator {
+    store: Arc<dyn WorkflowStore>,
+    http: reqwest::Client,
+    definitions: Mutex<HashMap<(String, u32), Arc<Workflow>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    sending: Mutex<HashSet<(String, String)>>,
+    timers_changed: Notify,
+    metrics: WorkflowMetrics,
+    failpoint: Failpoint,
+    settings: CoordinatorSettings,
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunView {
+    /// Run id.
+    pub run_id: String,
+    /// Workflow.
+    pub workflow: String,
+    /// Version.
+    pub version: u32,
+    /// Status.
+    pub status: String,
+    /// What it waits on (empty when finished).
+    pub waiting_on: Vec<String>,
+    /// The state (steps, attempts, outputs, errors).
+    pub state: RunState,
+    /// Events in the history.
+    pub events: u64,
+}
+
+impl Coordinator {
+    /// A coordinator over `store`.
+    pub fn new(store: Arc<dyn WorkflowStore>, settings: CoordinatorSettings, metrics: WorkflowMetrics) -> Arc<Self> {
+        let mut http = reqwest::Client::builder().pool_max_idle_per_host(32);
+        if let Some(outbound) = &settings.outbound {
+            if let Ok(proxy) = reqwest::Proxy::http(format!("http://{outbound}")) {
+                http = http.proxy(proxy);
+            }
+        }
+        Arc::new(Self {
+            store,
+            http: http.build().unwrap_or_default(),
+            definitions: Mutex::default(),
+            locks: Mutex::default(),
+            sending: Mutex::default(),
+            timers_changed: Notify::new(),
+            metrics,
+            failpoint: Failpoint::from_env(),
+            settings,
+        })
+    }
+
+    /// Registers a definition (YAML or JSON). Returns (`namespace/name`, version).
+    ///
+    /// # Errors
+    /// [`CoordinatorError::Invalid`] naming file, field and line.
+    pub async fn register(&self, text: &str) -> Result<(String, u32), CoordinatorError> {
+        let workflow = Workflow::parse(std::path::Path::new("workflow.yaml"), text)
+            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let spec = serde_json::to_string(&workflow).map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let version = self.store.put_definition(&workflow.id(), &spec, now_ms()).await?;
+        Ok((workflow.id(), version))
+    }
+
+    async fn definition(&self, id: &str, version: u32) -> Result<Arc<Workflow>, CoordinatorError> {
+        if let Some(wf) = self.definitions.lock().unwrap_or_else(|e| e.into_inner()).get(&(id.to_string(), version)) {
+            return Ok(wf.clone());
+        }
+        let row = self
+            .store
+            .definition(id, Some(version))
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("workflow {id} version {version}")))?;
+        let wf: Workflow = serde_json::from_str(&row.spec).map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let wf = Arc::new(wf);
+        self.definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((id.to_string(), version), wf.clone());
+        Ok(wf)
+    }
+
+    /// Starts a run of the latest version of `workflow` (idempotent on `run_id`); with
+    /// `signal`, also delivers it (signal-with-start). Returns (run id, created).
+    ///
+    /// # Errors
+    /// Unknown workflow (404), invalid run id (400), store errors.
+    pub async fn start(
+        self: &Arc<Self>,
+        workflow: &str,
+        run_id: Option<String>,
+        input: Value,
+        signal: Option<(String, Value)>,
+    ) -> Result<(String, bool), CoordinatorError> {
+        let run_id = run_id.unwrap_or_else(new_run_id);
+        if run_id.is_empty() || run_id.len() > 128 || !run_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            return Err(CoordinatorError::Invalid("run id: 1–128 characters of [A-Za-z0-9._-]".into()));
+        }
+        let row = self
+            .store
+            .definition(workflow, None)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("workflow {workflow}")))?;
+        let wf = self.definition(workflow, row.version).await?;
+        let now = now_ms();
+        let started = Event::RunStarted {
+            workflow: wf.id(),
+            version: row.version,
+            input,
+            traceparent: new_traceparent(),
+            at_ms: now,
+        };
+        let mut state = RunState::replay(&wf, std::slice::from_ref(&started)).expect("RunStarted");
+        let mut events = vec![started];
+        let ctx = engine::Ctx { workflow: &wf, run_id: &run_id, now_ms: now };
+        for e in engine::decide(&state, &Input::Advance, &ctx) {
+            state.apply(&e);
+            events.push(e);
+        }
+        let commit = self.commit_of(&run_id, 0, &events, &state, &wf, now);
+        let created = self
+            .store
+            .create_run(&NewRun { run_id: run_id.clone(), workflow: wf.id(), version: row.version, commit })
+            .await?;
+        if created {
+            self.metrics.runs_started.with_label_values(&[&wf.id()]).inc();
+            self.after_commit(&run_id, &state, &wf);
+        }
+        if let Some((name, payload)) = signal {
+            self.handle(&run_id, Input::Signal { name, payload }).await?;
+        }
+        Ok((run_id, created))
+    }
+
+    /// Delivers an input to a run (signal, cancel, terminate, retry).
+    ///
+    /// # Errors
+    /// 404 for an unknown run; store errors.
+    pub async fn send(self: &Arc<Self>, run_id: &str, input: Input) -> Result<(), CoordinatorError> {
+        if self.store.run(run_id).await?.is_none() {
+            return Err(CoordinatorError::NotFound(format!("run {run_id}")));
+        }
+        self.handle(run_id, input).await
+    }
+
+    /// The run view.
+    ///
+    /// # Errors
+    /// 404 for an unknown run.
+    pub async fn get(&self, run_id: &str) -> Result<RunView, CoordinatorError> {
+        let row = self
+            .store
+            .run(run_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("run {run_id}")))?;
+        let wf = self.definition(&row.workflow, row.version).await?;
+        let state: RunState = serde_json::from_str(&row.state).map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        Ok(RunView {
+            run_id: row.run_id,
+            workflow: row.workflow,
+            version: row.version,
+            status: row.status,
+            waiting_on: if state.status.is_terminal() { Vec::new() } else { state.waiting_on(&wf) },
+            events: row.seq,
+            state,
+        })
+    }
+
+    /// The store (for listing and history).
+    pub fn store(&self) -> &Arc<dyn WorkflowStore> {
+        &self.store
+    }
+
+    fn lock_for(&self, run_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(run_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn commit_of(&self, run_id: &str, expected_seq: u64, events: &[Event], state: &RunState, wf: &Workflow, now: u64) -> Commit {
+        Commit {
+            run_id: run_id.to_string(),
+            expected_seq,
+            events: events.iter().map(|e| serde_json::to_string(e).unwrap_or_default()).collect(),
+            state: serde_json::to_string(state).unwrap_or_default(),
+            status: state.status.as_str().to_string(),
+            now_ms: now,
+            outbox: state
+                .dispatches()
+                .into_iter()
+                .map(|d| (d.key(), serde_json::to_string(&d).unwrap_or_default()))
+                .collect(),
+            timers: state
+                .timers(wf)
+                .into_iter()
+                .map(|(t, due)| (t.key(), serde_json::to_string(&t).unwrap_or_default(), due))
+                .collect(),
+        }
+    }
+
+    /// Applies `input` to a run: decide, commit, then act.
+    async fn handle(self: &Arc<Self>, run_id: &str, input: Input) -> Result<(), CoordinatorError> {
+        let lock = self.lock_for(run_id);
+        let _guard = lock.lock().await;
+        let row = self
+            .store
+            .run(run_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("run {run_id}")))?;
+        let wf = self.definition(&row.workflow, row.version).await?;
+        let mut state: RunState = serde_json::from_str(&row.state).map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let now = now_ms();
+        let ctx = engine::Ctx { workflow: &wf, run_id, now_ms: now };
+        let events = engine::decide(&state, &input, &ctx);
+        if events.is_empty() {
+            return Ok(());
+        }
+        let was_terminal = state.status.is_terminal();
+        for e in &events {
+            state.apply(e);
+            self.observe(&wf, &state, e, now);
+        }
+        let limit = u64::from(wf.history_limit());
+        if state.events * 5 >= limit * 4 && (row.seq * 5) < limit * 4 {
+            tracing::warn!(run = run_id, events = state.events, limit, "run history is at 80 % of its limit");
+        }
+        let commit = self.commit_of(run_id, row.seq, &events, &state, &wf, now);
+        self.store.commit(&commit).await?;
+        if !was_terminal && state.status.is_terminal() {
+            self.metrics.runs_finished.with_label_values(&[&wf.id(), state.status.as_str()]).inc();
+        }
+        self.after_commit(run_id, &state, &wf);
+        Ok(())
+    }
+
+    fn observe(&self, wf: &Workflow, state: &RunState, event: &Event, now: u64) {
+        if let Event::AttemptEnded { step, attempt, compensation, succeeded, .. } = event {
+            let kind = if *compensation { "compensation" } else { "call" };
+            let result = if *succeeded { "ok" } else { "failed" };
+            self.metrics.step_attempts.with_label_values(&[&wf.id(), step, kind, result]).inc();
+            if let Some(a) = state.steps.get(step).and_then(|s| s.attempts.iter().rev().find(|a| a.attempt == *attempt && a.compensation == *compensation)) {
+                self.metrics
+                    .step_latency
+                    .with_label_values(&[&wf.id(), step])
+                    .observe(now.saturating_sub(a.started_ms) as f64 / 1000.0);
+            }
+        }
+        if let Event::AttemptTimedOut { step, compensation, .. } = event {
+            let kind = if *compensation { "compensation" } else { "call" };
+            self.metrics.step_attempts.with_label_values(&[&wf.id(), step, kind, "timed_out"]).inc();
+        }
+    }
+
+    /// After a commit: send new outbox entries, wake the timer loop.
+    fn after_commit(self: &Arc<Self>, run_id: &str, state: &RunState, _wf: &Workflow) {
+        if state.status == RunStatus::Compensating {
+            self.failpoint.hit("during-compensation");
+        }
+        let dispatches = state.dispatches();
+        if !dispatches.is_empty() {
+            self.failpoint.hit("after-commit-before-dispatch");
+        }
+        for d in dispatches {
+            self.spawn_dispatch(run_id.to_string(), d, state.traceparent.clone());
+        }
+        self.timers_changed.notify_one();
+    }
+
+    fn spawn_dispatch(self: &Arc<Self>, run_id: String, d: Dispatch, traceparent: String) {
+        let key = (run_id.clone(), d.key());
+        if !self.sending.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let outcome = this.call(&run_id, &d, &traceparent).await;
+            if let Some(outcome) = outcome {
+                this.failpoint.hit("after-dispatch-before-result");
+                let input = Input::AttemptResult { step: d.step.clone(), attempt: d.attempt, compensation: d.compensation, outcome };
+                let mut tries = 0;
+                while let Err(e) = this.handle(&run_id, input.clone()).await {
+                    tries += 1;
+                    tracing::warn!(run = %run_id, step = %d.step, "cannot record the attempt result: {e}");
+                    if tries >= 5 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
+            }
+            this.sending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        });
+    }
+
+    /// Sends one attempt. `None` when the attempt's deadline passed first: its timer decides
+    /// (the outcome is unknown, not a failure).
+    async fn call(&self, run_id: &str, d: &Dispatch, traceparent: &str) -> Option<AttemptOutcome> {
+        let now = now_ms();
+        let left = d.deadline_ms.saturating_sub(now);
+        if left == 0 {
+            return None;
+        }
+        let r = &d.request;
+        let url = format!("http://{}.{}{}", r.service, r.namespace, r.path);
+        let method = reqwest::Method::from_bytes(r.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+        let key = if d.compensation { format!("{run_id}/{}/compensate", d.step) } else { format!("{run_id}/{}", d.step) };
+        let mut request = self
+            .http
+            .request(method, &url)
+            // A little past the deadline so the attempt's timer, not the client, decides.
+            .timeout(Duration::from_millis(left + 250))
+            .header("idempotency-key", key)
+            .header("traceparent", child_traceparent(traceparent))
+            .header("meshflow-run-id", run_id)
+            .header("meshflow-step", &d.step)
+            .header("meshflow-attempt", d.attempt.to_string())
+            .header("meshflow-timeout-ms", left.to_string());
+        for (k, v) in &r.headers {
+            request = request.header(k, v);
+        }
+        if let Some(body) = &r.body {
+            request = request.json(body);
+        }
+        self.metrics
+            .dispatch_lag
+            .observe(now.saturating_sub(d.started_ms) as f64 / 1000.0);
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => return None,
+            Err(e) => return Some(AttemptOutcome::Error { message: e.to_string() }),
+        };
+        let status = response.status().as_u16();
+        match response.bytes().await {
+            Ok(bytes) if bytes.len() as u64 > (1 << 20) => Some(AttemptOutcome::Response {
+                status: 413,
+                body: serde_json::json!({"meshflowPayloadLimit": 1 << 20, "status": status}),
+            }),
+            Ok(bytes) => {
+                let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+                Some(AttemptOutcome::Response { status, body })
+            }
+            Err(e) if e.is_timeout() => None,
+            Err(e) => Some(AttemptOutcome::Error { message: e.to_string() }),
+        }
+    }
+
+    /// After a start or a crash: re-sends every outbox entry.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn recover(self: &Arc<Self>) -> Result<usize, CoordinatorError> {
+        let entries = self.store.outbox(100_000).await?;
+        let mut n = 0;
+        for entry in entries {
+            let Ok(d) = serde_json::from_str::<Dispatch>(&entry.dispatch) else { continue };
+            let traceparent = match self.store.run(&entry.run_id).await? {
+                Some(row) => serde_json::from_str::<RunState>(&row.state).map(|s| s.traceparent).unwrap_or_default(),
+                None => continue,
+            };
+            self.spawn_dispatch(entry.run_id, d, traceparent);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Fires due timers until the process ends (wakes early when timers change).
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut last_gauges = 0;
+        loop {
+            let now = now_ms();
+            if now >= last_gauges + 1000 {
+                last_gauges = now;
+                if let Ok((runs, timers)) = self.store.counts().await {
+                    self.metrics.runs_in_flight.set(runs as i64);
+                    self.metrics.timers_pending.set(timers as i64);
+                }
+            }
+            match self.store.due_timers(now, 500).await {
+                Ok(due) => {
+                    for t in due {
+                        let Ok(timer) = serde_json::from_str::<Timer>(&t.timer) else { continue };
+                        let this = self.clone();
+                        if let Err(e) = this.handle(&t.run_id, Input::TimerFired(timer)).await {
+                            tracing::warn!(run = %t.run_id, "timer: {e}");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("timers: {e}"),
+            }
+            let next = self.store.next_timer().await.ok().flatten();
+            let wait = next.map_or(Duration::from_secs(1), |due| Duration::from_millis(due.saturating_sub(now_ms()).clamp(5, 1000)));
+            let _ = tokio::time::timeout(wait, self.timers_changed.notified()).await;
+        }
+    }
+
+    /// Deletes finished runs older than the retention, hourly.
+    pub async fn run_retention(self: Arc<Self>) {
+        loop {
+            let cutoff = now_ms().saturating_sub(self.settings.retention.as_millis() as u64);
+            match self.store.purge_finished(cutoff).await {
+                Ok(n) if n > 0 => tracing::info!(runs = n, "deleted finished runs past retention"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("retention: {e}"),
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut buf = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+/// A fresh run id (128 random bits, hex).
+pub fn new_run_id() -> String {
+    random_hex(16)
+}
+
+/// A fresh sampled W3C `traceparent` (version 00).
+pub fn new_traceparent() -> String {
+    format!("00-{}-{}-01", random_hex(16), random_hex(8))
+}
+
+/// The run's trace with a new span id: every attempt is a child in the run's trace.
+pub fn child_traceparent(parent: &str) -> String {
+    let parts: Vec<&str> = parent.split('-').collect();
+    match parts.as_slice() {
+        [version, trace, _, flags] => format!("{version}-{trace}-{}-{flags}", random_hex(8)),
+        _ => new_traceparent(),
+    }
+}

@@ -1,0 +1,449 @@
+//! Durable storage for workflow definitions and runs: one [`WorkflowStore`] trait and one
+//! implementation on sqlx's `Any` driver, so SQLite (embedded default: one file, WAL, fsync on
+//! every commit) and PostgreSQL share the same SQL and the same conformance tests. Queries are
+//! checked at run time, so building needs no database.
+//!
+//! A run's history append, its state, its outbox (calls to send) and its timers are written in
+//! one transaction ([`WorkflowStore::commit`]), guarded by the run's event count (optimistic
+//! concurrency): a writer that read an older state cannot commit.
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The run changed since it was read (another writer, or a stale coordinator).
+    #[error("run {0} changed concurrently; reload and retry")]
+    Conflict(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// `Result` with [`StoreError`].
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A stored run (summary and state).
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    /// Run id.
+    pub run_id: String,
+    /// Workflow `namespace/name`.
+    pub workflow: String,
+    /// Pinned definition version.
+    pub version: u32,
+    /// Status name.
+    pub status: String,
+    /// The run state (JSON of `engine::RunState`).
+    pub state: String,
+    /// Events in the history.
+    pub seq: u64,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+}
+
+/// A stored definition version.
+#[derive(Debug, Clone)]
+pub struct DefinitionRow {
+    /// `namespace/name`.
+    pub workflow: String,
+    /// Version (1, 2, …).
+    pub version: u32,
+    /// The definition (JSON of `policies::workflow::Workflow`).
+    pub spec: String,
+    /// Registered, Unix ms.
+    pub created_ms: u64,
+}
+
+/// One transaction's worth of a run's changes.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    /// Run id.
+    pub run_id: String,
+    /// The event count the writer read (the commit fails if it changed).
+    pub expected_seq: u64,
+    /// New events (JSON), appended after `expected_seq`.
+    pub events: Vec<String>,
+    /// New state (JSON).
+    pub state: String,
+    /// New status name.
+    pub status: String,
+    /// When, Unix ms.
+    pub now_ms: u64,
+    /// The run's complete outbox after this commit: (key, dispatch JSON).
+    pub outbox: Vec<(String, String)>,
+    /// The run's complete timer set after this commit: (key, timer JSON, due Unix ms).
+    pub timers: Vec<(String, String, u64)>,
+}
+
+/// A new run.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// Run id (caller-given or generated).
+    pub run_id: String,
+    /// Workflow `namespace/name`.
+    pub workflow: String,
+    /// Pinned version.
+    pub version: u32,
+    /// The first commit (its `expected_seq` is 0).
+    pub commit: Commit,
+}
+
+/// A due timer.
+#[derive(Debug, Clone)]
+pub struct DueTimer {
+    /// Run id.
+    pub run_id: String,
+    /// Timer JSON.
+    pub timer: String,
+    /// Due, Unix ms.
+    pub due_ms: u64,
+}
+
+/// An outbox entry.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    /// Run id.
+    pub run_id: String,
+    /// Key within the run.
+    pub key: String,
+    /// Dispatch JSON.
+    pub dispatch: String,
+}
+
+/// Durable workflow storage.
+#[async_trait]
+pub trait WorkflowStore: Send + Sync {
+    /// Registers a definition; an unchanged spec keeps its version, a changed one gets the
+    /// next. Returns the version.
+    async fn put_definition(&self, workflow: &str, spec: &str, now_ms: u64) -> StoreResult<u32>;
+    /// A definition version (the latest when `version` is `None`).
+    async fn definition(&self, workflow: &str, version: Option<u32>) -> StoreResult<Option<DefinitionRow>>;
+    /// The latest version of every definition.
+    async fn definitions(&self) -> StoreResult<Vec<DefinitionRow>>;
+    /// Creates a run; `false` when the id exists already (the caller reads that run).
+    async fn create_run(&self, run: &NewRun) -> StoreResult<bool>;
+    /// Appends events and replaces state, outbox and timers in one transaction.
+    async fn commit(&self, commit: &Commit) -> StoreResult<()>;
+    /// One run.
+    async fn run(&self, run_id: &str) -> StoreResult<Option<RunRow>>;
+    /// A run's history (event JSON, in order).
+    async fn history(&self, run_id: &str) -> StoreResult<Vec<String>>;
+    /// Runs, newest first, optionally by workflow and status, at most `limit`.
+    async fn runs(&self, workflow: Option<&str>, status: Option<&str>, limit: u32) -> StoreResult<Vec<RunRow>>;
+    /// Timers due at `now_ms`, earliest first, at most `limit`.
+    async fn due_timers(&self, now_ms: u64, limit: u32) -> StoreResult<Vec<DueTimer>>;
+    /// The earliest timer, Unix ms.
+    async fn next_timer(&self) -> StoreResult<Option<u64>>;
+    /// Every outbox entry (calls to send), at most `limit`.
+    async fn outbox(&self, limit: u32) -> StoreResult<Vec<OutboxEntry>>;
+    /// Deletes runs finished before `before_ms` (retention). Returns how many.
+    async fn purge_finished(&self, before_ms: u64) -> StoreResult<u64>;
+    /// (runs not finished, timers pending), for gauges.
+    async fn counts(&self) -> StoreResult<(u64, u64)>;
+}
+
+const TERMINAL: &str = "('Completed','Failed','Compensated','CompensationFailed','Cancelled','Terminated','TimedOut','HistoryLimitExceeded')";
+
+/// [`WorkflowStore`] on sqlx `Any`: `sqlite://path` or `postgres://…`.
+pub struct SqlStore {
+    pool: AnyPool,
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) the store at `url` and applies the schema.
+    /// SQLite: `sqlite:///abs/path.db` — WAL journal, `synchronous=FULL` (fsync on commit),
+    /// busy timeout 5 s.
+    ///
+    /// # Errors
+    /// The database error.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let url = if sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { "&" } else { "?" })
+        } else {
+            url.to_string()
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous=FULL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout=5000").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        for statement in [
+            "CREATE TABLE IF NOT EXISTS wf_definitions (workflow TEXT NOT NULL, version BIGINT NOT NULL, spec TEXT NOT NULL, created_ms BIGINT NOT NULL, PRIMARY KEY (workflow, version))",
+            "CREATE TABLE IF NOT EXISTS wf_runs (run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, version BIGINT NOT NULL, status TEXT NOT NULL, state TEXT NOT NULL, seq BIGINT NOT NULL, created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS wf_runs_by_workflow ON wf_runs (workflow, status)",
+            "CREATE TABLE IF NOT EXISTS wf_events (run_id TEXT NOT NULL, seq BIGINT NOT NULL, event TEXT NOT NULL, PRIMARY KEY (run_id, seq))",
+            "CREATE TABLE IF NOT EXISTS wf_outbox (run_id TEXT NOT NULL, key TEXT NOT NULL, dispatch TEXT NOT NULL, PRIMARY KEY (run_id, key))",
+            "CREATE TABLE IF NOT EXISTS wf_timers (run_id TEXT NOT NULL, key TEXT NOT NULL, timer TEXT NOT NULL, due_ms BIGINT NOT NULL, PRIMARY KEY (run_id, key))",
+            "CREATE INDEX IF NOT EXISTS wf_timers_due ON wf_timers (due_ms)",
+        ] {
+            sqlx::query(statement).execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+}
+
+fn run_row(row: &AnyRow) -> StoreResult<RunRow> {
+    Ok(RunRow {
+        run_id: row.try_get("run_id")?,
+        workflow: row.try_get("workflow")?,
+        version: row.try_get::<i64, _>("version")? as u32,
+        status: row.try_get("status")?,
+        state: row.try_get("state")?,
+        seq: row.try_get::<i64, _>("seq")? as u64,
+        created_ms: row.try_get::<i64, _>("created_ms")? as u64,
+        updated_ms: row.try_get::<i64, _>("updated_ms")? as u64,
+    })
+}
+
+fn definition_row(row: &AnyRow) -> StoreResult<DefinitionRow> {
+    Ok(DefinitionRow {
+        workflow: row.try_get("workflow")?,
+        version: row.try_get::<i64, _>("version")? as u32,
+        spec: row.try_get("spec")?,
+        created_ms: row.try_get::<i64, _>("created_ms")? as u64,
+    })
+}
+
+/// Writes the events, outbox and timers of `commit` inside `tx`.
+async fn write_changes(tx: &mut sqlx::Transaction<'_, sqlx::Any>, commit: &Commit) -> StoreResult<()> {
+    for (i, event) in commit.events.iter().enumerate() {
+        sqlx::query("INSERT INTO wf_events (run_id, seq, event) VALUES ($1, $2, $3)")
+            .bind(&commit.run_id)
+            .bind((commit.expected_seq + i as u64 + 1) as i64)
+            .bind(event)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM wf_outbox WHERE run_id = $1")
+        .bind(&commit.run_id)
+        .execute(&mut **tx)
+        .await?;
+    for (key, dispatch) in &commit.outbox {
+        sqlx::query("INSERT INTO wf_outbox (run_id, key, dispatch) VALUES ($1, $2, $3)")
+            .bind(&commit.run_id)
+            .bind(key)
+            .bind(dispatch)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM wf_timers WHERE run_id = $1")
+        .bind(&commit.run_id)
+        .execute(&mut **tx)
+        .await?;
+    for (key, timer, due) in &commit.timers {
+        sqlx::query("INSERT INTO wf_timers (run_id, key, timer, due_ms) VALUES ($1, $2, $3, $4)")
+            .bind(&commit.run_id)
+            .bind(key)
+            .bind(timer)
+            .bind(*due as i64)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl WorkflowStore for SqlStore {
+    async fn put_definition(&self, workflow: &str, spec: &str, now_ms: u64) -> StoreResult<u32> {
+        let mut tx = self.pool.begin().await?;
+        let latest = sqlx::query("SELECT workflow, version, spec, created_ms FROM wf_definitions WHERE workflow = $1 ORDER BY version DESC LIMIT 1")
+            .bind(workflow)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = &latest {
+            let row = definition_row(row)?;
+            if row.spec == spec {
+                return Ok(row.version);
+            }
+        }
+        let version = latest.map(|r| definition_row(&r).map(|d| d.version)).transpose()?.unwrap_or(0) + 1;
+        sqlx::query("INSERT INTO wf_definitions (workflow, version, spec, created_ms) VALUES ($1, $2, $3, $4)")
+            .bind(workflow)
+            .bind(version as i64)
+            .bind(spec)
+            .bind(now_ms as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    async fn definition(&self, workflow: &str, version: Option<u32>) -> StoreResult<Option<DefinitionRow>> {
+        let row = match version {
+            Some(v) => sqlx::query("SELECT workflow, version, spec, created_ms FROM wf_definitions WHERE workflow = $1 AND version = $2")
+                .bind(workflow)
+                .bind(v as i64)
+                .fetch_optional(&self.pool)
+                .await?,
+            None => sqlx::query("SELECT workflow, version, spec, created_ms FROM wf_definitions WHERE workflow = $1 ORDER BY version DESC LIMIT 1")
+                .bind(workflow)
+                .fetch_optional(&self.pool)
+                .await?,
+        };
+        row.as_ref().map(definition_row).transpose()
+    }
+
+    async fn definitions(&self) -> StoreResult<Vec<DefinitionRow>> {
+        let rows = sqlx::query("SELECT d.workflow, d.version, d.spec, d.created_ms FROM wf_definitions d WHERE d.version = (SELECT MAX(version) FROM wf_definitions e WHERE e.workflow = d.workflow) ORDER BY d.workflow")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(definition_row).collect()
+    }
+
+    async fn create_run(&self, run: &NewRun) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query("INSERT INTO wf_runs (run_id, workflow, version, status, state, seq, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (run_id) DO NOTHING")
+            .bind(&run.run_id)
+            .bind(&run.workflow)
+            .bind(run.version as i64)
+            .bind(&run.commit.status)
+            .bind(&run.commit.state)
+            .bind(run.commit.events.len() as i64)
+            .bind(run.commit.now_ms as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        write_changes(&mut tx, &run.commit).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn commit(&self, commit: &Commit) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query("UPDATE wf_runs SET seq = $1, state = $2, status = $3, updated_ms = $4 WHERE run_id = $5 AND seq = $6")
+            .bind((commit.expected_seq + commit.events.len() as u64) as i64)
+            .bind(&commit.state)
+            .bind(&commit.status)
+            .bind(commit.now_ms as i64)
+            .bind(&commit.run_id)
+            .bind(commit.expected_seq as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if updated != 1 {
+            return Err(StoreError::Conflict(commit.run_id.clone()));
+        }
+        write_changes(&mut tx, commit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn run(&self, run_id: &str) -> StoreResult<Option<RunRow>> {
+        let row = sqlx::query("SELECT run_id, workflow, version, status, state, seq, created_ms, updated_ms FROM wf_runs WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(run_row).transpose()
+    }
+
+    async fn history(&self, run_id: &str) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query("SELECT event FROM wf_events WHERE run_id = $1 ORDER BY seq")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| r.try_get::<String, _>("event").map_err(StoreError::from)).collect()
+    }
+
+    async fn runs(&self, workflow: Option<&str>, status: Option<&str>, limit: u32) -> StoreResult<Vec<RunRow>> {
+        let rows = sqlx::query("SELECT run_id, workflow, version, status, state, seq, created_ms, updated_ms FROM wf_runs WHERE ($1 = '' OR workflow = $1) AND ($2 = '' OR status = $2) ORDER BY created_ms DESC, run_id LIMIT $3")
+            .bind(workflow.unwrap_or(""))
+            .bind(status.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(run_row).collect()
+    }
+
+    async fn due_timers(&self, now_ms: u64, limit: u32) -> StoreResult<Vec<DueTimer>> {
+        let rows = sqlx::query("SELECT run_id, timer, due_ms FROM wf_timers WHERE due_ms <= $1 ORDER BY due_ms LIMIT $2")
+            .bind(now_ms as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DueTimer {
+                    run_id: r.try_get("run_id")?,
+                    timer: r.try_get("timer")?,
+                    due_ms: r.try_get::<i64, _>("due_ms")? as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn next_timer(&self) -> StoreResult<Option<u64>> {
+        let row = sqlx::query("SELECT MIN(due_ms) AS due FROM wf_timers").fetch_one(&self.pool).await?;
+        Ok(row.try_get::<Option<i64>, _>("due")?.map(|d| d as u64))
+    }
+
+    async fn outbox(&self, limit: u32) -> StoreResult<Vec<OutboxEntry>> {
+        let rows = sqlx::query("SELECT run_id, key, dispatch FROM wf_outbox ORDER BY run_id, key LIMIT $1")
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxEntry {
+                    run_id: r.try_get("run_id")?,
+                    key: r.try_get("key")?,
+                    dispatch: r.try_get("dispatch")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn counts(&self) -> StoreResult<(u64, u64)> {
+        let runs = sqlx::query(&format!("SELECT COUNT(*) AS n FROM wf_runs WHERE status NOT IN {TERMINAL}"))
+            .fetch_one(&self.pool)
+            .await?
+            .try_get::<i64, _>("n")?;
+        let timers = sqlx::query("SELECT COUNT(*) AS n FROM wf_timers")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get::<i64, _>("n")?;
+        Ok((runs as u64, timers as u64))
+    }
+
+    async fn purge_finished(&self, before_ms: u64) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let old = format!("SELECT run_id FROM wf_runs WHERE status IN {TERMINAL} AND updated_ms < $1");
+        for table in ["wf_events", "wf_outbox", "wf_timers"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE run_id IN ({old})"))
+                .bind(before_ms as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let gone = sqlx::query(&format!("DELETE FROM wf_runs WHERE status IN {TERMINAL} AND updated_ms < $1"))
+            .bind(before_ms as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(gone)
+    }
+}
