@@ -133,7 +133,13 @@ impl LocalMesh {
             workflow_api: None,
             coordinator_ports: None,
         };
-        if let Some(w) = mesh_run.mesh.spec.workloads.iter().find(|w| w.app.builtin.is_some()) {
+        if let Some(w) = mesh_run
+            .mesh
+            .spec
+            .workloads
+            .iter()
+            .find(|w| w.app.builtin.is_some())
+        {
             let api = match w.app.port {
                 Some(port) => port,
                 None => free_port()?,

@@ -102,11 +102,14 @@ struct Client {
 
 impl Client {
     fn new(args: &ApiArgs) -> Result<Self, String> {
-        let base = args
-            .api
-            .clone()
-            .ok_or("no workflow API: give --api or MESHFLOW_WORKFLOW_API (meshflow up prints it)")?;
-        let base = if base.starts_with("http") { base } else { format!("http://{base}") };
+        let base = args.api.clone().ok_or(
+            "no workflow API: give --api or MESHFLOW_WORKFLOW_API (meshflow up prints it)",
+        )?;
+        let base = if base.starts_with("http") {
+            base
+        } else {
+            format!("http://{base}")
+        };
         let token = match &args.token_file {
             Some(path) => std::fs::read_to_string(path)
                 .map_err(|e| format!("{}: {e}", path.display()))?
@@ -114,15 +117,31 @@ impl Client {
                 .to_string(),
             None => std::env::var("MESHFLOW_WORKFLOW_TOKEN").unwrap_or_default(),
         };
-        Ok(Self { base: base.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() })
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::new(),
+        })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>, content_type: &str) -> Result<(u16, Value), String> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        content_type: &str,
+    ) -> Result<(u16, Value), String> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.header("content-type", content_type).body(body);
         }
-        let response = request.send().await.map_err(|e| format!("{}: {e}", self.base))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{}: {e}", self.base))?;
         let status = response.status().as_u16();
         let value = response.json::<Value>().await.unwrap_or(Value::Null);
         Ok((status, value))
@@ -142,7 +161,11 @@ fn table(rows: &[Vec<String>]) -> String {
     }
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -167,7 +190,10 @@ fn human_run(run: &Value) -> String {
         s(&run["status"])
     );
     if let Some(waiting) = run["waitingOn"].as_array().filter(|w| !w.is_empty()) {
-        out.push_str(&format!("waiting on {}\n", waiting.iter().map(s).collect::<Vec<_>>().join("; ")));
+        out.push_str(&format!(
+            "waiting on {}\n",
+            waiting.iter().map(s).collect::<Vec<_>>().join("; ")
+        ));
     }
     if !state["error"].is_null() {
         out.push_str(&format!("error      {}\n", s(&state["error"])));
@@ -175,22 +201,50 @@ fn human_run(run: &Value) -> String {
     if !state["output"].is_null() {
         out.push_str(&format!("output     {}\n", state["output"]));
     }
-    let mut rows = vec![vec!["STEP".to_string(), "STATUS".into(), "ATTEMPTS".into(), "LAST".into(), "OUTPUT / ERROR".into()]];
+    let mut rows = vec![vec![
+        "STEP".to_string(),
+        "STATUS".into(),
+        "ATTEMPTS".into(),
+        "LAST".into(),
+        "OUTPUT / ERROR".into(),
+    ]];
     if let Some(steps) = state["steps"].as_object() {
         for (name, step) in steps {
             let attempts = step["attempts"].as_array().cloned().unwrap_or_default();
-            let calls = attempts.iter().filter(|a| a["compensation"] != json!(true)).count();
+            let calls = attempts
+                .iter()
+                .filter(|a| a["compensation"] != json!(true))
+                .count();
             let comps = attempts.len() - calls;
             let last = attempts.last().map(|a| {
-                let status = a["status"].as_u64().map(|c| c.to_string()).unwrap_or_else(|| s(&a["result"]));
-                format!("{}{}", if a["compensation"] == json!(true) { "comp " } else { "" }, status)
+                let status = a["status"]
+                    .as_u64()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| s(&a["result"]));
+                format!(
+                    "{}{}",
+                    if a["compensation"] == json!(true) {
+                        "comp "
+                    } else {
+                        ""
+                    },
+                    status
+                )
             });
-            let detail = if !step["error"].is_null() { s(&step["error"]) } else { s(&step["output"]) };
+            let detail = if !step["error"].is_null() {
+                s(&step["error"])
+            } else {
+                s(&step["output"])
+            };
             let detail: String = detail.chars().take(60).collect();
             rows.push(vec![
                 name.clone(),
                 s(&step["status"]),
-                if comps > 0 { format!("{calls}+{comps} comp") } else { calls.to_string() },
+                if comps > 0 {
+                    format!("{calls}+{comps} comp")
+                } else {
+                    calls.to_string()
+                },
                 last.unwrap_or_else(|| "-".into()),
                 detail,
             ]);
@@ -219,20 +273,49 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
     use reqwest::Method;
     let (status, value, human): (u16, Value, Box<dyn Fn(&Value) -> String>) = match command {
         WorkflowCommand::Apply { file } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| usage(format!("{}: {e}", file.display())))?;
             let mut results = Vec::new();
             for (_, doc) in meshflow_policies::documents::split_documents(&text) {
-                let (status, value) = client.call(Method::POST, "/v1/workflows", Some(doc.into_bytes()), "application/yaml").await.map_err(|e| (1, e))?;
+                let (status, value) = client
+                    .call(
+                        Method::POST,
+                        "/v1/workflows",
+                        Some(doc.into_bytes()),
+                        "application/yaml",
+                    )
+                    .await
+                    .map_err(|e| (1, e))?;
                 if status >= 400 {
                     return Err((1, format!("{}: {}", file.display(), s(&value["error"]))));
                 }
                 results.push(value);
             }
-            (200, Value::Array(results), Box::new(|v: &Value| {
-                v.as_array().into_iter().flatten().map(|r| format!("workflow {} registered as version {}\n", s(&r["workflow"]), s(&r["version"]))).collect()
-            }))
+            (
+                200,
+                Value::Array(results),
+                Box::new(|v: &Value| {
+                    v.as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| {
+                            format!(
+                                "workflow {} registered as version {}\n",
+                                s(&r["workflow"]),
+                                s(&r["version"])
+                            )
+                        })
+                        .collect()
+                }),
+            )
         }
-        WorkflowCommand::Start { workflow, id, input, signal, payload } => {
+        WorkflowCommand::Start {
+            workflow,
+            id,
+            input,
+            signal,
+            payload,
+        } => {
             let mut body = json!({"workflow": workflow, "input": parse_json("--input", &input).map_err(usage)?});
             if let Some(id) = id {
                 body["runId"] = json!(id);
@@ -240,16 +323,43 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
             if let Some(name) = signal {
                 body["signal"] = json!({"name": name, "payload": parse_json("--payload", &payload).map_err(usage)?});
             }
-            let (status, value) = client.call(Method::POST, "/v1/runs", Some(body.to_string().into_bytes()), "application/json").await.map_err(|e| (1, e))?;
-            (status, value, Box::new(|v: &Value| {
-                format!("run {} {}\n", s(&v["runId"]), if v["created"] == json!(true) { "started" } else { "already exists" })
-            }))
+            let (status, value) = client
+                .call(
+                    Method::POST,
+                    "/v1/runs",
+                    Some(body.to_string().into_bytes()),
+                    "application/json",
+                )
+                .await
+                .map_err(|e| (1, e))?;
+            (
+                status,
+                value,
+                Box::new(|v: &Value| {
+                    format!(
+                        "run {} {}\n",
+                        s(&v["runId"]),
+                        if v["created"] == json!(true) {
+                            "started"
+                        } else {
+                            "already exists"
+                        }
+                    )
+                }),
+            )
         }
         WorkflowCommand::Get { id } => {
-            let (status, value) = client.call(Method::GET, &format!("/v1/runs/{id}"), None, "").await.map_err(|e| (1, e))?;
+            let (status, value) = client
+                .call(Method::GET, &format!("/v1/runs/{id}"), None, "")
+                .await
+                .map_err(|e| (1, e))?;
             (status, value, Box::new(human_run))
         }
-        WorkflowCommand::List { workflow, status, limit } => {
+        WorkflowCommand::List {
+            workflow,
+            status,
+            limit,
+        } => {
             let mut query = format!("?limit={limit}");
             if let Some(w) = workflow {
                 query.push_str(&format!("&workflow={w}"));
@@ -257,43 +367,96 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
             if let Some(st) = status {
                 query.push_str(&format!("&status={st}"));
             }
-            let (code, value) = client.call(Method::GET, &format!("/v1/runs{query}"), None, "").await.map_err(|e| (1, e))?;
-            (code, value, Box::new(|v: &Value| {
-                let mut rows = vec![vec!["RUN".to_string(), "WORKFLOW".into(), "VERSION".into(), "STATUS".into(), "EVENTS".into()]];
-                for r in v.as_array().into_iter().flatten() {
-                    rows.push(vec![s(&r["runId"]), s(&r["workflow"]), s(&r["version"]), s(&r["status"]), s(&r["events"])]);
-                }
-                table(&rows)
-            }))
+            let (code, value) = client
+                .call(Method::GET, &format!("/v1/runs{query}"), None, "")
+                .await
+                .map_err(|e| (1, e))?;
+            (
+                code,
+                value,
+                Box::new(|v: &Value| {
+                    let mut rows = vec![vec![
+                        "RUN".to_string(),
+                        "WORKFLOW".into(),
+                        "VERSION".into(),
+                        "STATUS".into(),
+                        "EVENTS".into(),
+                    ]];
+                    for r in v.as_array().into_iter().flatten() {
+                        rows.push(vec![
+                            s(&r["runId"]),
+                            s(&r["workflow"]),
+                            s(&r["version"]),
+                            s(&r["status"]),
+                            s(&r["events"]),
+                        ]);
+                    }
+                    table(&rows)
+                }),
+            )
         }
         WorkflowCommand::History { id } => {
-            let (code, value) = client.call(Method::GET, &format!("/v1/runs/{id}/history"), None, "").await.map_err(|e| (1, e))?;
-            (code, value, Box::new(|v: &Value| {
-                let mut rows = vec![vec!["#".to_string(), "EVENT".into(), "STEP".into(), "DETAIL".into()]];
-                for (i, e) in v.as_array().into_iter().flatten().enumerate() {
-                    let detail = ["attempt", "status", "error", "name", "reason"]
-                        .iter()
-                        .filter(|k| !e[**k].is_null())
-                        .map(|k| format!("{k}={}", s(&e[*k])))
-                        .collect::<Vec<_>>()
-                        .join(" ");
-                    rows.push(vec![(i + 1).to_string(), s(&e["type"]), s(&e["step"]), detail.chars().take(80).collect()]);
-                }
-                table(&rows)
-            }))
+            let (code, value) = client
+                .call(Method::GET, &format!("/v1/runs/{id}/history"), None, "")
+                .await
+                .map_err(|e| (1, e))?;
+            (
+                code,
+                value,
+                Box::new(|v: &Value| {
+                    let mut rows = vec![vec![
+                        "#".to_string(),
+                        "EVENT".into(),
+                        "STEP".into(),
+                        "DETAIL".into(),
+                    ]];
+                    for (i, e) in v.as_array().into_iter().flatten().enumerate() {
+                        let detail = ["attempt", "status", "error", "name", "reason"]
+                            .iter()
+                            .filter(|k| !e[**k].is_null())
+                            .map(|k| format!("{k}={}", s(&e[*k])))
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        rows.push(vec![
+                            (i + 1).to_string(),
+                            s(&e["type"]),
+                            s(&e["step"]),
+                            detail.chars().take(80).collect(),
+                        ]);
+                    }
+                    table(&rows)
+                }),
+            )
         }
         WorkflowCommand::Signal { id, name, payload } => {
             let body = parse_json("--payload", &payload).map_err(usage)?;
-            let (code, value) = client.call(Method::POST, &format!("/v1/runs/{id}/signals/{name}"), Some(body.to_string().into_bytes()), "application/json").await.map_err(|e| (1, e))?;
-            (code, value, Box::new(|v: &Value| format!("signal sent to run {}\n", s(&v["runId"]))))
+            let (code, value) = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/runs/{id}/signals/{name}"),
+                    Some(body.to_string().into_bytes()),
+                    "application/json",
+                )
+                .await
+                .map_err(|e| (1, e))?;
+            (
+                code,
+                value,
+                Box::new(|v: &Value| format!("signal sent to run {}\n", s(&v["runId"]))),
+            )
         }
-        WorkflowCommand::Cancel { id } | WorkflowCommand::Terminate { id } | WorkflowCommand::Retry { id } => unreachable!("{id}"),
+        WorkflowCommand::Cancel { id }
+        | WorkflowCommand::Terminate { id }
+        | WorkflowCommand::Retry { id } => unreachable!("{id}"),
     };
     if status >= 400 {
         return Err((1, format!("HTTP {status}: {}", s(&value["error"]))));
     }
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
     } else {
         print!("{}", human(&value));
     }
@@ -309,7 +472,15 @@ pub async fn command(args: ApiArgs, verb: &str, id: &str) -> i32 {
             return 64;
         }
     };
-    match client.call(reqwest::Method::POST, &format!("/v1/runs/{id}/{verb}"), Some(Vec::new()), "application/json").await {
+    match client
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/runs/{id}/{verb}"),
+            Some(Vec::new()),
+            "application/json",
+        )
+        .await
+    {
         Ok((status, _)) if status < 400 => {
             println!("{verb}: requested for run {id}");
             0

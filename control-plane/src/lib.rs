@@ -109,7 +109,10 @@ async fn start_coordinator(
 ) -> Result<SocketAddr, StartError> {
     use workflow::coordinator::{Coordinator, CoordinatorSettings};
     let url = config.workflow_store.clone().unwrap_or_else(|| {
-        format!("sqlite://{}", config.state_dir.join("workflows.db").display())
+        format!(
+            "sqlite://{}",
+            config.state_dir.join("workflows.db").display()
+        )
     });
     let store = workflow::store::SqlStore::open(&url)
         .await
@@ -138,7 +141,10 @@ async fn start_coordinator(
     let bound = listener.local_addr().map_err(other)?;
     let resent = coordinator.recover().await.map_err(other)?;
     if resent > 0 {
-        tracing::info!(calls = resent, "workflow coordinator: re-sending calls in flight at the last stop");
+        tracing::info!(
+            calls = resent,
+            "workflow coordinator: re-sending calls in flight at the last stop"
+        );
     }
     tokio::spawn(coordinator.clone().run_timers());
     tokio::spawn(coordinator.clone().run_retention());
@@ -325,7 +331,8 @@ pub async fn run(
             ..Default::default()
         };
         if let Some(addr) = workflow_addr {
-            file.addresses.insert("workflow-api".into(), addr.to_string());
+            file.addresses
+                .insert("workflow-api".into(), addr.to_string());
         }
         file.addresses.insert("grpc".into(), grpc_addr.to_string());
         file.addresses

@@ -22,3 +22,5 @@ mod protocols;
 mod resilience;
 #[path = "e2e/timing.rs"]
 mod timing;
+#[path = "e2e/workflow.rs"]
+mod workflow;

@@ -101,7 +101,11 @@ async fn register(State(s): State<ApiState>, body: Bytes) -> Response {
         return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
     };
     match s.coordinator.register(text).await {
-        Ok((workflow, version)) => (StatusCode::OK, Json(json!({"workflow": workflow, "version": version}))).into_response(),
+        Ok((workflow, version)) => (
+            StatusCode::OK,
+            Json(json!({"workflow": workflow, "version": version})),
+        )
+            .into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -118,14 +122,25 @@ async fn list_workflows(State(s): State<ApiState>) -> Response {
     }
 }
 
-async fn get_workflow(State(s): State<ApiState>, Path((ns, name)): Path<(String, String)>) -> Response {
-    match s.coordinator.store().definition(&format!("{ns}/{name}"), None).await {
+async fn get_workflow(
+    State(s): State<ApiState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    match s
+        .coordinator
+        .store()
+        .definition(&format!("{ns}/{name}"), None)
+        .await
+    {
         Ok(Some(r)) => Json(json!({
             "workflow": r.workflow, "version": r.version, "createdMs": r.created_ms,
             "definition": serde_json::from_str::<Value>(&r.spec).unwrap_or(Value::Null),
         }))
         .into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("workflow {ns}/{name} not found")),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("workflow {ns}/{name} not found"),
+        ),
         Err(e) => CoordinatorError::from(e).into_response(),
     }
 }
@@ -160,9 +175,17 @@ async fn start(State(s): State<ApiState>, body: Bytes) -> Response {
         Err(r) => return r,
     };
     let signal = req.signal.map(|s| (s.name, s.payload));
-    match s.coordinator.start(&req.workflow, req.run_id, req.input, signal).await {
+    match s
+        .coordinator
+        .start(&req.workflow, req.run_id, req.input, signal)
+        .await
+    {
         Ok((run_id, created)) => {
-            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             (status, Json(json!({"runId": run_id, "created": created}))).into_response()
         }
         Err(e) => e.into_response(),
@@ -198,7 +221,9 @@ async fn get_run(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
 
 async fn history(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     match s.coordinator.store().history(&id).await {
-        Ok(events) if events.is_empty() => error(StatusCode::NOT_FOUND, format!("run {id} not found")),
+        Ok(events) if events.is_empty() => {
+            error(StatusCode::NOT_FOUND, format!("run {id} not found"))
+        }
         Ok(events) => Json(
             events
                 .iter()
@@ -210,7 +235,11 @@ async fn history(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
     }
 }
 
-async fn signal(State(s): State<ApiState>, Path((id, name)): Path<(String, String)>, body: Bytes) -> Response {
+async fn signal(
+    State(s): State<ApiState>,
+    Path((id, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
     let payload: Value = if body.is_empty() {
         Value::Null
     } else {
@@ -219,18 +248,30 @@ async fn signal(State(s): State<ApiState>, Path((id, name)): Path<(String, Strin
             Err(r) => return r,
         }
     };
-    match s.coordinator.send(&id, Input::Signal { name, payload }).await {
+    match s
+        .coordinator
+        .send(&id, Input::Signal { name, payload })
+        .await
+    {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"runId": id}))).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn command(State(s): State<ApiState>, Path((id, command)): Path<(String, String)>) -> Response {
+async fn command(
+    State(s): State<ApiState>,
+    Path((id, command)): Path<(String, String)>,
+) -> Response {
     let input = match command.as_str() {
         "cancel" => Input::Cancel,
         "terminate" => Input::Terminate,
         "retry" => Input::Retry,
-        other => return error(StatusCode::NOT_FOUND, format!("no command {other:?} (cancel, terminate, retry)")),
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no command {other:?} (cancel, terminate, retry)"),
+            )
+        }
     };
     match s.coordinator.send(&id, input).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"runId": id}))).into_response(),

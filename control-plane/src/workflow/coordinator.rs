@@ -68,7 +68,9 @@ impl Failpoint {
 
     /// Aborts the process at the configured hit of `name`.
     pub fn hit(&self, name: &str) {
-        if self.name.as_deref() == Some(name) && self.hits.fetch_add(1, Ordering::SeqCst) + 1 == self.at {
+        if self.name.as_deref() == Some(name)
+            && self.hits.fetch_add(1, Ordering::SeqCst) + 1 == self.at
+        {
             eprintln!("meshflow: failpoint {name} reached; aborting");
             std::process::abort();
         }
@@ -119,7 +121,11 @@ pub struct RunView {
 
 impl Coordinator {
     /// A coordinator over `store`.
-    pub fn new(store: Arc<dyn WorkflowStore>, settings: CoordinatorSettings, metrics: WorkflowMetrics) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn WorkflowStore>,
+        settings: CoordinatorSettings,
+        metrics: WorkflowMetrics,
+    ) -> Arc<Self> {
         let mut http = reqwest::Client::builder().pool_max_idle_per_host(32);
         if let Some(outbound) = &settings.outbound {
             if let Ok(proxy) = reqwest::Proxy::http(format!("http://{outbound}")) {
@@ -146,21 +152,33 @@ impl Coordinator {
     pub async fn register(&self, text: &str) -> Result<(String, u32), CoordinatorError> {
         let workflow = Workflow::parse(std::path::Path::new("workflow.yaml"), text)
             .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
-        let spec = serde_json::to_string(&workflow).map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
-        let version = self.store.put_definition(&workflow.id(), &spec, now_ms()).await?;
+        let spec = serde_json::to_string(&workflow)
+            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let version = self
+            .store
+            .put_definition(&workflow.id(), &spec, now_ms())
+            .await?;
         Ok((workflow.id(), version))
     }
 
     async fn definition(&self, id: &str, version: u32) -> Result<Arc<Workflow>, CoordinatorError> {
-        if let Some(wf) = self.definitions.lock().unwrap_or_else(|e| e.into_inner()).get(&(id.to_string(), version)) {
+        if let Some(wf) = self
+            .definitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(id.to_string(), version))
+        {
             return Ok(wf.clone());
         }
         let row = self
             .store
             .definition(id, Some(version))
             .await?
-            .ok_or_else(|| CoordinatorError::NotFound(format!("workflow {id} version {version}")))?;
-        let wf: Workflow = serde_json::from_str(&row.spec).map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+            .ok_or_else(|| {
+                CoordinatorError::NotFound(format!("workflow {id} version {version}"))
+            })?;
+        let wf: Workflow = serde_json::from_str(&row.spec)
+            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
         let wf = Arc::new(wf);
         self.definitions
             .lock()
@@ -182,8 +200,15 @@ impl Coordinator {
         signal: Option<(String, Value)>,
     ) -> Result<(String, bool), CoordinatorError> {
         let run_id = run_id.unwrap_or_else(new_run_id);
-        if run_id.is_empty() || run_id.len() > 128 || !run_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-            return Err(CoordinatorError::Invalid("run id: 1–128 characters of [A-Za-z0-9._-]".into()));
+        if run_id.is_empty()
+            || run_id.len() > 128
+            || !run_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(CoordinatorError::Invalid(
+                "run id: 1–128 characters of [A-Za-z0-9._-]".into(),
+            ));
         }
         let row = self
             .store
@@ -201,7 +226,11 @@ impl Coordinator {
         };
         let mut state = RunState::replay(&wf, std::slice::from_ref(&started)).expect("RunStarted");
         let mut events = vec![started];
-        let ctx = engine::Ctx { workflow: &wf, run_id: &run_id, now_ms: now };
+        let ctx = engine::Ctx {
+            workflow: &wf,
+            run_id: &run_id,
+            now_ms: now,
+        };
         for e in engine::decide(&state, &Input::Advance, &ctx) {
             state.apply(&e);
             events.push(e);
@@ -209,14 +238,23 @@ impl Coordinator {
         let commit = self.commit_of(&run_id, 0, &events, &state, &wf, now);
         let created = self
             .store
-            .create_run(&NewRun { run_id: run_id.clone(), workflow: wf.id(), version: row.version, commit })
+            .create_run(&NewRun {
+                run_id: run_id.clone(),
+                workflow: wf.id(),
+                version: row.version,
+                commit,
+            })
             .await?;
         if created {
-            self.metrics.runs_started.with_label_values(&[&wf.id()]).inc();
+            self.metrics
+                .runs_started
+                .with_label_values(&[&wf.id()])
+                .inc();
             self.after_commit(&run_id, &state, &wf);
         }
         if let Some((name, payload)) = signal {
-            self.handle(&run_id, Input::Signal { name, payload }).await?;
+            self.handle(&run_id, Input::Signal { name, payload })
+                .await?;
         }
         Ok((run_id, created))
     }
@@ -225,7 +263,11 @@ impl Coordinator {
     ///
     /// # Errors
     /// 404 for an unknown run; store errors.
-    pub async fn send(self: &Arc<Self>, run_id: &str, input: Input) -> Result<(), CoordinatorError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        run_id: &str,
+        input: Input,
+    ) -> Result<(), CoordinatorError> {
         if self.store.run(run_id).await?.is_none() {
             return Err(CoordinatorError::NotFound(format!("run {run_id}")));
         }
@@ -243,13 +285,18 @@ impl Coordinator {
             .await?
             .ok_or_else(|| CoordinatorError::NotFound(format!("run {run_id}")))?;
         let wf = self.definition(&row.workflow, row.version).await?;
-        let state: RunState = serde_json::from_str(&row.state).map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let state: RunState = serde_json::from_str(&row.state)
+            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
         Ok(RunView {
             run_id: row.run_id,
             workflow: row.workflow,
             version: row.version,
             status: row.status,
-            waiting_on: if state.status.is_terminal() { Vec::new() } else { state.waiting_on(&wf) },
+            waiting_on: if state.status.is_terminal() {
+                Vec::new()
+            } else {
+                state.waiting_on(&wf)
+            },
             events: row.seq,
             state,
         })
@@ -269,11 +316,22 @@ impl Coordinator {
             .clone()
     }
 
-    fn commit_of(&self, run_id: &str, expected_seq: u64, events: &[Event], state: &RunState, wf: &Workflow, now: u64) -> Commit {
+    fn commit_of(
+        &self,
+        run_id: &str,
+        expected_seq: u64,
+        events: &[Event],
+        state: &RunState,
+        wf: &Workflow,
+        now: u64,
+    ) -> Commit {
         Commit {
             run_id: run_id.to_string(),
             expected_seq,
-            events: events.iter().map(|e| serde_json::to_string(e).unwrap_or_default()).collect(),
+            events: events
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap_or_default())
+                .collect(),
             state: serde_json::to_string(state).unwrap_or_default(),
             status: state.status.as_str().to_string(),
             now_ms: now,
@@ -300,9 +358,14 @@ impl Coordinator {
             .await?
             .ok_or_else(|| CoordinatorError::NotFound(format!("run {run_id}")))?;
         let wf = self.definition(&row.workflow, row.version).await?;
-        let mut state: RunState = serde_json::from_str(&row.state).map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let mut state: RunState = serde_json::from_str(&row.state)
+            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
         let now = now_ms();
-        let ctx = engine::Ctx { workflow: &wf, run_id, now_ms: now };
+        let ctx = engine::Ctx {
+            workflow: &wf,
+            run_id,
+            now_ms: now,
+        };
         let events = engine::decide(&state, &input, &ctx);
         if events.is_empty() {
             return Ok(());
@@ -314,32 +377,69 @@ impl Coordinator {
         }
         let limit = u64::from(wf.history_limit());
         if state.events * 5 >= limit * 4 && (row.seq * 5) < limit * 4 {
-            tracing::warn!(run = run_id, events = state.events, limit, "run history is at 80 % of its limit");
+            tracing::warn!(
+                run = run_id,
+                events = state.events,
+                limit,
+                "run history is at 80 % of its limit"
+            );
         }
         let commit = self.commit_of(run_id, row.seq, &events, &state, &wf, now);
         self.store.commit(&commit).await?;
         if !was_terminal && state.status.is_terminal() {
-            self.metrics.runs_finished.with_label_values(&[&wf.id(), state.status.as_str()]).inc();
+            self.metrics
+                .runs_finished
+                .with_label_values(&[&wf.id(), state.status.as_str()])
+                .inc();
         }
         self.after_commit(run_id, &state, &wf);
         Ok(())
     }
 
     fn observe(&self, wf: &Workflow, state: &RunState, event: &Event, now: u64) {
-        if let Event::AttemptEnded { step, attempt, compensation, succeeded, .. } = event {
-            let kind = if *compensation { "compensation" } else { "call" };
+        if let Event::AttemptEnded {
+            step,
+            attempt,
+            compensation,
+            succeeded,
+            ..
+        } = event
+        {
+            let kind = if *compensation {
+                "compensation"
+            } else {
+                "call"
+            };
             let result = if *succeeded { "ok" } else { "failed" };
-            self.metrics.step_attempts.with_label_values(&[&wf.id(), step, kind, result]).inc();
-            if let Some(a) = state.steps.get(step).and_then(|s| s.attempts.iter().rev().find(|a| a.attempt == *attempt && a.compensation == *compensation)) {
+            self.metrics
+                .step_attempts
+                .with_label_values(&[&wf.id(), step, kind, result])
+                .inc();
+            if let Some(a) = state.steps.get(step).and_then(|s| {
+                s.attempts
+                    .iter()
+                    .rev()
+                    .find(|a| a.attempt == *attempt && a.compensation == *compensation)
+            }) {
                 self.metrics
                     .step_latency
                     .with_label_values(&[&wf.id(), step])
                     .observe(now.saturating_sub(a.started_ms) as f64 / 1000.0);
             }
         }
-        if let Event::AttemptTimedOut { step, compensation, .. } = event {
-            let kind = if *compensation { "compensation" } else { "call" };
-            self.metrics.step_attempts.with_label_values(&[&wf.id(), step, kind, "timed_out"]).inc();
+        if let Event::AttemptTimedOut {
+            step, compensation, ..
+        } = event
+        {
+            let kind = if *compensation {
+                "compensation"
+            } else {
+                "call"
+            };
+            self.metrics
+                .step_attempts
+                .with_label_values(&[&wf.id(), step, kind, "timed_out"])
+                .inc();
         }
     }
 
@@ -360,7 +460,12 @@ impl Coordinator {
 
     fn spawn_dispatch(self: &Arc<Self>, run_id: String, d: Dispatch, traceparent: String) {
         let key = (run_id.clone(), d.key());
-        if !self.sending.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+        if !self
+            .sending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone())
+        {
             return;
         }
         let this = self.clone();
@@ -368,7 +473,12 @@ impl Coordinator {
             let outcome = this.call(&run_id, &d, &traceparent).await;
             if let Some(outcome) = outcome {
                 this.failpoint.hit("after-dispatch-before-result");
-                let input = Input::AttemptResult { step: d.step.clone(), attempt: d.attempt, compensation: d.compensation, outcome };
+                let input = Input::AttemptResult {
+                    step: d.step.clone(),
+                    attempt: d.attempt,
+                    compensation: d.compensation,
+                    outcome,
+                };
                 let mut tries = 0;
                 while let Err(e) = this.handle(&run_id, input.clone()).await {
                     tries += 1;
@@ -379,7 +489,10 @@ impl Coordinator {
                     tokio::time::sleep(Duration::from_millis(100 * tries)).await;
                 }
             }
-            this.sending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            this.sending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
         });
     }
 
@@ -393,8 +506,13 @@ impl Coordinator {
         }
         let r = &d.request;
         let url = format!("http://{}.{}{}", r.service, r.namespace, r.path);
-        let method = reqwest::Method::from_bytes(r.method.as_bytes()).unwrap_or(reqwest::Method::POST);
-        let key = if d.compensation { format!("{run_id}/{}/compensate", d.step) } else { format!("{run_id}/{}", d.step) };
+        let method =
+            reqwest::Method::from_bytes(r.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+        let key = if d.compensation {
+            format!("{run_id}/{}/compensate", d.step)
+        } else {
+            format!("{run_id}/{}", d.step)
+        };
         let mut request = self
             .http
             .request(method, &url)
@@ -418,7 +536,11 @@ impl Coordinator {
         let response = match request.send().await {
             Ok(response) => response,
             Err(e) if e.is_timeout() => return None,
-            Err(e) => return Some(AttemptOutcome::Error { message: e.to_string() }),
+            Err(e) => {
+                return Some(AttemptOutcome::Error {
+                    message: e.to_string(),
+                })
+            }
         };
         let status = response.status().as_u16();
         match response.bytes().await {
@@ -427,11 +549,15 @@ impl Coordinator {
                 body: serde_json::json!({"meshflowPayloadLimit": 1 << 20, "status": status}),
             }),
             Ok(bytes) => {
-                let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+                let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                });
                 Some(AttemptOutcome::Response { status, body })
             }
             Err(e) if e.is_timeout() => None,
-            Err(e) => Some(AttemptOutcome::Error { message: e.to_string() }),
+            Err(e) => Some(AttemptOutcome::Error {
+                message: e.to_string(),
+            }),
         }
     }
 
@@ -443,9 +569,13 @@ impl Coordinator {
         let entries = self.store.outbox(100_000).await?;
         let mut n = 0;
         for entry in entries {
-            let Ok(d) = serde_json::from_str::<Dispatch>(&entry.dispatch) else { continue };
+            let Ok(d) = serde_json::from_str::<Dispatch>(&entry.dispatch) else {
+                continue;
+            };
             let traceparent = match self.store.run(&entry.run_id).await? {
-                Some(row) => serde_json::from_str::<RunState>(&row.state).map(|s| s.traceparent).unwrap_or_default(),
+                Some(row) => serde_json::from_str::<RunState>(&row.state)
+                    .map(|s| s.traceparent)
+                    .unwrap_or_default(),
                 None => continue,
             };
             self.spawn_dispatch(entry.run_id, d, traceparent);
@@ -469,7 +599,9 @@ impl Coordinator {
             match self.store.due_timers(now, 500).await {
                 Ok(due) => {
                     for t in due {
-                        let Ok(timer) = serde_json::from_str::<Timer>(&t.timer) else { continue };
+                        let Ok(timer) = serde_json::from_str::<Timer>(&t.timer) else {
+                            continue;
+                        };
                         let this = self.clone();
                         if let Err(e) = this.handle(&t.run_id, Input::TimerFired(timer)).await {
                             tracing::warn!(run = %t.run_id, "timer: {e}");
@@ -479,7 +611,9 @@ impl Coordinator {
                 Err(e) => tracing::warn!("timers: {e}"),
             }
             let next = self.store.next_timer().await.ok().flatten();
-            let wait = next.map_or(Duration::from_secs(1), |due| Duration::from_millis(due.saturating_sub(now_ms()).clamp(5, 1000)));
+            let wait = next.map_or(Duration::from_secs(1), |due| {
+                Duration::from_millis(due.saturating_sub(now_ms()).clamp(5, 1000))
+            });
             let _ = tokio::time::timeout(wait, self.timers_changed.notified()).await;
         }
     }

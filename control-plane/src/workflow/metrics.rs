@@ -2,7 +2,7 @@
 //! runs in flight, timers pending, dispatch lag. Labels take only operator-defined values
 //! (registered workflow and step names, fixed kinds and results).
 
-use prometheus::{HistogramOpts, HistogramVec, Histogram, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Metric handles.
 #[derive(Clone)]
@@ -30,28 +30,53 @@ impl WorkflowMetrics {
     /// # Errors
     /// A name registered twice.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let buckets = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
         let m = Self {
             runs_started: IntCounterVec::new(
-                Opts::new("meshflow_workflow_runs_started_total", "Workflow runs started, by workflow."),
+                Opts::new(
+                    "meshflow_workflow_runs_started_total",
+                    "Workflow runs started, by workflow.",
+                ),
                 &["workflow"],
             )?,
             runs_finished: IntCounterVec::new(
-                Opts::new("meshflow_workflow_runs_finished_total", "Workflow runs finished, by workflow and final status."),
+                Opts::new(
+                    "meshflow_workflow_runs_finished_total",
+                    "Workflow runs finished, by workflow and final status.",
+                ),
                 &["workflow", "status"],
             )?,
             step_attempts: IntCounterVec::new(
-                Opts::new("meshflow_workflow_step_attempts_total", "Step call and compensation attempts, by result."),
+                Opts::new(
+                    "meshflow_workflow_step_attempts_total",
+                    "Step call and compensation attempts, by result.",
+                ),
                 &["workflow", "step", "kind", "result"],
             )?,
             step_latency: HistogramVec::new(
-                HistogramOpts::new("meshflow_workflow_step_duration_seconds", "Step attempt latency.").buckets(buckets.clone()),
+                HistogramOpts::new(
+                    "meshflow_workflow_step_duration_seconds",
+                    "Step attempt latency.",
+                )
+                .buckets(buckets.clone()),
                 &["workflow", "step"],
             )?,
-            runs_in_flight: IntGauge::new("meshflow_workflow_runs_in_flight", "Workflow runs not finished.")?,
-            timers_pending: IntGauge::new("meshflow_workflow_timers_pending", "Durable timers not yet fired.")?,
+            runs_in_flight: IntGauge::new(
+                "meshflow_workflow_runs_in_flight",
+                "Workflow runs not finished.",
+            )?,
+            timers_pending: IntGauge::new(
+                "meshflow_workflow_timers_pending",
+                "Durable timers not yet fired.",
+            )?,
             dispatch_lag: Histogram::with_opts(
-                HistogramOpts::new("meshflow_workflow_dispatch_lag_seconds", "From an attempt's commit to its send.").buckets(buckets),
+                HistogramOpts::new(
+                    "meshflow_workflow_dispatch_lag_seconds",
+                    "From an attempt's commit to its send.",
+                )
+                .buckets(buckets),
             )?,
         };
         registry.register(Box::new(m.runs_started.clone()))?;

@@ -122,7 +122,11 @@ pub trait WorkflowStore: Send + Sync {
     /// next. Returns the version.
     async fn put_definition(&self, workflow: &str, spec: &str, now_ms: u64) -> StoreResult<u32>;
     /// A definition version (the latest when `version` is `None`).
-    async fn definition(&self, workflow: &str, version: Option<u32>) -> StoreResult<Option<DefinitionRow>>;
+    async fn definition(
+        &self,
+        workflow: &str,
+        version: Option<u32>,
+    ) -> StoreResult<Option<DefinitionRow>>;
     /// The latest version of every definition.
     async fn definitions(&self) -> StoreResult<Vec<DefinitionRow>>;
     /// Creates a run; `false` when the id exists already (the caller reads that run).
@@ -134,7 +138,12 @@ pub trait WorkflowStore: Send + Sync {
     /// A run's history (event JSON, in order).
     async fn history(&self, run_id: &str) -> StoreResult<Vec<String>>;
     /// Runs, newest first, optionally by workflow and status, at most `limit`.
-    async fn runs(&self, workflow: Option<&str>, status: Option<&str>, limit: u32) -> StoreResult<Vec<RunRow>>;
+    async fn runs(
+        &self,
+        workflow: Option<&str>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<RunRow>>;
     /// Timers due at `now_ms`, earliest first, at most `limit`.
     async fn due_timers(&self, now_ms: u64, limit: u32) -> StoreResult<Vec<DueTimer>>;
     /// The earliest timer, Unix ms.
@@ -174,9 +183,15 @@ impl SqlStore {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if sqlite {
-                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous=FULL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout=5000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA journal_mode=WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous=FULL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout=5000")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -227,7 +242,10 @@ fn definition_row(row: &AnyRow) -> StoreResult<DefinitionRow> {
 }
 
 /// Writes the events, outbox and timers of `commit` inside `tx`.
-async fn write_changes(tx: &mut sqlx::Transaction<'_, sqlx::Any>, commit: &Commit) -> StoreResult<()> {
+async fn write_changes(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    commit: &Commit,
+) -> StoreResult<()> {
     for (i, event) in commit.events.iter().enumerate() {
         sqlx::query("INSERT INTO wf_events (run_id, seq, event) VALUES ($1, $2, $3)")
             .bind(&commit.run_id)
@@ -278,7 +296,11 @@ impl WorkflowStore for SqlStore {
                 return Ok(row.version);
             }
         }
-        let version = latest.map(|r| definition_row(&r).map(|d| d.version)).transpose()?.unwrap_or(0) + 1;
+        let version = latest
+            .map(|r| definition_row(&r).map(|d| d.version))
+            .transpose()?
+            .unwrap_or(0)
+            + 1;
         sqlx::query("INSERT INTO wf_definitions (workflow, version, spec, created_ms) VALUES ($1, $2, $3, $4)")
             .bind(workflow)
             .bind(version as i64)
@@ -290,7 +312,11 @@ impl WorkflowStore for SqlStore {
         Ok(version)
     }
 
-    async fn definition(&self, workflow: &str, version: Option<u32>) -> StoreResult<Option<DefinitionRow>> {
+    async fn definition(
+        &self,
+        workflow: &str,
+        version: Option<u32>,
+    ) -> StoreResult<Option<DefinitionRow>> {
         let row = match version {
             Some(v) => sqlx::query("SELECT workflow, version, spec, created_ms FROM wf_definitions WHERE workflow = $1 AND version = $2")
                 .bind(workflow)
@@ -366,10 +392,17 @@ impl WorkflowStore for SqlStore {
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(|r| r.try_get::<String, _>("event").map_err(StoreError::from)).collect()
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("event").map_err(StoreError::from))
+            .collect()
     }
 
-    async fn runs(&self, workflow: Option<&str>, status: Option<&str>, limit: u32) -> StoreResult<Vec<RunRow>> {
+    async fn runs(
+        &self,
+        workflow: Option<&str>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<RunRow>> {
         let rows = sqlx::query("SELECT run_id, workflow, version, status, state, seq, created_ms, updated_ms FROM wf_runs WHERE ($1 = '' OR workflow = $1) AND ($2 = '' OR status = $2) ORDER BY created_ms DESC, run_id LIMIT $3")
             .bind(workflow.unwrap_or(""))
             .bind(status.unwrap_or(""))
@@ -397,15 +430,19 @@ impl WorkflowStore for SqlStore {
     }
 
     async fn next_timer(&self) -> StoreResult<Option<u64>> {
-        let row = sqlx::query("SELECT MIN(due_ms) AS due FROM wf_timers").fetch_one(&self.pool).await?;
+        let row = sqlx::query("SELECT MIN(due_ms) AS due FROM wf_timers")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(row.try_get::<Option<i64>, _>("due")?.map(|d| d as u64))
     }
 
     async fn outbox(&self, limit: u32) -> StoreResult<Vec<OutboxEntry>> {
-        let rows = sqlx::query("SELECT run_id, key, dispatch FROM wf_outbox ORDER BY run_id, key LIMIT $1")
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT run_id, key, dispatch FROM wf_outbox ORDER BY run_id, key LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(OutboxEntry {
@@ -418,10 +455,12 @@ impl WorkflowStore for SqlStore {
     }
 
     async fn counts(&self) -> StoreResult<(u64, u64)> {
-        let runs = sqlx::query(&format!("SELECT COUNT(*) AS n FROM wf_runs WHERE status NOT IN {TERMINAL}"))
-            .fetch_one(&self.pool)
-            .await?
-            .try_get::<i64, _>("n")?;
+        let runs = sqlx::query(&format!(
+            "SELECT COUNT(*) AS n FROM wf_runs WHERE status NOT IN {TERMINAL}"
+        ))
+        .fetch_one(&self.pool)
+        .await?
+        .try_get::<i64, _>("n")?;
         let timers = sqlx::query("SELECT COUNT(*) AS n FROM wf_timers")
             .fetch_one(&self.pool)
             .await?
@@ -431,18 +470,21 @@ impl WorkflowStore for SqlStore {
 
     async fn purge_finished(&self, before_ms: u64) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
-        let old = format!("SELECT run_id FROM wf_runs WHERE status IN {TERMINAL} AND updated_ms < $1");
+        let old =
+            format!("SELECT run_id FROM wf_runs WHERE status IN {TERMINAL} AND updated_ms < $1");
         for table in ["wf_events", "wf_outbox", "wf_timers"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE run_id IN ({old})"))
                 .bind(before_ms as i64)
                 .execute(&mut *tx)
                 .await?;
         }
-        let gone = sqlx::query(&format!("DELETE FROM wf_runs WHERE status IN {TERMINAL} AND updated_ms < $1"))
-            .bind(before_ms as i64)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let gone = sqlx::query(&format!(
+            "DELETE FROM wf_runs WHERE status IN {TERMINAL} AND updated_ms < $1"
+        ))
+        .bind(before_ms as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
         Ok(gone)
     }

@@ -55,11 +55,18 @@ struct Books {
 type Shared = Arc<Mutex<Books>>;
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 fn header(headers: &HeaderMap, name: &str) -> String {
-    headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// The shared part of every mutating call: key check, replay of the first answer, test hooks,
@@ -72,7 +79,11 @@ async fn idempotent(
 ) -> axum::response::Response {
     let key = header(&headers, "idempotency-key");
     if key.is_empty() {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "Idempotency-Key is required"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "Idempotency-Key is required"})),
+        )
+            .into_response();
     }
     let started = now_ms();
     if let Some(ms) = body.get("delayMs").and_then(Value::as_u64) {
@@ -102,7 +113,11 @@ async fn idempotent(
         "key": key, "attempt": header(&headers, "meshflow-attempt"), "xfcc": header(&headers, "x-forwarded-client-cert"),
         "startMs": started, "endMs": now_ms(), "status": status,
     }));
-    (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), Json(answer)).into_response()
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+        Json(answer),
+    )
+        .into_response()
 }
 
 /// Undo of the record made under the original key (the compensation key minus `/compensate`).
@@ -124,8 +139,16 @@ fn undo(b: &mut Books, key: &str) -> (u16, Value) {
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let listen = args.listen.unwrap_or_else(|| format!("127.0.0.1:{}", std::env::var("PORT").unwrap_or_else(|_| "0".into())));
-    let books: Shared = Arc::new(Mutex::new(Books { stock: 1_000_000, ..Default::default() }));
+    let listen = args.listen.unwrap_or_else(|| {
+        format!(
+            "127.0.0.1:{}",
+            std::env::var("PORT").unwrap_or_else(|_| "0".into())
+        )
+    });
+    let books: Shared = Arc::new(Mutex::new(Books {
+        stock: 1_000_000,
+        ..Default::default()
+    }));
     let role = args.role.clone();
     let app = match role.as_str() {
         "inventory" => Router::new()
@@ -190,6 +213,9 @@ async fn main() -> std::io::Result<()> {
         .route("/admin/reset", post(|| async { (StatusCode::OK, "admin\n") }))
         .with_state(books);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
-    eprintln!("meshflow-shop {role} listening on {}", listener.local_addr()?);
+    eprintln!(
+        "meshflow-shop {role} listening on {}",
+        listener.local_addr()?
+    );
     axum::serve(listener, app).await
 }
