@@ -226,6 +226,17 @@ impl Coordinator {
         };
         let mut state = RunState::replay(&wf, std::slice::from_ref(&started)).expect("RunStarted");
         let mut events = vec![started];
+        // Signal-with-start: the signal is part of the creating transaction, so a crash cannot
+        // leave the run without it.
+        if let Some((name, payload)) = &signal {
+            let received = Event::SignalReceived {
+                name: name.clone(),
+                payload: payload.clone(),
+                at_ms: now,
+            };
+            state.apply(&received);
+            events.push(received);
+        }
         let ctx = engine::Ctx {
             workflow: &wf,
             run_id: &run_id,
@@ -251,8 +262,7 @@ impl Coordinator {
                 .with_label_values(&[&wf.id()])
                 .inc();
             self.after_commit(&run_id, &state, &wf);
-        }
-        if let Some((name, payload)) = signal {
+        } else if let Some((name, payload)) = signal {
             self.handle(&run_id, Input::Signal { name, payload })
                 .await?;
         }

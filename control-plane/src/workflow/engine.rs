@@ -437,7 +437,8 @@ pub struct StepState {
     /// Status.
     pub status: StepStatus,
     /// Output once completed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Always written: `null` and absent must read back the same (state round-trips JSON).
+    #[serde(default)]
     pub output: Option<Value>,
     /// Last error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -510,7 +511,8 @@ pub struct RunState {
     /// Input.
     pub input: Value,
     /// Output (Completed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Always written: `null` and absent must read back the same (state round-trips JSON).
+    #[serde(default)]
     pub output: Option<Value>,
     /// Last error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
