@@ -20,6 +20,8 @@ mod lifecycle;
 mod protocols;
 #[path = "e2e/resilience.rs"]
 mod resilience;
+#[path = "e2e/store.rs"]
+mod store;
 #[path = "e2e/timing.rs"]
 mod timing;
 #[path = "e2e/workflow.rs"]

@@ -354,3 +354,117 @@ pub fn via(outbound: &str) -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// A PostgreSQL server of its own for one test (Debian's binaries, `initdb` + `pg_ctl`, run as
+/// the `postgres` user when the tests run as root), on 127.0.0.1 and a free port, with a fresh
+/// database. Stopped (immediate mode) and deleted on drop.
+pub struct Postgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    /// `postgres://postgres@127.0.0.1:<port>/meshflow`.
+    pub url: String,
+}
+
+fn as_postgres_user(program: &Path) -> std::process::Command {
+    if nix::unistd::Uid::effective().is_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+impl Postgres {
+    /// Starts a fresh server. Panics with a clear message when PostgreSQL is not installed
+    /// (`scripts/install-deps test` installs it).
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is not installed: run scripts/install-deps test")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .find(|b| b.join("initdb").exists())
+            .expect("no initdb under /usr/lib/postgresql/*/bin");
+        let dir = std::env::temp_dir().join(format!(
+            "meshflow-pg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        if nix::unistd::Uid::effective().is_root() {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let data = dir.join("data");
+        let out = as_postgres_user(&bin.join("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = meshflow_cli::supervisor::free_port().unwrap();
+        let out = as_postgres_user(&bin.join("pg_ctl"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-w", "-l"])
+            .arg(dir.join("log"))
+            .args([
+                "-o",
+                &format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+                    dir.display()
+                ),
+            ])
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = as_postgres_user(&bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "meshflow",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "createdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Postgres {
+            dir,
+            bin,
+            url: format!("postgres://postgres@127.0.0.1:{port}/meshflow"),
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres_user(&self.bin.join("pg_ctl"))
+            .args(["-D"])
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -517,3 +517,14 @@ pub async fn crash_suite(mut t: TestMesh, runs: usize) {
 async fn timing_crash_kill_9_and_failpoints_lose_no_step_sqlite() {
     crash_suite(start_shop(), 200).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timing_crash_kill_9_and_failpoints_lose_no_step_postgres() {
+    let pg = Postgres::start();
+    let url = pg.url.clone();
+    let t = start_dir(SHOP_MESH, SHOP_POLICIES, move |o| {
+        o.control_plane_args = vec!["--workflow-store".into(), url];
+    });
+    crash_suite(t, 200).await;
+    drop(pg);
+}
