@@ -65,9 +65,9 @@ spec:
 
 /// A client of the workflow API with the mesh's token.
 pub struct Api {
-    base: String,
-    token: String,
-    http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::Client,
 }
 
 impl Api {
@@ -527,4 +527,178 @@ async fn timing_crash_kill_9_and_failpoints_lose_no_step_postgres() {
     });
     crash_suite(t, 200).await;
     drop(pg);
+}
+
+const DIAMOND: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Workflow
+metadata: { name: diamond, namespace: default }
+spec:
+  steps:
+  - name: a
+    call: { service: inventory, path: /reservations, body: { sku: "D", qty: 1 } }
+  - name: b
+    dependsOn: [a]
+    call: { service: payment, path: /charges, body: { customer: "d", amount: 1, delayMs: 400 } }
+  - name: c
+    dependsOn: [a]
+    call: { service: shipping, path: /shipments, body: { order: "d", address: "x", delayMs: 400 } }
+  - name: d
+    dependsOn: [b, c]
+    waitForSignal: { name: go, timeout: 200ms, onTimeout: continue }
+  - name: slow
+    dependsOn: [d]
+    call: { service: inventory, path: /reservations, body: { sku: "S", qty: 1, delayMs: 1500 } }
+    retry: { maxAttempts: 2, initialInterval: 10ms }
+    timeouts: { perAttempt: 500ms }
+"#;
+
+fn meshflow_workflow(t: &TestMesh, api: &Api, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(meshflow_cli::supervisor::find_program("meshflow"))
+        .arg("workflow")
+        .args(args)
+        .args(["--api", &api.base, "--token-file"])
+        .arg(t.mesh.workflow_token_path())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn validation_diamonds_signals_timeouts_and_operator_commands() {
+    let t = start_shop();
+    let api = Api::new(&t);
+    // Registration refuses a cycle, naming it, with the field.
+    let cyclic = PLACE_ORDER.replace(
+        "  - name: reserve\n",
+        "  - name: reserve\n    dependsOn: [ship]\n",
+    );
+    let r = api
+        .http
+        .post(format!("{}/v1/workflows", api.base))
+        .bearer_auth(&api.token)
+        .body(cyclic)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("dependsOn cycle: reserve → ship → charge → reserve"),
+        "{body}"
+    );
+    api.register(DIAMOND).await;
+    api.register(DURABLE_ORDER).await;
+
+    // A diamond: b and c run at the same time; the wait times out and continues; the slow
+    // step's attempts are cut at 500 ms and the step fails for good after two.
+    api.post(
+        "/v1/runs",
+        json!({"workflow": "default/diamond", "runId": "dia"}),
+    )
+    .await;
+    let run = api.wait_terminal("dia", Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "Failed", "nothing to compensate: {run}");
+    let steps = &run["state"]["steps"];
+    let span = |step: &str| -> (u64, u64) {
+        let a = &steps[step]["attempts"][0];
+        (
+            a["startedMs"].as_u64().unwrap(),
+            a["endedMs"].as_u64().unwrap(),
+        )
+    };
+    let (b, c) = (span("b"), span("c"));
+    assert!(b.0 < c.1 && c.0 < b.1, "b {b:?} and c {c:?} overlap");
+    assert_eq!(steps["d"]["status"], "Completed", "onTimeout: continue");
+    let slow = steps["slow"]["attempts"].as_array().unwrap();
+    assert_eq!(slow.len(), 2, "{slow:?}");
+    for a in slow {
+        let took = a["endedMs"].as_u64().unwrap() - a["startedMs"].as_u64().unwrap();
+        assert!(
+            took < 1500,
+            "the attempt was cut before the service answered: {a}"
+        );
+        assert_ne!(a["result"], "ok");
+    }
+
+    // Signals: unknown run → 404; two concurrent signal-with-start → one run, both signals.
+    let (status, _) = api.post("/v1/runs/nope/signals/approval", json!({})).await;
+    assert_eq!(status, 404);
+    let start = json!({"workflow": "default/durable-order", "runId": "sws",
+        "input": {"sku": "S", "customer": "c", "amount": 5, "address": "somewhere"},
+        "signal": {"name": "approval", "payload": {"by": "x"}}});
+    let (one, two) = tokio::join!(
+        api.post("/v1/runs", start.clone()),
+        api.post("/v1/runs", start.clone())
+    );
+    let created: Vec<bool> = [one, two]
+        .iter()
+        .map(|(_, v)| v["created"].as_bool().unwrap())
+        .collect();
+    assert_eq!(created.iter().filter(|c| **c).count(), 1, "{created:?}");
+    let (_, history) = api.get("/v1/runs/sws/history").await;
+    let signals = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "SignalReceived")
+        .count();
+    assert_eq!(signals, 2);
+    assert_eq!(
+        api.wait_terminal("sws", Duration::from_secs(20)).await["status"],
+        "Completed"
+    );
+
+    // A waiting run says what it waits on; cancel compensates, terminate does not.
+    for id in ["to-cancel", "to-terminate"] {
+        api.post(
+            "/v1/runs",
+            json!({"workflow": "default/durable-order", "runId": id,
+            "input": {"sku": "S", "customer": "c", "amount": 5, "address": "somewhere"}}),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, text) = meshflow_workflow(&t, &api, &["get", "to-cancel"]);
+        assert!(ok, "{text}");
+        if text.contains("waiting on signal \"approval\" (step approve)") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, text) = meshflow_workflow(&t, &api, &["cancel", "to-cancel"]);
+    assert!(ok, "{text}");
+    let (ok, text) = meshflow_workflow(&t, &api, &["terminate", "to-terminate"]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        api.wait_terminal("to-cancel", Duration::from_secs(20))
+            .await["status"],
+        "Cancelled"
+    );
+    assert_eq!(
+        api.wait_terminal("to-terminate", Duration::from_secs(20))
+            .await["status"],
+        "Terminated"
+    );
+    let inventory = records(&t.mesh.workload("inventory").app).await;
+    assert_eq!(inventory["undone"]["to-cancel/reserve"], json!(1));
+    assert!(inventory["undone"].get("to-terminate/reserve").is_none());
+    let (ok, text) = meshflow_workflow(&t, &api, &["list", "--status", "Cancelled"]);
+    assert!(
+        ok && text.contains("to-cancel") && !text.contains("to-terminate"),
+        "{text}"
+    );
+    let (ok, text) = meshflow_workflow(&t, &api, &["get", "nope"]);
+    assert!(!ok && text.contains("404"), "{text}");
 }
