@@ -94,6 +94,9 @@ pub enum WorkflowCommand {
     },
 }
 
+/// Turns an API answer into the human output.
+type Render = Box<dyn Fn(&Value) -> String>;
+
 struct Client {
     base: String,
     token: String,
@@ -271,7 +274,7 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
     let client = Client::new(args).map_err(usage)?;
     let json_out = args.output == "json";
     use reqwest::Method;
-    let (status, value, human): (u16, Value, Box<dyn Fn(&Value) -> String>) = match command {
+    let (status, value, human): (u16, Value, Render) = match command {
         WorkflowCommand::Apply { file } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| usage(format!("{}: {e}", file.display())))?;

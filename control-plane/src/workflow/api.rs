@@ -165,14 +165,15 @@ struct SignalBody {
     payload: Value,
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("body: {e}")))
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("body: {e}"))))
 }
 
 async fn start(State(s): State<ApiState>, body: Bytes) -> Response {
     let req: StartRequest = match json_body(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let signal = req.signal.map(|s| (s.name, s.payload));
     match s
@@ -245,7 +246,7 @@ async fn signal(
     } else {
         match json_body(&body) {
             Ok(v) => v,
-            Err(r) => return r,
+            Err(r) => return *r,
         }
     };
     match s

@@ -480,7 +480,14 @@ impl Coordinator {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let outcome = this.call(&run_id, &d, &traceparent).await;
+            let limit = match this.store.run(&run_id).await {
+                Ok(Some(row)) => this
+                    .definition(&row.workflow, row.version)
+                    .await
+                    .map_or(1 << 20, |wf| wf.max_payload_bytes()),
+                _ => 1 << 20,
+            };
+            let outcome = this.call(&run_id, &d, &traceparent, limit).await;
             if let Some(outcome) = outcome {
                 this.failpoint.hit("after-dispatch-before-result");
                 let input = Input::AttemptResult {
@@ -508,7 +515,13 @@ impl Coordinator {
 
     /// Sends one attempt. `None` when the attempt's deadline passed first: its timer decides
     /// (the outcome is unknown, not a failure).
-    async fn call(&self, run_id: &str, d: &Dispatch, traceparent: &str) -> Option<AttemptOutcome> {
+    async fn call(
+        &self,
+        run_id: &str,
+        d: &Dispatch,
+        traceparent: &str,
+        max_payload: u64,
+    ) -> Option<AttemptOutcome> {
         let now = now_ms();
         let left = d.deadline_ms.saturating_sub(now);
         if left == 0 {
@@ -553,22 +566,32 @@ impl Coordinator {
             }
         };
         let status = response.status().as_u16();
-        match response.bytes().await {
-            Ok(bytes) if bytes.len() as u64 > (1 << 20) => Some(AttemptOutcome::Response {
-                status: 413,
-                body: serde_json::json!({"meshflowPayloadLimit": 1 << 20, "status": status}),
-            }),
-            Ok(bytes) => {
-                let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                });
-                Some(AttemptOutcome::Response { status, body })
+        let mut response = response;
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    body.extend_from_slice(&chunk);
+                    // Too large to keep in the history: the attempt fails and is not retried.
+                    if body.len() as u64 > max_payload {
+                        return Some(AttemptOutcome::Response {
+                            status: 413,
+                            body: serde_json::json!({"meshflowPayloadLimit": max_payload, "status": status}),
+                        });
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return None,
+                Err(e) => {
+                    return Some(AttemptOutcome::Error {
+                        message: e.to_string(),
+                    })
+                }
             }
-            Err(e) if e.is_timeout() => None,
-            Err(e) => Some(AttemptOutcome::Error {
-                message: e.to_string(),
-            }),
         }
+        let body = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        Some(AttemptOutcome::Response { status, body })
     }
 
     /// After a start or a crash: re-sends every outbox entry.

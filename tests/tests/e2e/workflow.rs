@@ -388,7 +388,7 @@ pub async fn crash_suite(mut t: TestMesh, runs: usize) {
     let seed: u64 = std::env::var("MESHFLOW_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     println!("crash test seed {seed} (MESHFLOW_TEST_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let api = Api::new(&t);
