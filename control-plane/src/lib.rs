@@ -108,6 +108,12 @@ async fn start_coordinator(
     registry: &Registry,
 ) -> Result<SocketAddr, StartError> {
     use workflow::coordinator::{Coordinator, CoordinatorSettings};
+    // The API trusts its sidecar's XFCC on loopback, like any meshed app: never expose it.
+    if !addr.ip().is_loopback() {
+        return Err(StartError::Config(format!(
+            "--workflow-api {addr}: must be a loopback address (reach it through the coordinator's sidecar)"
+        )));
+    }
     let url = config.workflow_store.clone().unwrap_or_else(|| {
         format!(
             "sqlite://{}",

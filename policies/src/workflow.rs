@@ -671,6 +671,20 @@ impl Workflow {
                     ));
                 }
             }
+            for (field, call) in [("call", &step.call), ("compensate", &step.compensate)] {
+                if let Some(call) = call {
+                    if !call.path.starts_with('/') {
+                        return Err(invalid(
+                            at(&format!("{field}.path")),
+                            find_line(text, "path", ""),
+                            format!(
+                                "{:?} must start with '/' (RFC 3986 path-absolute)",
+                                call.path
+                            ),
+                        ));
+                    }
+                }
+            }
             if step.compensate.is_some() && step.call.is_none() {
                 return Err(invalid(
                     at("compensate"),

@@ -50,6 +50,7 @@ impl IntoResponse for CoordinatorError {
             CoordinatorError::NotFound(_) => StatusCode::NOT_FOUND,
             CoordinatorError::Invalid(_) => StatusCode::BAD_REQUEST,
             CoordinatorError::Conflict(_) => StatusCode::CONFLICT,
+            CoordinatorError::Store(super::store::StoreError::Conflict(_)) => StatusCode::CONFLICT,
             CoordinatorError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         error(status, self)

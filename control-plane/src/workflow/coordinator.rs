@@ -30,7 +30,7 @@ pub enum CoordinatorError {
     /// 409.
     #[error("{0}")]
     Conflict(String),
-    /// 500.
+    /// 500 (a store conflict is 409).
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -217,6 +217,7 @@ impl Coordinator {
             .ok_or_else(|| CoordinatorError::NotFound(format!("workflow {workflow}")))?;
         let wf = self.definition(workflow, row.version).await?;
         let now = now_ms();
+        let input_copy = input.clone();
         let started = Event::RunStarted {
             workflow: wf.id(),
             version: row.version,
@@ -262,9 +263,22 @@ impl Coordinator {
                 .with_label_values(&[&wf.id()])
                 .inc();
             self.after_commit(&run_id, &state, &wf);
-        } else if let Some((name, payload)) = signal {
-            self.handle(&run_id, Input::Signal { name, payload })
-                .await?;
+        } else {
+            // Same id, another workflow or input: not the same start (409).
+            if let Some(existing) = self.store.run(&run_id).await? {
+                let same_input = serde_json::from_str::<RunState>(&existing.state)
+                    .map(|s| s.input == input_copy)
+                    .unwrap_or(false);
+                if existing.workflow != wf.id() || !same_input {
+                    return Err(CoordinatorError::Conflict(format!(
+                        "run {run_id} exists with another workflow or input"
+                    )));
+                }
+            }
+            if let Some((name, payload)) = signal {
+                self.handle(&run_id, Input::Signal { name, payload })
+                    .await?;
+            }
         }
         Ok((run_id, created))
     }
@@ -636,8 +650,16 @@ impl Coordinator {
                             continue;
                         };
                         let this = self.clone();
-                        if let Err(e) = this.handle(&t.run_id, Input::TimerFired(timer)).await {
-                            tracing::warn!(run = %t.run_id, "timer: {e}");
+                        if let Err(e) = this
+                            .handle(&t.run_id, Input::TimerFired(timer.clone()))
+                            .await
+                        {
+                            // Push it back so one broken run cannot starve every other timer.
+                            tracing::warn!(run = %t.run_id, "timer failed, retried in 5 s: {e}");
+                            let _ = self
+                                .store
+                                .defer_timer(&t.run_id, &timer.key(), now_ms() + 5_000)
+                                .await;
                         }
                     }
                 }

@@ -462,6 +462,10 @@ pub struct StepState {
     comp_in_flight: Option<InFlight>,
     comp_attempts: u32,
     comp_backoff_until: Option<u64>,
+    /// Main attempts made before the last operator retry (attempt numbers keep increasing;
+    /// `maxAttempts` counts from here).
+    #[serde(default)]
+    retry_base: u32,
 }
 
 impl StepState {
@@ -479,6 +483,7 @@ impl StepState {
             comp_in_flight: None,
             comp_attempts: 0,
             comp_backoff_until: None,
+            retry_base: 0,
         }
     }
 
@@ -536,6 +541,9 @@ pub struct RunState {
     /// Events in the history.
     pub events: u64,
     completions: u64,
+    /// The workflow timeout counts from here (the start, or the last operator retry).
+    #[serde(default)]
+    timeout_from_ms: u64,
 }
 
 /// Whether a response status is a success (2xx).
@@ -580,6 +588,7 @@ impl RunState {
             compensation: None,
             events: 1,
             completions: 0,
+            timeout_from_ms: *at_ms,
         };
         for event in &events[1..] {
             state.apply(event);
@@ -811,17 +820,23 @@ impl RunState {
                     s.comp_in_flight = None;
                 }
             }
-            Event::RetryRequested { .. } => match self.status {
+            Event::RetryRequested { at_ms } => match self.status {
                 RunStatus::Failed => {
                     self.status = RunStatus::Running;
                     self.finished_ms = None;
                     self.error = None;
+                    self.timeout_from_ms = *at_ms;
                     for s in self.steps.values_mut() {
-                        if s.status == StepStatus::Failed {
+                        if !matches!(
+                            s.status,
+                            StepStatus::Completed | StepStatus::Skipped | StepStatus::Compensated
+                        ) {
                             s.status = StepStatus::Pending;
-                            s.attempts.retain(|a| a.compensation);
+                            s.retry_base = s.main_attempts();
                             s.error = None;
-                            s.unknown_outcome = false;
+                            s.until_ms = None;
+                            s.in_flight = None;
+                            s.started_ms = None;
                         }
                     }
                 }
@@ -875,7 +890,7 @@ impl RunState {
             if let Some(timeout) = workflow.spec.timeout {
                 out.push((
                     Timer::RunDeadline,
-                    self.started_ms + timeout.get().as_millis() as u64,
+                    self.timeout_from_ms.max(self.started_ms) + timeout.get().as_millis() as u64,
                 ));
             }
         }
@@ -1069,7 +1084,7 @@ fn on_input(state: &RunState, input: &Input, ctx: &Ctx<'_>) -> Vec<Event> {
     match input {
         Input::Advance => Vec::new(),
         Input::Signal { name, payload } => {
-            if state.status.is_terminal() {
+            if state.status != RunStatus::Running {
                 return Vec::new();
             }
             vec![Event::SignalReceived {
@@ -1179,6 +1194,10 @@ fn on_input(state: &RunState, input: &Input, ctx: &Ctx<'_>) -> Vec<Event> {
                 }
                 return events;
             }
+            if !*compensation && state.status == RunStatus::Compensating {
+                // The run is being undone: no retries; the step is compensated anyway.
+                return events;
+            }
             let mut after = state.clone();
             after.apply(&events[0]);
             events.extend(after_failure(
@@ -1218,9 +1237,14 @@ fn after_failure(
                 .map(|(t, start)| start + t.as_millis() as u64)
         })
         .flatten();
-    let wait = policy.backoff(attempt).as_millis() as u64;
+    let tries = if compensation {
+        attempt
+    } else {
+        attempt - s.retry_base.min(attempt - 1)
+    };
+    let wait = policy.backoff(tries).as_millis() as u64;
     let in_time = total_deadline.is_none_or(|d| now + wait < d);
-    if retryable && attempt < policy.max_attempts && in_time {
+    if retryable && tries < policy.max_attempts && in_time {
         return vec![Event::RetryScheduled {
             step: step.to_string(),
             attempt: attempt + 1,
@@ -1271,30 +1295,22 @@ fn start_compensation(
     state: &RunState,
     then: RunStatus,
     reason: &str,
-    now: u64,
+    _now: u64,
 ) -> Vec<Event> {
-    // Attempts still in flight are abandoned: their outcome is unknown, so they are
-    // compensated too, and a result that still arrives is only recorded.
-    let mut events: Vec<Event> = state
+    // Every step that completed or was attempted at all is compensated (an attempt may have
+    // taken effect whatever its recorded outcome: a reset after sending, a 502 from a proxy, a
+    // response too large to keep). Attempts still in flight are not abandoned: compensation
+    // waits for them (see `advance`), so an undo never races the call it undoes.
+    let mut events: Vec<Event> = Vec::new();
+    let mut candidates: Vec<(u64, String)> = state
         .steps
         .iter()
-        .filter_map(|(name, s)| {
-            s.in_flight.as_ref().map(|f| Event::AttemptTimedOut {
-                step: name.clone(),
-                attempt: f.attempt,
-                compensation: false,
-                at_ms: now,
-            })
+        .filter(|(_, s)| {
+            s.status == StepStatus::Completed
+                || s.unknown_outcome
+                || s.in_flight.is_some()
+                || s.attempts.iter().any(|a| !a.compensation)
         })
-        .collect();
-    let mut after = state.clone();
-    for e in &events {
-        after.apply(e);
-    }
-    let mut candidates: Vec<(u64, String)> = after
-        .steps
-        .iter()
-        .filter(|(_, s)| s.status == StepStatus::Completed || s.unknown_outcome)
         .filter(|(name, _)| wf.step(name).is_some_and(|d| d.compensate.is_some()))
         .map(|(name, s)| (s.completed_seq.unwrap_or(u64::MAX), name.clone()))
         .collect();
@@ -1354,6 +1370,9 @@ fn on_timer(state: &RunState, timer: &Timer, ctx: &Ctx<'_>) -> Vec<Event> {
                 compensation: *compensation,
                 at_ms: now,
             }];
+            if !*compensation && state.status == RunStatus::Compensating {
+                return events;
+            }
             let mut after = state.clone();
             after.apply(&events[0]);
             events.extend(after_failure(
@@ -1471,6 +1490,11 @@ fn start_attempt(
             Value::String(s) => s,
             other => other.to_string(),
         };
+        // A rendered value must not change the target: an absolute path, no spaces or control
+        // characters (the sidecar then normalizes it like any request).
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("rendered path {path:?} is not an absolute path"));
+        }
         let mut headers = BTreeMap::new();
         for (k, v) in &call.headers {
             let value = match render_str(v, &context).map_err(|e| e.to_string())? {
@@ -1553,6 +1577,11 @@ fn advance(state: &RunState, ctx: &Ctx<'_>) -> Vec<Event> {
             let Some(c) = &state.compensation else {
                 return Vec::new();
             };
+            // Calls still in flight resolve first (a result, or their deadline): an undo must
+            // never race the call it undoes.
+            if state.steps.values().any(|s| s.in_flight.is_some()) {
+                return Vec::new();
+            }
             let Some(next) = c.remaining.first() else {
                 return vec![Event::RunFinished {
                     status: c.then,
@@ -1659,7 +1688,8 @@ fn advance(state: &RunState, ctx: &Ctx<'_>) -> Vec<Event> {
                     });
                     let mut after = state.clone();
                     after.apply(&events[events.len() - 1]);
-                    events.extend(start_attempt(&after, &step.name, 1, false, ctx));
+                    let next = after.steps[&step.name].main_attempts() + 1;
+                    events.extend(start_attempt(&after, &step.name, next, false, ctx));
                 } else if let Some(sleep) = &step.sleep {
                     events.push(Event::StepStarted {
                         step: step.name.clone(),

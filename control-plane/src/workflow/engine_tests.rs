@@ -194,10 +194,12 @@ fn a_permanent_failure_compensates_in_reverse_order_once_each() {
     let order: Vec<String> = h.state.compensation.as_ref().unwrap().remaining.clone();
     assert_eq!(
         order,
-        vec!["charge", "reserve"],
-        "ship never completed; reverse completion order"
+        vec!["ship", "charge", "reserve"],
+        "ship was attempted (it may have taken effect) so it is undone first; then reverse completion order"
     );
-    // One at a time: only charge's compensation is in flight.
+    // One at a time: only ship's compensation is in flight.
+    assert_eq!(h.state.dispatches().len(), 1);
+    h.respond("ship", true, 200, json!({"nothingToUndo": true}));
     assert_eq!(h.state.dispatches().len(), 1);
     h.respond("charge", true, 200, json!({}));
     let d = h.state.dispatches();
@@ -218,7 +220,7 @@ fn a_permanent_failure_compensates_in_reverse_order_once_each() {
             )
         })
         .count();
-    assert_eq!(compensations, 2);
+    assert_eq!(compensations, 3, "once each");
 }
 
 #[test]
@@ -240,11 +242,19 @@ fn wait_timeout_cancel_terminate_and_retry() {
     let mut h = Harness::new(ORDER);
     h.respond("reserve", false, 201, json!({"id": 7}));
     h.input(Input::Cancel);
-    // charge was in flight: abandoned, and compensated too.
+    // charge is in flight: it is compensated too, but only after its call resolves (an undo
+    // never races the call it undoes).
     assert_eq!(
         h.state.compensation.as_ref().unwrap().remaining,
         vec!["charge", "reserve"]
     );
+    let in_flight = h.state.dispatches();
+    assert_eq!(
+        (in_flight.len(), in_flight[0].compensation),
+        (1, false),
+        "{in_flight:?}"
+    );
+    h.respond("charge", false, 201, json!({"id": 3}));
     h.respond("charge", true, 200, json!({}));
     h.respond("reserve", true, 200, json!({}));
     assert_eq!(h.state.status, RunStatus::Cancelled);
@@ -260,6 +270,8 @@ fn wait_timeout_cancel_terminate_and_retry() {
     let mut h = Harness::new(ORDER);
     h.respond("reserve", false, 201, json!({"id": 7}));
     h.respond("charge", false, 402, json!("declined"));
+    // charge was attempted: its compensation runs first and finds nothing to undo.
+    h.respond("charge", true, 200, json!({}));
     h.respond("reserve", true, 500, json!("down"));
     h.now += 1_000;
     h.fire_due();
@@ -291,4 +303,48 @@ fn history_limit_ends_the_run_explicitly() {
         "{:?}",
         h.history
     );
+}
+
+#[test]
+fn retry_after_a_failure_resets_unfinished_steps_and_keeps_attempt_numbers() {
+    let yaml = r#"apiVersion: meshflow.io/v1alpha1
+kind: Workflow
+metadata: { name: pair }
+spec:
+  timeout: 10s
+  steps:
+  - name: a
+    call: { service: s, path: /a }
+    retry: { maxAttempts: 1 }
+  - name: b
+    call: { service: s, path: /b }
+    retry: { maxAttempts: 2, initialInterval: 10ms }
+"#;
+    let mut h = Harness::new(yaml);
+    assert_eq!(h.state.dispatches().len(), 2, "a and b run in parallel");
+    h.respond("a", false, 400, json!("bad"));
+    // b was in flight: the run waits for it before ending (nothing to compensate).
+    assert_eq!(h.state.status, RunStatus::Compensating);
+    h.respond("b", false, 500, json!("boom"));
+    assert_eq!(h.state.status, RunStatus::Failed);
+    // Retry: both unfinished steps run again, with new attempt numbers, and the timeout
+    // counts from the retry.
+    h.now += 20_000;
+    h.input(Input::Retry);
+    let mut d = h.state.dispatches();
+    d.sort_by(|x, y| x.step.cmp(&y.step));
+    assert_eq!(
+        d.iter()
+            .map(|x| (x.step.as_str(), x.attempt))
+            .collect::<Vec<_>>(),
+        vec![("a", 2), ("b", 2)]
+    );
+    assert!(h
+        .state
+        .timers(&h.wf)
+        .iter()
+        .any(|(t, at)| *t == Timer::RunDeadline && *at == h.now + 10_000));
+    h.respond("a", false, 200, json!({}));
+    h.respond("b", false, 200, json!({}));
+    assert_eq!(h.state.status, RunStatus::Completed);
 }

@@ -154,6 +154,8 @@ pub trait WorkflowStore: Send + Sync {
     async fn purge_finished(&self, before_ms: u64) -> StoreResult<u64>;
     /// (runs not finished, timers pending), for gauges.
     async fn counts(&self) -> StoreResult<(u64, u64)>;
+    /// Moves one timer to `due_ms` (a timer whose handling failed is retried later).
+    async fn defer_timer(&self, run_id: &str, key: &str, due_ms: u64) -> StoreResult<()>;
 }
 
 const TERMINAL: &str = "('Completed','Failed','Compensated','CompensationFailed','Cancelled','Terminated','TimedOut','HistoryLimitExceeded')";
@@ -452,6 +454,16 @@ impl WorkflowStore for SqlStore {
                 })
             })
             .collect()
+    }
+
+    async fn defer_timer(&self, run_id: &str, key: &str, due_ms: u64) -> StoreResult<()> {
+        sqlx::query("UPDATE wf_timers SET due_ms = $1 WHERE run_id = $2 AND key = $3")
+            .bind(due_ms as i64)
+            .bind(run_id)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn counts(&self) -> StoreResult<(u64, u64)> {

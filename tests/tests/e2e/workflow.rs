@@ -206,6 +206,16 @@ async fn the_order_saga_completes_and_compensates_in_reverse_order() {
         )
         .await;
     assert_eq!((status, again["created"].clone()), (200, json!(false)));
+    // The same id with another input is not the same start.
+    let mut other = input.clone();
+    other["qty"] = json!(3);
+    let (status, _) = api
+        .post(
+            "/v1/runs",
+            json!({"workflow": "default/place-order", "runId": "order-ok", "input": other}),
+        )
+        .await;
+    assert_eq!(status, 409);
     let done = api.wait_terminal("order-ok", Duration::from_secs(20)).await;
     assert_eq!(done["status"], "Completed", "{done}");
     assert_eq!(done["state"]["output"]["charge"], "order-ok/charge");
