@@ -78,6 +78,15 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "MESHFLOW_WORKFLOW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub workflow_retention: Duration,
+    /// Coordinator id for run leases (default: kept in `<state-dir>/workflow-node`, random on
+    /// first start). Coordinators sharing a PostgreSQL store need different ids.
+    #[arg(long, env = "MESHFLOW_WORKFLOW_NODE")]
+    pub workflow_node: Option<String>,
+    /// Run lease: a coordinator that has not renewed for this long loses its runs to another
+    /// (renewed every third of it).
+    #[arg(long, env = "MESHFLOW_WORKFLOW_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub workflow_lease: Duration,
 }
 
 /// Errors that stop the control plane at start.
@@ -124,11 +133,27 @@ async fn start_coordinator(
         .await
         .map_err(|e| StartError::Config(format!("workflow store {url}: {e}")))?;
     let metrics = workflow::metrics::WorkflowMetrics::new(registry).map_err(other)?;
+    let node = match &config.workflow_node {
+        Some(node) => node.clone(),
+        None => {
+            let path = config.state_dir.join("workflow-node");
+            match std::fs::read_to_string(&path) {
+                Ok(n) if !n.trim().is_empty() => n.trim().to_string(),
+                _ => {
+                    let n = format!("coordinator-{}", &workflow::coordinator::new_run_id()[..12]);
+                    std::fs::write(&path, &n).map_err(other)?;
+                    n
+                }
+            }
+        }
+    };
     let coordinator = Coordinator::new(
         Arc::new(store),
         CoordinatorSettings {
             outbound: config.workflow_outbound.clone(),
             retention: config.workflow_retention,
+            node: node.clone(),
+            lease: config.workflow_lease,
         },
         metrics,
     );
@@ -153,6 +178,7 @@ async fn start_coordinator(
         );
     }
     tokio::spawn(coordinator.clone().run_timers());
+    tokio::spawn(coordinator.clone().run_leases());
     tokio::spawn(coordinator.clone().run_retention());
     let app = workflow::api::router(workflow::api::ApiState {
         coordinator,

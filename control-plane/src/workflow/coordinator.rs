@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use super::engine::{self, AttemptOutcome, Dispatch, Event, Input, RunState, RunStatus, Timer};
 use super::metrics::WorkflowMetrics;
-use super::store::{Commit, NewRun, StoreError, WorkflowStore};
+use super::store::{Commit, NewRun, Owner, StoreError, WorkflowStore};
 
 /// Errors the API maps to HTTP statuses.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,10 @@ pub struct CoordinatorSettings {
     pub outbound: Option<String>,
     /// Finished runs are deleted after this long.
     pub retention: Duration,
+    /// This coordinator's id (stable across its restarts).
+    pub node: String,
+    /// How long a coordinator owns a run without renewing (renewed every third of it).
+    pub lease: Duration,
 }
 
 /// The coordinator.
@@ -97,6 +101,8 @@ pub struct Coordinator {
     metrics: WorkflowMetrics,
     failpoint: Failpoint,
     settings: CoordinatorSettings,
+    /// Runs this coordinator holds, with their fencing tokens.
+    owned: Mutex<HashMap<String, u64>>,
 }
 
 /// A run as the API shows it.
@@ -142,6 +148,7 @@ impl Coordinator {
             metrics,
             failpoint: Failpoint::from_env(),
             settings,
+            owned: Mutex::default(),
         })
     }
 
@@ -247,7 +254,12 @@ impl Coordinator {
             state.apply(&e);
             events.push(e);
         }
-        let commit = self.commit_of(&run_id, 0, &events, &state, &wf, now);
+        let mut commit = self.commit_of(&run_id, 0, &events, &state, &wf, now);
+        commit.owner = Some(Owner {
+            node: self.settings.node.clone(),
+            fence: 1,
+            lease_until_ms: self.lease_until(),
+        });
         let created = self
             .store
             .create_run(&NewRun {
@@ -258,6 +270,10 @@ impl Coordinator {
             })
             .await?;
         if created {
+            self.owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(run_id.clone(), 1);
             self.metrics
                 .runs_started
                 .with_label_values(&[&wf.id()])
@@ -331,6 +347,80 @@ impl Coordinator {
         &self.store
     }
 
+    fn lease_until(&self) -> u64 {
+        now_ms() + self.settings.lease.as_millis() as u64
+    }
+
+    /// This coordinator's claim on `run_id`: the fencing token it holds, else a fresh claim
+    /// (granted only when the run is unowned or its lease expired).
+    async fn owner_of(&self, run_id: &str) -> Result<Owner, CoordinatorError> {
+        let held = self
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(run_id)
+            .copied();
+        let fence = match held {
+            Some(f) => f,
+            None => {
+                // Renews everything this node may hold, including `run_id` if it is free.
+                self.renew().await?;
+                self.owned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(run_id)
+                    .copied()
+                    .ok_or_else(|| {
+                        CoordinatorError::Conflict(format!(
+                            "run {run_id} is owned by another coordinator"
+                        ))
+                    })?
+            }
+        };
+        Ok(Owner {
+            node: self.settings.node.clone(),
+            fence,
+            lease_until_ms: self.lease_until(),
+        })
+    }
+
+    /// Takes or renews this node's leases; returns the runs newly taken over from another
+    /// coordinator.
+    async fn renew(&self) -> Result<Vec<String>, CoordinatorError> {
+        let held = self
+            .store
+            .acquire(&self.settings.node, now_ms(), self.lease_until(), 100_000)
+            .await?;
+        let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+        let new: Vec<String> = held
+            .iter()
+            .filter(|(id, fence)| owned.get(id).is_none_or(|f| f != fence))
+            .map(|(id, _)| id.clone())
+            .collect();
+        *owned = held.into_iter().collect();
+        Ok(new)
+    }
+
+    /// Renews leases every third of the lease until the process ends. Runs taken over from
+    /// a coordinator that stopped renewing are not re-sent: their attempts in flight may still
+    /// be running, so their deadlines (now this node's timers) decide, and retries follow.
+    pub async fn run_leases(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.settings.lease / 3).await;
+            match self.renew().await {
+                Ok(new) if !new.is_empty() => {
+                    tracing::info!(
+                        runs = new.len(),
+                        "workflow: took over runs whose lease expired"
+                    );
+                    self.timers_changed.notify_one();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("workflow leases: {e}"),
+            }
+        }
+    }
+
     fn lock_for(&self, run_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()
@@ -350,6 +440,7 @@ impl Coordinator {
         now: u64,
     ) -> Commit {
         Commit {
+            owner: None,
             run_id: run_id.to_string(),
             expected_seq,
             events: events
@@ -408,8 +499,19 @@ impl Coordinator {
                 "run history is at 80 % of its limit"
             );
         }
-        let commit = self.commit_of(run_id, row.seq, &events, &state, &wf, now);
-        self.store.commit(&commit).await?;
+        let mut commit = self.commit_of(run_id, row.seq, &events, &state, &wf, now);
+        commit.owner = Some(self.owner_of(run_id).await?);
+        if let Err(e) = self.store.commit(&commit).await {
+            if matches!(e, StoreError::Fenced(_)) {
+                self.metrics.fenced_writes.inc();
+                self.owned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(run_id);
+                tracing::warn!(run = run_id, node = %self.settings.node, "write rejected: another coordinator owns the run now");
+            }
+            return Err(e.into());
+        }
         if !was_terminal && state.status.is_terminal() {
             self.metrics
                 .runs_finished
@@ -558,6 +660,7 @@ impl Coordinator {
             .header("idempotency-key", key)
             .header("traceparent", child_traceparent(traceparent))
             .header("meshflow-run-id", run_id)
+            .header("meshflow-coordinator", &self.settings.node)
             .header("meshflow-step", &d.step)
             .header("meshflow-attempt", d.attempt.to_string())
             .header("meshflow-timeout-ms", left.to_string());
@@ -613,9 +716,24 @@ impl Coordinator {
     /// # Errors
     /// Store errors.
     pub async fn recover(self: &Arc<Self>) -> Result<usize, CoordinatorError> {
-        let entries = self.store.outbox(100_000).await?;
+        // Runs this node held before it stopped: re-send their calls. Runs taken over from
+        // others are left to their deadlines (see `run_leases`).
+        let mine: HashSet<String> = self
+            .store
+            .owned_by(&self.settings.node)
+            .await?
+            .into_iter()
+            .collect();
+        self.renew().await?;
+        let entries = self
+            .store
+            .outbox(100_000, Some(&self.settings.node))
+            .await?;
         let mut n = 0;
         for entry in entries {
+            if !mine.contains(&entry.run_id) {
+                continue;
+            }
             let Ok(d) = serde_json::from_str::<Dispatch>(&entry.dispatch) else {
                 continue;
             };
@@ -643,7 +761,11 @@ impl Coordinator {
                     self.metrics.timers_pending.set(timers as i64);
                 }
             }
-            match self.store.due_timers(now, 500).await {
+            match self
+                .store
+                .due_timers(now, 500, Some(&self.settings.node))
+                .await
+            {
                 Ok(due) => {
                     for t in due {
                         let Ok(timer) = serde_json::from_str::<Timer>(&t.timer) else {
@@ -665,7 +787,12 @@ impl Coordinator {
                 }
                 Err(e) => tracing::warn!("timers: {e}"),
             }
-            let next = self.store.next_timer().await.ok().flatten();
+            let next = self
+                .store
+                .next_timer(Some(&self.settings.node))
+                .await
+                .ok()
+                .flatten();
             let wait = next.map_or(Duration::from_secs(1), |due| {
                 Duration::from_millis(due.saturating_sub(now_ms()).clamp(5, 1000))
             });

@@ -22,6 +22,9 @@ pub struct WorkflowMetrics {
     pub timers_pending: IntGauge,
     /// `meshflow_workflow_dispatch_lag_seconds`: from an attempt's commit to its send.
     pub dispatch_lag: Histogram,
+    /// `meshflow_workflow_fenced_writes_total`: commits rejected because another coordinator
+    /// took the run over.
+    pub fenced_writes: prometheus::IntCounter,
 }
 
 impl WorkflowMetrics {
@@ -78,7 +81,12 @@ impl WorkflowMetrics {
                 )
                 .buckets(buckets),
             )?,
+            fenced_writes: prometheus::IntCounter::new(
+                "meshflow_workflow_fenced_writes_total",
+                "Workflow commits rejected because another coordinator took the run over.",
+            )?,
         };
+        registry.register(Box::new(m.fenced_writes.clone()))?;
         registry.register(Box::new(m.runs_started.clone()))?;
         registry.register(Box::new(m.runs_finished.clone()))?;
         registry.register(Box::new(m.step_attempts.clone()))?;

@@ -17,6 +17,10 @@ pub enum StoreError {
     /// The run changed since it was read (another writer, or a stale coordinator).
     #[error("run {0} changed concurrently; reload and retry")]
     Conflict(String),
+    /// Another coordinator owns the run now (its fencing token is newer): this write is
+    /// rejected, whatever this coordinator believed.
+    #[error("run {0} is owned by another coordinator (fenced)")]
+    Fenced(String),
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
@@ -59,9 +63,23 @@ pub struct DefinitionRow {
     pub created_ms: u64,
 }
 
+/// Who may write a run: a coordinator (`node`) holding the run's lease with fencing token
+/// `fence` (incremented each time the run changes owner).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Coordinator id.
+    pub node: String,
+    /// Fencing token.
+    pub fence: u64,
+    /// The lease runs until, Unix ms (written on create and renewed by `acquire`).
+    pub lease_until_ms: u64,
+}
+
 /// One transaction's worth of a run's changes.
 #[derive(Debug, Clone, Default)]
 pub struct Commit {
+    /// The writer's ownership (`None`: unfenced, for single-coordinator tools and tests).
+    pub owner: Option<Owner>,
     /// Run id.
     pub run_id: String,
     /// The event count the writer read (the commit fails if it changed).
@@ -144,16 +162,36 @@ pub trait WorkflowStore: Send + Sync {
         status: Option<&str>,
         limit: u32,
     ) -> StoreResult<Vec<RunRow>>;
-    /// Timers due at `now_ms`, earliest first, at most `limit`.
-    async fn due_timers(&self, now_ms: u64, limit: u32) -> StoreResult<Vec<DueTimer>>;
+    /// Timers due at `now_ms`, earliest first, at most `limit`; with `node`, only of runs it
+    /// owns.
+    async fn due_timers(
+        &self,
+        now_ms: u64,
+        limit: u32,
+        node: Option<&str>,
+    ) -> StoreResult<Vec<DueTimer>>;
     /// The earliest timer, Unix ms.
-    async fn next_timer(&self) -> StoreResult<Option<u64>>;
-    /// Every outbox entry (calls to send), at most `limit`.
-    async fn outbox(&self, limit: u32) -> StoreResult<Vec<OutboxEntry>>;
+    async fn next_timer(&self, node: Option<&str>) -> StoreResult<Option<u64>>;
+    /// Outbox entries (calls to send), at most `limit`; with `node`, only of runs it owns.
+    async fn outbox(&self, limit: u32, node: Option<&str>) -> StoreResult<Vec<OutboxEntry>>;
     /// Deletes runs finished before `before_ms` (retention). Returns how many.
     async fn purge_finished(&self, before_ms: u64) -> StoreResult<u64>;
     /// (runs not finished, timers pending), for gauges.
     async fn counts(&self) -> StoreResult<(u64, u64)>;
+    /// Takes or renews leases: every unfinished run owned by `node`, unowned, or whose lease
+    /// expired before `now_ms` (at most `limit`, skipping rows another coordinator is
+    /// claiming: `FOR UPDATE SKIP LOCKED` on PostgreSQL) now belongs to `node` until
+    /// `lease_until_ms`; a run changing owner gets the next fencing token. Returns
+    /// (run id, fence) of every run `node` now holds.
+    async fn acquire(
+        &self,
+        node: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, u64)>>;
+    /// Runs `node` owns (whatever their leases), e.g. after its own restart.
+    async fn owned_by(&self, node: &str) -> StoreResult<Vec<String>>;
     /// Moves one timer to `due_ms` (a timer whose handling failed is retried later).
     async fn defer_timer(&self, run_id: &str, key: &str, due_ms: u64) -> StoreResult<()>;
 }
@@ -163,6 +201,7 @@ const TERMINAL: &str = "('Completed','Failed','Compensated','CompensationFailed'
 /// [`WorkflowStore`] on sqlx `Any`: `sqlite://path` or `postgres://…`.
 pub struct SqlStore {
     pool: AnyPool,
+    postgres: bool,
 }
 
 impl SqlStore {
@@ -200,7 +239,10 @@ impl SqlStore {
             })
             .connect(&url)
             .await?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            postgres: !sqlite,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -208,7 +250,7 @@ impl SqlStore {
     async fn migrate(&self) -> StoreResult<()> {
         for statement in [
             "CREATE TABLE IF NOT EXISTS wf_definitions (workflow TEXT NOT NULL, version BIGINT NOT NULL, spec TEXT NOT NULL, created_ms BIGINT NOT NULL, PRIMARY KEY (workflow, version))",
-            "CREATE TABLE IF NOT EXISTS wf_runs (run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, version BIGINT NOT NULL, status TEXT NOT NULL, state TEXT NOT NULL, seq BIGINT NOT NULL, created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS wf_runs (run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, version BIGINT NOT NULL, status TEXT NOT NULL, state TEXT NOT NULL, seq BIGINT NOT NULL, created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL, owner TEXT NOT NULL DEFAULT '', lease_until BIGINT NOT NULL DEFAULT 0, fence BIGINT NOT NULL DEFAULT 0)",
             "CREATE INDEX IF NOT EXISTS wf_runs_by_workflow ON wf_runs (workflow, status)",
             "CREATE TABLE IF NOT EXISTS wf_events (run_id TEXT NOT NULL, seq BIGINT NOT NULL, event TEXT NOT NULL, PRIMARY KEY (run_id, seq))",
             "CREATE TABLE IF NOT EXISTS wf_outbox (run_id TEXT NOT NULL, key TEXT NOT NULL, dispatch TEXT NOT NULL, PRIMARY KEY (run_id, key))",
@@ -342,7 +384,11 @@ impl WorkflowStore for SqlStore {
 
     async fn create_run(&self, run: &NewRun) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query("INSERT INTO wf_runs (run_id, workflow, version, status, state, seq, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (run_id) DO NOTHING")
+        let (owner, lease, fence) = match &run.commit.owner {
+            Some(o) => (o.node.clone(), o.lease_until_ms as i64, o.fence as i64),
+            None => (String::new(), 0, 0),
+        };
+        let inserted = sqlx::query("INSERT INTO wf_runs (run_id, workflow, version, status, state, seq, created_ms, updated_ms, owner, lease_until, fence) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10) ON CONFLICT (run_id) DO NOTHING")
             .bind(&run.run_id)
             .bind(&run.workflow)
             .bind(run.version as i64)
@@ -350,6 +396,9 @@ impl WorkflowStore for SqlStore {
             .bind(&run.commit.state)
             .bind(run.commit.events.len() as i64)
             .bind(run.commit.now_ms as i64)
+            .bind(owner)
+            .bind(lease)
+            .bind(fence)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -363,22 +412,89 @@ impl WorkflowStore for SqlStore {
 
     async fn commit(&self, commit: &Commit) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query("UPDATE wf_runs SET seq = $1, state = $2, status = $3, updated_ms = $4 WHERE run_id = $5 AND seq = $6")
+        let (node, fence) = match &commit.owner {
+            Some(o) => (o.node.clone(), o.fence as i64),
+            None => (String::new(), -1),
+        };
+        // With an owner, the write also needs the run's current owner and fencing token: a
+        // coordinator that lost its lease can never commit.
+        let updated = sqlx::query("UPDATE wf_runs SET seq = $1, state = $2, status = $3, updated_ms = $4 WHERE run_id = $5 AND seq = $6 AND ($7 = -1 OR (owner = $8 AND fence = $7))")
             .bind((commit.expected_seq + commit.events.len() as u64) as i64)
             .bind(&commit.state)
             .bind(&commit.status)
             .bind(commit.now_ms as i64)
             .bind(&commit.run_id)
             .bind(commit.expected_seq as i64)
+            .bind(fence)
+            .bind(&node)
             .execute(&mut *tx)
             .await?
             .rows_affected();
         if updated != 1 {
+            drop(tx);
+            if fence >= 0 {
+                let row = sqlx::query("SELECT owner, fence FROM wf_runs WHERE run_id = $1")
+                    .bind(&commit.run_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                if let Some(row) = row {
+                    let (o, f): (String, i64) = (row.try_get("owner")?, row.try_get("fence")?);
+                    if o != node || f != fence {
+                        return Err(StoreError::Fenced(commit.run_id.clone()));
+                    }
+                }
+            }
             return Err(StoreError::Conflict(commit.run_id.clone()));
         }
         write_changes(&mut tx, commit).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn acquire(
+        &self,
+        node: &str,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, u64)>> {
+        let lock = if self.postgres {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE wf_runs SET fence = CASE WHEN owner = $1 THEN fence ELSE fence + 1 END, owner = $1, lease_until = $2 \
+             WHERE run_id IN (SELECT run_id FROM wf_runs WHERE status NOT IN {TERMINAL} AND (owner = $1 OR owner = '' OR lease_until < $3) ORDER BY run_id LIMIT $4{lock}) \
+             RETURNING run_id, fence"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(node)
+            .bind(lease_until_ms as i64)
+            .bind(now_ms as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>("run_id")?,
+                    r.try_get::<i64, _>("fence")? as u64,
+                ))
+            })
+            .collect()
+    }
+
+    async fn owned_by(&self, node: &str) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(&format!(
+            "SELECT run_id FROM wf_runs WHERE owner = $1 AND status NOT IN {TERMINAL}"
+        ))
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("run_id").map_err(StoreError::from))
+            .collect()
     }
 
     async fn run(&self, run_id: &str) -> StoreResult<Option<RunRow>> {
@@ -414,10 +530,16 @@ impl WorkflowStore for SqlStore {
         rows.iter().map(run_row).collect()
     }
 
-    async fn due_timers(&self, now_ms: u64, limit: u32) -> StoreResult<Vec<DueTimer>> {
-        let rows = sqlx::query("SELECT run_id, timer, due_ms FROM wf_timers WHERE due_ms <= $1 ORDER BY due_ms LIMIT $2")
+    async fn due_timers(
+        &self,
+        now_ms: u64,
+        limit: u32,
+        node: Option<&str>,
+    ) -> StoreResult<Vec<DueTimer>> {
+        let rows = sqlx::query("SELECT run_id, timer, due_ms FROM wf_timers WHERE due_ms <= $1 AND ($3 = '' OR run_id IN (SELECT run_id FROM wf_runs WHERE owner = $3)) ORDER BY due_ms LIMIT $2")
             .bind(now_ms as i64)
             .bind(i64::from(limit))
+            .bind(node.unwrap_or(""))
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -431,18 +553,20 @@ impl WorkflowStore for SqlStore {
             .collect()
     }
 
-    async fn next_timer(&self) -> StoreResult<Option<u64>> {
-        let row = sqlx::query("SELECT MIN(due_ms) AS due FROM wf_timers")
+    async fn next_timer(&self, node: Option<&str>) -> StoreResult<Option<u64>> {
+        let row = sqlx::query("SELECT MIN(due_ms) AS due FROM wf_timers WHERE ($1 = '' OR run_id IN (SELECT run_id FROM wf_runs WHERE owner = $1))")
+            .bind(node.unwrap_or(""))
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get::<Option<i64>, _>("due")?.map(|d| d as u64))
     }
 
-    async fn outbox(&self, limit: u32) -> StoreResult<Vec<OutboxEntry>> {
+    async fn outbox(&self, limit: u32, node: Option<&str>) -> StoreResult<Vec<OutboxEntry>> {
         let rows = sqlx::query(
-            "SELECT run_id, key, dispatch FROM wf_outbox ORDER BY run_id, key LIMIT $1",
+            "SELECT run_id, key, dispatch FROM wf_outbox WHERE ($2 = '' OR run_id IN (SELECT run_id FROM wf_runs WHERE owner = $2)) ORDER BY run_id, key LIMIT $1",
         )
         .bind(i64::from(limit))
+        .bind(node.unwrap_or(""))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -111,6 +111,7 @@ async fn idempotent(
     };
     b.attempts.push(json!({
         "key": key, "attempt": header(&headers, "meshflow-attempt"), "xfcc": header(&headers, "x-forwarded-client-cert"),
+        "coordinator": header(&headers, "meshflow-coordinator"),
         "startMs": started, "endMs": now_ms(), "status": status,
     }));
     (

@@ -8,6 +8,7 @@ use crate::common::Postgres;
 
 fn commit(run: &str, expected_seq: u64, events: &[&str], status: &str, now: u64) -> Commit {
     Commit {
+        owner: None,
         run_id: run.into(),
         expected_seq,
         events: events.iter().map(|e| e.to_string()).collect(),
@@ -74,10 +75,13 @@ async fn conformance(store: &dyn WorkflowStore) {
         (row.seq, row.version, row.status.as_str()),
         (2, 2, "Running")
     );
-    assert_eq!(store.outbox(10).await.unwrap().len(), 1);
-    assert_eq!(store.next_timer().await.unwrap(), Some(500));
-    assert!(store.due_timers(499, 10).await.unwrap().is_empty());
-    assert_eq!(store.due_timers(500, 10).await.unwrap()[0].timer, "t1");
+    assert_eq!(store.outbox(10, None).await.unwrap().len(), 1);
+    assert_eq!(store.next_timer(None).await.unwrap(), Some(500));
+    assert!(store.due_timers(499, 10, None).await.unwrap().is_empty());
+    assert_eq!(
+        store.due_timers(500, 10, None).await.unwrap()[0].timer,
+        "t1"
+    );
 
     // A commit replaces outbox and timers and appends after the expected seq.
     let mut next = commit("r1", 2, &["e3"], "Running", 20);
@@ -86,9 +90,9 @@ async fn conformance(store: &dyn WorkflowStore) {
         ("run".into(), "t3".into(), 700),
     ];
     store.commit(&next).await.unwrap();
-    assert!(store.outbox(10).await.unwrap().is_empty());
+    assert!(store.outbox(10, None).await.unwrap().is_empty());
     let due: Vec<String> = store
-        .due_timers(1000, 10)
+        .due_timers(1000, 10, None)
         .await
         .unwrap()
         .into_iter()
