@@ -712,3 +712,150 @@ async fn validation_diamonds_signals_timeouts_and_operator_commands() {
     let (ok, text) = meshflow_workflow(&t, &api, &["get", "nope"]);
     assert!(!ok && text.contains("404"), "{text}");
 }
+
+/// Acceptance 3: two coordinators share 200 runs on one PostgreSQL; A is stopped (SIGSTOP)
+/// longer than its lease, B takes its runs over, A resumes: A's writes are rejected and
+/// counted, no step completion is recorded twice, and no step had attempts from both
+/// coordinators in flight at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn timing_fencing_two_coordinators_share_runs_on_postgres() {
+    use nix::sys::signal::Signal;
+    let pg = Postgres::start();
+    let url = pg.url.clone();
+    let store = url.clone();
+    let mut t = start_dir(SHOP_MESH, SHOP_POLICIES, move |o| {
+        o.control_plane_args = [
+            "--workflow-store",
+            &store,
+            "--workflow-lease",
+            "2s",
+            "--workflow-node",
+            "A",
+        ]
+        .map(String::from)
+        .to_vec();
+    });
+    // Coordinator B: a second control-plane process on the same store, sending through the
+    // same coordinator sidecar.
+    let b_state = t.dir.path().join("coordinator-b");
+    std::fs::create_dir_all(&b_state).unwrap();
+    let ready = b_state.join("ready.json");
+    let outbound = t
+        .mesh
+        .workload("meshflow-system/coordinator")
+        .outbound
+        .clone();
+    let spec = meshflow_cli::supervisor::ChildSpec::new(
+        "coordinator-b",
+        meshflow_cli::supervisor::find_program("meshflow-control-plane"),
+    )
+    .args([
+        "--mesh".to_string(),
+        t.mesh_path().display().to_string(),
+        "--state-dir".into(),
+        b_state.display().to_string(),
+        "--ready-file".into(),
+        ready.display().to_string(),
+        "--workflow-api".into(),
+        "127.0.0.1:0".into(),
+        "--workflow-outbound".into(),
+        outbound,
+        "--workflow-store".into(),
+        url.clone(),
+        "--workflow-lease".into(),
+        "2s".into(),
+        "--workflow-node".into(),
+        "B".into(),
+    ]);
+    t.mesh.supervisor.spawn(spec).unwrap();
+    let b_ready = t
+        .mesh
+        .supervisor
+        .wait_ready("coordinator-b", &ready, Duration::from_secs(30))
+        .unwrap();
+    let api_a = Api::new(&t);
+    let api_b = Api {
+        base: format!("http://{}", b_ready.address("workflow-api").unwrap()),
+        token: std::fs::read_to_string(b_state.join("workflow-api-token"))
+            .unwrap()
+            .trim()
+            .to_string(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap(),
+    };
+    // The charge takes 300 ms, so A has calls in flight when it stops.
+    let slow = DURABLE_ORDER
+        .replace("name: durable-order", "name: fenced-order")
+        .replace(
+            "amount: \"${input.amount}\" }",
+            "amount: \"${input.amount}\", delayMs: 300 }",
+        );
+    api_a.register(&slow).await;
+    let ids: Vec<String> = (0..200).map(|i| format!("fence-{i}")).collect();
+    for id in &ids {
+        let (status, v) = api_a
+            .post(
+                "/v1/runs",
+                json!({"workflow": "default/fenced-order", "runId": id,
+                "input": {"sku": "F", "customer": "c", "amount": 3, "address": "somewhere"},
+                "signal": {"name": "approval", "payload": {}}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    t.mesh.supervisor.signal("control-plane", Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    t.mesh.supervisor.signal("control-plane", Signal::SIGCONT);
+    for id in &ids {
+        let run = api_b.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "Completed", "{id}: {run}");
+        let (_, history) = api_b.get(&format!("/v1/runs/{id}/history")).await;
+        let mut completed = std::collections::BTreeMap::new();
+        for e in history.as_array().unwrap() {
+            if e["type"] == "StepCompleted" {
+                *completed
+                    .entry(e["step"].as_str().unwrap().to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+        assert!(completed.values().all(|n| *n == 1), "{id}: {completed:?}");
+    }
+    // B did take runs over, and A's late writes were rejected and counted.
+    let a_metrics = metrics(&t.mesh.control_plane_admin).await;
+    let fenced = metric(&a_metrics, "meshflow_workflow_fenced_writes_total", &[]);
+    assert!(
+        fenced >= 1.0,
+        "A's writes after the takeover are fenced: {fenced}"
+    );
+    let payment = records(&t.mesh.workload("payment").app).await;
+    for (key, n) in payment["applied"].as_object().unwrap() {
+        assert_eq!(n, &json!(1), "{key} applied {n} times");
+    }
+    let attempts = payment["attempts"].as_array().unwrap();
+    assert!(
+        attempts.iter().any(|a| a["coordinator"] == "B"),
+        "B sent calls after the takeover"
+    );
+    // No key had attempts from A and from B in flight at the same time.
+    let mut by_key: std::collections::BTreeMap<&str, Vec<(&str, u64, u64)>> = Default::default();
+    for a in attempts {
+        by_key.entry(a["key"].as_str().unwrap()).or_default().push((
+            a["coordinator"].as_str().unwrap(),
+            a["startMs"].as_u64().unwrap(),
+            a["endMs"].as_u64().unwrap(),
+        ));
+    }
+    for (key, list) in by_key {
+        for x in &list {
+            for y in &list {
+                if x.0 != y.0 {
+                    assert!(x.2 <= y.1 || y.2 <= x.1, "{key}: {x:?} and {y:?} overlap");
+                }
+            }
+        }
+    }
+    drop(pg);
+}
