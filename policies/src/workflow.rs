@@ -59,6 +59,10 @@ pub struct WorkflowSpec {
     /// Largest step output kept, bytes (default 1 MiB); a larger response fails the attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_payload_bytes: Option<u64>,
+    /// JSON Schema (draft 2020-12 and earlier, via the `jsonschema` crate) every run input
+    /// must satisfy; a start with another input is refused (400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_schema: Option<serde_json::Value>,
 }
 
 /// One step: exactly one of `call`, `sleep`, `waitForSignal`.
@@ -530,6 +534,33 @@ impl Workflow {
         self.spec.max_payload_bytes.unwrap_or(1 << 20)
     }
 
+    /// Checks a run input against `spec.inputSchema` (none: any input).
+    ///
+    /// # Errors
+    /// Up to three schema violations, each with the input path.
+    pub fn check_input(&self, input: &serde_json::Value) -> std::result::Result<(), String> {
+        let Some(schema) = &self.spec.input_schema else {
+            return Ok(());
+        };
+        let validator = jsonschema::validator_for(schema).map_err(|e| e.to_string())?;
+        let errors: Vec<String> = validator
+            .iter_errors(input)
+            .take(3)
+            .map(|e| {
+                let path = e.instance_path.to_string();
+                format!(
+                    "input{}: {e}",
+                    if path.is_empty() { String::new() } else { path }
+                )
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
     /// Every step upstream of `name` (transitively through `dependsOn`).
     pub fn upstream(&self, name: &str) -> BTreeSet<String> {
         let mut seen = BTreeSet::new();
@@ -690,6 +721,15 @@ impl Workflow {
                     at("compensate"),
                     line,
                     "only call steps can be compensated".into(),
+                ));
+            }
+        }
+        if let Some(schema) = &self.spec.input_schema {
+            if let Err(e) = jsonschema::validator_for(schema) {
+                return Err(invalid(
+                    "spec.inputSchema".into(),
+                    find_line(text, "inputSchema", ""),
+                    format!("not a valid JSON Schema: {e}"),
                 ));
             }
         }
@@ -1031,6 +1071,26 @@ mod tests {
         );
         assert!(evaluate_condition("input.qty > 2", &ctx).unwrap());
         assert!(evaluate_condition("input.qty", &ctx).is_err());
+    }
+
+    #[test]
+    fn input_schema_is_checked_at_registration_and_start() {
+        let e = Workflow::parse(
+            Path::new("wf.yaml"),
+            "apiVersion: meshflow.io/v1alpha1\nkind: Workflow\nmetadata: { name: o }\nspec:\n  inputSchema: { type: 7 }\n  steps:\n  - { name: a, sleep: { duration: 1s } }\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field(), "spec.inputSchema");
+        let wf = Workflow::parse(
+            Path::new("wf.yaml"),
+            "apiVersion: meshflow.io/v1alpha1\nkind: Workflow\nmetadata: { name: o }\nspec:\n  inputSchema: { type: object, required: [sku], properties: { qty: { type: integer, minimum: 1 } } }\n  steps:\n  - { name: a, sleep: { duration: 1s } }\n",
+        )
+        .unwrap();
+        assert!(wf
+            .check_input(&serde_json::json!({"sku": "A", "qty": 2}))
+            .is_ok());
+        let e = wf.check_input(&serde_json::json!({"qty": 0})).unwrap_err();
+        assert!(e.contains("sku") && e.contains("input/qty"), "{e}");
     }
 
     #[test]

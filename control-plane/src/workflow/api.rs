@@ -50,7 +50,9 @@ impl IntoResponse for CoordinatorError {
             CoordinatorError::NotFound(_) => StatusCode::NOT_FOUND,
             CoordinatorError::Invalid(_) => StatusCode::BAD_REQUEST,
             CoordinatorError::Conflict(_) => StatusCode::CONFLICT,
-            CoordinatorError::Store(super::store::StoreError::Conflict(_)) => StatusCode::CONFLICT,
+            CoordinatorError::Store(
+                super::store::StoreError::Conflict(_) | super::store::StoreError::Fenced(_),
+            ) => StatusCode::CONFLICT,
             CoordinatorError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         error(status, self)

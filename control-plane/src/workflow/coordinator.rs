@@ -223,6 +223,7 @@ impl Coordinator {
             .await?
             .ok_or_else(|| CoordinatorError::NotFound(format!("workflow {workflow}")))?;
         let wf = self.definition(workflow, row.version).await?;
+        wf.check_input(&input).map_err(CoordinatorError::Invalid)?;
         let now = now_ms();
         let input_copy = input.clone();
         let started = Event::RunStarted {
@@ -351,35 +352,29 @@ impl Coordinator {
         now_ms() + self.settings.lease.as_millis() as u64
     }
 
-    /// This coordinator's claim on `run_id`: the fencing token it holds, else a fresh claim
-    /// (granted only when the run is unowned or its lease expired).
+    /// This coordinator's claim on `run_id`: the fencing token it holds. A run it does not
+    /// hold (never, or no longer) is written with token 0, which the store rejects unless the
+    /// run is this node's: the write is fenced and counted, never applied.
     async fn owner_of(&self, run_id: &str) -> Result<Owner, CoordinatorError> {
-        let held = self
+        let mut held = self
             .owned
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(run_id)
             .copied();
-        let fence = match held {
-            Some(f) => f,
-            None => {
-                // Renews everything this node may hold, including `run_id` if it is free.
-                self.renew().await?;
-                self.owned
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(run_id)
-                    .copied()
-                    .ok_or_else(|| {
-                        CoordinatorError::Conflict(format!(
-                            "run {run_id} is owned by another coordinator"
-                        ))
-                    })?
-            }
-        };
+        if held.is_none() {
+            // A run freed since the last renewal (its owner stopped) can be claimed now.
+            self.renew().await?;
+            held = self
+                .owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(run_id)
+                .copied();
+        }
         Ok(Owner {
             node: self.settings.node.clone(),
-            fence,
+            fence: held.unwrap_or(0),
             lease_until_ms: self.lease_until(),
         })
     }
@@ -655,8 +650,9 @@ impl Coordinator {
         let mut request = self
             .http
             .request(method, &url)
-            // A little past the deadline so the attempt's timer, not the client, decides.
-            .timeout(Duration::from_millis(left + 250))
+            // Well past the deadline: the attempt's timer decides the timeout; a response that
+            // arrives later (e.g. after this process was paused) is still read and recorded.
+            .timeout(Duration::from_millis(left + 30_000))
             .header("idempotency-key", key)
             .header("traceparent", child_traceparent(traceparent))
             .header("meshflow-run-id", run_id)

@@ -348,3 +348,39 @@ spec:
     h.respond("b", false, 200, json!({}));
     assert_eq!(h.state.status, RunStatus::Completed);
 }
+
+#[test]
+fn the_total_timeout_bounds_attempts_and_backoff() {
+    let yaml = r#"apiVersion: meshflow.io/v1alpha1
+kind: Workflow
+metadata: { name: total }
+spec:
+  steps:
+  - name: a
+    call: { service: s, path: /a }
+    retry: { maxAttempts: 10, initialInterval: 1s, backoffCoefficient: 2 }
+    timeouts: { perAttempt: 1s, total: 2500ms }
+"#;
+    let mut h = Harness::new(yaml);
+    assert_eq!(h.state.dispatches()[0].deadline_ms, 2_000);
+    h.now = 2_000;
+    h.fire_due();
+    assert_eq!(
+        h.state.steps["a"].until_ms,
+        Some(3_000),
+        "1 s backoff fits in the total"
+    );
+    h.now = 3_000;
+    h.fire_due();
+    // The second attempt's deadline is cut to the total (1 000 + 2 500).
+    assert_eq!(h.state.dispatches()[0].deadline_ms, 3_500);
+    h.now = 3_500;
+    h.fire_due();
+    // The next wait (2 s) would pass the total: the step fails for good.
+    assert_eq!(h.state.steps["a"].status, StepStatus::Failed);
+    assert!(h.state.steps["a"]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("total timeout"));
+}

@@ -606,6 +606,17 @@ async fn validation_diamonds_signals_timeouts_and_operator_commands() {
             .contains("dependsOn cycle: reserve → ship → charge → reserve"),
         "{body}"
     );
+    // An input schema refuses a bad start (400) naming the field.
+    let typed = "apiVersion: meshflow.io/v1alpha1\nkind: Workflow\nmetadata: { name: typed, namespace: default }\nspec:\n  inputSchema: { type: object, required: [sku] }\n  steps:\n  - { name: a, sleep: { duration: 10ms } }\n";
+    api.register(typed).await;
+    let (status, body) = api
+        .post(
+            "/v1/runs",
+            json!({"workflow": "default/typed", "input": {"qty": 1}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("sku"), "{body}");
     api.register(DIAMOND).await;
     api.register(DURABLE_ORDER).await;
 
