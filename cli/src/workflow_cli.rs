@@ -279,18 +279,27 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| usage(format!("{}: {e}", file.display())))?;
             let mut results = Vec::new();
-            for (_, doc) in meshflow_policies::documents::split_documents(&text) {
+            // Query-safe file name, so the coordinator's errors name it.
+            let name: String = file
+                .display()
+                .to_string()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "._-/".contains(*c))
+                .collect();
+            for (offset, doc) in meshflow_policies::documents::split_documents(&text) {
+                // Pad with the lines before this document so errors give lines of the file.
+                let doc = format!("{}{doc}", "\n".repeat(offset));
                 let (status, value) = client
                     .call(
                         Method::POST,
-                        "/v1/workflows",
+                        &format!("/v1/workflows?file={name}"),
                         Some(doc.into_bytes()),
                         "application/yaml",
                     )
                     .await
                     .map_err(|e| (1, e))?;
                 if status >= 400 {
-                    return Err((1, format!("{}: {}", file.display(), s(&value["error"]))));
+                    return Err((1, s(&value["error"])));
                 }
                 results.push(value);
             }

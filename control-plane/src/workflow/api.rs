@@ -2,7 +2,7 @@
 //!
 //! | Method and path | What |
 //! |---|---|
-//! | `POST /v1/workflows` | register a definition (YAML or JSON body) → `{workflow, version}` |
+//! | `POST /v1/workflows?file=` | register a definition (YAML or JSON body; errors name `file`, field and line) → `{workflow, version}` |
 //! | `GET /v1/workflows` | latest version of each definition |
 //! | `GET /v1/workflows/{ns}/{name}` | latest definition |
 //! | `POST /v1/runs` | `{workflow, runId?, input?, signal?: {name, payload}}` → 201 created, 200 existing |
@@ -99,11 +99,22 @@ async fn guard(
     next.run(request).await
 }
 
-async fn register(State(s): State<ApiState>, body: Bytes) -> Response {
+#[derive(Deserialize)]
+struct RegisterQuery {
+    /// The file the definition came from, named in errors (`?file=orders.yaml`).
+    file: Option<String>,
+}
+
+async fn register(
+    State(s): State<ApiState>,
+    Query(q): Query<RegisterQuery>,
+    body: Bytes,
+) -> Response {
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
     };
-    match s.coordinator.register(text).await {
+    let file = q.file.unwrap_or_else(|| "workflow.yaml".into());
+    match s.coordinator.register(&file, text).await {
         Ok((workflow, version)) => (
             StatusCode::OK,
             Json(json!({"workflow": workflow, "version": version})),

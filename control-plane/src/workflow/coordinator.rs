@@ -152,12 +152,17 @@ impl Coordinator {
         })
     }
 
-    /// Registers a definition (YAML or JSON). Returns (`namespace/name`, version).
+    /// Registers a definition (YAML or JSON; `file` names it in errors). Returns
+    /// (`namespace/name`, version).
     ///
     /// # Errors
     /// [`CoordinatorError::Invalid`] naming file, field and line.
-    pub async fn register(&self, text: &str) -> Result<(String, u32), CoordinatorError> {
-        let workflow = Workflow::parse(std::path::Path::new("workflow.yaml"), text)
+    pub async fn register(
+        &self,
+        file: &str,
+        text: &str,
+    ) -> Result<(String, u32), CoordinatorError> {
+        let workflow = Workflow::parse(std::path::Path::new(file), text)
             .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
         let spec = serde_json::to_string(&workflow)
             .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;

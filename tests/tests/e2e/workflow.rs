@@ -619,6 +619,29 @@ async fn validation_diamonds_signals_timeouts_and_operator_commands() {
     assert!(body["error"].as_str().unwrap().contains("sku"), "{body}");
     api.register(DIAMOND).await;
     api.register(DURABLE_ORDER).await;
+    // The CLI names the file and the line (second document of the file).
+    let file = t.dir.path().join("orders.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "{DIAMOND}---\n{}",
+            PLACE_ORDER.replace("dependsOn: [charge]", "dependsOn: [nope]")
+        ),
+    )
+    .unwrap();
+    let (ok, text) = meshflow_workflow(&t, &api, &["apply", "-f", file.to_str().unwrap()]);
+    let bad_line = DIAMOND.lines().count()
+        + 1
+        + PLACE_ORDER
+            .lines()
+            .position(|l| l.contains("- name: ship"))
+            .unwrap()
+        + 1;
+    assert!(
+        !ok && text.contains(&format!("orders.yaml:{bad_line}: spec.steps[2].dependsOn"))
+            && text.contains("\"nope\""),
+        "{text}"
+    );
 
     // A diamond: b and c run at the same time; the wait times out and continues; the slow
     // step's attempts are cut at 500 ms and the step fails for good after two.
