@@ -1254,14 +1254,27 @@ fn after_failure(
     }
     let why = if !retryable {
         format!("not retryable: {error}")
-    } else if attempt >= policy.max_attempts {
+    } else if tries >= policy.max_attempts {
         format!(
-            "{attempt} of {} attempts failed; last: {error}",
+            "{tries} of {} attempts failed; last: {error}",
             policy.max_attempts
         )
     } else {
-        format!("total timeout reached after {attempt} attempts; last: {error}")
+        format!("total timeout reached after {tries} attempts; last: {error}")
     };
+    fail_for_good(state, step, compensation, &why, ctx)
+}
+
+/// A step (or its compensation) failed for good: the run ends `CompensationFailed` for a
+/// compensation; otherwise the step fails and the saga starts.
+fn fail_for_good(
+    state: &RunState,
+    step: &str,
+    compensation: bool,
+    why: &str,
+    ctx: &Ctx<'_>,
+) -> Vec<Event> {
+    let now = ctx.now_ms;
     if compensation {
         return vec![Event::RunFinished {
             status: RunStatus::CompensationFailed,
@@ -1270,13 +1283,14 @@ fn after_failure(
             at_ms: now,
         }];
     }
-    let mut events = vec![Event::StepFailed {
+    let failed = Event::StepFailed {
         step: step.to_string(),
-        error: why.clone(),
+        error: why.to_string(),
         at_ms: now,
-    }];
+    };
     let mut after = state.clone();
-    after.apply(&events[0]);
+    after.apply(&failed);
+    let mut events = vec![failed];
     events.extend(start_compensation(
         ctx.workflow,
         &after,
@@ -1445,21 +1459,7 @@ fn on_timer(state: &RunState, timer: &Timer, ctx: &Ctx<'_>) -> Vec<Event> {
                 }],
                 OnTimeout::Fail => {
                     let why = format!("no signal {:?} before the timeout", wait.name);
-                    let mut events = vec![Event::StepFailed {
-                        step: step.clone(),
-                        error: why.clone(),
-                        at_ms: now,
-                    }];
-                    let mut after = state.clone();
-                    after.apply(&events[0]);
-                    events.extend(start_compensation(
-                        ctx.workflow,
-                        &after,
-                        RunStatus::Compensated,
-                        &format!("step {step} failed: {why}"),
-                        now,
-                    ));
-                    events
+                    fail_for_good(state, step, false, &why, ctx)
                 }
             }
         }
@@ -1539,32 +1539,13 @@ fn start_attempt(
                 at_ms: now,
             }]
         }
-        Err(e) => {
-            let why = format!("template error: {e}");
-            if compensation {
-                return vec![Event::RunFinished {
-                    status: RunStatus::CompensationFailed,
-                    output: None,
-                    error: Some(format!("compensation of step {step} failed: {why}")),
-                    at_ms: now,
-                }];
-            }
-            let mut events = vec![Event::StepFailed {
-                step: step.to_string(),
-                error: why.clone(),
-                at_ms: now,
-            }];
-            let mut after = state.clone();
-            after.apply(&events[0]);
-            events.extend(start_compensation(
-                ctx.workflow,
-                &after,
-                RunStatus::Compensated,
-                &format!("step {step} failed: {why}"),
-                now,
-            ));
-            events
-        }
+        Err(e) => fail_for_good(
+            state,
+            step,
+            compensation,
+            &format!("template error: {e}"),
+            ctx,
+        ),
     }
 }
 
@@ -1661,22 +1642,13 @@ fn advance(state: &RunState, ctx: &Ctx<'_>) -> Vec<Event> {
                             return events;
                         }
                         Err(e) => {
-                            let why = format!("when: {e}");
-                            events.push(Event::StepFailed {
-                                step: step.name.clone(),
-                                error: why.clone(),
-                                at_ms: now,
-                            });
-                            let mut after = state.clone();
-                            after.apply(&events[0]);
-                            events.extend(start_compensation(
-                                ctx.workflow,
-                                &after,
-                                RunStatus::Compensated,
-                                &format!("step {} failed: {why}", step.name),
-                                now,
-                            ));
-                            return events;
+                            return fail_for_good(
+                                state,
+                                &step.name,
+                                false,
+                                &format!("when: {e}"),
+                                ctx,
+                            );
                         }
                     }
                 }

@@ -167,6 +167,23 @@ impl Api {
     }
 }
 
+/// `StepCompleted` events per step in a run's history, asserting none appears twice.
+pub fn completions_once(id: &str, history: &Value) -> std::collections::BTreeMap<String, u32> {
+    let mut completed = std::collections::BTreeMap::new();
+    for e in history.as_array().unwrap() {
+        if e["type"] == "StepCompleted" {
+            *completed
+                .entry(e["step"].as_str().unwrap().to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    assert!(
+        completed.values().all(|n| *n == 1),
+        "{id}: a step completed twice: {completed:?}"
+    );
+    completed
+}
+
 pub async fn records(app: &str) -> Value {
     serde_json::from_str(&get_text(app, "/__records").await).unwrap()
 }
@@ -488,15 +505,7 @@ pub async fn crash_suite(mut t: TestMesh, runs: usize) {
             "{id}: replay differs from the stored state"
         );
         // Each durable timer fired once: the sleep completed once, every step at most once.
-        let mut completed = std::collections::BTreeMap::new();
-        for e in history.as_array().unwrap() {
-            if e["type"] == "StepCompleted" {
-                *completed
-                    .entry(e["step"].as_str().unwrap().to_string())
-                    .or_insert(0) += 1;
-            }
-        }
-        assert!(completed.values().all(|n| *n == 1), "{id}: {completed:?}");
+        let completed = completions_once(id, &history);
         assert_eq!(completed.get("nap"), Some(&1), "{id}: the sleep fired once");
     }
     // Exactly once per (run, step) at each service.
@@ -847,15 +856,7 @@ async fn timing_fencing_two_coordinators_share_runs_on_postgres() {
         let run = api_b.wait_terminal(id, Duration::from_secs(60)).await;
         assert_eq!(run["status"], "Completed", "{id}: {run}");
         let (_, history) = api_b.get(&format!("/v1/runs/{id}/history")).await;
-        let mut completed = std::collections::BTreeMap::new();
-        for e in history.as_array().unwrap() {
-            if e["type"] == "StepCompleted" {
-                *completed
-                    .entry(e["step"].as_str().unwrap().to_string())
-                    .or_insert(0) += 1;
-            }
-        }
-        assert!(completed.values().all(|n| *n == 1), "{id}: {completed:?}");
+        completions_once(id, &history);
     }
     // B did take runs over, and A's late writes were rejected and counted.
     let a_metrics = metrics(&t.mesh.control_plane_admin).await;
