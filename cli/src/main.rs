@@ -26,6 +26,22 @@ enum Command {
         #[command(subcommand)]
         command: meshflow_cli::workflow_cli::WorkflowCommand,
     },
+    /// Per-workload success rate, request rate and p50/p99 latency of a running local mesh
+    /// (inbound traffic each workload served), from its sidecars' admin endpoints.
+    Stat {
+        /// The mesh's state directory (`meshflow up --state-dir`; `up` prints its logs path).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Sidecar admin addresses (`host:port`, repeatable) instead of a state directory.
+        #[arg(long = "admin")]
+        admins: Vec<String>,
+        /// Measurement window.
+        #[arg(long, default_value = "2s", value_parser = humantime_parse)]
+        window: Duration,
+        /// Output: `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -179,6 +195,51 @@ async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Policy { command } => policy_check(command).await,
+        Command::Stat {
+            state_dir,
+            mut admins,
+            window,
+            output,
+        } => {
+            if let Some(dir) = state_dir {
+                match meshflow_cli::stat::sidecar_admins(&dir) {
+                    Ok(found) => admins.extend(found),
+                    Err(e) => {
+                        eprintln!("meshflow stat: {}: {e}", dir.display());
+                        std::process::exit(64);
+                    }
+                }
+            }
+            if admins.is_empty() {
+                eprintln!("meshflow stat: no sidecars: give --state-dir or --admin");
+                std::process::exit(64);
+            }
+            match meshflow_cli::stat::stat(&admins, window).await {
+                Ok(rows) if output == "json" => {
+                    let json: Vec<serde_json::Value> = rows
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                        "workload": r.workload, "requests": r.requests, "success": r.success,
+                        "rps": r.rps, "p50Ms": r.p50_ms, "p99Ms": r.p99_ms})
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&json).unwrap_or_default()
+                    );
+                    0
+                }
+                Ok(rows) => {
+                    print!("{}", meshflow_cli::stat::table(&rows));
+                    0
+                }
+                Err(e) => {
+                    eprintln!("meshflow stat: {e}");
+                    1
+                }
+            }
+        }
         Command::Workflow { api, command } => {
             use meshflow_cli::workflow_cli::{command as verb, run, WorkflowCommand as W};
             match command {

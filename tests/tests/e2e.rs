@@ -16,6 +16,8 @@ mod identity;
 mod issuer;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/observability.rs"]
+mod observability;
 #[path = "e2e/protocols.rs"]
 mod protocols;
 #[path = "e2e/resilience.rs"]
