@@ -60,3 +60,55 @@ async fn stat_shows_the_rate_and_success_of_the_traffic_sent() {
         "the frontend served nothing inbound"
     );
 }
+
+/// Series on an admin endpoint (sample lines).
+fn series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_hosts_add_no_series() {
+    let t = start_hello();
+    let frontend = t.mesh.workload("frontend").clone();
+    let backend = t.mesh.workload("backend").clone();
+    let client = reqwest::Client::new();
+    let send = |i: usize| {
+        let client = client.clone();
+        let outbound = frontend.outbound.clone();
+        async move {
+            // Unknown hosts, with quotes and escapes where a header allows them.
+            let host = format!("svc-{i}-{}.ns{}\\\"x", rand::random::<u32>(), i % 7);
+            let _ = client
+                .get(format!("http://{outbound}/hello"))
+                .header("host", host)
+                .send()
+                .await;
+        }
+    };
+    for i in 0..10 {
+        send(i).await;
+    }
+    let first = metrics(&frontend.admin).await;
+    let before = (series(&first), series(&metrics(&backend.admin).await));
+    let outbound = |text: &str| {
+        metric(
+            text,
+            "meshflow_requests_total",
+            &[("direction", "outbound")],
+        )
+    };
+    let mut tasks = futures::stream::iter((10..5000).map(send)).buffer_unordered(32);
+    use futures::StreamExt;
+    while tasks.next().await.is_some() {}
+    let text = metrics(&frontend.admin).await;
+    let after = (series(&text), series(&metrics(&backend.admin).await));
+    assert_eq!(
+        outbound(&text) - outbound(&first),
+        4990.0,
+        "every request was counted"
+    );
+    assert_eq!(before, after, "5000 random hosts must not add series");
+    assert!(!text.contains("svc-"), "no client-chosen host in a label");
+}
