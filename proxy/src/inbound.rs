@@ -34,6 +34,10 @@ pub struct InboundCtx {
     strip_headers: Vec<String>,
     /// The normalized path (and the original query) that was authorized and is forwarded.
     forwarded_target: Option<String>,
+    /// The normalized path judged (also when denied).
+    normalized_path: Option<String>,
+    /// Authorization decision and the policy that made it (for the access log).
+    authz: Option<(&'static str, String)>,
 }
 
 /// The inbound `ProxyHttp`.
@@ -192,6 +196,8 @@ impl InboundProxy {
         let decision = authorize(policies.iter(), &attributes);
         let policy = decision.policy.clone().unwrap_or_else(|| "none".into());
         let verdict = if decision.allowed { "allow" } else { "deny" };
+        ctx.normalized_path = Some(path.clone());
+        ctx.authz = Some((verdict, policy.clone()));
         metrics
             .authz_decisions
             .with_label_values(&[verdict, &policy])
@@ -235,6 +241,8 @@ impl ProxyHttp for InboundProxy {
             peer: None,
             strip_headers: Vec::new(),
             forwarded_target: None,
+            normalized_path: None,
+            authz: None,
         }
     }
 
@@ -342,6 +350,23 @@ impl ProxyHttp for InboundProxy {
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let Some(log) = &self.shared.access_log {
+            let req = session.req_header();
+            let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+            log.write(&serde_json::json!({
+                "traceId": crate::access_log::trace_id(header("traceparent")),
+                "direction": "inbound",
+                "workload": self.shared.workload,
+                "peer": ctx.peer.as_ref().map(|p| p.uri()),
+                "method": req.method.as_str(),
+                "authority": req.uri.authority().map(|a| a.to_string()).or_else(|| header("host").map(str::to_string)),
+                "path": ctx.normalized_path,
+                "status": status,
+                "durationMs": ctx.start.elapsed().as_secs_f64() * 1000.0,
+                "authz": ctx.authz.as_ref().map(|(d, _)| *d),
+                "policy": ctx.authz.as_ref().map(|(_, p)| p.clone()),
+            }));
+        }
         let service = self.shared.workload.rsplit('/').next().unwrap_or("unknown");
         self.shared
             .metrics

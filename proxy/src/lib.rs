@@ -12,6 +12,7 @@
 //! The Pingora `ProxyHttp` impls ([`inbound`], [`outbound`]) are thin adapters over pure
 //! functions ([`http_hygiene`], [`routing`]).
 
+pub mod access_log;
 pub mod admin;
 pub mod balancer;
 pub mod config_state;
@@ -93,6 +94,10 @@ pub struct ProxyConfig {
     /// SETTINGS_MAX_HEADER_LIST_SIZE).
     #[arg(long, env = "MESHFLOW_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
+    /// Structured access log: `-` for stdout or a file to append to; one JSON line per
+    /// request (see `access_log`). Default: off.
+    #[arg(long, env = "MESHFLOW_ACCESS_LOG")]
+    pub access_log: Option<String>,
     /// Written once ready: bound addresses (inbound, outbound, admin) as JSON.
     #[arg(long, env = "MESHFLOW_READY_FILE")]
     pub ready_file: Option<PathBuf>,
@@ -275,6 +280,13 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         budgets: Arc::default(),
         balancer: Arc::default(),
         outstanding: Arc::default(),
+        access_log: match &config.access_log {
+            Some(target) => Some(Arc::new(
+                access_log::AccessLog::open(target)
+                    .map_err(|e| other(format!("--access-log {target}: {e}")))?,
+            )),
+            None => None,
+        },
     };
 
     let inbound_port =

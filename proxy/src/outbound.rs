@@ -844,6 +844,25 @@ impl ProxyHttp for OutboundProxy {
             return;
         };
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let Some(log) = &self.shared.access_log {
+            let req = session.req_header();
+            let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+            log.write(&serde_json::json!({
+                "traceId": crate::access_log::trace_id(header("traceparent")),
+                "direction": "outbound",
+                "workload": self.shared.workload,
+                "service": service,
+                "method": req.method.as_str(),
+                "authority": req.uri.authority().map(|a| a.to_string()).or_else(|| header("host").map(str::to_string)),
+                "path": req.uri.path(),
+                "status": status,
+                "durationMs": ctx.start.elapsed().as_secs_f64() * 1000.0,
+                "endpoint": ctx.endpoint.as_ref().map(|e| e.address.clone()),
+                "peer": ctx.endpoint.as_ref().map(|e| e.identity.uri()),
+                "retries": ctx.attempts.saturating_sub(1),
+                "timedOut": ctx.timed_out,
+            }));
+        }
         self.shared
             .metrics
             .requests

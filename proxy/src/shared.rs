@@ -38,6 +38,8 @@ pub struct Shared {
     pub balancer: Arc<crate::balancer::Balancer>,
     /// Outstanding requests per destination service (for `maxPendingRequests`).
     pub outstanding: Arc<crate::plan::Outstanding>,
+    /// The structured access log, when enabled.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 impl Shared {

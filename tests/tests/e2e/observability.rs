@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::common::*;
 
@@ -111,4 +111,110 @@ async fn random_hosts_add_no_series() {
     );
     assert_eq!(before, after, "5000 random hosts must not add series");
     assert!(!text.contains("svc-"), "no client-chosen host in a label");
+}
+
+const MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Mesh
+metadata: { name: logs }
+spec:
+  policiesDir: policies
+  workloads:
+    - name: frontend
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "frontend", "--listen", "127.0.0.1:{port}"] }
+    - name: backend
+      labels: { app: backend }
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "backend", "--listen", "127.0.0.1:{port}"] }
+"#;
+
+const DENY_ADMIN: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: deny-admin, namespace: default }
+spec:
+  selector: { matchLabels: { app: backend } }
+  action: DENY
+  rules:
+  - to: [{ operation: { paths: ["/admin"] } }]
+"#;
+
+fn access_entries(t: &TestMesh, sidecar: &str) -> Vec<Value> {
+    let log = std::fs::read_to_string(t.state_dir().join(format!("logs/{sidecar}.log"))).unwrap();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("direction").is_some())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_has_every_field_for_allowed_and_denied_requests() {
+    let t = start_dir(MESH, DENY_ADMIN, |o| {
+        o.env.insert("MESHFLOW_ACCESS_LOG".into(), "-".into());
+    });
+    let frontend = t.mesh.workload("frontend").clone();
+    let client = via(&frontend.outbound);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{trace}-b7ad6b7169203331-01");
+    let ok = client
+        .get("http://backend.default/public/x")
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let denied = client
+        .get("http://backend.default/admin")
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let inbound = loop {
+        let entries = access_entries(&t, "proxy-default-backend");
+        if entries.len() >= 2 || std::time::Instant::now() > deadline {
+            break entries;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let allowed = inbound
+        .iter()
+        .find(|e| e["path"] == "/public/x")
+        .unwrap_or_else(|| panic!("{inbound:?}"));
+    assert_eq!(allowed["status"], 200);
+    assert_eq!(allowed["authz"], "allow");
+    assert_eq!(allowed["method"], "GET");
+    assert_eq!(allowed["traceId"], trace);
+    assert!(
+        allowed["peer"].as_str().unwrap().ends_with("/sa/frontend"),
+        "{allowed}"
+    );
+    assert!(
+        allowed["authority"]
+            .as_str()
+            .unwrap()
+            .starts_with("backend.default"),
+        "{allowed}"
+    );
+    assert!(allowed["durationMs"].as_f64().unwrap() >= 0.0);
+    let refused = inbound
+        .iter()
+        .find(|e| e["path"] == "/admin")
+        .unwrap_or_else(|| panic!("{inbound:?}"));
+    assert_eq!(
+        (refused["status"].clone(), refused["authz"].clone()),
+        (json!(403), json!("deny"))
+    );
+    assert_eq!(refused["policy"], "default/deny-admin");
+    let outbound = access_entries(&t, "proxy-default-frontend");
+    let out = outbound
+        .iter()
+        .find(|e| e["path"] == "/public/x")
+        .unwrap_or_else(|| panic!("{outbound:?}"));
+    assert_eq!(out["direction"], "outbound");
+    assert_eq!(out["service"], "backend.default");
+    assert_eq!(out["retries"], 0);
+    assert!(
+        out["endpoint"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{out}"
+    );
+    assert_eq!(out["traceId"], trace);
 }
