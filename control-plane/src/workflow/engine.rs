@@ -487,6 +487,20 @@ impl StepState {
         }
     }
 
+    /// Ends attempt `attempt` (of the call or the compensation): nothing is in flight any
+    /// more; returns its record.
+    fn resolve(&mut self, attempt: u32, compensation: bool) -> Option<&mut AttemptRecord> {
+        if compensation {
+            self.comp_in_flight = None;
+        } else {
+            self.in_flight = None;
+        }
+        self.attempts
+            .iter_mut()
+            .rev()
+            .find(|a| a.attempt == attempt && a.compensation == compensation)
+    }
+
     fn main_attempts(&self) -> u32 {
         self.attempts.iter().filter(|a| !a.compensation).count() as u32
     }
@@ -662,19 +676,10 @@ impl RunState {
                 at_ms,
             } => {
                 if let Some(s) = self.steps.get_mut(step) {
-                    if *compensation {
-                        s.comp_in_flight = None;
-                    } else {
-                        // `unknown_outcome` stays set once any attempt timed out: that attempt
-                        // may have taken effect, so the step is compensated on failure.
-                        s.in_flight = None;
-                    }
-                    if let Some(a) = s
-                        .attempts
-                        .iter_mut()
-                        .rev()
-                        .find(|a| a.attempt == *attempt && a.compensation == *compensation)
-                    {
+                    // `unknown_outcome` stays set once any attempt timed out: that attempt may
+                    // have taken effect, so the step is compensated on failure.
+                    let mut error = None;
+                    if let Some(a) = s.resolve(*attempt, *compensation) {
                         a.ended_ms = Some(*at_ms);
                         a.result = if *succeeded { "ok" } else { "failed" }.into();
                         match outcome {
@@ -689,9 +694,10 @@ impl RunState {
                             }
                             AttemptOutcome::Error { message } => a.error = Some(message.clone()),
                         }
-                        if !succeeded {
-                            s.error = a.error.clone();
-                        }
+                        error = a.error.clone();
+                    }
+                    if !succeeded && error.is_some() {
+                        s.error = error;
                     }
                 }
             }
@@ -702,18 +708,10 @@ impl RunState {
                 at_ms,
             } => {
                 if let Some(s) = self.steps.get_mut(step) {
-                    if *compensation {
-                        s.comp_in_flight = None;
-                    } else {
-                        s.in_flight = None;
+                    if !*compensation {
                         s.unknown_outcome = true;
                     }
-                    if let Some(a) = s
-                        .attempts
-                        .iter_mut()
-                        .rev()
-                        .find(|a| a.attempt == *attempt && a.compensation == *compensation)
-                    {
+                    if let Some(a) = s.resolve(*attempt, *compensation) {
                         a.ended_ms = Some(*at_ms);
                         a.result = "timed-out".into();
                         a.error = Some("attempt timed out; outcome unknown".into());
