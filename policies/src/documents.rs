@@ -34,6 +34,24 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "PeerAuthentication",
 ];
 
+/// Appends `policy` to `list` unless a document of the same kind has its `namespace/name`
+/// (`place`: file, document text and its line offset, for the error).
+fn push_unique<T>(
+    list: &mut Vec<T>,
+    policy: T,
+    id_of: fn(&T) -> String,
+    id: &str,
+    name: &str,
+    kind: &str,
+    (file, doc, offset): (&Path, &str, usize),
+) -> Result<()> {
+    if list.iter().any(|p| id_of(p) == id) {
+        return Err(defined_twice(file, doc, offset, kind, name, id));
+    }
+    list.push(policy);
+    Ok(())
+}
+
 fn defined_twice(
     file: &Path,
     doc: &str,
@@ -139,58 +157,47 @@ impl PolicySet {
                 Some("AuthorizationPolicy") => {
                     let policy =
                         AuthorizationPolicy::parse(file, &doc).map_err(|e| shift(e, offset))?;
-                    if self.authorization.iter().any(|p| p.id() == policy.id()) {
-                        let (name, id) = (&policy.metadata.name, policy.id());
-                        return Err(defined_twice(
-                            file,
-                            &doc,
-                            offset,
-                            "AuthorizationPolicy",
-                            name,
-                            &id,
-                        ));
-                    }
-                    self.authorization.push(policy);
+                    let (name, id) = (policy.metadata.name.clone(), policy.id());
+                    let place = (file, doc.as_str(), offset);
+                    push_unique(
+                        &mut self.authorization,
+                        policy,
+                        AuthorizationPolicy::id,
+                        &id,
+                        &name,
+                        "AuthorizationPolicy",
+                        place,
+                    )?;
                 }
                 Some("RequestAuthentication") => {
                     let policy =
                         RequestAuthentication::parse(file, &doc).map_err(|e| shift(e, offset))?;
-                    if self
-                        .request_authentication
-                        .iter()
-                        .any(|p| p.id() == policy.id())
-                    {
-                        let (name, id) = (&policy.metadata.name, policy.id());
-                        return Err(defined_twice(
-                            file,
-                            &doc,
-                            offset,
-                            "RequestAuthentication",
-                            name,
-                            &id,
-                        ));
-                    }
-                    self.request_authentication.push(policy);
+                    let (name, id) = (policy.metadata.name.clone(), policy.id());
+                    let place = (file, doc.as_str(), offset);
+                    push_unique(
+                        &mut self.request_authentication,
+                        policy,
+                        RequestAuthentication::id,
+                        &id,
+                        &name,
+                        "RequestAuthentication",
+                        place,
+                    )?;
                 }
                 Some("PeerAuthentication") => {
                     let policy =
                         PeerAuthentication::parse(file, &doc).map_err(|e| shift(e, offset))?;
-                    if self
-                        .peer_authentication
-                        .iter()
-                        .any(|p| p.id() == policy.id())
-                    {
-                        let (name, id) = (&policy.metadata.name, policy.id());
-                        return Err(defined_twice(
-                            file,
-                            &doc,
-                            offset,
-                            "PeerAuthentication",
-                            name,
-                            &id,
-                        ));
-                    }
-                    self.peer_authentication.push(policy);
+                    let (name, id) = (policy.metadata.name.clone(), policy.id());
+                    let place = (file, doc.as_str(), offset);
+                    push_unique(
+                        &mut self.peer_authentication,
+                        policy,
+                        PeerAuthentication::id,
+                        &id,
+                        &name,
+                        "PeerAuthentication",
+                        place,
+                    )?;
                 }
                 other => {
                     return Err(LoadError::Invalid {
