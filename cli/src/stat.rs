@@ -46,8 +46,14 @@ fn totals(text: &str) -> std::io::Result<Totals> {
                 let code = sample.labels.get("status_code").unwrap_or("0").to_string();
                 *t.by_code.entry(code).or_default() += v;
             }
+            // One series per caller: add the cumulative buckets up by bound.
             ("meshflow_request_duration_seconds", Value::Histogram(buckets)) => {
-                t.buckets = buckets.iter().map(|b| (b.less_than, b.count)).collect();
+                if t.buckets.is_empty() {
+                    t.buckets = buckets.iter().map(|b| (b.less_than, 0.0)).collect();
+                }
+                for (sum, b) in t.buckets.iter_mut().zip(buckets.iter()) {
+                    sum.1 += b.count;
+                }
             }
             _ => {}
         }

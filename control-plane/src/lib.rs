@@ -87,6 +87,13 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "MESHFLOW_WORKFLOW_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub workflow_lease: Duration,
+    /// OTLP/gRPC trace collector for workflow run spans, e.g. `http://127.0.0.1:4317`.
+    /// Default: no export.
+    #[arg(long, env = "MESHFLOW_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Probability (0.0–1.0) that a run started without a client trace is sampled.
+    #[arg(long, env = "MESHFLOW_TRACE_SAMPLING", default_value_t = 1.0)]
+    pub trace_sampling: f64,
 }
 
 /// Errors that stop the control plane at start.
@@ -154,6 +161,19 @@ async fn start_coordinator(
             retention: config.workflow_retention,
             node: node.clone(),
             lease: config.workflow_lease,
+            tracing: meshflow_telemetry::Tracing::new(
+                &meshflow_telemetry::TraceSettings {
+                    otlp_endpoint: config.otlp_endpoint.clone(),
+                    sampling_ratio: config.trace_sampling,
+                    accept_b3: false,
+                    service_name: "meshflow-coordinator".into(),
+                    namespace: "meshflow-system".into(),
+                    instance: Some(node.clone()),
+                },
+                registry,
+            )
+            .map_err(|e| StartError::Config(e.to_string()))?,
+            trace_sampling: config.trace_sampling,
         },
         metrics,
     );

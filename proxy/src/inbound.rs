@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use meshflow_policies::AppProtocol;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
-use pingora_http::RequestHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::http_hygiene::{xfcc_value, XFCC};
@@ -21,6 +21,11 @@ use meshflow_policies::authn::{AuthnOutcome, MtlsMode};
 use meshflow_policies::authz::{authorize, RequestAttributes};
 use meshflow_policies::path::{normalize_host, normalize_path, PathError};
 use meshflow_policies::SpiffeId;
+use meshflow_telemetry::SpanTrait as _;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
+
+use crate::metrics::Traffic;
 
 /// Per-request state.
 pub struct InboundCtx {
@@ -38,6 +43,10 @@ pub struct InboundCtx {
     normalized_path: Option<String>,
     /// Authorization decision and the policy that made it (for the access log).
     authz: Option<(&'static str, String)>,
+    /// The server span (OpenTelemetry), from admission to the end of the response.
+    span: Option<meshflow_telemetry::Span>,
+    /// gRPC status of the response (Trailers-Only headers or trailers).
+    grpc_status: Option<String>,
 }
 
 /// The inbound `ProxyHttp`.
@@ -243,6 +252,8 @@ impl ProxyHttp for InboundProxy {
             forwarded_target: None,
             normalized_path: None,
             authz: None,
+            span: None,
+            grpc_status: None,
         }
     }
 
@@ -273,6 +284,23 @@ impl ProxyHttp for InboundProxy {
         };
         ctx.peer = peer;
         ctx.admitted = true;
+        {
+            let req = session.req_header();
+            let parent = self.shared.tracing.extract(&req.headers);
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", req.method.as_str().to_string()),
+                KeyValue::new("meshflow.direction", "inbound"),
+            ];
+            if let Some(peer) = &ctx.peer {
+                attributes.push(KeyValue::new("meshflow.peer.principal", peer.principal()));
+            }
+            ctx.span = Some(self.shared.tracing.start(
+                req.method.as_str().to_string(),
+                SpanKind::Server,
+                &parent,
+                attributes,
+            ));
+        }
         if refuse_bad_request(session, &self.shared, "inbound").await? {
             return Ok(true);
         }
@@ -318,6 +346,10 @@ impl ProxyHttp for InboundProxy {
         if let Some(peer) = &ctx.peer {
             upstream_request.insert_header(XFCC, xfcc_value(&own, &peer.uri()))?;
         }
+        // The app's parent is our server span; whatever came in (valid or not) is replaced.
+        if let Some(span) = &ctx.span {
+            crate::shared::set_trace_headers(upstream_request, span)?;
+        }
         // Forward exactly what was authorized.
         tracing::debug!(uri = %upstream_request.uri, target = ?ctx.forwarded_target, "inbound upstream request");
         if let Some(target) = &ctx.forwarded_target {
@@ -336,6 +368,34 @@ impl ProxyHttp for InboundProxy {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(g) = upstream_response
+            .headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+        {
+            ctx.grpc_status = Some(crate::shared::grpc_status_label(g));
+        }
+        Ok(())
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(g) = trailers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+            ctx.grpc_status = Some(crate::shared::grpc_status_label(g));
+        }
+        Ok(())
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -350,11 +410,36 @@ impl ProxyHttp for InboundProxy {
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let trace_id = ctx
+            .span
+            .as_ref()
+            .map(|s| s.span_context().trace_id().to_string());
+        if let Some(span) = ctx.span.as_mut() {
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            if let Some(path) = &ctx.normalized_path {
+                span.set_attribute(KeyValue::new("url.path", path.clone()));
+            }
+            if let Some((decision, policy)) = &ctx.authz {
+                span.set_attribute(KeyValue::new("meshflow.authz.decision", *decision));
+                span.set_attribute(KeyValue::new("meshflow.authz.policy", policy.clone()));
+            }
+            if let Some(g) = &ctx.grpc_status {
+                span.set_attribute(KeyValue::new("rpc.grpc.status_code", g.clone()));
+            }
+            // OpenTelemetry HTTP semantics: a server span is an error for 5xx (or no response).
+            if status >= 500 || status == 0 {
+                span.set_status(meshflow_telemetry::Status::error(format!("HTTP {status}")));
+            }
+            span.end();
+        }
         if let Some(log) = &self.shared.access_log {
             let req = session.req_header();
             let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
             log.write(&serde_json::json!({
-                "traceId": crate::access_log::trace_id(header("traceparent")),
+                "traceId": trace_id,
                 "direction": "inbound",
                 "workload": self.shared.workload,
                 "peer": ctx.peer.as_ref().map(|p| p.uri()),
@@ -368,15 +453,24 @@ impl ProxyHttp for InboundProxy {
             }));
         }
         let service = self.shared.workload.rsplit('/').next().unwrap_or("unknown");
-        self.shared
-            .metrics
-            .requests
-            .with_label_values(&["inbound", service, &status.to_string()])
-            .inc();
-        self.shared
-            .metrics
-            .request_duration
-            .with_label_values(&["inbound"])
-            .observe(ctx.start.elapsed().as_secs_f64());
+        let principal = ctx
+            .peer
+            .as_ref()
+            .map(SpiffeId::principal)
+            .unwrap_or_default();
+        self.shared.metrics.record_request(
+            &Traffic {
+                direction: "inbound",
+                source_workload: ctx.peer.as_ref().map_or("unknown", |p| p.service_account()),
+                source_namespace: ctx.peer.as_ref().map_or("unknown", |p| p.namespace()),
+                destination_workload: service,
+                destination_namespace: &self.shared.namespace,
+                principal: &principal,
+                service,
+            },
+            status,
+            ctx.grpc_status.as_deref().unwrap_or(""),
+            ctx.start.elapsed().as_secs_f64(),
+        );
     }
 }

@@ -98,6 +98,17 @@ pub struct ProxyConfig {
     /// request (see `access_log`). Default: off.
     #[arg(long, env = "MESHFLOW_ACCESS_LOG")]
     pub access_log: Option<String>,
+    /// OTLP/gRPC trace collector, e.g. `http://127.0.0.1:4317`. Default: no export (trace
+    /// context is still propagated and invalid `traceparent` headers still replaced).
+    #[arg(long, env = "MESHFLOW_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Probability (0.0–1.0) that a request without a sampled parent starts a sampled trace;
+    /// a parent's decision is always honoured.
+    #[arg(long, env = "MESHFLOW_TRACE_SAMPLING", default_value_t = 1.0)]
+    pub trace_sampling: f64,
+    /// Also accept B3 trace headers (`b3`, `X-B3-*`) when no valid `traceparent` is present.
+    #[arg(long, env = "MESHFLOW_TRACE_B3", default_value_t = false)]
+    pub trace_b3: bool,
     /// Written once ready: bound addresses (inbound, outbound, admin) as JSON.
     #[arg(long, env = "MESHFLOW_READY_FILE")]
     pub ready_file: Option<PathBuf>,
@@ -266,7 +277,25 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
     let identity_state =
         identity::IdentityState::new(bundle, spiffe_id.trust_domain(), metrics.clone())
             .map_err(|e| other(e.to_string()))?;
+    let tracing = meshflow_telemetry::Tracing::new(
+        &meshflow_telemetry::TraceSettings {
+            otlp_endpoint: config.otlp_endpoint.clone(),
+            sampling_ratio: config.trace_sampling,
+            accept_b3: config.trace_b3,
+            service_name: bootstrap
+                .workload
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            namespace: spiffe_id.namespace().to_string(),
+            instance: Some(spiffe_id.uri()),
+        },
+        &registry,
+    )
+    .map_err(|e| cfg(e.to_string()))?;
     let shared = Shared {
+        tracing,
         identity: identity_state.clone(),
         config: Arc::new(config_state::ConfigState::default()),
         metrics: metrics.clone(),

@@ -8,9 +8,13 @@ use prometheus::{
 /// The sidecar's metric handles. Cheap to clone.
 #[derive(Clone)]
 pub struct ProxyMetrics {
-    /// `meshflow_requests_total{direction, service, status_code}`.
+    /// `meshflow_requests_total{direction, source_workload, source_namespace,
+    /// destination_workload, destination_namespace, principal, service, status_code,
+    /// grpc_status}`; see [`Traffic`]. `status_code` is the HTTP status sent to the client
+    /// (`0` when none was), `grpc_status` the gRPC status (`0`–`16`, `invalid`) or empty.
     pub requests: IntCounterVec,
-    /// `meshflow_request_duration_seconds{direction}` (0.5 ms … 10 s).
+    /// `meshflow_request_duration_seconds{direction, source_workload, source_namespace,
+    /// destination_workload, destination_namespace, service}` (0.5 ms … 10 s).
     pub request_duration: HistogramVec,
     /// `meshflow_connections_total{direction}`: new TLS connections (inbound accepted,
     /// outbound established).
@@ -75,7 +79,86 @@ pub struct ProxyMetrics {
     pub grpc_responses: IntCounterVec,
 }
 
+/// Who called whom, for the request metrics. Every value comes from a verified identity
+/// or the config snapshot, never from client-chosen input: workloads are SPIFFE service
+/// accounts (the mesh names a workload's service account after it), `principal` is the
+/// other side's Istio principal (`td/ns/x/sa/y`; inbound: the client, outbound: the server;
+/// empty for plaintext or before an endpoint was chosen).
+#[derive(Debug, Clone, Copy)]
+pub struct Traffic<'a> {
+    /// `inbound` or `outbound`.
+    pub direction: &'a str,
+    /// Calling workload (`unknown` for plaintext inbound).
+    pub source_workload: &'a str,
+    /// Calling namespace (`unknown` for plaintext inbound).
+    pub source_namespace: &'a str,
+    /// Called workload.
+    pub destination_workload: &'a str,
+    /// Called namespace.
+    pub destination_namespace: &'a str,
+    /// The other side's principal, or empty.
+    pub principal: &'a str,
+    /// Destination service (`name.namespace` outbound; the own workload name inbound).
+    pub service: &'a str,
+}
+
 impl ProxyMetrics {
+    /// Counts one finished request and observes its duration (seconds).
+    pub fn record_request(&self, t: &Traffic<'_>, status: u16, grpc_status: &str, seconds: f64) {
+        self.requests
+            .with_label_values(&[
+                t.direction,
+                t.source_workload,
+                t.source_namespace,
+                t.destination_workload,
+                t.destination_namespace,
+                t.principal,
+                t.service,
+                &status.to_string(),
+                grpc_status,
+            ])
+            .inc();
+        self.request_duration
+            .with_label_values(&[
+                t.direction,
+                t.source_workload,
+                t.source_namespace,
+                t.destination_workload,
+                t.destination_namespace,
+                t.service,
+            ])
+            .observe(seconds);
+    }
+
+    /// Counts a request the sidecar refused itself before knowing its peer or destination
+    /// (those labels are `unknown`; `own_workload`/`own_namespace` fill this side).
+    pub fn count_refused(
+        &self,
+        direction: &str,
+        own_workload: &str,
+        own_namespace: &str,
+        status: u16,
+    ) {
+        let (source, destination) = if direction == "inbound" {
+            (("unknown", "unknown"), (own_workload, own_namespace))
+        } else {
+            ((own_workload, own_namespace), ("unknown", "unknown"))
+        };
+        self.requests
+            .with_label_values(&[
+                direction,
+                source.0,
+                source.1,
+                destination.0,
+                destination.1,
+                "",
+                "unknown",
+                &status.to_string(),
+                "",
+            ])
+            .inc();
+    }
+
     /// Registers every family on `registry`.
     ///
     /// # Errors
@@ -90,7 +173,17 @@ impl ProxyMetrics {
                     "meshflow_requests_total",
                     "Requests handled, by direction, service and status.",
                 ),
-                &["direction", "service", "status_code"],
+                &[
+                    "direction",
+                    "source_workload",
+                    "source_namespace",
+                    "destination_workload",
+                    "destination_namespace",
+                    "principal",
+                    "service",
+                    "status_code",
+                    "grpc_status",
+                ],
             )?,
             request_duration: HistogramVec::new(
                 HistogramOpts::new(
@@ -98,7 +191,14 @@ impl ProxyMetrics {
                     "Request duration until the response ends.",
                 )
                 .buckets(buckets),
-                &["direction"],
+                &[
+                    "direction",
+                    "source_workload",
+                    "source_namespace",
+                    "destination_workload",
+                    "destination_namespace",
+                    "service",
+                ],
             )?,
             connections: IntCounterVec::new(
                 Opts::new(

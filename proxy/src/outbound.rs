@@ -23,6 +23,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::balancer::{Balancer, EndpointStats, Health, InFlight};
 use crate::config_state::Endpoint;
 use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
+use crate::metrics::Traffic;
 use crate::plan::{AttemptPlan, OutstandingSlot};
 use crate::resilience::{
     backoff_delay, format_grpc_timeout, is_idempotent, matches_retry_on, parse_grpc_pushback,
@@ -30,6 +31,10 @@ use crate::resilience::{
 };
 use crate::routing::parse_authority;
 use crate::shared::Shared;
+use meshflow_policies::SpiffeId;
+use meshflow_telemetry::SpanTrait as _;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 /// Deadline header an app may set on the outbound listener (milliseconds); removed before
 /// forwarding.
@@ -66,6 +71,10 @@ pub struct OutboundCtx {
     in_flight: Option<AttemptGuard>,
     /// This request's `maxPendingRequests` slot.
     outstanding: Option<OutstandingSlot>,
+    /// The client span (OpenTelemetry), one per request across its attempts.
+    span: Option<meshflow_telemetry::Span>,
+    /// gRPC status of the response, as a metric label.
+    grpc_status: Option<String>,
 }
 
 /// Holds an attempt's in-flight counts (balancer and metric) until dropped.
@@ -153,11 +162,12 @@ impl OutboundProxy {
             .rejected_requests
             .with_label_values(&["outbound", reason])
             .inc();
-        self.shared
-            .metrics
-            .requests
-            .with_label_values(&["outbound", "unknown", "503"])
-            .inc();
+        self.shared.metrics.count_refused(
+            "outbound",
+            self.shared.workload.rsplit('/').next().unwrap_or("unknown"),
+            &self.shared.namespace,
+            503,
+        );
         session
             .respond_error_with_body(503, Bytes::from(format!("meshflow: {message}\n")))
             .await?;
@@ -276,11 +286,9 @@ impl OutboundProxy {
         }
     }
 
-    fn count_grpc_status(&self, ctx: &OutboundCtx, status: &str) {
-        let label = match status.trim().parse::<u32>() {
-            Ok(code) if code <= 16 => code.to_string(),
-            _ => "invalid".to_string(),
-        };
+    fn count_grpc_status(&self, ctx: &mut OutboundCtx, status: &str) {
+        let label = crate::shared::grpc_status_label(status);
+        ctx.grpc_status = Some(label.clone());
         let service = self.service_label(ctx);
         self.shared
             .metrics
@@ -338,10 +346,25 @@ impl ProxyHttp for OutboundProxy {
             attempt_stats: None,
             in_flight: None,
             outstanding: None,
+            span: None,
+            grpc_status: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        {
+            let req = session.req_header();
+            let parent = self.shared.tracing.extract(&req.headers);
+            ctx.span = Some(self.shared.tracing.start(
+                req.method.as_str().to_string(),
+                SpanKind::Client,
+                &parent,
+                vec![
+                    KeyValue::new("http.request.method", req.method.as_str().to_string()),
+                    KeyValue::new("meshflow.direction", "outbound"),
+                ],
+            ));
+        }
         if refuse_bad_request(session, &self.shared, "outbound").await? {
             return Ok(true);
         }
@@ -615,6 +638,10 @@ impl ProxyHttp for OutboundProxy {
     ) -> Result<()> {
         scrub_forwarded_request(upstream_request);
         upstream_request.remove_header(TIMEOUT_HEADER);
+        // The next hop's parent is our client span; an invalid incoming one is replaced.
+        if let Some(span) = &ctx.span {
+            crate::shared::set_trace_headers(upstream_request, span)?;
+        }
         // Absolute-form (HTTP_PROXY style) → origin-form + Host for the next hop.
         if let Some(authority) = upstream_request
             .uri
@@ -840,15 +867,51 @@ impl ProxyHttp for OutboundProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let trace_id = ctx
+            .span
+            .as_ref()
+            .map(|s| s.span_context().trace_id().to_string());
+        if let Some(span) = ctx.span.as_mut() {
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            span.set_attribute(KeyValue::new(
+                "url.path",
+                session.req_header().uri.path().to_string(),
+            ));
+            if let Some(service) = &ctx.service {
+                span.set_attribute(KeyValue::new("meshflow.service", service.clone()));
+            }
+            if let Some(endpoint) = &ctx.endpoint {
+                span.set_attribute(KeyValue::new("server.address", endpoint.address.clone()));
+                span.set_attribute(KeyValue::new(
+                    "meshflow.peer.principal",
+                    endpoint.identity.principal(),
+                ));
+            }
+            span.set_attribute(KeyValue::new(
+                "meshflow.retries",
+                i64::from(ctx.attempts.saturating_sub(1)),
+            ));
+            if let Some(g) = &ctx.grpc_status {
+                span.set_attribute(KeyValue::new("rpc.grpc.status_code", g.clone()));
+            }
+            // OpenTelemetry HTTP semantics: a client span is an error for 4xx/5xx (or none).
+            if status >= 400 || status == 0 {
+                span.set_status(meshflow_telemetry::Status::error(format!("HTTP {status}")));
+            }
+            span.end();
+        }
         let Some(service) = ctx.service.as_deref() else {
             return;
         };
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         if let Some(log) = &self.shared.access_log {
             let req = session.req_header();
             let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
             log.write(&serde_json::json!({
-                "traceId": crate::access_log::trace_id(header("traceparent")),
+                "traceId": trace_id,
                 "direction": "outbound",
                 "workload": self.shared.workload,
                 "service": service,
@@ -863,15 +926,24 @@ impl ProxyHttp for OutboundProxy {
                 "timedOut": ctx.timed_out,
             }));
         }
-        self.shared
-            .metrics
-            .requests
-            .with_label_values(&["outbound", service, &status.to_string()])
-            .inc();
-        self.shared
-            .metrics
-            .request_duration
-            .with_label_values(&["outbound"])
-            .observe(ctx.start.elapsed().as_secs_f64());
+        let source = self.shared.workload.rsplit('/').next().unwrap_or("unknown");
+        let destination = ctx.endpoint.as_ref().map(|e| &e.identity);
+        let principal = destination.map(SpiffeId::principal).unwrap_or_default();
+        // Before an endpoint was chosen, the service names the destination.
+        let (service_name, service_namespace) = service.split_once('.').unwrap_or((service, ""));
+        self.shared.metrics.record_request(
+            &Traffic {
+                direction: "outbound",
+                source_workload: source,
+                source_namespace: &self.shared.namespace,
+                destination_workload: destination.map_or(service_name, |d| d.service_account()),
+                destination_namespace: destination.map_or(service_namespace, |d| d.namespace()),
+                principal: &principal,
+                service,
+            },
+            status,
+            ctx.grpc_status.as_deref().unwrap_or(""),
+            ctx.start.elapsed().as_secs_f64(),
+        );
     }
 }

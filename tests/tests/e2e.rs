@@ -6,6 +6,8 @@
 mod authn;
 #[path = "e2e/authz.rs"]
 mod authz;
+#[path = "e2e/collector.rs"]
+mod collector;
 #[path = "e2e/common.rs"]
 mod common;
 #[path = "e2e/hygiene.rs"]
@@ -26,5 +28,7 @@ mod resilience;
 mod store;
 #[path = "e2e/timing.rs"]
 mod timing;
+#[path = "e2e/traces.rs"]
+mod traces;
 #[path = "e2e/workflow.rs"]
 mod workflow;

@@ -184,7 +184,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Resp
         .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("body: {e}"))))
 }
 
-async fn start(State(s): State<ApiState>, body: Bytes) -> Response {
+async fn start(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
     let req: StartRequest = match json_body(&body) {
         Ok(r) => r,
         Err(r) => return *r,
@@ -192,7 +192,13 @@ async fn start(State(s): State<ApiState>, body: Bytes) -> Response {
     let signal = req.signal.map(|s| (s.name, s.payload));
     match s
         .coordinator
-        .start(&req.workflow, req.run_id, req.input, signal)
+        .start(
+            &req.workflow,
+            req.run_id,
+            req.input,
+            signal,
+            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+        )
         .await
     {
         Ok((run_id, created)) => {

@@ -88,6 +88,10 @@ pub struct CoordinatorSettings {
     pub node: String,
     /// How long a coordinator owns a run without renewing (renewed every third of it).
     pub lease: Duration,
+    /// Records run and step spans (OpenTelemetry).
+    pub tracing: meshflow_telemetry::Tracing,
+    /// Probability (0.0–1.0) that a run started without a client trace is sampled.
+    pub trace_sampling: f64,
 }
 
 /// The coordinator.
@@ -200,7 +204,8 @@ impl Coordinator {
     }
 
     /// Starts a run of the latest version of `workflow` (idempotent on `run_id`); with
-    /// `signal`, also delivers it (signal-with-start). Returns (run id, created).
+    /// `signal`, also delivers it (signal-with-start). A valid W3C `traceparent` from the
+    /// client makes the run's trace a child of the client's span. Returns (run id, created).
     ///
     /// # Errors
     /// Unknown workflow (404), invalid run id (400), store errors.
@@ -210,6 +215,7 @@ impl Coordinator {
         run_id: Option<String>,
         input: Value,
         signal: Option<(String, Value)>,
+        client_traceparent: Option<&str>,
     ) -> Result<(String, bool), CoordinatorError> {
         let run_id = run_id.unwrap_or_else(new_run_id);
         if run_id.is_empty()
@@ -235,7 +241,11 @@ impl Coordinator {
             workflow: wf.id(),
             version: row.version,
             input,
-            traceparent: new_traceparent(),
+            traceparent: super::trace::run_traceparent(
+                &run_id,
+                client_traceparent,
+                self.settings.trace_sampling,
+            ),
             at_ms: now,
         };
         let mut state = RunState::replay(&wf, std::slice::from_ref(&started)).expect("RunStarted");
@@ -512,6 +522,7 @@ impl Coordinator {
             }
             return Err(e.into());
         }
+        super::trace::record_committed(&self.settings.tracing, run_id, &state, &events);
         if !was_terminal && state.status.is_terminal() {
             self.metrics
                 .runs_finished
@@ -659,7 +670,17 @@ impl Coordinator {
             // arrives later (e.g. after this process was paused) is still read and recorded.
             .timeout(Duration::from_millis(left + 30_000))
             .header("idempotency-key", key)
-            .header("traceparent", child_traceparent(traceparent))
+            .header(
+                "traceparent",
+                super::trace::attempt_traceparent(
+                    traceparent,
+                    run_id,
+                    &d.step,
+                    d.attempt,
+                    d.compensation,
+                )
+                .unwrap_or_else(|| super::trace::run_traceparent(run_id, None, 0.0)),
+            )
             .header("meshflow-run-id", run_id)
             .header("meshflow-coordinator", &self.settings.node)
             .header("meshflow-step", &d.step)
@@ -825,18 +846,4 @@ fn random_hex(bytes: usize) -> String {
 /// A fresh run id (128 random bits, hex).
 pub fn new_run_id() -> String {
     random_hex(16)
-}
-
-/// A fresh sampled W3C `traceparent` (version 00).
-pub fn new_traceparent() -> String {
-    format!("00-{}-{}-01", random_hex(16), random_hex(8))
-}
-
-/// The run's trace with a new span id: every attempt is a child in the run's trace.
-pub fn child_traceparent(parent: &str) -> String {
-    let parts: Vec<&str> = parent.split('-').collect();
-    match parts.as_slice() {
-        [version, trace, _, flags] => format!("{version}-{trace}-{}-{flags}", random_hex(8)),
-        _ => new_traceparent(),
-    }
 }

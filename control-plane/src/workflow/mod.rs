@@ -5,12 +5,14 @@
 //! - [`store`]: durable storage (SQLite or PostgreSQL through sqlx), one transaction per step.
 //! - [`coordinator`]: the effector — commits, then sends calls and fires timers.
 //! - [`api`]: the HTTP/JSON API.
+//! - [`trace`]: one OpenTelemetry trace per run.
 
 pub mod api;
 pub mod coordinator;
 pub mod engine;
 pub mod metrics;
 pub mod store;
+pub mod trace;
 
 #[cfg(test)]
 mod engine_tests;

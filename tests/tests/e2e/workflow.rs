@@ -381,7 +381,7 @@ spec:
 
 /// Kills the control plane (SIGKILL: no cleanup) and starts it again, optionally with a
 /// failpoint armed; waits until its API answers.
-fn restart_control_plane(t: &mut TestMesh, failpoint: Option<&str>) {
+pub fn restart_control_plane(t: &mut TestMesh, failpoint: Option<&str>) {
     t.mesh
         .supervisor
         .signal("control-plane", nix::sys::signal::Signal::SIGKILL);
