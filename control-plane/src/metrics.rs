@@ -15,6 +15,9 @@ pub struct ControlPlaneMetrics {
     pub connected_proxies: IntGauge,
     /// `meshflow_config_pushes_total`.
     pub config_pushes: IntCounter,
+    /// `meshflow_config_push_duration_seconds`: from sending a snapshot to the sidecar's ack
+    /// of that version (push latency; 1 ms … 10 s).
+    pub config_push_duration: prometheus::Histogram,
     /// `meshflow_config_acks_total{result}`: accepted / rejected.
     pub config_acks: IntCounterVec,
     /// `meshflow_config_errors_total`: invalid config files seen (last good config kept).
@@ -53,6 +56,15 @@ impl ControlPlaneMetrics {
                 "meshflow_config_pushes_total",
                 "Config snapshots sent to sidecars.",
             )?,
+            config_push_duration: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "meshflow_config_push_duration_seconds",
+                    "From sending a config snapshot to the sidecar's ack of it.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )?,
             config_acks: IntCounterVec::new(
                 Opts::new(
                     "meshflow_config_acks_total",
@@ -85,6 +97,22 @@ impl ControlPlaneMetrics {
         registry.register(Box::new(m.connected_proxies.clone()))?;
         registry.register(Box::new(m.config_pushes.clone()))?;
         registry.register(Box::new(m.config_acks.clone()))?;
+        registry.register(Box::new(m.config_push_duration.clone()))?;
+        // Fixed label values start at zero, so `rate()` and dashboards see 0, not no data.
+        for reason in ["bad_token", "unknown_workload", "bad_csr", "unproven_san"] {
+            m.certify_refused.with_label_values(&[reason]);
+        }
+        for reason in [
+            "no_client_certificate",
+            "unknown_identity",
+            "bad_address",
+            "too_many_endpoints",
+        ] {
+            m.watch_refused.with_label_values(&[reason]);
+        }
+        for result in ["accepted", "rejected"] {
+            m.config_acks.with_label_values(&[result]);
+        }
         registry.register(Box::new(m.config_errors.clone()))?;
         registry.register(Box::new(m.jwks_fetch_errors.clone()))?;
         registry.register(Box::new(m.watch_refused.clone()))?;

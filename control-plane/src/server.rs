@@ -222,6 +222,8 @@ impl Services {
         tx: mpsc::Sender<Result<v1::Snapshot, Status>>,
     ) {
         let mut updates = self.state.subscribe();
+        // The version sent last and when, for the push latency observed at its ack.
+        let mut in_flight: Option<(u64, std::time::Instant)>;
         loop {
             let snapshot = updates.borrow_and_update().snapshot_for(workload);
             let Some(snapshot) = snapshot else {
@@ -230,9 +232,12 @@ impl Services {
                     .await;
                 return;
             };
+            let version = snapshot.version;
+            let sent = std::time::Instant::now();
             if tx.send(Ok(snapshot)).await.is_err() {
                 return;
             }
+            in_flight = Some((version, sent));
             self.metrics.config_pushes.inc();
             loop {
                 tokio::select! {
@@ -243,6 +248,12 @@ impl Services {
                     message = inbound.message() => match message {
                         Ok(Some(WatchRequest { kind: Some(watch_request::Kind::Ack(ack)) })) => {
                             let result = if ack.accepted { "accepted" } else { "rejected" };
+                            if let Some((version, sent)) = in_flight {
+                                if version == ack.version {
+                                    self.metrics.config_push_duration.observe(sent.elapsed().as_secs_f64());
+                                    in_flight = None;
+                                }
+                            }
                             self.metrics.config_acks.with_label_values(&[result]).inc();
                             if !ack.accepted {
                                 tracing::warn!(%workload, version = ack.version, reason = %ack.reason, "sidecar rejected config");

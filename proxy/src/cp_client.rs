@@ -216,6 +216,16 @@ impl ControlPlaneClient {
             let ack = match result {
                 Ok(snapshot) => {
                     self.shared.metrics.config_version.set(version as i64);
+                    self.shared.metrics.config_last_update.set(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0.0, |d| d.as_secs_f64()),
+                    );
+                    for (name, namespace) in snapshot.services.keys() {
+                        self.shared
+                            .metrics
+                            .init_service(&format!("{name}.{namespace}"));
+                    }
                     self.shared
                         .metrics
                         .config_updates

@@ -266,7 +266,10 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
     let metrics = metrics::ProxyMetrics::new(&registry).map_err(|e| other(e.to_string()))?;
     metrics
         .info
-        .with_label_values(&[&bootstrap.workload, spiffe_id.namespace()])
+        .with_label_values(&[
+            bootstrap.workload.rsplit('/').next().unwrap_or_default(),
+            spiffe_id.namespace(),
+        ])
         .set(1);
     let bundle = identity::TrustBundle::from_pem(&bootstrap.trust_bundle_pem).map_err(|e| {
         cfg(format!(

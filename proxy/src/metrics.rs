@@ -37,6 +37,9 @@ pub struct ProxyMetrics {
     pub renewals: IntCounterVec,
     /// `meshflow_config_version` of the snapshot in force.
     pub config_version: IntGauge,
+    /// `meshflow_config_last_update_timestamp_seconds`: when the snapshot in force was
+    /// accepted, Unix seconds (config age = now − this).
+    pub config_last_update: prometheus::Gauge,
     /// `meshflow_config_updates_total{result}`: accepted / rejected.
     pub config_updates: IntCounterVec,
     /// `meshflow_control_plane_connected` (1 while the Watch stream is open).
@@ -44,7 +47,7 @@ pub struct ProxyMetrics {
     /// `meshflow_rejected_requests_total{direction, reason}`: framing, header_too_large,
     /// unknown_service, no_endpoint.
     pub rejected_requests: IntCounterVec,
-    /// `meshflow_info{workload, namespace}` = 1.
+    /// `meshflow_info{workload, namespace}` = 1 (`workload` is the name, without namespace).
     pub info: IntGaugeVec,
     /// `meshflow_attempts_total{service}`: upstream attempts started (first tries and retries).
     pub attempts: IntCounterVec,
@@ -128,6 +131,28 @@ impl ProxyMetrics {
                 t.service,
             ])
             .observe(seconds);
+    }
+
+    /// Creates the zero-valued series of `service`'s bounded per-service counters (timeouts
+    /// by kind, retry budget, ejections, request limits, injected faults), so dashboards and
+    /// `rate()` see 0 rather than no data before the first event. `service` is
+    /// `name.namespace` from the config snapshot.
+    pub fn init_service(&self, service: &str) {
+        self.attempts.with_label_values(&[service]);
+        self.retry_budget_exhausted.with_label_values(&[service]);
+        self.endpoint_ejections.with_label_values(&[service]);
+        for kind in ["request", "per_attempt", "stream_idle", "connect"] {
+            self.timeouts.with_label_values(&[service, kind]);
+        }
+        for limit in ["max_pending_requests", "max_requests_per_endpoint"] {
+            self.pool_overflow.with_label_values(&[service, limit]);
+        }
+        for kind in ["delay", "abort"] {
+            self.fault_injections.with_label_values(&[service, kind]);
+        }
+        for reason in ["body", "deadline", "pushback"] {
+            self.retry_skipped.with_label_values(&[service, reason]);
+        }
     }
 
     /// Counts a request the sidecar refused itself before knowing its peer or destination
@@ -247,6 +272,10 @@ impl ProxyMetrics {
                 "meshflow_config_version",
                 "Version of the config snapshot in force.",
             )?,
+            config_last_update: prometheus::Gauge::new(
+                "meshflow_config_last_update_timestamp_seconds",
+                "When the config snapshot in force was accepted, Unix seconds.",
+            )?,
             config_updates: IntCounterVec::new(
                 Opts::new(
                     "meshflow_config_updates_total",
@@ -358,6 +387,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.renewals.clone()))?;
         registry.register(Box::new(m.config_version.clone()))?;
         registry.register(Box::new(m.config_updates.clone()))?;
+        registry.register(Box::new(m.config_last_update.clone()))?;
         registry.register(Box::new(m.control_plane_connected.clone()))?;
         registry.register(Box::new(m.rejected_requests.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
@@ -372,6 +402,71 @@ impl ProxyMetrics {
         registry.register(Box::new(m.endpoint_in_flight.clone()))?;
         registry.register(Box::new(m.grpc_responses.clone()))?;
         registry.register(Box::new(m.authz_decisions.clone()))?;
+        // Fixed label values start at zero, so `rate()` and dashboards see 0, not no data.
+        for result in [
+            "ok",
+            "malformed",
+            "unknown_issuer",
+            "bad_signature",
+            "expired",
+            "not_yet_valid",
+            "bad_audience",
+            "multiple_tokens",
+        ] {
+            m.jwt_authentications.with_label_values(&[result]);
+        }
+        for result in ["ok", "error"] {
+            m.renewals.with_label_values(&[result]);
+        }
+        for result in ["accepted", "rejected"] {
+            m.config_updates.with_label_values(&[result]);
+        }
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    /// Issue 6, acceptance 4 (second half): label values with quotes, newlines and
+    /// backslashes are escaped (Prometheus text format 0.0.4) and the exposition stays valid.
+    #[test]
+    fn label_values_with_quotes_and_newlines_keep_the_exposition_valid() {
+        let registry = Registry::new();
+        let m = ProxyMetrics::new(&registry).unwrap();
+        m.authz_decisions
+            .with_label_values(&["deny", "ns/we\"ird\nname\\x"])
+            .inc();
+        m.init_service("a\"b\nc.default");
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        assert!(
+            text.contains(r#"policy="ns/we\"ird\nname\\x""#),
+            "escaped value in:\n{text}"
+        );
+        assert!(text.contains(r#"service="a\"b\nc.default""#));
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is installed by scripts/install-deps");
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

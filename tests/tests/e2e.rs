@@ -10,6 +10,8 @@ mod authz;
 mod collector;
 #[path = "e2e/common.rs"]
 mod common;
+#[path = "e2e/dashboards.rs"]
+mod dashboards;
 #[path = "e2e/hygiene.rs"]
 mod hygiene;
 #[path = "e2e/identity.rs"]

@@ -233,28 +233,7 @@ async fn up_smoke_and_promtool_clean_metrics() {
             text.contains("meshflow_"),
             "{admin} exposes meshflow metrics"
         );
-        let mut promtool = tokio::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool is installed by scripts/install-deps");
-        use tokio::io::AsyncWriteExt;
-        promtool
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .await
-            .unwrap();
-        let out = promtool.wait_with_output().await.unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics failed for {admin}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        promtool_check(&admin, &text).await;
     }
     let backend_metrics = metrics(&t.mesh.workload("backend").admin).await;
     assert!(
