@@ -19,6 +19,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The order example end to end: starts a local mesh (control plane + workflow
+    /// coordinator, inventory, payment, shipping, storefront, one sidecar each) with the demo
+    /// policies, runs a batch of orders through the `place-order` saga (some compensate, some
+    /// hit a 503 the mesh retries away, one direct call is denied) and prints a summary.
+    /// Ctrl-C stops every process it started.
+    Demo {
+        /// Orders in the batch.
+        #[arg(long, default_value_t = 50)]
+        orders: u32,
+        /// Orders in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Leave the mesh running after the summary (Ctrl-C stops it).
+        #[arg(long)]
+        keep_running: bool,
+        /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317`.
+        #[arg(long)]
+        otlp: Option<String>,
+        /// State directory (default: a new temporary directory, removed at exit).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Also write the summary as JSON to this file.
+        #[arg(long)]
+        summary_json: Option<PathBuf>,
+    },
     /// Workflow definitions and runs (a client of the coordinator's API).
     Workflow {
         #[command(flatten)]
@@ -181,6 +206,86 @@ async fn smoke(mesh: &LocalMesh) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn demo(
+    options: meshflow_cli::demo::DemoOptions,
+    state_dir: Option<PathBuf>,
+    keep_running: bool,
+) -> i32 {
+    let temp = match tempfile::Builder::new().prefix("meshflow-demo-").tempdir() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meshflow demo: temp dir: {e}");
+            return 1;
+        }
+    };
+    let where_ = if state_dir.is_some() {
+        ""
+    } else {
+        ", a temporary directory removed at exit"
+    };
+    let dir = state_dir.unwrap_or_else(|| temp.path().to_path_buf());
+    let mesh_path = match meshflow_cli::demo::write_files(&dir.join("config")) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("meshflow demo: {}: {e}", dir.display());
+            return 1;
+        }
+    };
+    let mut up = UpOptions::new(&dir.join("state"));
+    if let Some(endpoint) = &options.otlp {
+        up.env
+            .insert("MESHFLOW_OTLP_ENDPOINT".into(), endpoint.clone());
+    }
+    println!(
+        "meshflow demo: starting the mesh (state and logs in {}{where_})…",
+        dir.display()
+    );
+    // Starting processes blocks; keep it on the main thread (children's parent-death signal).
+    let mut mesh = match LocalMesh::start(&mesh_path, up) {
+        Ok(mesh) => mesh,
+        Err(e) => {
+            eprintln!("meshflow demo: {e}");
+            return 1;
+        }
+    };
+    print!("{}", mesh.describe());
+    let outcome = tokio::select! {
+        r = meshflow_cli::demo::run(&mesh, &options) => Some(r),
+        _ = wait_for_signal() => None,
+    };
+    let code = match outcome {
+        None => {
+            println!("\ninterrupted");
+            130
+        }
+        Some(Err(e)) => {
+            eprintln!("meshflow demo: {e:#}");
+            1
+        }
+        Some(Ok(summary)) => {
+            print!("{}", meshflow_cli::demo::render(&summary));
+            if let Some(path) = &options.summary_json {
+                let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
+                if let Err(e) = std::fs::write(path, json) {
+                    eprintln!("meshflow demo: {}: {e}", path.display());
+                }
+            }
+            let code = if summary.unexpected.is_empty() { 0 } else { 1 };
+            if keep_running {
+                println!(
+                    "mesh is up (logs in {}). Ctrl-C to stop.",
+                    dir.join("state/logs").display()
+                );
+                wait_for_signal().await;
+            }
+            code
+        }
+    };
+    println!("stopping…");
+    mesh.supervisor.shutdown();
+    code
+}
+
 async fn wait_for_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
@@ -248,6 +353,26 @@ async fn main() {
                 W::Retry { id } => verb(api, "retry", &id).await,
                 other => run(api, other).await,
             }
+        }
+        Command::Demo {
+            orders,
+            concurrency,
+            keep_running,
+            otlp,
+            state_dir,
+            summary_json,
+        } => {
+            demo(
+                meshflow_cli::demo::DemoOptions {
+                    orders,
+                    concurrency,
+                    otlp,
+                    summary_json,
+                },
+                state_dir,
+                keep_running,
+            )
+            .await
         }
         Command::Up {
             file,

@@ -354,8 +354,15 @@ impl LocalMesh {
 
     /// A human table of workloads and their addresses.
     pub fn describe(&self) -> String {
+        let width = self
+            .workloads
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .max(22);
         let mut out = format!(
-            "control plane  grpc {}  admin http://{}\n{:<22} {:<22} {:<22} {:<28} {}\n",
+            "control plane  grpc {}  admin http://{}\n{:<width$} {:<22} {:<22} {:<28} {}\n",
             self.control_plane,
             self.control_plane_admin,
             "WORKLOAD",
@@ -366,7 +373,7 @@ impl LocalMesh {
         );
         for w in self.workloads.values() {
             out.push_str(&format!(
-                "{:<22} {:<22} {:<22} {:<28} {}\n",
+                "{:<width$} {:<22} {:<22} {:<28} {}\n",
                 w.key,
                 w.outbound,
                 w.inbound,

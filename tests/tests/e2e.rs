@@ -12,6 +12,8 @@ mod collector;
 mod common;
 #[path = "e2e/dashboards.rs"]
 mod dashboards;
+#[path = "e2e/demo.rs"]
+mod demo;
 #[path = "e2e/hygiene.rs"]
 mod hygiene;
 #[path = "e2e/identity.rs"]
