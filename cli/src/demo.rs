@@ -53,6 +53,8 @@ pub struct DemoOptions {
     pub otlp: Option<String>,
     /// Also write the summary as JSON here.
     pub summary_json: Option<PathBuf>,
+    /// The batch must finish within this long (runs still going count as failures).
+    pub timeout: Duration,
 }
 
 /// How an order of the batch is set up, and how it should end.
@@ -202,7 +204,14 @@ impl Api {
                     })),
             )
             .await?;
-        if !(200..300).contains(&status) {
+        if status == 200 {
+            // The id exists already: a reused state directory would report old runs.
+            bail!(
+                "run {} already exists in this state directory; use a fresh --state-dir",
+                order.id
+            );
+        }
+        if status != 201 {
             bail!("start {}: {status} {body}", order.id);
         }
         Ok(())
@@ -359,13 +368,14 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
     let started = Instant::now();
     let total = batch.len();
     let mut runs: BTreeMap<String, Value> = BTreeMap::new();
+    let deadline = started + options.timeout;
     let mut results = futures::stream::iter(batch.iter().cloned().map(|order| {
         let api = &api;
         async move {
             api.start(&order).await?;
             loop {
                 let view = api.run(&order.id).await?;
-                if terminal(view["status"].as_str().unwrap_or("")) {
+                if terminal(view["status"].as_str().unwrap_or("")) || Instant::now() >= deadline {
                     return anyhow::Ok((order.id.clone(), view));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -406,7 +416,11 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
     let authz_denied = denied_total(&plain, mesh).await - denied_before;
 
     let mut statuses = BTreeMap::new();
-    let mut unexpected = Vec::new();
+    let mut unexpected: Vec<String> = denials
+        .iter()
+        .filter(|d| d.status != 403)
+        .map(|d| format!("{} → {}: {} (expected 403)", d.from, d.url, d.status))
+        .collect();
     let mut latencies: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for order in &batch {
         let view = &runs[&order.id];

@@ -43,6 +43,10 @@ enum Command {
         /// Also write the summary as JSON to this file.
         #[arg(long)]
         summary_json: Option<PathBuf>,
+        /// The batch must finish within this long (e.g. `5m`); unfinished runs count as
+        /// failed.
+        #[arg(long, default_value = "5m", value_parser = humantime_parse)]
+        timeout: Duration,
     },
     /// Workflow definitions and runs (a client of the coordinator's API).
     Workflow {
@@ -211,6 +215,9 @@ async fn demo(
     state_dir: Option<PathBuf>,
     keep_running: bool,
 ) -> i32 {
+    // Handle Ctrl-C / SIGTERM from the start: a signal while the mesh starts is acted on as
+    // soon as the start returns, and the temporary directory is still removed.
+    let mut signals = Signals::new();
     let temp = match tempfile::Builder::new().prefix("meshflow-demo-").tempdir() {
         Ok(t) => t,
         Err(e) => {
@@ -251,7 +258,7 @@ async fn demo(
     print!("{}", mesh.describe());
     let outcome = tokio::select! {
         r = meshflow_cli::demo::run(&mesh, &options) => Some(r),
-        _ = wait_for_signal() => None,
+        () = signals.recv() => None,
     };
     let code = match outcome {
         None => {
@@ -276,7 +283,7 @@ async fn demo(
                     "mesh is up (logs in {}). Ctrl-C to stop.",
                     dir.join("state/logs").display()
                 );
-                wait_for_signal().await;
+                signals.recv().await;
             }
             code
         }
@@ -284,6 +291,29 @@ async fn demo(
     println!("stopping…");
     mesh.supervisor.shutdown();
     code
+}
+
+/// SIGINT and SIGTERM, registered once (a signal that arrives before `recv` is kept).
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+        }
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -361,6 +391,7 @@ async fn main() {
             otlp,
             state_dir,
             summary_json,
+            timeout,
         } => {
             demo(
                 meshflow_cli::demo::DemoOptions {
@@ -368,6 +399,7 @@ async fn main() {
                     concurrency,
                     otlp,
                     summary_json,
+                    timeout,
                 },
                 state_dir,
                 keep_running,

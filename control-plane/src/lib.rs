@@ -122,7 +122,7 @@ async fn start_coordinator(
     config: &ControlPlaneConfig,
     addr: SocketAddr,
     registry: &Registry,
-) -> Result<SocketAddr, StartError> {
+) -> Result<(SocketAddr, meshflow_telemetry::Tracing), StartError> {
     use workflow::coordinator::{Coordinator, CoordinatorSettings};
     // The API trusts its sidecar's XFCC on loopback, like any meshed app: never expose it.
     if !addr.ip().is_loopback() {
@@ -154,6 +154,18 @@ async fn start_coordinator(
             }
         }
     };
+    let tracer = meshflow_telemetry::Tracing::new(
+        &meshflow_telemetry::TraceSettings {
+            otlp_endpoint: config.otlp_endpoint.clone(),
+            sampling_ratio: config.trace_sampling,
+            accept_b3: false,
+            service_name: "meshflow-coordinator".into(),
+            namespace: "meshflow-system".into(),
+            instance: Some(node.clone()),
+        },
+        registry,
+    )
+    .map_err(|e| StartError::Config(e.to_string()))?;
     let coordinator = Coordinator::new(
         Arc::new(store),
         CoordinatorSettings {
@@ -161,18 +173,7 @@ async fn start_coordinator(
             retention: config.workflow_retention,
             node: node.clone(),
             lease: config.workflow_lease,
-            tracing: meshflow_telemetry::Tracing::new(
-                &meshflow_telemetry::TraceSettings {
-                    otlp_endpoint: config.otlp_endpoint.clone(),
-                    sampling_ratio: config.trace_sampling,
-                    accept_b3: false,
-                    service_name: "meshflow-coordinator".into(),
-                    namespace: "meshflow-system".into(),
-                    instance: Some(node.clone()),
-                },
-                registry,
-            )
-            .map_err(|e| StartError::Config(e.to_string()))?,
+            tracing: tracer.clone(),
             trace_sampling: config.trace_sampling,
         },
         metrics,
@@ -210,7 +211,7 @@ async fn start_coordinator(
         }
     });
     tracing::info!(api = %bound, store = %url, "workflow coordinator serving");
-    Ok(bound)
+    Ok((bound, tracer))
 }
 
 pub async fn run(
@@ -373,9 +374,12 @@ pub async fn run(
         .add_service(IdentityServer::new(services.clone()))
         .add_service(ConfigServer::new(services));
 
-    let workflow_addr = match config.workflow_api {
-        Some(addr) => Some(start_coordinator(&config, addr, &registry).await?),
-        None => None,
+    let (workflow_addr, workflow_tracing) = match config.workflow_api {
+        Some(addr) => {
+            let (addr, tracing) = start_coordinator(&config, addr, &registry).await?;
+            (Some(addr), Some(tracing))
+        }
+        None => (None, None),
     };
     if let Some(ready) = &config.ready_file {
         let mut file = ReadyFile {
@@ -403,11 +407,16 @@ pub async fn run(
             let _ = stopping_tx.send(());
         },
     );
-    tokio::select! {
+    let result = tokio::select! {
         result = serve => result.map_err(other),
         () = async move {
             let _ = stopping_rx.await;
             tokio::time::sleep(Duration::from_secs(1)).await;
         } => Ok(()),
+    };
+    // Spans still queued (e.g. the run spans of the last commits) go out before exit.
+    if let Some(tracing) = workflow_tracing {
+        let _ = tokio::task::spawn_blocking(move || tracing.flush(Duration::from_secs(2))).await;
     }
+    result
 }

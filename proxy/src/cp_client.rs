@@ -221,11 +221,7 @@ impl ControlPlaneClient {
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0.0, |d| d.as_secs_f64()),
                     );
-                    for (name, namespace) in snapshot.services.keys() {
-                        self.shared
-                            .metrics
-                            .init_service(&format!("{name}.{namespace}"));
-                    }
+
                     self.shared
                         .metrics
                         .config_updates

@@ -47,6 +47,8 @@ pub struct InboundCtx {
     span: Option<meshflow_telemetry::Span>,
     /// gRPC status of the response (Trailers-Only headers or trailers).
     grpc_status: Option<String>,
+    /// Refused for framing or header size (already counted).
+    refused: bool,
 }
 
 /// The inbound `ProxyHttp`.
@@ -254,6 +256,7 @@ impl ProxyHttp for InboundProxy {
             authz: None,
             span: None,
             grpc_status: None,
+            refused: false,
         }
     }
 
@@ -302,6 +305,8 @@ impl ProxyHttp for InboundProxy {
             ));
         }
         if refuse_bad_request(session, &self.shared, "inbound").await? {
+            // Counted by `refuse_bad_request`; `logging` must not count it again.
+            ctx.refused = true;
             return Ok(true);
         }
         self.authorize(session, ctx).await
@@ -348,7 +353,7 @@ impl ProxyHttp for InboundProxy {
         }
         // The app's parent is our server span; whatever came in (valid or not) is replaced.
         if let Some(span) = &ctx.span {
-            crate::shared::set_trace_headers(upstream_request, span)?;
+            crate::shared::set_trace_headers(upstream_request, &self.shared.tracing, span)?;
         }
         // Forward exactly what was authorized.
         tracing::debug!(uri = %upstream_request.uri, target = ?ctx.forwarded_target, "inbound upstream request");
@@ -415,10 +420,6 @@ impl ProxyHttp for InboundProxy {
             .as_ref()
             .map(|s| s.span_context().trace_id().to_string());
         if let Some(span) = ctx.span.as_mut() {
-            span.set_attribute(KeyValue::new(
-                "http.response.status_code",
-                i64::from(status),
-            ));
             if let Some(path) = &ctx.normalized_path {
                 span.set_attribute(KeyValue::new("url.path", path.clone()));
             }
@@ -426,14 +427,7 @@ impl ProxyHttp for InboundProxy {
                 span.set_attribute(KeyValue::new("meshflow.authz.decision", *decision));
                 span.set_attribute(KeyValue::new("meshflow.authz.policy", policy.clone()));
             }
-            if let Some(g) = &ctx.grpc_status {
-                span.set_attribute(KeyValue::new("rpc.grpc.status_code", g.clone()));
-            }
-            // OpenTelemetry HTTP semantics: a server span is an error for 5xx (or no response).
-            if status >= 500 || status == 0 {
-                span.set_status(meshflow_telemetry::Status::error(format!("HTTP {status}")));
-            }
-            span.end();
+            crate::shared::finish_span(span, status, ctx.grpc_status.as_deref(), 500);
         }
         if let Some(log) = &self.shared.access_log {
             let req = session.req_header();
@@ -451,6 +445,9 @@ impl ProxyHttp for InboundProxy {
                 "authz": ctx.authz.as_ref().map(|(d, _)| *d),
                 "policy": ctx.authz.as_ref().map(|(_, p)| p.clone()),
             }));
+        }
+        if ctx.refused {
+            return;
         }
         let service = self.shared.workload.rsplit('/').next().unwrap_or("unknown");
         let principal = ctx

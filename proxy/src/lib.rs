@@ -297,8 +297,10 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         &registry,
     )
     .map_err(|e| cfg(e.to_string()))?;
+    let shared_tracing = tracing.clone();
     let shared = Shared {
         tracing,
+        metered_services: Arc::default(),
         identity: identity_state.clone(),
         config: Arc::new(config_state::ConfigState::default()),
         metrics: metrics.clone(),
@@ -410,9 +412,12 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
     server.add_service(outbound);
     server.add_service(background);
     tracing::info!(inbound = %inbound_port.addr, outbound = %outbound_port.addr, admin = %admin_addr, "sidecar starting");
+    let tracing = shared_tracing;
     server.run(RunArgs {
         shutdown_signal: Box::new(SignalWatch { admin_shutdown }),
     });
+    // Spans still queued go out before exit (bounded: a dead collector cannot hold us).
+    tracing.flush(Duration::from_secs(2));
     drop((inbound_port, outbound_port));
     Ok(())
 }

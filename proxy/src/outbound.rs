@@ -407,6 +407,7 @@ impl ProxyHttp for OutboundProxy {
                 .await;
         }
         let service_label = format!("{}.{}", name.name, name.namespace);
+        self.shared.init_service_metrics(&service_label);
 
         let now = Instant::now();
         let req = session.req_header();
@@ -621,6 +622,8 @@ impl ProxyHttp for OutboundProxy {
         ctx.endpoint = Some(endpoint);
         ctx.attempts += 1;
         ctx.attempt_started = Some(now);
+        // A status belongs to the attempt that produced it.
+        ctx.grpc_status = None;
         let service = self.service_label(ctx).to_string();
         self.shared
             .metrics
@@ -640,7 +643,7 @@ impl ProxyHttp for OutboundProxy {
         upstream_request.remove_header(TIMEOUT_HEADER);
         // The next hop's parent is our client span; an invalid incoming one is replaced.
         if let Some(span) = &ctx.span {
-            crate::shared::set_trace_headers(upstream_request, span)?;
+            crate::shared::set_trace_headers(upstream_request, &self.shared.tracing, span)?;
         }
         // Absolute-form (HTTP_PROXY style) → origin-form + Host for the next hop.
         if let Some(authority) = upstream_request
@@ -846,6 +849,7 @@ impl ProxyHttp for OutboundProxy {
         let timed_out = (ctx.timed_out.is_some() || deadline_passed) && !ctx.responded;
         if timed_out || matches!(e.etype(), ErrorType::HTTPStatus(504)) {
             if ctx.grpc {
+                ctx.grpc_status = Some("4".into());
                 // gRPC clients read DEADLINE_EXCEEDED from a Trailers-Only response.
                 let mut resp = ResponseHeader::build(200, Some(3)).expect("static status");
                 let _ = resp.insert_header("content-type", "application/grpc");
@@ -874,10 +878,6 @@ impl ProxyHttp for OutboundProxy {
             .map(|s| s.span_context().trace_id().to_string());
         if let Some(span) = ctx.span.as_mut() {
             span.set_attribute(KeyValue::new(
-                "http.response.status_code",
-                i64::from(status),
-            ));
-            span.set_attribute(KeyValue::new(
                 "url.path",
                 session.req_header().uri.path().to_string(),
             ));
@@ -895,14 +895,7 @@ impl ProxyHttp for OutboundProxy {
                 "meshflow.retries",
                 i64::from(ctx.attempts.saturating_sub(1)),
             ));
-            if let Some(g) = &ctx.grpc_status {
-                span.set_attribute(KeyValue::new("rpc.grpc.status_code", g.clone()));
-            }
-            // OpenTelemetry HTTP semantics: a client span is an error for 4xx/5xx (or none).
-            if status >= 400 || status == 0 {
-                span.set_status(meshflow_telemetry::Status::error(format!("HTTP {status}")));
-            }
-            span.end();
+            crate::shared::finish_span(span, status, ctx.grpc_status.as_deref(), 400);
         }
         let Some(service) = ctx.service.as_deref() else {
             return;

@@ -42,9 +42,24 @@ pub struct Shared {
     pub access_log: Option<Arc<crate::access_log::AccessLog>>,
     /// Span creation, propagation and OTLP export.
     pub tracing: meshflow_telemetry::Tracing,
+    /// Destination services whose zero-valued series exist (see
+    /// [`crate::metrics::ProxyMetrics::init_service`]): only services this sidecar called.
+    pub metered_services: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Shared {
+    /// Creates `service`'s zero-valued per-service series the first time it is called.
+    pub fn init_service_metrics(&self, service: &str) {
+        let mut seen = self
+            .metered_services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(service) {
+            self.metrics.init_service(service);
+            seen.insert(service.to_string());
+        }
+    }
+
     /// True once the sidecar has an SVID and a config snapshot.
     pub fn is_ready(&self) -> bool {
         self.identity.svid.load().is_some() && self.config.current().is_some()
@@ -52,21 +67,60 @@ impl Shared {
 }
 
 /// Replaces the W3C trace headers of `request` with ones naming `span` as the parent (an
-/// incoming `traceparent`, valid or not, never passes through unchanged).
+/// incoming `traceparent`, valid or not, never passes through unchanged; `tracestate` is
+/// carried on from the parent). When B3 is accepted, the B3 headers are replaced by a `b3`
+/// single header naming `span` too, so B3-only apps continue the same trace.
 ///
 /// # Errors
 /// When a header value cannot be set (never for the ASCII values produced here).
 pub fn set_trace_headers(
     request: &mut pingora_http::RequestHeader,
+    tracing: &meshflow_telemetry::Tracing,
     span: &meshflow_telemetry::Span,
 ) -> pingora_error::Result<()> {
     use meshflow_telemetry::SpanTrait as _;
-    request.remove_header("traceparent");
-    request.remove_header("tracestate");
+    while request.remove_header("traceparent").is_some() {}
+    while request.remove_header("tracestate").is_some() {}
     for (name, value) in meshflow_telemetry::headers_for(span.span_context()) {
         request.insert_header(name, value)?;
     }
+    if tracing.accepts_b3() {
+        for name in meshflow_telemetry::B3_HEADERS {
+            while request.remove_header(*name).is_some() {}
+        }
+        request.insert_header("b3", meshflow_telemetry::b3_header_for(span.span_context()))?;
+    }
     Ok(())
+}
+
+/// Marks `span` failed when the response is an error: HTTP status at or above
+/// `error_from` (500 for server spans, 400 for client spans, per OpenTelemetry's HTTP
+/// semantic conventions), no response at all, or a gRPC status other than 0 (OK).
+pub fn finish_span(
+    span: &mut meshflow_telemetry::Span,
+    status: u16,
+    grpc_status: Option<&str>,
+    error_from: u16,
+) {
+    use meshflow_telemetry::SpanTrait as _;
+    span.set_attribute(opentelemetry::KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    if let Some(g) = grpc_status {
+        span.set_attribute(opentelemetry::KeyValue::new(
+            "rpc.grpc.status_code",
+            g.to_string(),
+        ));
+    }
+    if status >= error_from || status == 0 {
+        span.set_status(meshflow_telemetry::Status::error(format!("HTTP {status}")));
+    } else if let Some(g) = grpc_status.filter(|g| *g != "0") {
+        span.set_status(meshflow_telemetry::Status::error(format!(
+            "gRPC status {g}"
+        )));
+    }
+    span.end();
 }
 
 /// A bounded label for a `grpc-status` value: `0`–`16`, else `invalid` (gRPC status codes,

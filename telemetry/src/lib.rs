@@ -47,7 +47,7 @@ pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How a process traces.
 #[derive(Debug, Clone)]
 pub struct TraceSettings {
-    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; `None` exports nothing.
+    /// OTLP/gRPC collector, plaintext, e.g. `http://127.0.0.1:4317`; `None` exports nothing.
     pub otlp_endpoint: Option<String>,
     /// Probability (0.0–1.0) that a new root trace is sampled.
     pub sampling_ratio: f64,
@@ -67,8 +67,11 @@ pub enum TelemetryError {
     /// The sampling ratio is not within 0.0–1.0.
     #[error("trace sampling ratio {0} is not within 0.0–1.0")]
     Ratio(f64),
-    /// The OTLP endpoint is not a `http://` or `https://` URL.
-    #[error("OTLP endpoint {0:?} must be an http:// or https:// URL")]
+    /// The OTLP endpoint is not a plaintext `http://` URL (TLS to the collector is not
+    /// supported yet; run a local collector or agent).
+    #[error(
+        "OTLP endpoint {0:?} must be an http:// URL (TLS to the collector is not supported yet)"
+    )]
     Endpoint(String),
     /// Metric registration failed.
     #[error("metrics: {0}")]
@@ -149,11 +152,87 @@ pub struct Tracing {
     tracer: opentelemetry_sdk::trace::Tracer,
     _provider: TracerProvider,
     b3: Option<Arc<opentelemetry_zipkin::Propagator>>,
+    ratio: f64,
+    flush: Option<tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>>,
 }
 
 impl std::fmt::Debug for Tracing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracing").finish_non_exhaustive()
+    }
+}
+
+/// Whether `value` is a well-formed W3C `traceparent` (Trace Context §3.2): lowercase hex
+/// `version-traceid-parentid-flags` of 2, 32, 16 and 2 digits; version `ff` is invalid;
+/// version `00` has exactly four fields (later versions may append `-…`); ids not all zero.
+/// The SDK's parser accepts short and signed fields, so this is checked first.
+pub fn valid_traceparent(value: &str) -> bool {
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let fields: Vec<&str> = value.split('-').collect();
+    if fields.len() < 4 {
+        return false;
+    }
+    let (version, trace, parent, flags) = (fields[0], fields[1], fields[2], fields[3]);
+    hex(version, 2)
+        && version != "ff"
+        && (fields.len() == 4 || version != "00")
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2)
+}
+
+/// W3C headers as the propagator should see them: a strictly valid `traceparent` only, and
+/// every `tracestate` line joined with `,` and each member trimmed (RFC 9110 §5.3 list
+/// syntax; the SDK's parser rejects the optional whitespace the spec allows).
+struct W3cExtract {
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl W3cExtract {
+    fn new(headers: &http::HeaderMap) -> Self {
+        let mut traceparents = headers.get_all("traceparent").iter();
+        let traceparent = match (traceparents.next(), traceparents.next()) {
+            (Some(v), None) => v
+                .to_str()
+                .ok()
+                .filter(|v| valid_traceparent(v))
+                .map(str::to_string),
+            // None, or more than one (ambiguous): no parent.
+            _ => None,
+        };
+        let members: Vec<&str> = headers
+            .get_all("tracestate")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .collect();
+        Self {
+            traceparent,
+            tracestate: (!members.is_empty()).then(|| members.join(",")),
+        }
+    }
+}
+
+impl Extractor for W3cExtract {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => self.traceparent.as_deref(),
+            "tracestate" => self.tracestate.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
     }
 }
 
@@ -202,12 +281,17 @@ impl Tracing {
                 settings.sampling_ratio,
             ))))
             .with_resource(resource.clone());
+        let mut flush = None;
         if let Some(endpoint) = &settings.otlp_endpoint {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            // TLS to the collector is not configured (no tonic TLS roots for the exporter):
+            // refuse https:// rather than failing every export.
+            if !endpoint.starts_with("http://") {
                 return Err(TelemetryError::Endpoint(endpoint.clone()));
             }
             let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_CAPACITY);
-            spawn_exporter(endpoint.clone(), resource, rx, metrics.clone())?;
+            let (flush_tx, flush_rx) = tokio::sync::mpsc::unbounded_channel();
+            spawn_exporter(endpoint.clone(), resource, rx, flush_rx, metrics.clone())?;
+            flush = Some(flush_tx);
             builder = builder.with_span_processor(QueueProcessor {
                 queue: tx,
                 dropped: metrics.dropped.with_label_values(&["queue_full"]),
@@ -223,23 +307,38 @@ impl Tracing {
                     opentelemetry_zipkin::B3Encoding::SingleAndMultiHeader,
                 ))
             }),
+            ratio: settings.sampling_ratio,
+            flush,
         })
     }
 
     /// The trace context in `headers`: a valid W3C `traceparent` (+ `tracestate`), else B3
     /// when accepted, else none (the next span is a root).
     pub fn extract(&self, headers: &http::HeaderMap) -> Context {
-        let cx = TraceContextPropagator::new().extract(&HeaderExtract(headers));
+        let cx = TraceContextPropagator::new().extract(&W3cExtract::new(headers));
         if cx.span().span_context().is_valid() {
             return cx;
         }
         if let Some(b3) = &self.b3 {
             let cx = b3.extract(&HeaderExtract(headers));
-            if cx.span().span_context().is_valid() {
-                return cx;
+            let sc = cx.span().span_context().clone();
+            if sc.is_valid() {
+                return Context::new().with_remote_span_context(SpanContext::new(
+                    sc.trace_id(),
+                    sc.span_id(),
+                    b3_flags(headers, sc.trace_id(), self.ratio),
+                    true,
+                    TraceState::default(),
+                ));
             }
         }
         Context::new()
+    }
+
+    /// Whether B3 headers are accepted (and so replaced on the way out, see
+    /// [`B3_HEADERS`]).
+    pub fn accepts_b3(&self) -> bool {
+        self.b3.is_some()
     }
 
     /// Starts a span named `name` of `kind` under `parent` (see [`Tracing::extract`]).
@@ -256,6 +355,19 @@ impl Tracing {
                 .with_attributes(attributes),
             parent,
         )
+    }
+
+    /// Exports every span queued so far, waiting at most `timeout` (call before exiting:
+    /// queued spans are otherwise lost). Returns whether the export finished in time.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(flush) = &self.flush else {
+            return true;
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        if flush.send(done_tx).is_err() {
+            return false;
+        }
+        done_rx.recv_timeout(timeout).is_ok()
     }
 
     /// Records a span whose ids, parent, sampling and times are already decided (a workflow
@@ -311,6 +423,61 @@ impl Tracing {
     }
 }
 
+/// The B3 headers (single and multi) a sidecar that accepts B3 replaces with its own span's
+/// `b3` single header.
+pub const B3_HEADERS: &[&str] = &[
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+/// B3's sampling decision as W3C flags: `1`/`d` (debug) sampled, `0` not sampled, absent
+/// (deferred) decided here by `ratio` like a new root.
+fn b3_flags(headers: &http::HeaderMap, trace_id: TraceId, ratio: f64) -> TraceFlags {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let decision = match get("b3") {
+        Some(single) => single.split('-').nth(2).map(str::to_string),
+        None => match (get("x-b3-flags"), get("x-b3-sampled")) {
+            (Some("1"), _) => Some("d".to_string()),
+            (_, Some(s)) => Some(s.to_ascii_lowercase()),
+            _ => None,
+        },
+    };
+    let sampled = match decision.as_deref() {
+        Some("1" | "d" | "true") => true,
+        Some("0" | "false") => false,
+        _ => matches!(
+            Sampler::TraceIdRatioBased(ratio)
+                .should_sample(None, trace_id, "", &SpanKind::Internal, &[], &[])
+                .decision,
+            SamplingDecision::RecordAndSample
+        ),
+    };
+    if sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    }
+}
+
+/// The B3 single header (`b3: <trace>-<span>-<1|0>`) naming `span` as the parent.
+pub fn b3_header_for(span: &SpanContext) -> String {
+    format!(
+        "{}-{}-{}",
+        span.trace_id(),
+        span.span_id(),
+        if span.is_sampled() { "1" } else { "0" }
+    )
+}
+
 /// W3C trace context headers (`traceparent`, and `tracestate` when not empty) that make
 /// `span` the parent of the next hop.
 pub fn headers_for(span: &SpanContext) -> Vec<(String, String)> {
@@ -334,7 +501,7 @@ pub fn traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> String 
 pub fn parse_traceparent(value: &str) -> Option<(TraceId, SpanId, bool)> {
     let mut headers = http::HeaderMap::new();
     headers.insert("traceparent", value.parse().ok()?);
-    let cx = TraceContextPropagator::new().extract(&HeaderExtract(&headers));
+    let cx = TraceContextPropagator::new().extract(&W3cExtract::new(&headers));
     let sc = cx.span().span_context().clone();
     sc.is_valid()
         .then(|| (sc.trace_id(), sc.span_id(), sc.is_sampled()))
@@ -375,10 +542,33 @@ pub fn new_root(ratio: f64) -> (TraceId, SpanId, bool) {
 
 use opentelemetry_sdk::trace::ShouldSample as _;
 
+async fn export(
+    exporter: &mut opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<SpanData>,
+    endpoint: &str,
+    metrics: &ExportMetrics,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    match exporter.export(std::mem::take(batch)).await {
+        Ok(()) => metrics.exported.inc_by(n),
+        Err(e) => {
+            tracing::warn!(%endpoint, spans = n, "OTLP export failed: {e}");
+            metrics
+                .dropped
+                .with_label_values(&["export_failed"])
+                .inc_by(n);
+        }
+    }
+}
+
 fn spawn_exporter(
     endpoint: String,
     resource: Resource,
     mut queue: tokio::sync::mpsc::Receiver<SpanData>,
+    mut flushes: tokio::sync::mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>,
     metrics: ExportMetrics,
 ) -> Result<(), TelemetryError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -408,27 +598,34 @@ fn spawn_exporter(
                 exporter.set_resource(&resource);
                 let mut batch = Vec::with_capacity(MAX_BATCH);
                 loop {
-                    let Some(first) = queue.recv().await else {
-                        return;
-                    };
-                    batch.push(first);
-                    let flush_at = tokio::time::Instant::now() + BATCH_INTERVAL;
-                    while batch.len() < MAX_BATCH {
-                        match tokio::time::timeout_at(flush_at, queue.recv()).await {
-                            Ok(Some(span)) => batch.push(span),
-                            Ok(None) | Err(_) => break,
+                    let mut waiting = None;
+                    tokio::select! {
+                        span = queue.recv() => match span {
+                            Some(span) => batch.push(span),
+                            None => return,
+                        },
+                        Some(done) = flushes.recv() => waiting = Some(done),
+                    }
+                    if waiting.is_some() {
+                        // Flush: everything queued now, in batches, then answer.
+                        while let Ok(span) = queue.try_recv() {
+                            batch.push(span);
+                            if batch.len() == MAX_BATCH {
+                                export(&mut exporter, &mut batch, &endpoint, &metrics).await;
+                            }
+                        }
+                    } else {
+                        let flush_at = tokio::time::Instant::now() + BATCH_INTERVAL;
+                        while batch.len() < MAX_BATCH {
+                            match tokio::time::timeout_at(flush_at, queue.recv()).await {
+                                Ok(Some(span)) => batch.push(span),
+                                Ok(None) | Err(_) => break,
+                            }
                         }
                     }
-                    let n = batch.len() as u64;
-                    match exporter.export(std::mem::take(&mut batch)).await {
-                        Ok(()) => metrics.exported.inc_by(n),
-                        Err(e) => {
-                            tracing::warn!(%endpoint, spans = n, "OTLP export failed: {e}");
-                            metrics
-                                .dropped
-                                .with_label_values(&["export_failed"])
-                                .inc_by(n);
-                        }
+                    export(&mut exporter, &mut batch, &endpoint, &metrics).await;
+                    if let Some(done) = waiting {
+                        let _ = done.send(());
                     }
                 }
             });
@@ -494,6 +691,12 @@ mod tests {
             "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
             "00-xyz-b7ad6b7169203331-01",
             "garbage",
+            // Accepted by the SDK's parser alone (short or signed fields, extra fields).
+            "00-1-2-01",
+            "+0-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-+af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1",
         ] {
             let span = t.start(
                 "GET",
@@ -510,6 +713,78 @@ mod tests {
             );
             assert!(parse_traceparent(&headers_for(sc)[0].1).is_some());
         }
+    }
+
+    #[test]
+    fn tracestate_lines_and_spaces_are_kept() {
+        let t = tracing(false);
+        let mut h = headers(&[(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )]);
+        h.append(
+            "tracestate",
+            "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7".parse().unwrap(),
+        );
+        h.append("tracestate", "vendor=x".parse().unwrap());
+        let span = t.start("GET", SpanKind::Server, &t.extract(&h), vec![]);
+        let out = headers_for(span.span_context());
+        let state = out
+            .iter()
+            .find(|(k, _)| k == "tracestate")
+            .map(|(_, v)| v.as_str());
+        assert_eq!(
+            state,
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7,vendor=x")
+        );
+        // Two traceparent lines are ambiguous: a new root.
+        let mut two = headers(&[(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )]);
+        two.append(
+            "traceparent",
+            "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        let span = t.start("GET", SpanKind::Server, &t.extract(&two), vec![]);
+        assert!(!span
+            .span_context()
+            .trace_id()
+            .to_string()
+            .ends_with("dd8448eb211c80319c"));
+    }
+
+    #[test]
+    fn b3_deferred_sampling_follows_the_ratio() {
+        let trace = "80f198ee56343ba864fe8b2a57d3eff7";
+        let multi = |sampled: Option<&str>| {
+            let mut h = headers(&[("x-b3-traceid", trace), ("x-b3-spanid", "e457b5a2e4d86bd1")]);
+            if let Some(s) = sampled {
+                h.insert("x-b3-sampled", s.parse().unwrap());
+            }
+            h
+        };
+        let on = tracing(true); // ratio 1.0
+        let sampled = |h: &http::HeaderMap| {
+            let span = on.start("GET", SpanKind::Server, &on.extract(h), vec![]);
+            assert_eq!(span.span_context().trace_id().to_string(), trace);
+            span.span_context().is_sampled()
+        };
+        assert!(sampled(&multi(None)), "deferred: the ratio (1.0) decides");
+        assert!(sampled(&multi(Some("1"))));
+        assert!(!sampled(&multi(Some("0"))), "an explicit 0 is kept");
+        assert!(
+            sampled(&headers(&[("b3", &format!("{trace}-e457b5a2e4d86bd1-d"))])),
+            "debug"
+        );
+        assert!(!sampled(&headers(&[(
+            "b3",
+            &format!("{trace}-e457b5a2e4d86bd1-0")
+        )])));
+        let span = on.start("GET", SpanKind::Server, &on.extract(&multi(None)), vec![]);
+        assert!(b3_header_for(span.span_context()).starts_with(&format!("{trace}-")));
     }
 
     #[test]
@@ -565,6 +840,81 @@ mod tests {
         assert_ne!(a, derived_span_id(&["run-1", "charge1", "", "call"]));
     }
 
+    /// A full queue drops the span and counts it; the caller never blocks.
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let registry = Registry::new();
+        let metrics = ExportMetrics::new(&registry).unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let provider = TracerProvider::builder()
+            .with_span_processor(QueueProcessor {
+                queue: tx,
+                dropped: metrics.dropped.with_label_values(&["queue_full"]),
+            })
+            .build();
+        let tracer = provider.tracer("test");
+        for _ in 0..3 {
+            tracer.start("x").end();
+        }
+        assert_eq!(
+            metrics.dropped.with_label_values(&["queue_full"]).get(),
+            2,
+            "one span fits, two are dropped"
+        );
+    }
+
+    /// Spans the collector does not take are counted as `export_failed`.
+    #[test]
+    fn failed_exports_are_counted() {
+        // A port nobody listens on: the export is refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let registry = Registry::new();
+        let t = Tracing::new(
+            &TraceSettings {
+                otlp_endpoint: Some(format!("http://127.0.0.1:{port}")),
+                sampling_ratio: 1.0,
+                accept_b3: false,
+                service_name: "web".into(),
+                namespace: "default".into(),
+                instance: None,
+            },
+            &registry,
+        )
+        .unwrap();
+        t.start("GET", SpanKind::Client, &Context::new(), vec![])
+            .end();
+        let failed = || {
+            registry
+                .gather()
+                .iter()
+                .find(|f| f.name() == "meshflow_trace_spans_dropped_total")
+                .and_then(|f| {
+                    f.get_metric()
+                        .iter()
+                        .find(|m| m.get_label().iter().any(|l| l.value() == "export_failed"))
+                })
+                .map_or(0.0, |m| m.get_counter().get_value())
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while failed() < 1.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no export failure counted"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(failed(), 1.0);
+        // A flush answers once the queue is empty (here: the export failed again at once).
+        t.start("GET", SpanKind::Client, &Context::new(), vec![])
+            .end();
+        assert!(t.flush(Duration::from_secs(20)), "flush did not finish");
+        assert_eq!(failed(), 2.0, "the flush exported the queued span");
+    }
+
     #[test]
     fn bad_settings_are_refused() {
         let mut s = TraceSettings {
@@ -580,10 +930,12 @@ mod tests {
             Err(TelemetryError::Ratio(_))
         ));
         s.sampling_ratio = 0.5;
-        s.otlp_endpoint = Some("127.0.0.1:4317".into());
-        assert!(matches!(
-            Tracing::new(&s, &Registry::new()),
-            Err(TelemetryError::Endpoint(_))
-        ));
+        for bad in ["127.0.0.1:4317", "https://collector:4317"] {
+            s.otlp_endpoint = Some(bad.into());
+            assert!(matches!(
+                Tracing::new(&s, &Registry::new()),
+                Err(TelemetryError::Endpoint(_))
+            ));
+        }
     }
 }

@@ -286,6 +286,8 @@ impl Coordinator {
             })
             .await?;
         if created {
+            // A run can finish in its creating commit (every step skipped, a template error).
+            super::trace::record_committed(&self.settings.tracing, &run_id, &state, &events);
             self.owned
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

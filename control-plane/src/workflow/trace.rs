@@ -5,7 +5,9 @@
 //! ([`meshflow_telemetry::derived_span_id`]), and a span is recorded when its end is
 //! committed — by whichever coordinator commits it. A coordinator that takes a run over after
 //! a crash therefore records spans with the same ids as the one that started them, and the
-//! sidecar spans of calls sent before the crash keep their parent.
+//! sidecar spans of calls sent before the crash keep their parent. What a crash can lose is
+//! the spans recorded but not yet exported (the export batch: at most 200 ms of spans); a
+//! graceful stop flushes them.
 //!
 //! The run's stored `traceparent` names the trace, the sampling decision and the root's
 //! parent: when its span id is the derived root id the run is itself the root; otherwise that
@@ -140,6 +142,38 @@ pub fn record_committed(tracing: &Tracing, run_id: &str, state: &RunState, event
                 );
             }
             Event::RunFinished { status, at_ms, .. } => {
+                // Attempts still in flight when the run ended (terminated, history limit) are
+                // abandoned: their result, if it comes, is only recorded as late. Record their
+                // spans now, so the sidecar spans of those calls keep a parent.
+                for (step, s) in &state.steps {
+                    for a in s.attempts.iter().filter(|a| a.ended_ms.is_none()) {
+                        tracing.record(
+                            if a.compensation {
+                                format!("compensate {step}")
+                            } else {
+                                format!("step {step}")
+                            },
+                            SpanKind::Internal,
+                            (
+                                trace_id,
+                                attempt_span_id(run_id, step, a.attempt, a.compensation),
+                                true,
+                            ),
+                            Some(root),
+                            at(a.started_ms),
+                            at((*at_ms).max(a.started_ms)),
+                            vec![
+                                KeyValue::new("meshflow.run_id", run_id.to_string()),
+                                KeyValue::new("meshflow.workflow", state.workflow.clone()),
+                                KeyValue::new("meshflow.step", step.clone()),
+                                KeyValue::new("meshflow.attempt", i64::from(a.attempt)),
+                                KeyValue::new("meshflow.compensation", a.compensation),
+                                KeyValue::new("meshflow.result", "abandoned"),
+                            ],
+                            Some(format!("abandoned: run ended {}", status.as_str())),
+                        );
+                    }
+                }
                 let parent = (stored != root).then_some(stored);
                 tracing.record(
                     format!("run {}", state.workflow),

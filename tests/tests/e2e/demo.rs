@@ -266,3 +266,67 @@ async fn the_demo_exits_cleanly_and_leaves_no_process_or_port() {
     assert_eq!(summary["retriesAbsorbed"].as_f64().unwrap(), 1.0);
     nothing_left(&summary);
 }
+
+/// Acceptance 4 (Ctrl-C mid-batch): the demo stops within 10 s and every process it started
+/// (named by the ready files of the control plane and sidecars) is gone, its ports free.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_during_the_batch_stops_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("demo");
+    let mut child = demo(
+        &["--orders", "5000", "--concurrency", "2"],
+        &state,
+        &dir.path().join("summary.json"),
+    );
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
+        if line.starts_with("orders ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress line");
+        assert!(child.try_wait().unwrap().is_none(), "demo exited early");
+    }
+    let mut ready = Vec::new();
+    for entry in std::fs::read_dir(state.join("state/ready")).unwrap() {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap();
+        ready.push(v);
+    }
+    assert!(ready.len() >= 6, "{ready:?}");
+    let sent = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "Ctrl-C took longer than 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "interrupted");
+    for r in &ready {
+        let pid = r["pid"].as_u64().unwrap() as i32;
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+            "{r} still alive"
+        );
+        for addr in r["addresses"].as_object().unwrap().values() {
+            let addr: std::net::SocketAddr = addr.as_str().unwrap().parse().unwrap();
+            std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr} still bound: {e}"));
+        }
+    }
+}

@@ -118,6 +118,25 @@ async fn a_request_through_two_sidecars_is_one_trace_and_bad_context_is_replaced
     );
     assert!(server_span.start_ns >= client_span.start_ns);
 
+    // `tracestate` (two lines, optional whitespace) travels with the trace to the app.
+    let r = client
+        .get("http://backend.default/hello")
+        .header(
+            "traceparent",
+            format!("00-{}-{}-01", random_hex(16), random_hex(8)),
+        )
+        .header("tracestate", "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7")
+        .header("tracestate", "vendor=x")
+        .send()
+        .await
+        .unwrap();
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(
+        echo["headers"]["tracestate"],
+        json!(["congo=t61rcWkgMzE,rojo=00f067aa0ba902b7,vendor=x"]),
+        "{echo}"
+    );
+
     // Invalid parents: never propagated; the app sees a fresh, valid trace.
     let bogus_trace = "0af7651916cd43dd8448eb211c80319c";
     for bad in [
@@ -127,6 +146,9 @@ async fn a_request_through_two_sidecars_is_one_trace_and_bad_context_is_replaced
         format!("ff-{bogus_trace}-b7ad6b7169203331-01"),
         format!("00-{bogus_trace}-b7ad6b7169203331"),
         "not a traceparent".to_string(),
+        // Shapes the OpenTelemetry SDK's parser alone would accept.
+        "00-1-2-01".to_string(),
+        format!("00-{bogus_trace}-b7ad6b7169203331-01-extra"),
     ] {
         let echo = get(Some(bad.clone())).await;
         let (fresh, _, flags) = seen_traceparent(&echo);
