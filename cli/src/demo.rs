@@ -159,8 +159,12 @@ pub struct Summary {
     pub authz_denied: f64,
     /// Admin (metrics) URL per workload, and the control plane's.
     pub metrics: BTreeMap<String, String>,
-    /// Where spans go, if anywhere.
+    /// Where spans go, if anywhere (`--otlp`, else `MESHFLOW_OTLP_ENDPOINT`).
     pub traces: Option<String>,
+    /// Spans exported so far by every process (`meshflow_trace_spans_exported_total`).
+    pub spans_exported: f64,
+    /// Spans that could not be exported (`meshflow_trace_spans_dropped_total`).
+    pub spans_dropped: f64,
     /// The workflow API.
     pub workflow_api: String,
     /// The API token file.
@@ -225,6 +229,42 @@ impl Api {
             bail!("get {id}: {status} {body}");
         }
         Ok(body)
+    }
+}
+
+/// What the demo keeps of a run: its status and the latency of each step's last call
+/// attempt (ms). Small, so a long batch does not hold every run's full state.
+struct Finished {
+    status: String,
+    steps: Vec<(String, f64)>,
+}
+
+impl Finished {
+    fn not_started() -> Self {
+        Self {
+            status: "NotStarted".into(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn from_view(view: &Value) -> Self {
+        let mut steps = Vec::new();
+        if let Some(all) = view["state"]["steps"].as_object() {
+            for (step, state) in all {
+                let last = state["attempts"]
+                    .as_array()
+                    .and_then(|a| a.iter().rev().find(|x| x["compensation"] != json!(true)));
+                if let Some(a) = last {
+                    if let (Some(s), Some(e)) = (a["startedMs"].as_u64(), a["endedMs"].as_u64()) {
+                        steps.push((step.clone(), e.saturating_sub(s) as f64));
+                    }
+                }
+            }
+        }
+        Self {
+            status: view["status"].as_str().unwrap_or("").to_string(),
+            steps,
+        }
     }
 }
 
@@ -367,16 +407,20 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
     let batch = orders(options.orders);
     let started = Instant::now();
     let total = batch.len();
-    let mut runs: BTreeMap<String, Value> = BTreeMap::new();
+    let mut runs: BTreeMap<String, Finished> = BTreeMap::new();
     let deadline = started + options.timeout;
     let mut results = futures::stream::iter(batch.iter().cloned().map(|order| {
         let api = &api;
         async move {
+            // Past the deadline no new order starts; it is reported as not started.
+            if Instant::now() >= deadline {
+                return anyhow::Ok((order.id.clone(), Finished::not_started()));
+            }
             api.start(&order).await?;
             loop {
                 let view = api.run(&order.id).await?;
                 if terminal(view["status"].as_str().unwrap_or("")) || Instant::now() >= deadline {
-                    return anyhow::Ok((order.id.clone(), view));
+                    return anyhow::Ok((order.id.clone(), Finished::from_view(&view)));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -385,16 +429,19 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
     .buffer_unordered(options.concurrency.max(1));
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut last_line = Instant::now();
+    let (mut completed, mut compensated) = (0usize, 0usize);
     while let Some(result) = results.next().await {
-        let (id, view) = result?;
-        runs.insert(id, view);
-        let count = |s: &str| runs.values().filter(|v| v["status"] == s).count();
+        let (id, finished) = result?;
+        match finished.status.as_str() {
+            "Completed" => completed += 1,
+            "Compensated" => compensated += 1,
+            _ => {}
+        }
+        runs.insert(id, finished);
         let line = format!(
-            "orders {:>4}/{total}  completed {:>4}  compensated {:>3}  failed {:>3}  {:>5.1}s",
+            "orders {:>4}/{total}  completed {completed:>4}  compensated {compensated:>3}  failed {:>3}  {:>5.1}s",
             runs.len(),
-            count("Completed"),
-            count("Compensated"),
-            runs.len() - count("Completed") - count("Compensated"),
+            runs.len() - completed - compensated,
             started.elapsed().as_secs_f64()
         );
         if interactive {
@@ -411,6 +458,20 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
     }
     drop(results);
 
+    let mut spans_exported = 0.0;
+    let mut spans_dropped = 0.0;
+    let admins: Vec<String> = mesh
+        .workloads
+        .values()
+        .map(|w| w.admin.clone())
+        .chain([mesh.control_plane_admin.clone()])
+        .collect();
+    for admin in &admins {
+        spans_exported +=
+            scrape_sum(&plain, admin, "meshflow_trace_spans_exported_total", &[]).await;
+        spans_dropped += scrape_sum(&plain, admin, "meshflow_trace_spans_dropped_total", &[]).await;
+    }
+
     // Retries are counted when the retry starts; the sidecar's metric is already final.
     let retries_absorbed = shipping_retries().await - retries_before;
     let authz_denied = denied_total(&plain, mesh).await - denied_before;
@@ -423,8 +484,8 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
         .collect();
     let mut latencies: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for order in &batch {
-        let view = &runs[&order.id];
-        let status = view["status"].as_str().unwrap_or("").to_string();
+        let finished = &runs[&order.id];
+        let status = finished.status.clone();
         *statuses.entry(status.clone()).or_insert(0) += 1;
         if status != order.expected {
             unexpected.push(format!(
@@ -432,20 +493,8 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
                 order.id, order.expected
             ));
         }
-        if let Some(steps) = view["state"]["steps"].as_object() {
-            for (step, state) in steps {
-                let last = state["attempts"]
-                    .as_array()
-                    .and_then(|a| a.iter().rev().find(|x| x["compensation"] != json!(true)));
-                if let Some(a) = last {
-                    if let (Some(s), Some(e)) = (a["startedMs"].as_u64(), a["endedMs"].as_u64()) {
-                        latencies
-                            .entry(step.clone())
-                            .or_default()
-                            .push(e.saturating_sub(s) as f64);
-                    }
-                }
-            }
+        for (step, ms) in &finished.steps {
+            latencies.entry(step.clone()).or_default().push(*ms);
         }
     }
     let step_latency = latencies
@@ -489,7 +538,7 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
         statuses,
         runs: runs
             .iter()
-            .map(|(id, v)| (id.clone(), v["status"].as_str().unwrap_or("").to_string()))
+            .map(|(id, f)| (id.clone(), f.status.clone()))
             .collect(),
         unexpected,
         step_latency,
@@ -498,7 +547,12 @@ pub async fn run(mesh: &LocalMesh, options: &DemoOptions) -> anyhow::Result<Summ
         denials,
         authz_denied,
         metrics,
-        traces: options.otlp.clone(),
+        traces: options
+            .otlp
+            .clone()
+            .or_else(|| std::env::var("MESHFLOW_OTLP_ENDPOINT").ok()),
+        spans_exported,
+        spans_dropped,
         workflow_api: format!("http://{api_addr}"),
         workflow_token: mesh.workflow_token_path(),
         example_run: batch
@@ -560,7 +614,16 @@ pub fn render(s: &Summary) -> String {
         s.traces.as_deref().map_or_else(
             || "not exported (run with --otlp http://127.0.0.1:4317 to send them to a collector)"
                 .to_string(),
-            |e| format!("OTLP/gRPC to {e}"),
+            |e| format!(
+                "OTLP/gRPC to {e}: {} spans exported so far, {} could not be exported{}",
+                s.spans_exported,
+                s.spans_dropped,
+                if s.spans_dropped > 0.0 {
+                    " (is the collector up?)"
+                } else {
+                    ""
+                }
+            ),
         )
     ));
     if let Some(id) = &s.example_run {

@@ -218,6 +218,19 @@ async fn demo(
     // Handle Ctrl-C / SIGTERM from the start: a signal while the mesh starts is acted on as
     // soon as the start returns, and the temporary directory is still removed.
     let mut signals = Signals::new();
+    if options.concurrency == 0 {
+        eprintln!("meshflow demo: --concurrency must be at least 1");
+        return 64;
+    }
+    if let Some(endpoint) = &options.otlp {
+        // The exporters speak plaintext OTLP/gRPC only (see docs/ARCHITECTURE.md).
+        if !endpoint.starts_with("http://") {
+            eprintln!(
+                "meshflow demo: --otlp {endpoint:?} must be an http:// URL, e.g. http://127.0.0.1:4317 (TLS to the collector is not supported yet)"
+            );
+            return 64;
+        }
+    }
     let temp = match tempfile::Builder::new().prefix("meshflow-demo-").tempdir() {
         Ok(t) => t,
         Err(e) => {

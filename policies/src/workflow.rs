@@ -1071,6 +1071,17 @@ mod tests {
         );
         assert!(evaluate_condition("input.qty > 2", &ctx).unwrap());
         assert!(evaluate_condition("input.qty", &ctx).is_err());
+        // An optional input field with a default (the demo's `flakyShipping`).
+        let optional = "${has(input.flaky) && input.flaky}";
+        assert_eq!(
+            render_str(optional, &ctx).unwrap(),
+            serde_json::json!(false)
+        );
+        let with = serde_json::json!({"input": {"flaky": true}});
+        assert_eq!(
+            render_str(optional, &with).unwrap(),
+            serde_json::json!(true)
+        );
     }
 
     #[test]

@@ -187,6 +187,19 @@ pub fn valid_traceparent(value: &str) -> bool {
         && hex(flags, 2)
 }
 
+/// `traceparent` with only the flag bit the SDK knows (sampled): W3C says unknown flag bits
+/// are ignored, but the SDK's parser refuses version-00 flags above `02` (e.g. Level 2's
+/// "random" bit, `03`), which would break the trace.
+fn known_flags_only(value: &str) -> String {
+    let fields: Vec<&str> = value.split('-').collect();
+    let sampled = u8::from_str_radix(fields[3], 16).unwrap_or(0) & 1;
+    format!("{}-{}-{}-{sampled:02x}", fields[0], fields[1], fields[2])
+        + &fields[4..]
+            .iter()
+            .map(|f| format!("-{f}"))
+            .collect::<String>()
+}
+
 /// W3C headers as the propagator should see them: a strictly valid `traceparent` only, and
 /// every `tracestate` line joined with `,` and each member trimmed (RFC 9110 §5.3 list
 /// syntax; the SDK's parser rejects the optional whitespace the spec allows).
@@ -203,7 +216,7 @@ impl W3cExtract {
                 .to_str()
                 .ok()
                 .filter(|v| valid_traceparent(v))
-                .map(str::to_string),
+                .map(known_flags_only),
             // None, or more than one (ambiguous): no parent.
             _ => None,
         };
@@ -215,9 +228,18 @@ impl W3cExtract {
             .map(str::trim)
             .filter(|m| !m.is_empty())
             .collect();
+        // W3C Trace Context §3.3: at most 32 members, keys unique; otherwise the whole
+        // tracestate may be discarded, which we do (the trace itself continues).
+        let mut keys: Vec<&str> = members
+            .iter()
+            .map(|m| m.split('=').next().unwrap_or(m))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let usable = !members.is_empty() && members.len() <= 32 && keys.len() == members.len();
         Self {
             traceparent,
-            tracestate: (!members.is_empty()).then(|| members.join(",")),
+            tracestate: usable.then(|| members.join(",")),
         }
     }
 }
@@ -443,7 +465,15 @@ fn b3_flags(headers: &http::HeaderMap, trace_id: TraceId, ratio: f64) -> TraceFl
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let decision = match get("b3") {
+    let hex = |s: &str, lens: &[usize]| {
+        lens.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    // The single header decides only when it is well formed (the propagator then used it).
+    let single = get("b3").filter(|v| {
+        let mut parts = v.split('-');
+        matches!((parts.next(), parts.next()), (Some(t), Some(s)) if hex(t, &[16, 32]) && hex(s, &[16]))
+    });
+    let decision = match single {
         Some(single) => single.split('-').nth(2).map(str::to_string),
         None => match (get("x-b3-flags"), get("x-b3-sampled")) {
             (Some("1"), _) => Some("d".to_string()),
@@ -737,6 +767,38 @@ mod tests {
             state,
             Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7,vendor=x")
         );
+        // More than 32 members or a repeated key: the tracestate is dropped, the trace kept.
+        for bad in [
+            (0..33)
+                .map(|i| format!("k{i}=v"))
+                .collect::<Vec<_>>()
+                .join(","),
+            "a=1,a=2".to_string(),
+        ] {
+            let mut h = headers(&[(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )]);
+            h.insert("tracestate", bad.parse().unwrap());
+            let span = t.start("GET", SpanKind::Server, &t.extract(&h), vec![]);
+            let out = headers_for(span.span_context());
+            assert_eq!(out.len(), 1, "{bad}: {out:?}");
+            assert!(out[0].1.contains("0af7651916cd43dd8448eb211c80319c"));
+        }
+        // Unknown flag bits (W3C Level 2 "random", 0x02) are ignored; the trace continues.
+        for flags in ["03", "ff", "02"] {
+            let h = headers(&[(
+                "traceparent",
+                &format!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}"),
+            )]);
+            let span = t.start("GET", SpanKind::Server, &t.extract(&h), vec![]);
+            assert_eq!(
+                span.span_context().trace_id().to_string(),
+                "0af7651916cd43dd8448eb211c80319c",
+                "{flags}"
+            );
+            assert_eq!(span.span_context().is_sampled(), flags != "02", "{flags}");
+        }
         // Two traceparent lines are ambiguous: a new root.
         let mut two = headers(&[(
             "traceparent",
@@ -783,6 +845,10 @@ mod tests {
             "b3",
             &format!("{trace}-e457b5a2e4d86bd1-0")
         )])));
+        // A malformed single header does not override valid multi headers.
+        let mut mixed = multi(Some("1"));
+        mixed.insert("b3", "garbage-x-0".parse().unwrap());
+        assert!(sampled(&mixed));
         let span = on.start("GET", SpanKind::Server, &on.extract(&multi(None)), vec![]);
         assert!(b3_header_for(span.span_context()).starts_with(&format!("{trace}-")));
     }

@@ -197,7 +197,11 @@ async fn start(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> Re
             req.run_id,
             req.input,
             signal,
-            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            // Exactly one line, as the sidecars require (two are ambiguous).
+            match headers.get_all("traceparent").iter().count() {
+                1 => headers.get("traceparent").and_then(|v| v.to_str().ok()),
+                _ => None,
+            },
         )
         .await
     {

@@ -26,6 +26,28 @@ fn demo(args: &[&str], state: &Path, summary: &Path) -> Child {
         .expect("meshflow demo starts")
 }
 
+/// A `meshflow demo` child that is stopped (SIGINT, then SIGKILL after 10 s) if the test
+/// fails before stopping it, so a failed test leaves no mesh running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Every process the demo started is gone and every port it bound can be bound again.
 fn nothing_left(summary: &Value) {
     let processes = summary["processes"].as_array().unwrap();
@@ -77,11 +99,12 @@ fn records_by_run(records: &Value, step: &str) -> (BTreeSet<String>, BTreeSet<St
 async fn the_demo_summary_matches_the_services_records_and_ctrl_c_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let summary_path = dir.path().join("summary.json");
-    let mut child = demo(
+    let mut running = Running(demo(
         &["--orders", "20", "--keep-running"],
         &dir.path().join("demo"),
         &summary_path,
-    );
+    ));
+    let child = &mut running.0;
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -247,7 +270,12 @@ async fn the_demo_summary_matches_the_services_records_and_ctrl_c_cleans_up() {
 async fn the_demo_exits_cleanly_and_leaves_no_process_or_port() {
     let dir = tempfile::tempdir().unwrap();
     let summary_path = dir.path().join("summary.json");
-    let child = demo(&["--orders", "6"], &dir.path().join("demo"), &summary_path);
+    let collector = crate::collector::Collector::start().await;
+    let child = demo(
+        &["--orders", "6", "--otlp", &collector.endpoint],
+        &dir.path().join("demo"),
+        &summary_path,
+    );
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
@@ -265,6 +293,19 @@ async fn the_demo_exits_cleanly_and_leaves_no_process_or_port() {
     // Order 4 got a 503 first, absorbed by the mesh.
     assert_eq!(summary["retriesAbsorbed"].as_f64().unwrap(), 1.0);
     nothing_left(&summary);
+    // `--otlp`: the summary names the collector, and every run's trace arrived (the
+    // coordinator flushes its spans when it stops).
+    assert_eq!(summary["traces"], collector.endpoint.as_str());
+    assert!(
+        summary["spansExported"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    let runs = collector
+        .spans()
+        .iter()
+        .filter(|s| s.name == "run default/place-order")
+        .count();
+    assert_eq!(runs, 6, "one run span per order");
 }
 
 /// Acceptance 4 (Ctrl-C mid-batch): the demo stops within 10 s and every process it started
@@ -273,11 +314,12 @@ async fn the_demo_exits_cleanly_and_leaves_no_process_or_port() {
 async fn ctrl_c_during_the_batch_stops_everything() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("demo");
-    let mut child = demo(
+    let mut running = Running(demo(
         &["--orders", "5000", "--concurrency", "2"],
         &state,
         &dir.path().join("summary.json"),
-    );
+    ));
+    let child = &mut running.0;
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
