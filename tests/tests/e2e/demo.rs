@@ -295,11 +295,10 @@ async fn the_demo_exits_cleanly_and_leaves_no_process_or_port() {
     nothing_left(&summary);
     // `--otlp`: the summary names the collector, and every run's trace arrived (the
     // coordinator flushes its spans when it stops).
+    // (`spansExported` is a snapshot "so far": spans leave in 200 ms batches, so a short batch
+    // may report 0 before the sidecars' first export; the collector count below is the check.)
     assert_eq!(summary["traces"], collector.endpoint.as_str());
-    assert!(
-        summary["spansExported"].as_f64().unwrap() > 0.0,
-        "{summary}"
-    );
+    assert_eq!(summary["spansDropped"].as_f64().unwrap(), 0.0, "{summary}");
     let runs = collector
         .spans()
         .iter()
