@@ -48,6 +48,26 @@ impl Drop for Running {
     }
 }
 
+/// Sends SIGINT (Ctrl-C) to `child` and waits for it to exit; the issue allows 10 s.
+fn ctrl_c(child: &mut Child) -> std::process::ExitStatus {
+    let sent = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "Ctrl-C took longer than 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every process the demo started is gone and every port it bound can be bound again.
 fn nothing_left(summary: &Value) {
     let processes = summary["processes"].as_array().unwrap();
@@ -248,19 +268,7 @@ async fn the_demo_summary_matches_the_services_records_and_ctrl_c_cleans_up() {
     );
 
     // Acceptance 4: Ctrl-C stops everything within 10 s.
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let sent = Instant::now();
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(10),
-            "Ctrl-C took longer than 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = ctrl_c(child);
     assert!(status.success(), "{status}");
     nothing_left(&summary);
 }
@@ -342,22 +350,7 @@ async fn ctrl_c_during_the_batch_stops_everything() {
         ready.push(v);
     }
     assert!(ready.len() >= 6, "{ready:?}");
-    let sent = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(10),
-            "Ctrl-C took longer than 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = ctrl_c(child);
     assert_eq!(status.code(), Some(130), "interrupted");
     for r in &ready {
         let pid = r["pid"].as_u64().unwrap() as i32;
