@@ -48,6 +48,28 @@ impl Drop for Running {
     }
 }
 
+/// The child's stdout, line by line, read on a thread.
+fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// `host:port` of `workload`'s admin endpoint, from the summary's metrics URL.
+fn admin_of(summary: &Value, workload: &str) -> String {
+    summary["metrics"][workload]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string()
+}
+
 /// Sends SIGINT (Ctrl-C) to `child` and waits for it to exit; the issue allows 10 s.
 fn ctrl_c(child: &mut Child) -> std::process::ExitStatus {
     let sent = Instant::now();
@@ -125,13 +147,7 @@ async fn the_demo_summary_matches_the_services_records_and_ctrl_c_cleans_up() {
         &summary_path,
     ));
     let child = &mut running.0;
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(child);
     let mut printed = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !printed.iter().any(|l: &String| l.starts_with("mesh is up")) {
@@ -212,12 +228,7 @@ async fn the_demo_summary_matches_the_services_records_and_ctrl_c_cleans_up() {
     assert_eq!(shipped, completed, "shipments = completed orders");
 
     // Acceptance 2: retries absorbed = the shipping retry metric's increase (from 0), > 0.
-    let coordinator = summary["metrics"]["meshflow-system/coordinator"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string();
+    let coordinator = admin_of(&summary, "meshflow-system/coordinator");
     let retries = metric(
         &metrics(&coordinator).await,
         "meshflow_retries_total",
@@ -249,12 +260,7 @@ async fn the_demo_summary_matches_the_services_records_and_ctrl_c_cleans_up() {
         text.contains("default/storefront → http://payment.default/charges: 403"),
         "{text}"
     );
-    let payment_admin = summary["metrics"]["default/payment"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string();
+    let payment_admin = admin_of(&summary, "default/payment");
     let denied = metric(
         &metrics(&payment_admin).await,
         "meshflow_authz_decisions_total",
@@ -327,13 +333,7 @@ async fn ctrl_c_during_the_batch_stops_everything() {
         &dir.path().join("summary.json"),
     ));
     let child = &mut running.0;
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(child);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let line = rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
