@@ -9,6 +9,7 @@ use std::path::Path;
 use meshflow_policies::authn::{Authenticator, AuthnOutcome, MtlsMode};
 use meshflow_policies::authz::{authorize, RequestAttributes};
 use meshflow_policies::documents::PolicySet;
+use meshflow_policies::headers::{admitted_headers, xfcc_value};
 use meshflow_policies::mesh::MeshFile;
 use meshflow_policies::path::{normalize_host, normalize_path};
 
@@ -31,8 +32,12 @@ pub struct CheckRequest {
     pub path: String,
     /// Host / :authority.
     pub host: String,
-    /// Headers, lower-case names.
+    /// Headers, lower-case names, as the client sends them. Mesh-owned ones
+    /// ([`meshflow_policies::headers`]) are removed as the sidecar removes them.
     pub headers: BTreeMap<String, Vec<String>>,
+    /// The target workload's SPIFFE ID (`spiffe://…`), when known: the `By=` of the XFCC the
+    /// sidecar sets for a verified caller. Unknown: the XFCC judged is `URI=<caller>` alone.
+    pub target_id: Option<String>,
 }
 
 /// What the inbound sidecar does with the request.
@@ -117,6 +122,13 @@ pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) 
         .as_deref()
         .and_then(|p| p.split('/').nth(2))
         .map(str::to_string);
+    // What the sidecar admits: no client-sent mesh-owned header, its own XFCC for a verified
+    // caller.
+    let xfcc = principal.as_deref().map(|p| match &request.target_id {
+        Some(own) => xfcc_value(own, &format!("spiffe://{p}")),
+        None => format!("URI=spiffe://{p}"),
+    });
+    let headers = admitted_headers(&request.headers, xfcc);
     let mut attributes = RequestAttributes {
         principal,
         source_namespace,
@@ -126,12 +138,12 @@ pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) 
         port: request.port,
         method: request.method.clone(),
         path: normalized.clone(),
-        headers: request.headers.clone(),
+        headers: headers.clone(),
         ..Default::default()
     };
     let authenticator =
         Authenticator::new(set.request_authentication_for(&request.namespace, &request.labels));
-    match authenticator.authenticate(&request.headers, query) {
+    match authenticator.authenticate(&headers, query) {
         AuthnOutcome::Anonymous => {}
         AuthnOutcome::Authenticated(identity) => identity.apply_to(&mut attributes),
         AuthnOutcome::Rejected(e) => {
@@ -171,7 +183,8 @@ pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) 
 /// their tokens are refused here (use `--control-plane`), and a note says so on stderr.
 ///
 /// # Errors
-/// The first invalid file, with file, field and line.
+/// A directory that does not exist, a `file://` key set that cannot be read, or the first
+/// invalid file, with file, field and line.
 pub fn load_dir_with_jwks(dir: &Path) -> Result<PolicySet, meshflow_policies::LoadError> {
     let mut set = PolicySet::load_dir(dir)?;
     for policy in &mut set.request_authentication {
@@ -183,9 +196,11 @@ pub fn load_dir_with_jwks(dir: &Path) -> Result<PolicySet, meshflow_policies::Lo
                     // Bounded: a FIFO or a huge file must not hang or exhaust the CLI.
                     use std::io::Read;
                     let mut text = String::new();
-                    let read = std::fs::File::open(dir.join(path))
-                        .and_then(|f| f.take(1 << 20).read_to_string(&mut text));
-                    rule.jwks = read.ok().map(|_| text);
+                    let file = dir.join(path);
+                    std::fs::File::open(&file)
+                        .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+                        .map_err(|source| meshflow_policies::LoadError::Io { file, source })?;
+                    rule.jwks = Some(text);
                 }
                 None => eprintln!(
                     "note: {} fetches its JWKS from {uri}; only the control plane fetches URLs (use --control-plane)",
@@ -197,13 +212,41 @@ pub fn load_dir_with_jwks(dir: &Path) -> Result<PolicySet, meshflow_policies::Lo
     Ok(set)
 }
 
+/// `http://host:port` for a control plane admin address given as `host:port` or
+/// `http://host:port[/]`.
+///
+/// # Errors
+/// Any other scheme, or an address that is not `host:port`.
+pub fn admin_base_url(admin: &str) -> Result<String, String> {
+    let trimmed = admin.trim().trim_end_matches('/');
+    let host_port = match trimmed.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "--control-plane {admin:?}: the admin endpoint speaks plain http, not {scheme}; give http://host:port or host:port"
+            ))
+        }
+        None => trimmed,
+    };
+    match host_port.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() =>
+        {
+            Ok(format!("http://{host_port}"))
+        }
+        _ => Err(format!(
+            "--control-plane {admin:?}: expected the control plane's admin address, host:port or http://host:port (`meshflow up` prints it as `admin http://…`)"
+        )),
+    }
+}
+
 /// The mesh and the policies in force at a running control plane (admin address
-/// `http://host:port`), as `/config_dump` shows them.
+/// `http://host:port` or `host:port`), as `/config_dump` shows them.
 ///
 /// # Errors
 /// A message when the control plane cannot be reached or answers something else.
 pub async fn load_from_control_plane(admin: &str) -> Result<(MeshFile, PolicySet), String> {
-    let url = format!("{}/config_dump", admin.trim_end_matches('/'));
+    let url = format!("{}/config_dump", admin_base_url(admin)?);
     let dump: serde_json::Value = reqwest::get(&url)
         .await
         .map_err(|e| format!("{url}: {e}"))?
@@ -215,4 +258,29 @@ pub async fn load_from_control_plane(admin: &str) -> Result<(MeshFile, PolicySet
     let policies: PolicySet = serde_json::from_value(dump["policies"].clone())
         .map_err(|e| format!("{url}: policies: {e}"))?;
     Ok((mesh, policies))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_addresses_with_or_without_scheme() {
+        for given in [
+            "127.0.0.1:9901",
+            "http://127.0.0.1:9901",
+            "http://127.0.0.1:9901/",
+        ] {
+            assert_eq!(admin_base_url(given).unwrap(), "http://127.0.0.1:9901");
+        }
+        assert_eq!(
+            admin_base_url("localhost:80").unwrap(),
+            "http://localhost:80"
+        );
+        assert!(admin_base_url("https://127.0.0.1:9901")
+            .unwrap_err()
+            .contains("plain http"));
+        assert!(admin_base_url("127.0.0.1").is_err());
+        assert!(admin_base_url("http://127.0.0.1:9901/config_dump").is_err());
+    }
 }

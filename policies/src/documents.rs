@@ -287,15 +287,16 @@ impl PolicySet {
     }
 }
 
-/// (path, text) of every `*.yaml`/`*.yml` file in `dir`, sorted by name. A missing directory is
-/// empty.
+/// (path, text) of every `*.yaml`/`*.yml` file in `dir`, sorted by name.
 ///
 /// # Errors
-/// [`LoadError::Io`] for unreadable files.
+/// [`LoadError::Io`] for a directory that is missing or not a directory, and for unreadable
+/// files.
 pub fn read_dir_texts(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(Vec::new());
-    };
+    let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io {
+        file: dir.to_path_buf(),
+        source,
+    })?;
     let mut files: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
@@ -325,6 +326,21 @@ mod tests {
         let err = set.add_file(Path::new("p.yaml"), text).unwrap_err();
         assert_eq!(err.line(), 13, "{err}");
         assert_eq!(err.field(), "spec.timeouts.request");
+    }
+
+    #[test]
+    fn a_missing_policy_directory_is_an_error() {
+        let err = PolicySet::load_dir(Path::new("/nonexistent/meshflow-policies")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/meshflow-policies: cannot read:"),
+            "{err}"
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        assert!(
+            PolicySet::load_dir(file.path()).is_err(),
+            "a file is not a directory"
+        );
     }
 
     #[test]

@@ -200,7 +200,8 @@ impl MeshFile {
     ///
     /// # Errors
     /// [`LoadError::Parse`] for YAML/shape errors, [`LoadError::Invalid`] for rule violations —
-    /// both with file, field path and line.
+    /// both with file, field path and line. A `policiesDir` (relative to `file`'s directory)
+    /// that does not exist is invalid (`spec.policiesDir`).
     pub fn parse(file: &Path, text: &str) -> Result<Self> {
         let mesh: MeshFile = parse_yaml(file, text)?;
         mesh.validate(file, text)?;
@@ -342,10 +343,31 @@ impl MeshFile {
                 ));
             }
         }
+        // A policy directory that is not there is an error, not "no policies": a typo would
+        // otherwise run the mesh with every AuthorizationPolicy silently missing.
+        if let Some(dir) = self.policies_dir(file) {
+            let problem = match std::fs::metadata(&dir) {
+                Ok(m) if m.is_dir() => None,
+                Ok(_) => Some("is not a directory"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("does not exist"),
+                Err(_) => Some("cannot be read"),
+            };
+            if let Some(problem) = problem {
+                return Err(invalid(
+                    "spec.policiesDir".into(),
+                    find_line(text, "policiesDir", ""),
+                    format!(
+                        "policy directory {} {problem} (policiesDir is relative to the mesh file's directory)",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// The policy directory of a mesh file at `mesh_path`, if it names one.
+    /// The policy directory of a mesh file at `mesh_path`, if it names one (validation
+    /// requires it to exist).
     pub fn policies_dir(&self, mesh_path: &Path) -> Option<std::path::PathBuf> {
         let dir = self.spec.policies_dir.as_ref()?;
         Some(mesh_path.parent().unwrap_or(Path::new(".")).join(dir))
@@ -419,6 +441,33 @@ spec:
             err.to_string().contains("control plane's identity"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_missing_policy_directory_is_an_error_naming_file_field_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        let text = format!("{GOOD}  policiesDir: policies\n");
+        let err = MeshFile::parse(&file, &text).unwrap_err();
+        assert_eq!(err.field(), "spec.policiesDir", "{err}");
+        assert_eq!(err.line(), 12, "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "{}:12: spec.policiesDir: policy directory ",
+                file.display()
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("does not exist"), "{msg}");
+        // A file where the directory should be.
+        std::fs::write(dir.path().join("policies"), "").unwrap();
+        let err = MeshFile::parse(&file, &text).unwrap_err();
+        assert!(err.to_string().contains("is not a directory"), "{err}");
+        std::fs::remove_file(dir.path().join("policies")).unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        let mesh = MeshFile::parse(&file, &text).unwrap();
+        assert_eq!(mesh.policies_dir(&file), Some(dir.path().join("policies")));
     }
 
     #[test]
