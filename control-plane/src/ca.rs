@@ -4,6 +4,14 @@
 //! Every leaf carries exactly one URI SAN (the SPIFFE ID) and one DNS SAN derived from it
 //! ([`SpiffeId::dns_name`]); the CA writes both itself and refuses a CSR that asks for anything
 //! else. X.509 work is done by rcgen and x509-parser, never by hand.
+//!
+//! Expiry (RFC 5280 §4.1.2.5, §6.1.3: every certificate of a path must be valid at the time of
+//! use): the CA's usable life ends at the earliest NotAfter of its chain — the issuing
+//! certificate and every certificate above it that the control plane was given (further
+//! certificates in `--ca-cert`, the roots in `--ca-bundle`). The CA refuses to load when that
+//! moment has passed ([`CaError::Expired`]), never issues a certificate whose NotAfter is later
+//! (leaves are capped), refuses to sign once it has passed, and reports how close it is
+//! ([`CertificateAuthority::expiry_status`]).
 
 use std::fs;
 use std::io::Write;
@@ -51,10 +59,53 @@ pub enum CaError {
         /// The identity the caller proved.
         allowed: String,
     },
+    /// A certificate of the CA chain has expired: the CA cannot load, or can no longer sign.
+    #[error("{what} expired at {} ({} ago); {hint}", rfc3339(*not_after), humantime::format_duration(round_secs(since(*not_after))))]
+    Expired {
+        /// Which certificate (file and subject).
+        what: String,
+        /// Its NotAfter.
+        not_after: SystemTime,
+        /// What to do about it.
+        hint: String,
+    },
     /// rcgen failed to sign.
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
 }
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn since(t: SystemTime) -> Duration {
+    SystemTime::now().duration_since(t).unwrap_or_default()
+}
+
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+/// How close the CA chain is to its NotAfter (see [`CertificateAuthority::expiry_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaExpiry {
+    /// More than the warning window remains.
+    Valid {
+        /// Time left until the chain's NotAfter.
+        remaining: Duration,
+    },
+    /// Less than the warning window remains: warn (leaves may already be capped).
+    Soon {
+        /// Time left until the chain's NotAfter.
+        remaining: Duration,
+    },
+    /// The chain's NotAfter has passed: nothing can be issued.
+    Expired,
+}
+
+/// The longest warning window: a CA is "expiring soon" at most this long before its NotAfter
+/// (unless the leaf TTL is longer, see [`CertificateAuthority::warning_window`]).
+pub const EXPIRY_WARNING_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A signed leaf certificate.
 #[derive(Debug, Clone)]
@@ -63,7 +114,7 @@ pub struct IssuedSvid {
     pub cert_chain_pem: String,
     /// NotBefore (issuance time minus the 60 s back-dating).
     pub not_before: SystemTime,
-    /// NotAfter (issuance time plus the TTL).
+    /// NotAfter: issuance time plus the TTL, capped at the CA chain's NotAfter.
     pub not_after: SystemTime,
     /// The issuance time.
     pub issued_at: SystemTime,
@@ -81,10 +132,70 @@ pub struct CertificateAuthority {
     /// PEM of the issuer when it is an intermediate (appended to leaf chains), else empty.
     intermediates_pem: String,
     trust_bundle_pem: String,
+    issuer_not_before: SystemTime,
     issuer_not_after: SystemTime,
+    /// Earliest NotAfter of the issuer and the certificates above it (see the module docs).
+    chain_not_after: SystemTime,
     leaf_ttl: Duration,
 }
 
+/// What the CA needs to know about one certificate of its chain.
+struct ChainCert {
+    subject: Vec<u8>,
+    issuer: Vec<u8>,
+    label: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+fn unix_secs(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}
+
+/// Every certificate in `pem` (in order), labelled with `source` and its subject.
+fn chain_certs(pem: &str, source: &str) -> Result<Vec<ChainCert>> {
+    let bad = |message: String| CaError::BadMaterial {
+        what: source.to_string(),
+        message,
+    };
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let block = block.map_err(|e| bad(e.to_string()))?;
+        if block.label != "CERTIFICATE" {
+            continue;
+        }
+        let cert = block.parse_x509().map_err(|e| bad(e.to_string()))?;
+        out.push(ChainCert {
+            subject: cert.subject().as_raw().to_vec(),
+            issuer: cert.issuer().as_raw().to_vec(),
+            label: format!("CA certificate {source} ({})", cert.subject()),
+            not_before: unix_secs(cert.validity().not_before.timestamp()),
+            not_after: unix_secs(cert.validity().not_after.timestamp()),
+        });
+    }
+    if out.is_empty() {
+        return Err(bad("no certificate in PEM".into()));
+    }
+    Ok(out)
+}
+
+/// The issuer (`certs[0]`) and the certificates above it, found by subject among the other
+/// certificates of its file and the trust bundle, up to a self-issued one.
+fn issuer_path<'a>(issuer: &'a ChainCert, others: &'a [ChainCert]) -> Vec<&'a ChainCert> {
+    let mut path = vec![issuer];
+    let mut current = issuer;
+    while current.subject != current.issuer {
+        let Some(parent) = others
+            .iter()
+            .find(|c| c.subject == current.issuer && !path.iter().any(|p| std::ptr::eq(*p, *c)))
+        else {
+            break;
+        };
+        path.push(parent);
+        current = parent;
+    }
+    path
+}
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
     move |source| CaError::Io {
         path: path.to_path_buf(),
@@ -133,31 +244,36 @@ fn random_serial() -> rcgen::SerialNumber {
     rcgen::SerialNumber::from_slice(&bytes)
 }
 
-fn cert_not_after(pem: &str, what: &str) -> Result<SystemTime> {
-    let (_, pem) =
-        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CaError::BadMaterial {
-            what: what.to_string(),
-            message: e.to_string(),
-        })?;
-    let cert = pem.parse_x509().map_err(|e| CaError::BadMaterial {
-        what: what.to_string(),
-        message: e.to_string(),
-    })?;
-    let secs = cert.validity().not_after.timestamp();
-    Ok(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
-}
-
 impl CertificateAuthority {
     /// Loads the self-signed root from `dir` (`root.pem`, `root-key.pem`) or generates and
     /// persists one (key file mode 0600). Root lifetime: 10 years.
     ///
     /// # Errors
-    /// [`CaError::Io`] / [`CaError::BadMaterial`] when existing files cannot be used.
+    /// [`CaError::Io`] / [`CaError::BadMaterial`] when existing files cannot be used;
+    /// [`CaError::Expired`] when the stored root has expired (it is never replaced silently).
     pub fn load_or_generate(dir: &Path, trust_domain: &str, leaf_ttl: Duration) -> Result<Self> {
         let cert_path = dir.join("root.pem");
         let key_path = dir.join("root-key.pem");
         match (cert_path.exists(), key_path.exists()) {
-            (true, true) => return Self::from_files(&cert_path, &key_path, None, leaf_ttl),
+            (true, true) => {
+                return Self::from_files(&cert_path, &key_path, None, leaf_ttl).map_err(
+                    |e| match e {
+                        CaError::Expired {
+                            what, not_after, ..
+                        } => CaError::Expired {
+                            what,
+                            not_after,
+                            hint: format!(
+                                "refusing to start: no certificate it issues would be valid; \
+                                 remove {} to generate a new root, or give a CA with \
+                                 --ca-cert/--ca-key",
+                                dir.display()
+                            ),
+                        },
+                        e => e,
+                    },
+                )
+            }
             (false, false) => {}
             _ => {
                 // Never silently replace a root that workloads may still trust.
@@ -194,7 +310,8 @@ impl CertificateAuthority {
     /// trust bundle (a root). With an intermediate, leaf chains carry the intermediate.
     ///
     /// # Errors
-    /// [`CaError::Io`] / [`CaError::BadMaterial`].
+    /// [`CaError::Io`] / [`CaError::BadMaterial`]; [`CaError::Expired`] when the certificate,
+    /// or one above it in `cert_path` or `bundle_path`, has expired.
     pub fn from_files(
         cert_path: &Path,
         key_path: &Path,
@@ -211,20 +328,38 @@ impl CertificateAuthority {
         let issuer = params
             .self_signed(&key)
             .map_err(bad(cert_path.display().to_string()))?;
-        let issuer_not_after = cert_not_after(&cert_pem, &cert_path.display().to_string())?;
+        let mut certs = chain_certs(&cert_pem, &cert_path.display().to_string())?;
         let (trust_bundle_pem, intermediates_pem) = match bundle_path {
-            Some(bundle) => (
-                fs::read_to_string(bundle).map_err(io_err(bundle))?,
-                cert_pem,
-            ),
+            Some(bundle) => {
+                let pem = fs::read_to_string(bundle).map_err(io_err(bundle))?;
+                certs.extend(chain_certs(&pem, &bundle.display().to_string())?);
+                (pem, cert_pem)
+            }
             None => (cert_pem, String::new()),
         };
+        let (issuer_cert, others) = certs.split_first().expect("chain_certs is never empty");
+        let path = issuer_path(issuer_cert, others);
+        let earliest = path
+            .iter()
+            .min_by_key(|c| c.not_after)
+            .expect("the path holds the issuer");
+        if earliest.not_after <= SystemTime::now() {
+            return Err(CaError::Expired {
+                what: earliest.label.clone(),
+                not_after: earliest.not_after,
+                hint: "refusing to start: no certificate it issues would be valid; give a valid \
+                       CA (--ca-cert/--ca-key/--ca-bundle)"
+                    .into(),
+            });
+        }
         Ok(Self {
             issuer,
             issuer_key: key,
             intermediates_pem,
             trust_bundle_pem,
-            issuer_not_after,
+            issuer_not_before: issuer_cert.not_before,
+            issuer_not_after: issuer_cert.not_after,
+            chain_not_after: earliest.not_after,
             leaf_ttl,
         })
     }
@@ -239,6 +374,53 @@ impl CertificateAuthority {
         self.issuer_not_after
     }
 
+    /// The CA's usable end: the earliest NotAfter of the issuer and the certificates above it
+    /// (further certificates in `--ca-cert`, the roots in `--ca-bundle`). No certificate this CA
+    /// issues is valid later.
+    pub fn not_after(&self) -> SystemTime {
+        self.chain_not_after
+    }
+
+    /// How long before [`Self::not_after`] the CA counts as expiring soon: a fifth of the
+    /// issuer's lifetime, at most [`EXPIRY_WARNING_MAX`] (30 days), but never less than the leaf
+    /// TTL — inside that window leaves issued now are already cut short by the cap.
+    pub fn warning_window(&self) -> Duration {
+        let lifetime = self
+            .issuer_not_after
+            .duration_since(self.issuer_not_before)
+            .unwrap_or_default();
+        (lifetime / 5).min(EXPIRY_WARNING_MAX).max(self.leaf_ttl)
+    }
+
+    /// Where the CA stands at `now` relative to [`Self::not_after`] and
+    /// [`Self::warning_window`].
+    pub fn expiry_status(&self, now: SystemTime) -> CaExpiry {
+        match self.chain_not_after.duration_since(now) {
+            Ok(remaining) if !remaining.is_zero() => {
+                if remaining < self.warning_window() {
+                    CaExpiry::Soon { remaining }
+                } else {
+                    CaExpiry::Valid { remaining }
+                }
+            }
+            _ => CaExpiry::Expired,
+        }
+    }
+
+    /// NotAfter for a certificate issued at `now` that would live `ttl`: `min(now + ttl,`
+    /// [`Self::not_after`]`)`. [`CaError::Expired`] when the CA chain has expired.
+    fn capped_not_after(&self, now: SystemTime, ttl: Duration) -> Result<SystemTime> {
+        if self.chain_not_after <= now {
+            return Err(CaError::Expired {
+                what: "the mesh CA".into(),
+                not_after: self.chain_not_after,
+                hint: "no certificate can be issued; restart the control plane with a new CA"
+                    .into(),
+            });
+        }
+        Ok((now + ttl).min(self.chain_not_after))
+    }
+
     /// Leaf TTL, counted from issuance.
     pub fn leaf_ttl(&self) -> Duration {
         self.leaf_ttl
@@ -248,12 +430,22 @@ impl CertificateAuthority {
     ///
     /// The CSR's signature is verified; it may request no SANs, or exactly the identity's URI
     /// and/or DNS SAN. The issued certificate carries exactly one URI SAN and one DNS SAN,
-    /// EKU serverAuth + clientAuth, NotBefore = now − 60 s, NotAfter = now + TTL.
+    /// EKU serverAuth + clientAuth, NotBefore = now − 60 s, NotAfter = min(now + TTL,
+    /// [`Self::not_after`]): a leaf never outlives its issuer.
     ///
     /// # Errors
     /// [`CaError::BadCsr`] for a malformed CSR or bad signature; [`CaError::UnprovenSan`] for a
-    /// SAN that is not the caller's.
+    /// SAN that is not the caller's; [`CaError::Expired`] once the CA chain has expired.
     pub fn sign_csr(&self, csr_pem: &str, identity: &SpiffeId) -> Result<IssuedSvid> {
+        self.sign_csr_at(csr_pem, identity, SystemTime::now())
+    }
+
+    fn sign_csr_at(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        now: SystemTime,
+    ) -> Result<IssuedSvid> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let uri = identity.uri();
@@ -271,9 +463,8 @@ impl CertificateAuthority {
                 });
             }
         }
-        let now = SystemTime::now();
         let not_before = now - NOT_BEFORE_SKEW;
-        let not_after = now + self.leaf_ttl;
+        let not_after = self.capped_not_after(now, self.leaf_ttl)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "meshflow");
@@ -322,10 +513,11 @@ impl CertificateAuthority {
     }
 
     /// Issues a certificate + key for the control plane's own gRPC server: the given identity's
-    /// SANs plus `127.0.0.1`/`localhost`. Returns (chain PEM, key PEM).
+    /// SANs plus `127.0.0.1`/`localhost`, valid for a year but never past [`Self::not_after`].
+    /// Returns (chain PEM, key PEM).
     ///
     /// # Errors
-    /// [`CaError::Sign`].
+    /// [`CaError::Sign`]; [`CaError::Expired`] once the CA chain has expired.
     pub fn issue_server_cert(&self, identity: &SpiffeId) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![identity.dns_name()])?;
@@ -340,7 +532,8 @@ impl CertificateAuthority {
             .push(SanType::URI(identity.uri().as_str().try_into()?));
         let now = SystemTime::now();
         params.not_before = to_offset(now - NOT_BEFORE_SKEW);
-        params.not_after = to_offset(now + Duration::from_secs(365 * 24 * 3600));
+        params.not_after =
+            to_offset(self.capped_not_after(now, Duration::from_secs(365 * 24 * 3600))?);
         params.serial_number = Some(random_serial());
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -504,5 +697,215 @@ mod tests {
             ca.sign_csr("garbage", &id("frontend")),
             Err(CaError::BadCsr(_))
         ));
+    }
+
+    /// A CA certificate valid from `not_before` to `not_after` (relative to now), signed by
+    /// `parent` or self-signed; returns the certificate and its key.
+    fn ca_cert(
+        name: &str,
+        not_before: time::Duration,
+        not_after: time::Duration,
+        parent: Option<(&Certificate, &KeyPair)>,
+    ) -> (Certificate, KeyPair) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now + not_before;
+        params.not_after = now + not_after;
+        let cert = match parent {
+            Some((cert, parent_key)) => params.signed_by(&key, cert, parent_key).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert, key)
+    }
+
+    fn write_ca(
+        dir: &Path,
+        cert: &Certificate,
+        key: &KeyPair,
+        bundle: Option<&Certificate>,
+        ttl: Duration,
+    ) -> Result<CertificateAuthority> {
+        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("ca-key.pem"), key.serialize_pem()).unwrap();
+        if let Some(bundle) = bundle {
+            std::fs::write(dir.join("bundle.pem"), bundle.pem()).unwrap();
+        }
+        CertificateAuthority::from_files(
+            &dir.join("ca.pem"),
+            &dir.join("ca-key.pem"),
+            bundle.map(|_| dir.join("bundle.pem")).as_deref(),
+            ttl,
+        )
+    }
+
+    fn leaf_not_after(issued: &IssuedSvid) -> i64 {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_chain_pem.as_bytes()).unwrap();
+        pem.parse_x509().unwrap().validity().not_after.timestamp()
+    }
+
+    fn secs(t: SystemTime) -> i64 {
+        t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    #[test]
+    fn leaves_never_outlive_their_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, key) = ca_cert(
+            "short root",
+            time::Duration::days(-30),
+            time::Duration::minutes(10),
+            None,
+        );
+        let day = Duration::from_secs(24 * 3600);
+        let ca = write_ca(dir.path(), &root, &key, None, day).unwrap();
+        let root_not_after = x509_parser::pem::parse_x509_pem(root.pem().as_bytes())
+            .unwrap()
+            .1
+            .parse_x509()
+            .unwrap()
+            .validity()
+            .not_after
+            .timestamp();
+        assert_eq!(secs(ca.not_after()), root_not_after);
+        let issued = ca.sign_csr(&csr(vec![]), &id("frontend")).unwrap();
+        assert_eq!(
+            leaf_not_after(&issued),
+            root_not_after,
+            "capped at the CA's NotAfter"
+        );
+        assert_eq!(secs(issued.not_after), root_not_after, "reported as issued");
+        let (server_chain, _) = ca.issue_server_cert(&id("control-plane")).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(server_chain.as_bytes()).unwrap();
+        assert_eq!(
+            pem.parse_x509().unwrap().validity().not_after.timestamp(),
+            root_not_after,
+            "the control plane's own certificate is capped too"
+        );
+        // 10 minutes left of a 30-day CA, 24 h leaves: inside the warning window.
+        assert!(matches!(
+            ca.expiry_status(SystemTime::now()),
+            CaExpiry::Soon { remaining } if remaining <= Duration::from_secs(600)
+        ));
+        // Once the chain has expired nothing is signed.
+        let later = ca.not_after() + Duration::from_secs(1);
+        assert!(matches!(
+            ca.sign_csr_at(&csr(vec![]), &id("frontend"), later),
+            Err(CaError::Expired { .. })
+        ));
+        assert_eq!(ca.expiry_status(later), CaExpiry::Expired);
+    }
+
+    #[test]
+    fn a_root_above_an_intermediate_caps_leaves_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, root_key) = ca_cert(
+            "root",
+            time::Duration::days(-365),
+            time::Duration::minutes(10),
+            None,
+        );
+        let (int, int_key) = ca_cert(
+            "intermediate",
+            time::Duration::days(-1),
+            time::Duration::days(365),
+            Some((&root, &root_key)),
+        );
+        let ca = write_ca(
+            dir.path(),
+            &int,
+            &int_key,
+            Some(&root),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let issued = ca.sign_csr(&csr(vec![]), &id("frontend")).unwrap();
+        assert_eq!(leaf_not_after(&issued), secs(ca.not_after()));
+        assert!(ca.not_after() < ca.issuer_not_after());
+        assert!(secs(ca.not_after()) <= secs(SystemTime::now()) + 600);
+    }
+
+    #[test]
+    fn refuses_to_load_an_expired_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, key) = ca_cert(
+            "expired root",
+            time::Duration::days(-30),
+            time::Duration::minutes(-1),
+            None,
+        );
+        let err = write_ca(dir.path(), &root, &key, None, Duration::from_secs(3600))
+            .err()
+            .expect("an expired issuer is refused");
+        assert!(matches!(err, CaError::Expired { .. }), "{err}");
+        assert!(err.to_string().contains("expired at"), "{err}");
+        assert!(err.to_string().contains("expired root"), "{err}");
+
+        // A valid intermediate under an expired root in the bundle is refused too.
+        let (int, int_key) = ca_cert(
+            "intermediate",
+            time::Duration::days(-1),
+            time::Duration::days(365),
+            Some((&root, &key)),
+        );
+        let err = write_ca(
+            dir.path(),
+            &int,
+            &int_key,
+            Some(&root),
+            Duration::from_secs(3600),
+        )
+        .err()
+        .expect("an expired root above the issuer is refused");
+        assert!(err.to_string().contains("expired root"), "{err}");
+
+        // And a stored (generated) root that expired is never replaced silently.
+        let state = dir.path().join("state-ca");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("root.pem"), root.pem()).unwrap();
+        std::fs::write(state.join("root-key.pem"), key.serialize_pem()).unwrap();
+        let err = CertificateAuthority::load_or_generate(
+            &state,
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .err()
+        .expect("an expired stored root is refused");
+        assert!(err.to_string().contains("remove"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(state.join("root.pem")).unwrap(),
+            root.pem()
+        );
+    }
+
+    #[test]
+    fn warning_window_is_a_fifth_of_the_lifetime_capped_at_30_days_but_at_least_the_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        // A 10-year root: 30 days.
+        let ca = CertificateAuthority::load_or_generate(dir.path(), "cluster.local", hour).unwrap();
+        assert_eq!(ca.warning_window(), EXPIRY_WARNING_MAX);
+        assert!(matches!(
+            ca.expiry_status(SystemTime::now()),
+            CaExpiry::Valid { .. }
+        ));
+        assert!(matches!(
+            ca.expiry_status(ca.not_after() - Duration::from_secs(29 * 24 * 3600)),
+            CaExpiry::Soon { .. }
+        ));
+        // A 10-day CA: 2 days; with 3-day leaves: 3 days.
+        let (root, key) = ca_cert(
+            "ten days",
+            time::Duration::days(-1),
+            time::Duration::days(9),
+            None,
+        );
+        let ca = write_ca(dir.path(), &root, &key, None, hour).unwrap();
+        assert_eq!(ca.warning_window(), Duration::from_secs(2 * 24 * 3600));
+        let ca = write_ca(dir.path(), &root, &key, None, 72 * hour).unwrap();
+        assert_eq!(ca.warning_window(), 72 * hour);
     }
 }

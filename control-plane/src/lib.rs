@@ -214,6 +214,51 @@ async fn start_coordinator(
     Ok((bound, tracer))
 }
 
+/// Logs the CA's expiry: a warning at start and every hour while less than the CA's warning
+/// window ([`ca::CertificateAuthority::warning_window`]) remains, an error at and after expiry
+/// (every Certify is then refused with `issuer_expired`).
+async fn watch_ca_expiry(ca: Arc<ca::CertificateAuthority>) {
+    const EVERY: Duration = Duration::from_secs(3600);
+    let expires = humantime::format_rfc3339_seconds(ca.not_after()).to_string();
+    loop {
+        let now = std::time::SystemTime::now();
+        let next = match ca.expiry_status(now) {
+            ca::CaExpiry::Valid { remaining } => {
+                tracing::info!(expires = %expires, "mesh CA valid for {}", humantime::format_duration(Duration::from_secs(remaining.as_secs())));
+                // Wake when the warning window opens (or in an hour, whichever is first).
+                remaining.saturating_sub(ca.warning_window()).min(EVERY)
+            }
+            ca::CaExpiry::Soon { remaining } => {
+                let capped = remaining < ca.leaf_ttl();
+                tracing::warn!(
+                    expires = %expires,
+                    leaves_capped = capped,
+                    "mesh CA expires in {}: no certificate is issued past that moment{}; \
+                     rotate the CA (--ca-cert/--ca-key) before then",
+                    humantime::format_duration(Duration::from_secs(remaining.as_secs())),
+                    if capped { ", so leaves are already shorter than the leaf TTL" } else { "" },
+                );
+                // At expiry at the latest, so the error below is logged on time.
+                remaining.min(EVERY)
+            }
+            ca::CaExpiry::Expired => {
+                tracing::error!(
+                    expired = %expires,
+                    "mesh CA has expired: every Certify is refused (issuer_expired) and SVIDs \
+                     lapse; restart the control plane with a new CA"
+                );
+                EVERY
+            }
+        };
+        tokio::time::sleep(next.max(Duration::from_secs(1))).await;
+    }
+}
+
+/// Runs the control plane until `shutdown` resolves.
+///
+/// # Errors
+/// [`StartError::Config`] for an invalid mesh file or a CA whose chain has expired;
+/// [`StartError::Other`] for I/O or TLS failures.
 pub async fn run(
     config: ControlPlaneConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -247,17 +292,22 @@ pub async fn run(
             config.leaf_ttl,
         ),
     }
-    .map_err(other)?;
+    .map_err(|e| match e {
+        // An expired issuer is a configuration problem (exit 64), and the message says which.
+        e @ ca::CaError::Expired { .. } => StartError::Config(e.to_string()),
+        e => other(e),
+    })?;
     let ca = Arc::new(ca);
 
     let registry = Registry::new();
     let metrics = metrics::ControlPlaneMetrics::new(&registry).map_err(other)?;
     metrics.ca_expiration.set(
-        ca.issuer_not_after()
+        ca.not_after()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0),
     );
+    tokio::spawn(watch_ca_expiry(ca.clone()));
 
     // Same address after a restart, so bootstrap files and sidecars stay valid.
     let addr_file = config.state_dir.join("control-plane.addr");

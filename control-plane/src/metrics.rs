@@ -9,7 +9,7 @@ pub struct ControlPlaneMetrics {
     /// `meshflow_certificates_issued_total`.
     pub certificates_issued: IntCounter,
     /// `meshflow_certify_refused_total{reason}`: bad_token, unknown_workload, bad_csr,
-    /// unproven_san.
+    /// unproven_san, issuer_expired (the CA chain's NotAfter has passed).
     pub certify_refused: IntCounterVec,
     /// `meshflow_connected_proxies`.
     pub connected_proxies: IntGauge,
@@ -26,7 +26,9 @@ pub struct ControlPlaneMetrics {
     pub jwks_fetch_errors: IntCounter,
     /// `meshflow_watch_refused_total{reason}`: no_client_certificate, unknown_identity.
     pub watch_refused: IntCounterVec,
-    /// `meshflow_ca_expiration_timestamp_seconds`.
+    /// `meshflow_ca_expiration_timestamp_seconds`: the CA's usable end, Unix seconds — the
+    /// earliest NotAfter of the issuing certificate and the certificates above it
+    /// ([`crate::ca::CertificateAuthority::not_after`]); no leaf is issued past it.
     pub ca_expiration: IntGauge,
 }
 
@@ -89,7 +91,7 @@ impl ControlPlaneMetrics {
             )?,
             ca_expiration: IntGauge::new(
                 "meshflow_ca_expiration_timestamp_seconds",
-                "NotAfter of the issuing CA certificate, Unix seconds.",
+                "Earliest NotAfter of the CA chain (issuer and the certificates above it), Unix seconds; no certificate is issued past it.",
             )?,
         };
         registry.register(Box::new(m.certificates_issued.clone()))?;
@@ -99,7 +101,13 @@ impl ControlPlaneMetrics {
         registry.register(Box::new(m.config_acks.clone()))?;
         registry.register(Box::new(m.config_push_duration.clone()))?;
         // Fixed label values start at zero, so `rate()` and dashboards see 0, not no data.
-        for reason in ["bad_token", "unknown_workload", "bad_csr", "unproven_san"] {
+        for reason in [
+            "bad_token",
+            "unknown_workload",
+            "bad_csr",
+            "unproven_san",
+            "issuer_expired",
+        ] {
             m.certify_refused.with_label_values(&[reason]);
         }
         for reason in [

@@ -88,6 +88,11 @@ impl Identity for Services {
             Err(e @ CaError::BadCsr(_)) => {
                 Err(refuse("bad_csr", Status::invalid_argument(e.to_string())))
             }
+            // FAILED_PRECONDITION means exactly this to sidecars (reason `issuer_expired`).
+            Err(e @ CaError::Expired { .. }) => Err(refuse(
+                "issuer_expired",
+                Status::failed_precondition(e.to_string()),
+            )),
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }

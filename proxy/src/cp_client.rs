@@ -23,6 +23,102 @@ pub const MIN_CSR_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest reconnect backoff.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Reasons an SVID request (the first Certify or a renewal) fails, the label values of
+/// `meshflow_identity_renewal_failures_total{reason}`:
+///
+/// - `issuer_expired`: the mesh CA has expired — the control plane answered
+///   `FAILED_PRECONDITION`, or the TLS handshake to it failed on an expired certificate while
+///   the CA above this sidecar's SVID is past its NotAfter. Nothing can be issued until the
+///   control plane gets a new CA.
+/// - `control_plane_unreachable`: no connection (refused, timed out, `UNAVAILABLE`).
+/// - `tls`: any other TLS failure to the control plane (unknown CA, wrong name, its
+///   certificate expired under a valid CA).
+/// - `rejected`: the control plane refused the request (token, workload, CSR).
+/// - `control_plane_error`: the control plane failed otherwise (`INTERNAL`, …).
+/// - `bad_response`: the issued material is unusable or names another identity.
+/// - `local`: the key, CSR or endpoint could not be prepared here.
+pub const RENEWAL_FAILURE_REASONS: &[&str] = &[
+    "issuer_expired",
+    "control_plane_unreachable",
+    "tls",
+    "rejected",
+    "control_plane_error",
+    "bad_response",
+    "local",
+];
+
+/// A failed SVID request: the reason (one of [`RENEWAL_FAILURE_REASONS`]) and the error.
+#[derive(Debug)]
+pub struct CertifyFailure {
+    /// The metric reason.
+    pub reason: &'static str,
+    /// What failed.
+    pub error: anyhow::Error,
+}
+
+impl CertifyFailure {
+    fn new(reason: &'static str, error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            reason,
+            error: error.into(),
+        }
+    }
+
+    /// The log sentence for the reason.
+    pub fn describe(&self) -> &'static str {
+        match self.reason {
+            "issuer_expired" => {
+                "the mesh CA has expired: no SVID can be issued until the control plane runs \
+                 with a new CA"
+            }
+            "control_plane_unreachable" => "the control plane is unreachable",
+            "tls" => "the TLS handshake with the control plane failed",
+            "rejected" => "the control plane refused the request",
+            "control_plane_error" => "the control plane failed to answer",
+            "bad_response" => "the control plane's answer is unusable",
+            _ => "the request could not be prepared",
+        }
+    }
+}
+
+/// The reason for a TLS failure to the control plane: `issuer_expired` when a certificate
+/// expired and the mesh CA itself is past its NotAfter, else `tls`.
+fn tls_reason(error: &rustls::Error, ca_expired: bool) -> &'static str {
+    if ca_expired && crate::identity::reason_for(error) == "expired" {
+        "issuer_expired"
+    } else {
+        "tls"
+    }
+}
+
+/// Classifies a failed connection to the control plane.
+pub fn classify_connect_error(
+    error: &(dyn std::error::Error + 'static),
+    ca_expired: bool,
+) -> &'static str {
+    match crate::identity::find_rustls_error(error) {
+        Some(tls) => tls_reason(tls, ca_expired),
+        None => "control_plane_unreachable",
+    }
+}
+
+/// Classifies a failed `Certify` call by its status (and the transport error behind it).
+pub fn classify_status(status: &tonic::Status, ca_expired: bool) -> &'static str {
+    use tonic::Code;
+    if let Some(tls) = crate::identity::find_rustls_error(status) {
+        return tls_reason(tls, ca_expired);
+    }
+    match status.code() {
+        // The control plane's contract: FAILED_PRECONDITION = its CA has expired.
+        Code::FailedPrecondition => "issuer_expired",
+        Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument => {
+            "rejected"
+        }
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => "control_plane_unreachable",
+        _ => "control_plane_error",
+    }
+}
+
 /// Talks to the control plane for one sidecar.
 pub struct ControlPlaneClient {
     bootstrap: Bootstrap,
@@ -77,8 +173,16 @@ impl ControlPlaneClient {
             .tls_config(tls)
     }
 
+    /// Whether the mesh CA above the current SVID is past its NotAfter.
+    fn ca_expired(&self) -> bool {
+        self.shared
+            .identity
+            .ca_not_after()
+            .is_some_and(|t| t <= SystemTime::now())
+    }
+
     /// Generates a fresh key, sends a CSR, installs the SVID.
-    async fn certify_once(&self) -> anyhow::Result<()> {
+    async fn certify_once(&self) -> Result<(), CertifyFailure> {
         {
             let mut last = self.last_csr.lock().await;
             if let Some(at) = *last {
@@ -89,19 +193,32 @@ impl ControlPlaneClient {
             }
             *last = Some(Instant::now());
         }
-        let key = rcgen::KeyPair::generate()?;
+        let local = |e: rcgen::Error| CertifyFailure::new("local", e);
+        let key = rcgen::KeyPair::generate().map_err(local)?;
         let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)?
-            .pem()?;
-        let channel: Channel = self.endpoint(None)?.connect().await?;
+            .serialize_request(&key)
+            .map_err(local)?
+            .pem()
+            .map_err(local)?;
+        let endpoint = self
+            .endpoint(None)
+            .map_err(|e| CertifyFailure::new("local", e))?;
+        let channel: Channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| CertifyFailure::new(classify_connect_error(&e, self.ca_expired()), e))?;
         let response = IdentityClient::new(channel)
             .certify(CertifyRequest {
                 workload: self.bootstrap.workload.clone(),
                 token: self.bootstrap.token.clone(),
                 csr_pem: csr,
             })
-            .await?
+            .await
+            .map_err(|status| {
+                CertifyFailure::new(classify_status(&status, self.ca_expired()), status)
+            })?
             .into_inner();
+        let bad = |e: anyhow::Error| CertifyFailure::new("bad_response", e);
         let issued_at =
             SystemTime::UNIX_EPOCH + Duration::from_secs(response.issued_at_unix.max(0) as u64);
         let svid = Svid::new(
@@ -109,17 +226,19 @@ impl ControlPlaneClient {
             key.serialize_der(),
             key.serialize_pem(),
             issued_at,
-        )?;
+        )
+        .map_err(|e| bad(e.into()))?;
         if svid.spiffe_id.uri() != self.bootstrap.spiffe_id {
-            anyhow::bail!(
+            return Err(bad(anyhow::anyhow!(
                 "control plane issued {} but this sidecar is {}",
                 svid.spiffe_id,
                 self.bootstrap.spiffe_id
-            );
+            )));
         }
         self.shared
             .identity
-            .set_bundle_pem(&response.trust_bundle_pem)?;
+            .set_bundle_pem(&response.trust_bundle_pem)
+            .map_err(|e| bad(e.into()))?;
         tracing::info!(serial = %svid.serial_hex, identity = %svid.spiffe_id, "installed SVID");
         self.shared.identity.set_svid(svid);
         Ok(())
@@ -148,14 +267,26 @@ impl ControlPlaneClient {
                         renewal_delay(svid.issued_at, svid.not_after, SystemTime::now(), jitter);
                     tokio::time::sleep(delay.max(MIN_CSR_INTERVAL)).await;
                 }
-                Err(e) => {
-                    self.shared
-                        .metrics
-                        .renewals
-                        .with_label_values(&["error"])
+                Err(failure) => {
+                    let metrics = &self.shared.metrics;
+                    metrics.renewals.with_label_values(&["error"]).inc();
+                    metrics
+                        .renewal_failures
+                        .with_label_values(&[failure.reason])
                         .inc();
-                    tracing::warn!(error = %e, "Certify failed; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    let wait = backoff(attempt);
+                    // What the failure costs: the current SVID's end (or that there is none).
+                    let svid_expires = self.shared.identity.svid.load().as_ref().map_or_else(
+                        || "none yet".to_string(),
+                        |s| humantime::format_rfc3339_seconds(s.not_after).to_string(),
+                    );
+                    let error = format!("{:#}", failure.error);
+                    if failure.reason == "issuer_expired" {
+                        tracing::error!(reason = failure.reason, %error, %svid_expires, "SVID request failed: {}; retrying", failure.describe());
+                    } else {
+                        tracing::warn!(reason = failure.reason, %error, %svid_expires, "SVID request failed: {}; retrying in {wait:?}", failure.describe());
+                    }
+                    tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
             }

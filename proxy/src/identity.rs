@@ -217,6 +217,17 @@ impl IdentityState {
             ))
     }
 
+    /// The mesh CA's end as this sidecar sees it: [`ca_chain_not_after`] of the current SVID
+    /// over its intermediates and the trust bundle. `None` before the first SVID.
+    pub fn ca_not_after(&self) -> Option<SystemTime> {
+        let svid = self.svid.load_full()?;
+        let chain = pem_certs(&svid.chain_pem).ok()?;
+        let (leaf, intermediates) = chain.split_first()?;
+        let mut others = intermediates.to_vec();
+        others.extend(pem_certs(&self.bundle.load().pem).unwrap_or_default());
+        ca_chain_not_after(leaf, &others)
+    }
+
     /// Installs a new SVID; new handshakes use it, open connections keep theirs.
     pub fn set_svid(&self, svid: Svid) {
         self.metrics.cert_expiration.set(
@@ -325,6 +336,94 @@ pub fn reason_for(error: &rustls::Error) -> &'static str {
             _ => "invalid_certificate",
         },
         _ => "other",
+    }
+}
+
+/// The rustls error in `error`'s source chain, also when wrapped in a `std::io::Error` (where
+/// tokio-rustls and Pingora's rustls stream put handshake failures).
+pub fn find_rustls_error<'a>(
+    mut error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    for _ in 0..32 {
+        if let Some(found) = error.downcast_ref::<rustls::Error>() {
+            return Some(found);
+        }
+        // `io::Error::source` skips the wrapped error itself: look inside first.
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            error = inner;
+            continue;
+        }
+        error = error.source()?;
+    }
+    None
+}
+
+/// The metric reason for a TLS handshake this sidecar started (outbound, or to the control
+/// plane): the certificate reasons of [`reason_for`], plus `refused_by_peer` when the server
+/// sent a fatal alert (it refused our certificate or the handshake).
+pub fn client_handshake_reason(error: &rustls::Error) -> &'static str {
+    match error {
+        rustls::Error::AlertReceived(_) => "refused_by_peer",
+        e => reason_for(e),
+    }
+}
+
+/// What an outbound handshake failure with `reason` (from [`client_handshake_reason`]) means,
+/// for the log line.
+pub fn describe_outbound_tls_failure(reason: &str) -> &'static str {
+    match reason {
+        "identity_mismatch" => "server did not prove the expected identity",
+        "expired" => {
+            "the server's certificate, or a CA certificate above it, has expired (an expired \
+             mesh CA expires every SVID with it)"
+        }
+        "not_yet_valid" => "the server's certificate is not valid yet (clock skew?)",
+        "unknown_ca" => "the server's certificate does not chain to the mesh trust bundle",
+        "invalid_certificate" => "the server's certificate is invalid",
+        "refused_by_peer" => "the server refused the handshake (our certificate, or TLS 1.3)",
+        _ => "TLS handshake with the server failed",
+    }
+}
+
+/// The earliest NotAfter of the CA certificates above `leaf`: those in `others` (the SVID's
+/// intermediates and the trust bundle) found by issuer name, up to a self-issued root.
+/// `None` when `leaf` does not parse.
+pub fn ca_chain_not_after(
+    leaf: &CertificateDer<'_>,
+    others: &[CertificateDer<'_>],
+) -> Option<SystemTime> {
+    let parse = |der: &CertificateDer<'_>| {
+        x509_parser::parse_x509_certificate(der.as_ref())
+            .ok()
+            .map(|(_, c)| {
+                (
+                    c.subject().as_raw().to_vec(),
+                    c.issuer().as_raw().to_vec(),
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs(
+                            c.validity().not_after.timestamp().max(0) as u64
+                        ),
+                )
+            })
+    };
+    let (_, mut issuer, _) = parse(leaf)?;
+    let others: Vec<_> = others.iter().filter_map(parse).collect();
+    let mut earliest: Option<SystemTime> = None;
+    let mut used = vec![false; others.len()];
+    loop {
+        let Some(i) = (0..others.len()).find(|&i| !used[i] && others[i].0 == issuer) else {
+            return earliest;
+        };
+        used[i] = true;
+        let (subject, parent, not_after) = &others[i];
+        earliest = Some(earliest.map_or(*not_after, |e| e.min(*not_after)));
+        if subject == parent {
+            return earliest;
+        }
+        issuer = parent.clone();
     }
 }
 

@@ -33,8 +33,13 @@ pub struct ProxyMetrics {
     pub tls_handshake_errors: IntCounterVec,
     /// `meshflow_identity_cert_expiration_timestamp_seconds`.
     pub cert_expiration: IntGauge,
-    /// `meshflow_identity_renewals_total`.
+    /// `meshflow_identity_renewals_total{result}`: SVID requests (first and renewals), `ok` or
+    /// `error`.
     pub renewals: IntCounterVec,
+    /// `meshflow_identity_renewal_failures_total{reason}`: failed SVID requests by reason
+    /// ([`crate::cp_client::RENEWAL_FAILURE_REASONS`]: issuer_expired,
+    /// control_plane_unreachable, tls, rejected, control_plane_error, bad_response, local).
+    pub renewal_failures: IntCounterVec,
     /// `meshflow_config_version` of the snapshot in force.
     pub config_version: IntGauge,
     /// `meshflow_config_last_update_timestamp_seconds`: when the snapshot in force was
@@ -268,6 +273,13 @@ impl ProxyMetrics {
                 ),
                 &["result"],
             )?,
+            renewal_failures: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_identity_renewal_failures_total",
+                    "Failed SVID requests, by reason.",
+                ),
+                &["reason"],
+            )?,
             config_version: IntGauge::new(
                 "meshflow_config_version",
                 "Version of the config snapshot in force.",
@@ -385,6 +397,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.tls_handshake_errors.clone()))?;
         registry.register(Box::new(m.cert_expiration.clone()))?;
         registry.register(Box::new(m.renewals.clone()))?;
+        registry.register(Box::new(m.renewal_failures.clone()))?;
         registry.register(Box::new(m.config_version.clone()))?;
         registry.register(Box::new(m.config_updates.clone()))?;
         registry.register(Box::new(m.config_last_update.clone()))?;
@@ -417,6 +430,9 @@ impl ProxyMetrics {
         }
         for result in ["ok", "error"] {
             m.renewals.with_label_values(&[result]);
+        }
+        for reason in crate::cp_client::RENEWAL_FAILURE_REASONS {
+            m.renewal_failures.with_label_values(&[reason]);
         }
         for result in ["accepted", "rejected"] {
             m.config_updates.with_label_values(&[result]);

@@ -797,13 +797,16 @@ impl ProxyHttp for OutboundProxy {
             ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError
         ) || text.contains("certificate");
         if tls {
-            let reason = if text.contains("NotValidForName") || text.contains("not valid for name")
-            {
-                "identity_mismatch"
-            } else if text.contains("UnknownIssuer") {
-                "unknown_ca"
-            } else {
-                "other"
+            // The rustls error itself (inside Pingora's cause) names the reason; the text is
+            // only a fallback.
+            let reason = match crate::identity::find_rustls_error(e.root_cause()) {
+                Some(tls_error) => crate::identity::client_handshake_reason(tls_error),
+                None if text.contains("NotValidForName") || text.contains("not valid for name") => {
+                    "identity_mismatch"
+                }
+                None if text.contains("UnknownIssuer") => "unknown_ca",
+                None if text.contains("expired") || text.contains("Expired") => "expired",
+                None => "other",
             };
             self.shared
                 .metrics

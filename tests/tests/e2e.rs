@@ -6,6 +6,8 @@
 mod authn;
 #[path = "e2e/authz.rs"]
 mod authz;
+#[path = "e2e/ca_expiry.rs"]
+mod ca_expiry;
 #[path = "e2e/collector.rs"]
 mod collector;
 #[path = "e2e/common.rs"]
