@@ -31,7 +31,18 @@ pub struct Bootstrap {
     pub spiffe_id: String,
     /// Secret that authenticates `Certify` for this workload.
     pub token: String,
+    /// Only for the `builtin: coordinator` workload: the secret its sidecar puts in
+    /// [`SIDECAR_AUTH_HEADER`] on every request it forwards to its app (the workflow API), so
+    /// the API can tell its own sidecar from any other local process. Absent for other
+    /// workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_auth_secret: Option<String>,
 }
+
+/// The header with which a sidecar vouches to its app that a request came through it (value:
+/// [`Bootstrap::app_auth_secret`]). Mesh-owned: sidecars strip it from every request they
+/// receive and set it only themselves, only towards their own app.
+pub const SIDECAR_AUTH_HEADER: &str = "x-meshflow-sidecar-auth";
 
 /// The readiness file every meshflow binary writes once it serves (`--ready-file`): the actual
 /// bound addresses, so nobody guesses ports. JSON object of name → `host:port`, plus `pid`.

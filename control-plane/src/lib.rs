@@ -111,20 +111,35 @@ fn other<E: std::fmt::Display>(e: E) -> StartError {
     StartError::Other(e.to_string())
 }
 
-/// Runs the control plane until `shutdown` resolves.
-///
-/// # Errors
-/// [`StartError::Config`] for an invalid mesh file; [`StartError::Other`] for I/O or TLS
-/// failures.
+/// The file (in the state dir, mode 0600) holding the secret with which the coordinator's
+/// sidecar vouches for workflow API callers ([`meshflow_api::SIDECAR_AUTH_HEADER`]). Kept
+/// across restarts, so a sidecar that outlives a control-plane restart stays valid.
+pub const COORDINATOR_SECRET_FILE: &str = "workflow-sidecar-secret";
+
+/// The secret in `path`, or a new one (32 random bytes, hex) written there with mode 0600.
+fn read_or_create_secret(path: &std::path::Path) -> Result<String, StartError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if s.trim().len() >= 32 => Ok(s.trim().to_string()),
+        _ => {
+            let secret = hex::encode(rand::random::<[u8; 32]>());
+            ca::write_private(path, secret.as_bytes()).map_err(other)?;
+            Ok(secret)
+        }
+    }
+}
+
 /// Opens the workflow store, recovers in-flight runs and serves the workflow API on `addr`.
-/// The API token is `<state-dir>/workflow-api-token` (created, mode 0600).
+/// The API token is `<state-dir>/workflow-api-token` (created, mode 0600); `sidecar_secret`
+/// is the one the coordinator's sidecar sends (see [`workflow::api`]).
 async fn start_coordinator(
     config: &ControlPlaneConfig,
     addr: SocketAddr,
     registry: &Registry,
+    sidecar_secret: Option<String>,
 ) -> Result<(SocketAddr, meshflow_telemetry::Tracing), StartError> {
     use workflow::coordinator::{Coordinator, CoordinatorSettings};
-    // The API trusts its sidecar's XFCC on loopback, like any meshed app: never expose it.
+    // Callers reach the API through the coordinator's sidecar or with the token: never expose
+    // it beyond loopback.
     if !addr.ip().is_loopback() {
         return Err(StartError::Config(format!(
             "--workflow-api {addr}: must be a loopback address (reach it through the coordinator's sidecar)"
@@ -204,6 +219,7 @@ async fn start_coordinator(
     let app = workflow::api::router(workflow::api::ApiState {
         coordinator,
         token: Arc::new(token),
+        sidecar_secret: sidecar_secret.map(Arc::new),
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -337,6 +353,12 @@ pub async fn run(
     )
     .map_err(other)?;
     let tokens = tokens::TokenStore::open(&config.state_dir).map_err(other)?;
+    let coordinator_secret = match config.workflow_api {
+        Some(_) => Some(read_or_create_secret(
+            &config.state_dir.join(COORDINATOR_SECRET_FILE),
+        )?),
+        None => None,
+    };
     tokens
         .write_bootstraps(
             &config.state_dir,
@@ -344,6 +366,7 @@ pub async fn run(
             &grpc_addr.to_string(),
             &server_identity.dns_name(),
             ca.trust_bundle_pem(),
+            coordinator_secret.as_deref(),
         )
         .map_err(other)?;
 
@@ -375,6 +398,7 @@ pub async fn run(
     {
         let mut updates = state.subscribe();
         let (tokens, state_dir, ca) = (tokens.clone(), config.state_dir.clone(), ca.clone());
+        let coordinator_secret = coordinator_secret.clone();
         let server_name = server_identity.dns_name();
         tokio::spawn(async move {
             let mut last_mesh = updates.borrow().mesh.clone();
@@ -391,6 +415,7 @@ pub async fn run(
                     &grpc_addr.to_string(),
                     &server_name,
                     ca.trust_bundle_pem(),
+                    coordinator_secret.as_deref(),
                 ) {
                     tracing::error!(error = %e, "cannot write bootstrap files");
                 }
@@ -426,7 +451,8 @@ pub async fn run(
 
     let (workflow_addr, workflow_tracing) = match config.workflow_api {
         Some(addr) => {
-            let (addr, tracing) = start_coordinator(&config, addr, &registry).await?;
+            let (addr, tracing) =
+                start_coordinator(&config, addr, &registry, coordinator_secret.clone()).await?;
             (Some(addr), Some(tracing))
         }
         None => (None, None),

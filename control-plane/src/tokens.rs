@@ -76,7 +76,8 @@ impl TokenStore {
                 == 0
     }
 
-    /// Writes a bootstrap file for every workload of `mesh`.
+    /// Writes a bootstrap file for every workload of `mesh`; the `builtin` (coordinator)
+    /// workload's also carries `coordinator_secret` as its `appAuthSecret`.
     ///
     /// # Errors
     /// [`CaError::Io`].
@@ -87,6 +88,7 @@ impl TokenStore {
         control_plane: &str,
         server_name: &str,
         trust_bundle_pem: &str,
+        coordinator_secret: Option<&str>,
     ) -> Result<(), CaError> {
         let dir = state_dir.join("bootstrap");
         std::fs::create_dir_all(&dir).map_err(|source| CaError::Io {
@@ -104,6 +106,9 @@ impl TokenStore {
                 workload: w.key(),
                 spiffe_id: id.uri(),
                 token: self.get_or_create(&w.key())?,
+                app_auth_secret: coordinator_secret
+                    .filter(|_| w.app.builtin.is_some())
+                    .map(str::to_string),
             };
             let json = serde_json::to_vec_pretty(&bootstrap).expect("bootstrap serializes");
             write_private(&bootstrap_path(state_dir, &w.key()), &json)?;

@@ -10,8 +10,9 @@ use http::header::{HeaderMap, HeaderName, CONNECTION, CONTENT_LENGTH, TRANSFER_E
 pub const XFCC: &str = "x-forwarded-client-cert";
 
 /// Headers the proxy sets itself: always stripped from client input, never removable by a
-/// `Connection` nomination.
-pub const PROXY_SET_HEADERS: &[&str] = &[XFCC];
+/// `Connection` nomination. [`meshflow_api::SIDECAR_AUTH_HEADER`] is set only by the workflow
+/// coordinator's sidecar, towards its own app.
+pub const PROXY_SET_HEADERS: &[&str] = &[XFCC, meshflow_api::SIDECAR_AUTH_HEADER];
 
 /// Hop-by-hop headers removed on every hop (RFC 9110 §7.6.1). `te` is handled separately:
 /// `te: trailers` is end-to-end meaningful for gRPC and is kept.

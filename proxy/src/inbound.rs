@@ -351,6 +351,11 @@ impl ProxyHttp for InboundProxy {
         if let Some(peer) = &ctx.peer {
             upstream_request.insert_header(XFCC, xfcc_value(&own, &peer.uri()))?;
         }
+        // Only the coordinator's sidecar has a secret: it tells the workflow API that this
+        // request (and its XFCC) came through here. Client copies were scrubbed above.
+        if let Some(secret) = &self.shared.app_auth_secret {
+            upstream_request.insert_header(meshflow_api::SIDECAR_AUTH_HEADER, secret.as_ref())?;
+        }
         // The app's parent is our server span; whatever came in (valid or not) is replaced.
         if let Some(span) = &ctx.span {
             crate::shared::set_trace_headers(upstream_request, &self.shared.tracing, span)?;

@@ -309,6 +309,7 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         namespace: spiffe_id.namespace().to_string(),
         app_port: config.app_port,
         app_protocol: config.app_protocol,
+        app_auth_secret: bootstrap.app_auth_secret.as_deref().map(Arc::from),
         max_header_bytes: config.max_header_bytes,
         settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
         budgets: Arc::default(),

@@ -28,6 +28,9 @@ pub struct Shared {
     pub app_port: u16,
     /// The app's protocol.
     pub app_protocol: AppProtocol,
+    /// The bootstrap's `appAuthSecret` (only the workflow coordinator's): sent to the app in
+    /// [`meshflow_api::SIDECAR_AUTH_HEADER`] on every request the inbound listener forwards.
+    pub app_auth_secret: Option<Arc<str>>,
     /// Largest accepted request header section, bytes (431 above).
     pub max_header_bytes: usize,
     /// The effective settings, shown at `/config_dump`.

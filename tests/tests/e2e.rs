@@ -2,6 +2,8 @@
 //! One test binary, so Pingora links once. Timing-sensitive tests live in `timing` and run one
 //! at a time (see `.config/nextest.toml`).
 
+#[path = "e2e/api_auth.rs"]
+mod api_auth;
 #[path = "e2e/authn.rs"]
 mod authn;
 #[path = "e2e/authz.rs"]

@@ -12,10 +12,19 @@
 //! | `POST /v1/runs/{id}/signals/{name}` | signal (JSON payload) → 202; 404 for an unknown run |
 //! | `POST /v1/runs/{id}/cancel` · `/terminate` · `/retry` | 202 |
 //!
-//! Protected: a request needs `Authorization: Bearer <token>` (the API token file) or must
-//! arrive through the coordinator's sidecar, which sets `x-forwarded-client-cert` after
-//! AuthorizationPolicy allowed the caller. Like any meshed app, the API trusts its sidecar on
-//! the loopback interface. Errors are JSON `{error}` with 400, 401, 404, 409 or 500.
+//! Protected (401 otherwise): a request needs either
+//! - `Authorization: Bearer <token>` (the API token file, `<state>/workflow-api-token`), or
+//! - to arrive through the coordinator's own sidecar: the sidecar vouches with
+//!   `x-meshflow-sidecar-auth: <secret>` ([`meshflow_api::SIDECAR_AUTH_HEADER`]; the secret is in
+//!   `<state>/workflow-sidecar-secret` and the coordinator's bootstrap file, both 0600, and
+//!   every sidecar strips the header from what it receives), and exactly one
+//!   `x-forwarded-client-cert` naming the mTLS-verified caller (`URI=spiffe://…`). Which
+//!   callers may come this way is decided by AuthorizationPolicy on the coordinator workload,
+//!   enforced by that sidecar before forwarding; a plaintext (PERMISSIVE) caller has no
+//!   verified identity and is refused here.
+//!
+//! An XFCC header alone proves nothing: any local process can send one to the loopback port.
+//! Errors are JSON `{error}` with 400, 401, 404, 409 or 500.
 
 use std::sync::Arc;
 
@@ -38,6 +47,9 @@ pub struct ApiState {
     pub coordinator: Arc<Coordinator>,
     /// The API token (constant-time compared).
     pub token: Arc<String>,
+    /// The secret the coordinator's sidecar sends in [`meshflow_api::SIDECAR_AUTH_HEADER`]
+    /// (constant-time compared); `None`: no caller is accepted through a sidecar.
+    pub sidecar_secret: Option<Arc<String>>,
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -59,19 +71,72 @@ impl IntoResponse for CoordinatorError {
     }
 }
 
-fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
-    if headers.contains_key("x-forwarded-client-cert") {
-        return true;
+/// Who is calling the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The holder of the API token (an operator, the CLI).
+    Token,
+    /// A mesh workload, mTLS-verified and authorized by the coordinator's sidecar.
+    Peer(meshflow_policies::SpiffeId),
+}
+
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && !expected.is_empty()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The single value of header `name`, or `None` when it is absent, repeated or not text.
+fn single<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    let mut values = headers.get_all(name).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
     }
-    let Some(given) = headers
+    value.to_str().ok()
+}
+
+/// The peer in the sidecar's XFCC (`By=<own>;URI=<peer>`, one element).
+fn xfcc_peer(value: &str) -> Option<meshflow_policies::SpiffeId> {
+    if value.contains(',') {
+        return None;
+    }
+    let mut uris = value
+        .split(';')
+        .filter_map(|kv| kv.trim().strip_prefix("URI="));
+    let uri = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    uri.parse().ok()
+}
+
+/// Authenticates a request: the bearer `token`, or the coordinator's sidecar vouching with
+/// `sidecar_secret` for an mTLS-verified caller (XFCC). See the module docs.
+pub fn authenticate(
+    token: &str,
+    sidecar_secret: Option<&str>,
+    headers: &HeaderMap,
+) -> Option<Caller> {
+    if let Some(given) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    let (a, b) = (given.as_bytes(), state.token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    {
+        if same_secret(given.as_bytes(), token.as_bytes()) {
+            return Some(Caller::Token);
+        }
+    }
+    let expected = sidecar_secret?;
+    let given = single(headers, meshflow_api::SIDECAR_AUTH_HEADER)?;
+    if !same_secret(given.as_bytes(), expected.as_bytes()) {
+        return None;
+    }
+    xfcc_peer(single(headers, "x-forwarded-client-cert")?).map(Caller::Peer)
 }
 
 /// The router.
@@ -93,8 +158,12 @@ async fn guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if !authorized(&state, request.headers()) {
-        return error(StatusCode::UNAUTHORIZED, "an API token (Authorization: Bearer …) or a call through the coordinator's sidecar is required");
+    let secret = state.sidecar_secret.as_deref().map(String::as_str);
+    let Some(caller) = authenticate(&state.token, secret, request.headers()) else {
+        return error(StatusCode::UNAUTHORIZED, "an API token (Authorization: Bearer …) or an mTLS call through the coordinator's sidecar is required");
+    };
+    if let Caller::Peer(peer) = &caller {
+        tracing::debug!(caller = %peer, method = %request.method(), path = %request.uri().path(), "workflow API call through the coordinator's sidecar");
     }
     next.run(request).await
 }
@@ -301,5 +370,83 @@ async fn command(
     match s.coordinator.send(&id, input).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"runId": id}))).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    const XFCC: &str = "By=spiffe://cluster.local/ns/meshflow-system/sa/coordinator;URI=spiffe://cluster.local/ns/default/sa/frontend";
+
+    #[test]
+    fn xfcc_alone_is_not_enough() {
+        let auth = |pairs: &[(&str, &str)]| authenticate("tok", Some("s3cret"), &headers(pairs));
+        assert_eq!(auth(&[("x-forwarded-client-cert", "x")]), None);
+        assert_eq!(auth(&[("x-forwarded-client-cert", XFCC)]), None);
+        assert_eq!(
+            auth(&[
+                ("x-forwarded-client-cert", XFCC),
+                ("x-meshflow-sidecar-auth", "guess")
+            ]),
+            None
+        );
+        // Vouched, but no verified caller (plaintext through the sidecar) or an ambiguous one.
+        assert_eq!(auth(&[("x-meshflow-sidecar-auth", "s3cret")]), None);
+        assert_eq!(
+            auth(&[
+                ("x-meshflow-sidecar-auth", "s3cret"),
+                ("x-forwarded-client-cert", XFCC),
+                ("x-forwarded-client-cert", XFCC)
+            ]),
+            None
+        );
+        assert_eq!(
+            auth(&[
+                ("x-meshflow-sidecar-auth", "s3cret"),
+                ("x-meshflow-sidecar-auth", "s3cret"),
+                ("x-forwarded-client-cert", XFCC)
+            ]),
+            None
+        );
+        assert_eq!(
+            auth(&[
+                ("x-meshflow-sidecar-auth", "s3cret"),
+                ("x-forwarded-client-cert", XFCC)
+            ]),
+            Some(Caller::Peer(
+                "spiffe://cluster.local/ns/default/sa/frontend"
+                    .parse()
+                    .unwrap()
+            ))
+        );
+        // Without a configured secret nobody is vouched for.
+        assert_eq!(
+            authenticate(
+                "tok",
+                None,
+                &headers(&[
+                    ("x-meshflow-sidecar-auth", ""),
+                    ("x-forwarded-client-cert", XFCC)
+                ])
+            ),
+            None
+        );
+        assert_eq!(
+            auth(&[("authorization", "Bearer tok")]),
+            Some(Caller::Token)
+        );
+        assert_eq!(auth(&[("authorization", "Bearer tok2")]), None);
     }
 }
