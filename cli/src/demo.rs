@@ -94,6 +94,18 @@ pub fn orders(n: u32) -> Vec<Order> {
         .collect()
 }
 
+/// The policy directory [`MESH`] names, relative to `examples/demo/`.
+const MESH_POLICIES_DIR: &str = "policiesDir: ../../policies/examples/demo";
+
+/// [`MESH`] as the demo writes it: its policies in `policies/` next to it.
+fn mesh_text() -> String {
+    assert!(
+        MESH.contains(MESH_POLICIES_DIR),
+        "examples/demo/mesh.yaml names its policies"
+    );
+    MESH.replace(MESH_POLICIES_DIR, "policiesDir: policies")
+}
+
 /// Writes the mesh file and policies under `dir` (`mesh.yaml`, `policies/`); returns the
 /// mesh file's path.
 ///
@@ -105,7 +117,7 @@ pub fn write_files(dir: &Path) -> std::io::Result<PathBuf> {
         std::fs::write(dir.join("policies").join(name), text)?;
     }
     let mesh = dir.join("mesh.yaml");
-    std::fs::write(&mesh, MESH)?;
+    std::fs::write(&mesh, mesh_text())?;
     std::fs::write(dir.join("place-order.yaml"), WORKFLOW)?;
     Ok(mesh)
 }
@@ -628,10 +640,64 @@ pub fn render(s: &Summary) -> String {
     ));
     if let Some(id) = &s.example_run {
         out.push_str(&format!(
-            "  inspect a run (with --keep-running): meshflow workflow get {id} --api {} --token-file {}\n",
+            "  inspect a run (with --keep-running): {} workflow get {id} --api {} --token-file {}\n",
+            crate::supervisor::self_command(),
             s.workflow_api,
             s.workflow_token.display()
         ));
     }
     out
+}
+
+/// What to paste into another terminal while the demo mesh keeps running (`--keep-running`):
+/// the workflow API's address and token file as environment variables, and commands to try.
+pub fn keep_running_hints(s: &Summary, state_dir: &Path) -> String {
+    let meshflow = crate::supervisor::self_command();
+    let run = s.example_run.as_deref().unwrap_or("order-0001");
+    format!(
+        "In another terminal:\n  export MESHFLOW_WORKFLOW_API={} MESHFLOW_WORKFLOW_TOKEN_FILE={}\n  {meshflow} workflow get {run}\n  {meshflow} workflow list --status compensated\n  {meshflow} workflow history {run}\n  {meshflow} stat --state-dir {}\n",
+        s.workflow_api,
+        s.workflow_token.display(),
+        state_dir.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshflow_policies::documents::PolicySet;
+    use meshflow_policies::mesh::MeshFile;
+
+    /// The payment AuthorizationPolicies of the mesh file at `mesh`, via its `policiesDir`.
+    fn payment_policies(mesh: &Path) -> Vec<String> {
+        let file = MeshFile::load(mesh).unwrap();
+        let dir = file
+            .policies_dir(mesh)
+            .expect("the demo mesh names its policies");
+        let set = PolicySet::load_dir(&dir).unwrap();
+        let labels = BTreeMap::from([("app".to_string(), "payment".to_string())]);
+        set.authorization_for("default", &labels)
+            .map(|p| p.id())
+            .collect()
+    }
+
+    /// Issue 12, item 13: `meshflow up -f examples/demo/mesh.yaml` runs with the demo
+    /// policies (it used to name a directory that did not exist and ran with none).
+    #[test]
+    fn the_demo_mesh_file_in_the_repository_names_the_demo_policies() {
+        let mesh = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo/mesh.yaml");
+        assert!(!payment_policies(&mesh).is_empty());
+    }
+
+    #[test]
+    fn the_demo_writes_its_mesh_file_with_the_policies_next_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = write_files(dir.path()).unwrap();
+        assert_eq!(
+            payment_policies(&mesh),
+            payment_policies(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo/mesh.yaml")
+            )
+        );
+    }
 }

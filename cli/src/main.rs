@@ -58,10 +58,11 @@ enum Command {
     /// Per-workload success rate, request rate and p50/p99 latency of a running local mesh
     /// (inbound traffic each workload served), from its sidecars' admin endpoints.
     Stat {
-        /// The mesh's state directory (`meshflow up --state-dir`; `up` prints its logs path).
+        /// The mesh's state directory (`meshflow up` prints it: "mesh is up. State directory …").
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Sidecar admin addresses (`host:port`, repeatable) instead of a state directory.
+        /// Sidecar admin addresses (`host:port` or `http://host:port` as `meshflow up` prints
+        /// them, repeatable) instead of a state directory.
         #[arg(long = "admin")]
         admins: Vec<String>,
         /// Measurement window.
@@ -91,6 +92,10 @@ enum Command {
         /// it, and exit 0 if it succeeded over mTLS.
         #[arg(long)]
         smoke: bool,
+        /// How long each process (control plane, app, sidecar) may take to become ready (an
+        /// app: to listen on its port).
+        #[arg(long, default_value = "30s", value_parser = humantime_parse)]
+        ready_timeout: Duration,
     },
 }
 
@@ -112,11 +117,12 @@ enum PolicyCommand {
             conflicts_with = "control_plane"
         )]
         dir: Option<PathBuf>,
-        /// A running control plane's admin address, e.g. `http://127.0.0.1:9901`.
+        /// A running control plane's admin address, `http://127.0.0.1:9901` or `127.0.0.1:9901`.
         #[arg(long, requires = "workload")]
         control_plane: Option<String>,
         /// Target workload `namespace/name` (with `--control-plane`: gives namespace, labels
-        /// and port from the mesh).
+        /// and port from the mesh). Also names the target in the `x-forwarded-client-cert`
+        /// the sidecar sets and policies see (`By=`; with `-d` the service account is `name`).
         #[arg(long)]
         workload: Option<String>,
         /// Target workload's namespace.
@@ -292,6 +298,10 @@ async fn demo(
             }
             let code = if summary.unexpected.is_empty() { 0 } else { 1 };
             if keep_running {
+                print!(
+                    "{}",
+                    meshflow_cli::demo::keep_running_hints(&summary, &dir.join("state"))
+                );
                 println!(
                     "mesh is up (logs in {}). Ctrl-C to stop.",
                     dir.join("state/logs").display()
@@ -329,13 +339,103 @@ impl Signals {
     }
 }
 
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// `meshflow up`: exit 0 after Ctrl-C / SIGTERM (or a good `--smoke`), 1 when a process fails
+/// to start or exits while the mesh runs, 64 for an invalid mesh file, 130 when interrupted
+/// while starting.
+async fn up(
+    file: PathBuf,
+    state_dir: Option<PathBuf>,
+    drain: Duration,
+    run_smoke: bool,
+    ready_timeout: Duration,
+) -> i32 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Signals are handled from the start: Ctrl-C while processes start stops them and removes
+    // the temporary state directory (it holds the CA key and the tokens).
+    let interrupted = std::sync::Arc::new(AtomicBool::new(false));
+    {
+        let mut signals = Signals::new();
+        let flag = interrupted.clone();
+        tokio::spawn(async move {
+            loop {
+                signals.recv().await;
+                flag.store(true, Ordering::SeqCst);
+            }
+        });
     }
+    let temp = match tempfile::Builder::new().prefix("meshflow-up-").tempdir() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meshflow up: temp dir: {e}");
+            return 1;
+        }
+    };
+    let (state_dir, where_) = match state_dir {
+        Some(dir) => (dir, ""),
+        None => (
+            temp.path().to_path_buf(),
+            ", a temporary directory removed on exit",
+        ),
+    };
+    let mut options = UpOptions::new(&state_dir);
+    options.drain = drain;
+    options.ready_timeout = ready_timeout;
+    options.cancel = Some(interrupted.clone());
+    options.progress = true;
+    // Starting processes blocks; keep it on this (main) thread so children's parent-death
+    // signal is tied to the process's main thread.
+    let mut mesh = match LocalMesh::start(&file, options) {
+        Ok(mesh) => mesh,
+        Err(UpError::Config(e)) => {
+            eprintln!("meshflow up: invalid mesh file: {e}");
+            return 64;
+        }
+        Err(UpError::Interrupted) => {
+            eprintln!("meshflow up: interrupted while starting; stopped everything");
+            return 130;
+        }
+        Err(e) => {
+            eprintln!("meshflow up: {e}");
+            return 1;
+        }
+    };
+    println!("{}", mesh.describe());
+    let code = if run_smoke {
+        match smoke(&mesh).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("meshflow up --smoke: {e}");
+                1
+            }
+        }
+    } else {
+        println!(
+            "mesh is up. State directory {dir}{where_} (meshflow stat --state-dir {dir}); logs in {logs}. Ctrl-C to stop.",
+            dir = state_dir.display(),
+            logs = state_dir.join("logs").display()
+        );
+        // Until a signal, or until a process of the mesh exits (reaped and reported).
+        loop {
+            if interrupted.load(Ordering::SeqCst) {
+                break 0;
+            }
+            if let Some(exited) = mesh.supervisor.first_exited() {
+                eprintln!(
+                    "meshflow up: {} exited with {}; its log: {}. Stopping the mesh.",
+                    exited.name,
+                    exited.status,
+                    exited.log.display()
+                );
+                break 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    println!("stopping…");
+    mesh.supervisor.shutdown();
+    drop(mesh);
+    drop(temp);
+    code
 }
 
 #[tokio::main]
@@ -345,10 +445,20 @@ async fn main() {
         Command::Policy { command } => policy_check(command).await,
         Command::Stat {
             state_dir,
-            mut admins,
+            admins: given,
             window,
             output,
         } => {
+            let mut admins = Vec::new();
+            for a in &given {
+                match meshflow_cli::stat::admin_address(a) {
+                    Ok(a) => admins.push(a),
+                    Err(e) => {
+                        eprintln!("meshflow stat: {e}");
+                        std::process::exit(64);
+                    }
+                }
+            }
             if let Some(dir) = state_dir {
                 match meshflow_cli::stat::sidecar_admins(&dir) {
                     Ok(found) => admins.extend(found),
@@ -372,14 +482,13 @@ async fn main() {
                         "rps": r.rps, "p50Ms": r.p50_ms, "p99Ms": r.p99_ms})
                         })
                         .collect();
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&json).unwrap_or_default()
+                    meshflow_cli::output::println(
+                        &serde_json::to_string_pretty(&json).unwrap_or_default(),
                     );
                     0
                 }
                 Ok(rows) => {
-                    print!("{}", meshflow_cli::stat::table(&rows));
+                    meshflow_cli::output::print(&meshflow_cli::stat::table(&rows));
                     0
                 }
                 Err(e) => {
@@ -424,49 +533,8 @@ async fn main() {
             state_dir,
             drain,
             smoke: run_smoke,
-        } => {
-            let temp = tempfile::Builder::new()
-                .prefix("meshflow-up-")
-                .tempdir()
-                .expect("temp dir");
-            let state_dir = state_dir.unwrap_or_else(|| temp.path().to_path_buf());
-            let mut options = UpOptions::new(&state_dir);
-            options.drain = drain;
-            // Starting processes blocks; keep it on this (main) thread so children's
-            // parent-death signal is tied to the process's main thread.
-            match LocalMesh::start(&file, options) {
-                Ok(mut mesh) => {
-                    println!("{}", mesh.describe());
-                    let code = if run_smoke {
-                        match smoke(&mesh).await {
-                            Ok(()) => 0,
-                            Err(e) => {
-                                eprintln!("meshflow up --smoke: {e}");
-                                1
-                            }
-                        }
-                    } else {
-                        println!(
-                            "mesh is up; logs in {}. Ctrl-C to stop.",
-                            state_dir.join("logs").display()
-                        );
-                        wait_for_signal().await;
-                        0
-                    };
-                    println!("stopping…");
-                    mesh.supervisor.shutdown();
-                    code
-                }
-                Err(UpError::Config(e)) => {
-                    eprintln!("meshflow up: invalid mesh file: {e}");
-                    64
-                }
-                Err(e) => {
-                    eprintln!("meshflow up: {e}");
-                    1
-                }
-            }
-        }
+            ready_timeout,
+        } => up(file, state_dir, drain, run_smoke, ready_timeout).await,
     };
     std::process::exit(code);
 }
@@ -506,6 +574,7 @@ async fn policy_check(command: PolicyCommand) -> i32 {
         path,
         host,
         headers: Default::default(),
+        target_id: None,
     };
     for (k, v) in split(&headers) {
         request
@@ -516,7 +585,21 @@ async fn policy_check(command: PolicyCommand) -> i32 {
     }
     let set = match (dir, control_plane) {
         (Some(dir), _) => match load_dir_with_jwks(&dir) {
-            Ok(set) => set,
+            Ok(set) => {
+                // The target's identity for the sidecar's XFCC: `--workload ns/name`, service
+                // account = name, in the caller's trust domain.
+                request.target_id = workload.as_deref().and_then(|w| {
+                    let (ns, name) = w.split_once('/')?;
+                    let td = request
+                        .principal
+                        .as_deref()
+                        .map(|p| p.trim_start_matches("spiffe://"))
+                        .and_then(|p| p.split('/').next())
+                        .unwrap_or("cluster.local");
+                    Some(format!("spiffe://{td}/ns/{ns}/sa/{name}"))
+                });
+                set
+            }
             Err(e) => {
                 eprintln!("meshflow policy check: {e}");
                 return 64;
@@ -531,6 +614,7 @@ async fn policy_check(command: PolicyCommand) -> i32 {
                 };
                 request.namespace = w.namespace.clone();
                 request.labels = w.labels.clone();
+                request.target_id = w.spiffe_id(&mesh.spec.trust_domain).ok().map(|id| id.uri());
                 request.port = port.or(w.app.port).unwrap_or(request.port);
                 set
             }
@@ -542,9 +626,10 @@ async fn policy_check(command: PolicyCommand) -> i32 {
         (None, None) => unreachable!("clap requires --dir or --control-plane"),
     };
     let (verdict, audited) = check(&set, &request);
-    println!("{}", verdict.describe());
+    let mut text = format!("{}\n", verdict.describe());
     for policy in audited {
-        println!("AUDIT {policy}");
+        text.push_str(&format!("AUDIT {policy}\n"));
     }
+    meshflow_cli::output::print(&text);
     verdict.exit_code()
 }

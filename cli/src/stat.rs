@@ -92,7 +92,8 @@ fn row(workload: String, before: &Totals, after: &Totals, window: Duration) -> S
         after.by_code.get(code).copied().unwrap_or(0.0)
             - before.by_code.get(code).copied().unwrap_or(0.0)
     };
-    let requests: f64 = after.by_code.keys().map(|c| delta(c)).sum();
+    // `+ 0.0`: an empty f64 sum is -0.0, which prints as "-0.00".
+    let requests: f64 = after.by_code.keys().map(|c| delta(c)).sum::<f64>() + 0.0;
     let failures: f64 = after
         .by_code
         .keys()
@@ -185,9 +186,40 @@ pub async fn stat(admins: &[String], window: Duration) -> Result<Vec<StatRow>, S
         .collect())
 }
 
+/// `host:port` of a sidecar admin endpoint given as `host:port` or `http://host:port[/]`
+/// (the form `meshflow up` prints).
+///
+/// # Errors
+/// Another scheme or a path.
+pub fn admin_address(given: &str) -> Result<String, String> {
+    let trimmed = given.trim().trim_end_matches('/');
+    let host_port = match trimmed.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(_) => return Err(format!("--admin {given:?}: the admin endpoint speaks plain http; give host:port or http://host:port")),
+        None => trimmed,
+    };
+    match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() => {
+            Ok(host_port.to_string())
+        }
+        _ => Err(format!(
+            "--admin {given:?}: expected a sidecar's admin address, host:port or http://host:port (the ADMIN column of `meshflow up`)"
+        )),
+    }
+}
+
+/// `v` with a negative zero made positive (so it never prints as `-0.00`).
+fn unsigned_zero(v: f64) -> f64 {
+    if v == 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
 /// The human table.
 pub fn table(rows: &[StatRow]) -> String {
-    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}ms"));
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}ms", unsigned_zero(v)));
     let mut out = format!(
         "{:<28} {:>8} {:>9} {:>11} {:>11}\n",
         "WORKLOAD", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P99"
@@ -196,9 +228,11 @@ pub fn table(rows: &[StatRow]) -> String {
         out.push_str(&format!(
             "{:<28} {:>8} {:>9.2} {:>11} {:>11}\n",
             r.workload,
-            r.success
-                .map_or("-".to_string(), |s| format!("{:.2}%", s * 100.0)),
-            r.rps,
+            r.success.map_or("-".to_string(), |s| format!(
+                "{:.2}%",
+                unsigned_zero(s * 100.0)
+            )),
+            unsigned_zero(r.rps),
             ms(r.p50_ms),
             ms(r.p99_ms)
         ));
@@ -218,6 +252,41 @@ mod tests {
         let p99 = quantile(0.99, &buckets).unwrap();
         assert!((p99 - 4.92).abs() < 1e-9, "{p99}");
         assert_eq!(quantile(0.5, &[(0.001, 0.0)]), None);
+    }
+
+    /// Issue 12, item 15: a workload without requests printed `-0.00` requests/s.
+    #[test]
+    fn no_requests_print_zero_not_negative_zero() {
+        let idle = totals("# TYPE meshflow_requests_total counter\n").unwrap();
+        let r = row("default/b".into(), &idle, &idle, Duration::from_secs(2));
+        assert!(r.rps.is_sign_positive(), "{r:?}");
+        let text = table(&[
+            r,
+            StatRow {
+                workload: "x".into(),
+                requests: -0.0,
+                success: None,
+                rps: -0.0,
+                p50_ms: Some(-0.0),
+                p99_ms: None,
+            },
+        ]);
+        assert!(!text.contains("-0"), "{text}");
+        assert!(text.contains(" 0.00 "), "{text}");
+    }
+
+    #[test]
+    fn admin_addresses_as_up_prints_them() {
+        for given in [
+            "127.0.0.1:9901",
+            "http://127.0.0.1:9901",
+            "http://127.0.0.1:9901/",
+        ] {
+            assert_eq!(admin_address(given).unwrap(), "127.0.0.1:9901");
+        }
+        assert!(admin_address("https://127.0.0.1:1").is_err());
+        assert!(admin_address("http://127.0.0.1:1/metrics").is_err());
+        assert!(admin_address("nonsense").is_err());
     }
 
     #[test]

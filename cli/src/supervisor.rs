@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshflow_api::ReadyFile;
@@ -47,6 +49,32 @@ pub enum SupervisorError {
         /// Log file.
         log: String,
     },
+    /// The child is running but nothing listens on its port.
+    #[error("{name} is running but did not listen on {addr} within {timeout:?}; its log: {log}")]
+    NotListening {
+        /// Child name.
+        name: String,
+        /// The address it should listen on.
+        addr: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// Log file.
+        log: String,
+    },
+    /// The wait was cancelled (Ctrl-C / SIGTERM while starting).
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// A child that has exited (and was reaped).
+#[derive(Debug, Clone)]
+pub struct Exited {
+    /// Child name.
+    pub name: String,
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Its log file.
+    pub log: PathBuf,
 }
 
 /// What to start.
@@ -117,6 +145,7 @@ pub struct Supervisor {
     log_dir: PathBuf,
     children: Vec<Running>,
     grace: Duration,
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 mod sys {
@@ -156,6 +185,31 @@ pub fn find_program(program: &str) -> PathBuf {
     PathBuf::from(program)
 }
 
+/// How to run this `meshflow` again in hints: `meshflow` when that name on `PATH` is this
+/// executable (e.g. after `scripts/install`), else the executable's full path.
+pub fn self_command() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "meshflow".into();
+    };
+    let exe = exe.canonicalize().unwrap_or(exe);
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "meshflow".into());
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(&name))
+            .find(|candidate| candidate.is_file())
+            .and_then(|found| found.canonicalize().ok())
+            .is_some_and(|found| found == exe)
+    });
+    if on_path {
+        name
+    } else {
+        exe.display().to_string()
+    }
+}
+
 impl Supervisor {
     /// A supervisor writing child logs to `log_dir`; `grace` is how long a child may take to
     /// exit after SIGTERM before SIGKILL.
@@ -165,7 +219,92 @@ impl Supervisor {
             log_dir: log_dir.to_path_buf(),
             children: Vec::new(),
             grace,
+            cancel: None,
         })
+    }
+
+    /// Makes every wait ([`Supervisor::wait_ready`], [`Supervisor::wait_listening`]) end with
+    /// [`SupervisorError::Interrupted`] once `flag` is set (e.g. by a SIGINT handler).
+    pub fn set_cancel(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = Some(flag);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::SeqCst))
+    }
+
+    /// The first child (in start order) that has exited; reaps it. It stays in the list (and
+    /// is reported again by the next call) until [`Supervisor::stop`] or
+    /// [`Supervisor::shutdown`].
+    pub fn first_exited(&mut self) -> Option<Exited> {
+        self.children
+            .iter_mut()
+            .find_map(|c| match c.child.try_wait() {
+                Ok(Some(status)) => Some(Exited {
+                    name: c.name.clone(),
+                    status,
+                    log: c.log.clone(),
+                }),
+                _ => None,
+            })
+    }
+
+    /// Waits until something accepts TCP connections on `addr` (child `name`'s port), failing
+    /// early if `name` exits. `on_slow` is called once if that takes longer than 3 s.
+    ///
+    /// # Errors
+    /// [`SupervisorError::ExitedEarly`] (with exit status and log),
+    /// [`SupervisorError::NotListening`], [`SupervisorError::Interrupted`].
+    pub fn wait_listening(
+        &mut self,
+        name: &str,
+        addr: &str,
+        timeout: Duration,
+        mut on_slow: impl FnMut(&str),
+    ) -> Result<(), SupervisorError> {
+        let started = Instant::now();
+        let mut told = false;
+        let socket: std::net::SocketAddr = addr.parse().map_err(|_| SupervisorError::Spawn {
+            name: name.to_string(),
+            program: String::new(),
+            source: std::io::Error::other(format!("{addr:?} is not an IP address and port")),
+        })?;
+        loop {
+            if std::net::TcpStream::connect_timeout(&socket, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            let log = match self.get_mut(name) {
+                Some(child) => {
+                    if let Ok(Some(status)) = child.child.try_wait() {
+                        return Err(SupervisorError::ExitedEarly {
+                            name: name.to_string(),
+                            status: status.to_string(),
+                            log: child.log.display().to_string(),
+                        });
+                    }
+                    child.log.display().to_string()
+                }
+                None => String::new(),
+            };
+            if self.cancelled() {
+                return Err(SupervisorError::Interrupted);
+            }
+            if started.elapsed() > timeout {
+                return Err(SupervisorError::NotListening {
+                    name: name.to_string(),
+                    addr: addr.to_string(),
+                    timeout,
+                    log,
+                });
+            }
+            if !told && started.elapsed() > Duration::from_secs(3) {
+                told = true;
+                on_slow(&log);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts `spec` in its own process group, logs to `<log_dir>/<name>.log`.
@@ -208,7 +347,8 @@ impl Supervisor {
     /// Waits until `ready_file` exists and parses, failing early if `name` exits.
     ///
     /// # Errors
-    /// [`SupervisorError::ExitedEarly`] / [`SupervisorError::NotReady`].
+    /// [`SupervisorError::ExitedEarly`] / [`SupervisorError::NotReady`] /
+    /// [`SupervisorError::Interrupted`].
     pub fn wait_ready(
         &mut self,
         name: &str,
@@ -228,6 +368,9 @@ impl Supervisor {
                         log: child.log.display().to_string(),
                     });
                 }
+            }
+            if self.cancelled() {
+                return Err(SupervisorError::Interrupted);
             }
             if Instant::now() > deadline {
                 let log = self

@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meshflow_api::ReadyFile;
 use meshflow_policies::mesh::{AppProtocol, MeshFile};
 
-use crate::supervisor::{
-    find_program, free_port, wait_for_port, ChildSpec, Supervisor, SupervisorError,
-};
+use crate::supervisor::{find_program, free_port, ChildSpec, Supervisor, SupervisorError};
 
 /// How to start a local mesh.
 #[derive(Debug, Clone)]
@@ -29,6 +29,11 @@ pub struct UpOptions {
     pub skip_sidecars: std::collections::BTreeSet<String>,
     /// Extra control-plane arguments (e.g. `--workflow-store postgres://…`).
     pub control_plane_args: Vec<String>,
+    /// Set (e.g. by a SIGINT handler) to abandon the start: [`LocalMesh::start`] stops what it
+    /// started and returns [`UpError::Interrupted`].
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Print a line on stderr when an app is slow to listen.
+    pub progress: bool,
 }
 
 impl UpOptions {
@@ -42,6 +47,8 @@ impl UpOptions {
             env: BTreeMap::new(),
             skip_sidecars: Default::default(),
             control_plane_args: Vec::new(),
+            cancel: None,
+            progress: false,
         }
     }
 }
@@ -69,12 +76,77 @@ pub enum UpError {
     /// The mesh file is invalid (exit code 64).
     #[error("{0}")]
     Config(String),
+    /// Another `meshflow up` (or `meshflow demo`) holds the state directory.
+    #[error("state directory {dir} is in use by another meshflow process{}; stop it or choose another --state-dir", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    StateDirInUse {
+        /// The state directory.
+        dir: PathBuf,
+        /// The pid recorded in its lock file, if readable.
+        pid: Option<u32>,
+    },
+    /// Interrupted (SIGINT / SIGTERM) while starting; everything started was stopped.
+    #[error("interrupted while starting; stopped everything it had started")]
+    Interrupted,
     /// A process failed to start or become ready.
     #[error(transparent)]
-    Supervisor(#[from] SupervisorError),
+    Supervisor(SupervisorError),
     /// I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<SupervisorError> for UpError {
+    fn from(e: SupervisorError) -> Self {
+        match e {
+            SupervisorError::Interrupted => UpError::Interrupted,
+            other => UpError::Supervisor(other),
+        }
+    }
+}
+
+/// The name of the lock file in a state directory, held (`flock`) by the `meshflow` process
+/// running a mesh on it; it holds that process's pid.
+pub const LOCK_FILE: &str = "meshflow.lock";
+
+/// An exclusive lock on a state directory (see [`LOCK_FILE`]), released when dropped or when
+/// the process dies.
+#[derive(Debug)]
+pub struct StateDirLock {
+    _file: std::fs::File,
+}
+
+impl StateDirLock {
+    /// Locks `state_dir` (creating it) before anything in it is touched.
+    ///
+    /// # Errors
+    /// [`UpError::StateDirInUse`] naming the holder's pid, or I/O errors.
+    pub fn acquire(state_dir: &Path) -> Result<Self, UpError> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(state_dir)?;
+        let path = state_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(UpError::StateDirInUse {
+                    dir: state_dir.to_path_buf(),
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(Self { _file: file })
+    }
 }
 
 /// A running local mesh. Dropping it stops every process.
@@ -99,6 +171,8 @@ pub struct LocalMesh {
     pub workflow_api: Option<String>,
     /// (workflow API port, coordinator sidecar outbound port), fixed for restarts.
     coordinator_ports: Option<(u16, u16)>,
+    /// Held while the mesh runs (declared last: released after the processes are stopped).
+    _lock: StateDirLock,
 }
 
 fn protocol_flag(p: AppProtocol) -> &'static str {
@@ -116,11 +190,17 @@ impl LocalMesh {
     /// [`UpError::Config`] for an invalid mesh file; otherwise the first process that failed.
     pub fn start(mesh_path: &Path, options: UpOptions) -> Result<Self, UpError> {
         let mesh = MeshFile::load(mesh_path).map_err(|e| UpError::Config(e.to_string()))?;
+        // Before anything in the state directory is touched (logs, ready files): a mesh
+        // running on it keeps its files.
+        let lock = StateDirLock::acquire(&options.state_dir)?;
         let logs = options.state_dir.join("logs");
         let ready_dir = options.state_dir.join("ready");
         std::fs::create_dir_all(&ready_dir)?;
         // A sidecar may take its drain time to exit; SIGKILL only after that plus slack.
-        let supervisor = Supervisor::new(&logs, options.drain + Duration::from_secs(2))?;
+        let mut supervisor = Supervisor::new(&logs, options.drain + Duration::from_secs(2))?;
+        if let Some(flag) = &options.cancel {
+            supervisor.set_cancel(flag.clone());
+        }
         let mut mesh_run = Self {
             supervisor,
             mesh,
@@ -132,6 +212,7 @@ impl LocalMesh {
             app_ports: BTreeMap::new(),
             workflow_api: None,
             coordinator_ports: None,
+            _lock: lock,
         };
         if let Some(w) = mesh_run
             .mesh
@@ -156,6 +237,15 @@ impl LocalMesh {
                 _ => free_port()?,
             };
             if let Some((program, args)) = w.app.command.split_first() {
+                if w.app.port.is_some() {
+                    // A fixed port someone else holds would look like a listening app.
+                    std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
+                        UpError::Io(std::io::Error::other(format!(
+                            "app port 127.0.0.1:{port} of {} (spec app.port) is not free: {e}",
+                            w.key()
+                        )))
+                    })?;
+                }
                 let args: Vec<String> = args
                     .iter()
                     .map(|a| a.replace("{port}", &port.to_string()))
@@ -173,13 +263,22 @@ impl LocalMesh {
         }
         for (w, port) in &apps {
             if !w.app.command.is_empty() {
-                wait_for_port(&format!("127.0.0.1:{port}"), mesh_run.options.ready_timeout)
-                    .map_err(|e| {
-                        UpError::Io(std::io::Error::other(format!(
-                            "app of {} never listened on port {port}: {e}",
-                            w.key()
-                        )))
-                    })?;
+                let name = format!("app-{}-{}", w.namespace, w.name);
+                let addr = format!("127.0.0.1:{port}");
+                let progress = mesh_run.options.progress;
+                mesh_run.supervisor.wait_listening(
+                    &name,
+                    &addr,
+                    mesh_run.options.ready_timeout,
+                    |log| {
+                        if progress {
+                            eprintln!(
+                                "waiting for the app of {} to listen on {addr} (its log: {log})…",
+                                w.key()
+                            );
+                        }
+                    },
+                )?;
             }
         }
         let mut started = Vec::new();
@@ -199,7 +298,26 @@ impl LocalMesh {
         for (key, port) in started {
             mesh_run.wait_sidecar(&key, port)?;
         }
+        // An app that listened and then died (or a process that died meanwhile) must not be
+        // reported as a running mesh.
+        mesh_run.check_running()?;
         Ok(mesh_run)
+    }
+
+    /// Fails if any process of the mesh has exited (reaping it), naming it, its exit status
+    /// and its log.
+    ///
+    /// # Errors
+    /// [`UpError::Supervisor`] with [`SupervisorError::ExitedEarly`].
+    pub fn check_running(&mut self) -> Result<(), UpError> {
+        match self.supervisor.first_exited() {
+            None => Ok(()),
+            Some(exited) => Err(UpError::Supervisor(SupervisorError::ExitedEarly {
+                name: exited.name,
+                status: exited.status.to_string(),
+                log: exited.log.display().to_string(),
+            })),
+        }
     }
 
     fn sidecar_name(key: &str) -> String {

@@ -30,7 +30,7 @@ pub enum WorkflowCommand {
     },
     /// Start a run of a workflow (`namespace/name`); idempotent with `--id`.
     Start {
-        /// Workflow `namespace/name`.
+        /// Workflow `namespace/name`, or `name` in namespace `default`.
         workflow: String,
         /// Run id (default: generated).
         #[arg(long)]
@@ -52,12 +52,12 @@ pub enum WorkflowCommand {
     },
     /// List runs, newest first.
     List {
-        /// Only this workflow.
+        /// Only this workflow: `namespace/name`, or `name` in namespace `default`.
         #[arg(long)]
         workflow: Option<String>,
-        /// Only this status (Running, Completed, Compensated, …).
-        #[arg(long)]
-        status: Option<String>,
+        /// Only runs with this status (any case).
+        #[arg(long, value_enum, ignore_case = true)]
+        status: Option<RunStatus>,
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -94,6 +94,61 @@ pub enum WorkflowCommand {
     },
 }
 
+/// A run status, as `workflow list --status` takes it (matched without regard to case; the
+/// API's spelling is the first name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunStatus {
+    /// Steps are running or waiting.
+    #[value(name = "Running")]
+    Running,
+    /// Compensations are running.
+    #[value(name = "Compensating")]
+    Compensating,
+    /// Every step completed.
+    #[value(name = "Completed")]
+    Completed,
+    /// A step failed for good with nothing to compensate.
+    #[value(name = "Failed")]
+    Failed,
+    /// A step failed for good; the compensations ran.
+    #[value(name = "Compensated")]
+    Compensated,
+    /// A compensation failed for good.
+    #[value(name = "CompensationFailed", alias = "compensation-failed")]
+    CompensationFailed,
+    /// Cancelled by an operator.
+    #[value(name = "Cancelled", alias = "canceled")]
+    Cancelled,
+    /// Terminated by an operator.
+    #[value(name = "Terminated")]
+    Terminated,
+    /// The workflow timeout passed.
+    #[value(name = "TimedOut", alias = "timed-out")]
+    TimedOut,
+    /// The run reached its history limit.
+    #[value(name = "HistoryLimitExceeded", alias = "history-limit-exceeded")]
+    HistoryLimitExceeded,
+}
+
+impl RunStatus {
+    /// The API's spelling (`Compensated`, …).
+    pub fn as_api(self) -> String {
+        use clap::ValueEnum as _;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// `namespace/name` for a workflow given as `namespace/name` or `name` (namespace `default`).
+pub fn qualified_workflow(workflow: &str) -> String {
+    if workflow.contains('/') {
+        workflow.to_string()
+    } else {
+        format!("default/{workflow}")
+    }
+}
+
 /// Turns an API answer into the human output.
 type Render = Box<dyn Fn(&Value) -> String>;
 
@@ -115,7 +170,7 @@ impl Client {
         };
         let token = match &args.token_file {
             Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
+                .map_err(|e| format!("token file {}: {e} ({TOKEN_HINT})", path.display()))?
                 .trim()
                 .to_string(),
             None => std::env::var("MESHFLOW_WORKFLOW_TOKEN").unwrap_or_default(),
@@ -141,15 +196,47 @@ impl Client {
         if let Some(body) = body {
             request = request.header("content-type", content_type).body(body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| format!("{}: {e}", self.base))?;
+        let response = request.send().await.map_err(|e| {
+            // reqwest's own text ("error sending request for url") hides the cause.
+            let mut cause = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                cause = format!("{cause}: {s}");
+                source = s.source();
+            }
+            format!(
+                "cannot reach the workflow API at {} ({cause}). Is the mesh running, and is --api (or MESHFLOW_WORKFLOW_API) the address `meshflow up` or `meshflow demo --keep-running` printed as \"workflow API\"?",
+                self.base
+            )
+        })?;
         let status = response.status().as_u16();
         let value = response.json::<Value>().await.unwrap_or(Value::Null);
         Ok((status, value))
     }
+
+    /// The message for an error answer, with a hint at what to fix where the answer shows it.
+    fn error(&self, status: u16, value: &Value) -> String {
+        let Some(error) = value["error"].as_str() else {
+            // Every answer of the workflow API carries `{"error": …}`; something else answered.
+            return format!(
+                "HTTP {status} from {} without a workflow API error: is --api (or MESHFLOW_WORKFLOW_API) the address `meshflow up` printed as \"workflow API\"?",
+                self.base
+            );
+        };
+        if status == 401 {
+            let given = if self.token.is_empty() {
+                "no token was given"
+            } else {
+                "the token was refused"
+            };
+            return format!("HTTP 401: {error}: {given} ({TOKEN_HINT})");
+        }
+        format!("HTTP {status}: {error}")
+    }
 }
+
+/// Where the token comes from.
+const TOKEN_HINT: &str = "give --token-file <state-dir>/workflow-api-token or set MESHFLOW_WORKFLOW_TOKEN_FILE; `meshflow up` prints the file next to the workflow API address";
 
 fn parse_json(what: &str, text: &str) -> Result<Value, String> {
     serde_json::from_str(text).map_err(|e| format!("{what}: not JSON: {e}"))
@@ -211,8 +298,12 @@ fn human_run(run: &Value) -> String {
         "LAST".into(),
         "OUTPUT / ERROR".into(),
     ]];
+    let finished = !matches!(
+        run["status"].as_str(),
+        Some("Running" | "Compensating") | None
+    );
     if let Some(steps) = state["steps"].as_object() {
-        for (name, step) in steps {
+        for (name, step) in steps_in_run_order(steps) {
             let attempts = step["attempts"].as_array().cloned().unwrap_or_default();
             let calls = attempts
                 .iter()
@@ -220,10 +311,15 @@ fn human_run(run: &Value) -> String {
                 .count();
             let comps = attempts.len() - calls;
             let last = attempts.last().map(|a| {
-                let status = a["status"]
-                    .as_u64()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| s(&a["result"]));
+                let status =
+                    a["status"]
+                        .as_u64()
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| match s(&a["result"]) {
+                            // The run ended with the attempt in flight: its answer is not waited for.
+                            r if finished && r == "in-flight" => "abandoned".to_string(),
+                            r => r,
+                        });
                 format!(
                     "{}{}",
                     if a["compensation"] == json!(true) {
@@ -242,7 +338,7 @@ fn human_run(run: &Value) -> String {
             let detail: String = detail.chars().take(60).collect();
             rows.push(vec![
                 name.clone(),
-                s(&step["status"]),
+                step_status(&run["status"], &step["status"]),
                 if comps > 0 {
                     format!("{calls}+{comps} comp")
                 } else {
@@ -255,6 +351,72 @@ fn human_run(run: &Value) -> String {
     }
     out.push_str(&table(&rows));
     out
+}
+
+/// A run's steps in the order they ran (by start time; steps that never started last, by
+/// name).
+fn steps_in_run_order(steps: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut ordered: Vec<(&String, &Value)> = steps.iter().collect();
+    let started = |step: &Value| {
+        step["startedMs"].as_u64().or_else(|| {
+            step["attempts"]
+                .as_array()
+                .and_then(|a| a.iter().filter_map(|x| x["startedMs"].as_u64()).min())
+        })
+    };
+    ordered.sort_by_key(|(name, step)| (started(step).unwrap_or(u64::MAX), name.to_string()));
+    ordered
+}
+
+/// A step's status as shown: a step still "in progress" in a run that has ended (an attempt in
+/// flight when the run was cancelled or terminated) shows how the run ended.
+fn step_status(run_status: &Value, step_status: &Value) -> String {
+    let step = s(step_status);
+    let run = run_status.as_str().unwrap_or("");
+    let in_progress = matches!(
+        step.as_str(),
+        "Running" | "Backoff" | "Sleeping" | "Waiting"
+    );
+    if !in_progress || matches!(run, "Running" | "Compensating" | "") {
+        return step;
+    }
+    match run {
+        "Cancelled" | "Terminated" | "TimedOut" => run.to_string(),
+        _ => format!("Abandoned ({run})"),
+    }
+}
+
+/// An event's time (`at_ms`, Unix ms) as `YYYY-MM-DD HH:MM:SS.mmm` UTC; `-` for events that
+/// carry none.
+fn event_time(event: &Value) -> String {
+    match event["at_ms"].as_u64().or_else(|| event["atMs"].as_u64()) {
+        Some(ms) => utc(ms),
+        None => "-".into(),
+    }
+}
+
+/// Unix ms as `YYYY-MM-DD HH:MM:SS.mmm` (UTC; proleptic Gregorian, H. Hinnant's
+/// `civil_from_days`).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
 }
 
 /// Runs one `meshflow workflow` command; returns the exit code (0 ok, 1 API error, 64 bad
@@ -299,7 +461,7 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
                     .await
                     .map_err(|e| (1, e))?;
                 if status >= 400 {
-                    return Err((1, s(&value["error"])));
+                    return Err((1, client.error(status, &value)));
                 }
                 results.push(value);
             }
@@ -328,6 +490,7 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
             signal,
             payload,
         } => {
+            let workflow = qualified_workflow(&workflow);
             let mut body = json!({"workflow": workflow, "input": parse_json("--input", &input).map_err(usage)?});
             if let Some(id) = id {
                 body["runId"] = json!(id);
@@ -374,10 +537,10 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
         } => {
             let mut query = format!("?limit={limit}");
             if let Some(w) = workflow {
-                query.push_str(&format!("&workflow={w}"));
+                query.push_str(&format!("&workflow={}", qualified_workflow(&w)));
             }
             if let Some(st) = status {
-                query.push_str(&format!("&status={st}"));
+                query.push_str(&format!("&status={}", st.as_api()));
             }
             let (code, value) = client
                 .call(Method::GET, &format!("/v1/runs{query}"), None, "")
@@ -418,6 +581,7 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
                 Box::new(|v: &Value| {
                     let mut rows = vec![vec![
                         "#".to_string(),
+                        "TIME (UTC)".into(),
                         "EVENT".into(),
                         "STEP".into(),
                         "DETAIL".into(),
@@ -431,6 +595,7 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
                             .join(" ");
                         rows.push(vec![
                             (i + 1).to_string(),
+                            event_time(e),
                             s(&e["type"]),
                             s(&e["step"]),
                             detail.chars().take(80).collect(),
@@ -462,15 +627,12 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
         | WorkflowCommand::Retry { id } => unreachable!("{id}"),
     };
     if status >= 400 {
-        return Err((1, format!("HTTP {status}: {}", s(&value["error"]))));
+        return Err((1, client.error(status, &value)));
     }
     if json_out {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        );
+        crate::output::println(&serde_json::to_string_pretty(&value).unwrap_or_default());
     } else {
-        print!("{}", human(&value));
+        crate::output::print(&human(&value));
     }
     Ok(())
 }
@@ -498,12 +660,70 @@ pub async fn command(args: ApiArgs, verb: &str, id: &str) -> i32 {
             0
         }
         Ok((status, value)) => {
-            eprintln!("meshflow workflow: HTTP {status}: {}", s(&value["error"]));
+            eprintln!("meshflow workflow: {}", client.error(status, &value));
             1
         }
         Err(e) => {
             eprintln!("meshflow workflow: {e}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000");
+        assert_eq!(utc(951_782_400_123), "2000-02-29 00:00:00.123");
+        assert_eq!(utc(1_796_416_445_678), "2026-12-04 20:34:05.678");
+    }
+
+    #[test]
+    fn steps_show_in_run_order_and_how_a_finished_run_left_them() {
+        let run = json!({
+            "runId": "r", "workflow": "default/w", "version": 1, "status": "Cancelled",
+            "state": {"steps": {
+                "a-last": {"status": "Pending", "attempts": []},
+                "ship": {"status": "Running", "startedMs": 30,
+                         "attempts": [{"attempt": 1, "compensation": false, "startedMs": 30, "result": "in-flight"}]},
+                "reserve": {"status": "Compensated", "startedMs": 10,
+                            "attempts": [{"attempt": 1, "compensation": false, "startedMs": 10, "status": 201, "result": "ok"}]},
+                "charge": {"status": "Compensated", "startedMs": 20,
+                           "attempts": [{"attempt": 1, "compensation": false, "startedMs": 20, "status": 201, "result": "ok"}]}
+            }}
+        });
+        let text = human_run(&run);
+        let order: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("STEP"))
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(order, ["reserve", "charge", "ship", "a-last"], "{text}");
+        let ship = text.lines().find(|l| l.starts_with("ship")).unwrap();
+        assert!(
+            ship.contains("Cancelled") && ship.contains("abandoned"),
+            "{ship}"
+        );
+        assert!(!ship.contains("Running"), "{ship}");
+    }
+
+    #[test]
+    fn history_rows_carry_the_event_time() {
+        assert_eq!(
+            event_time(&json!({"type": "RunStarted", "at_ms": 1000})),
+            "1970-01-01 00:00:01.000"
+        );
+        assert_eq!(event_time(&json!({"type": "StepSkipped"})), "-");
+    }
+
+    #[test]
+    fn workflow_names_default_to_namespace_default() {
+        assert_eq!(qualified_workflow("place-order"), "default/place-order");
+        assert_eq!(qualified_workflow("shop/place-order"), "shop/place-order");
+        assert_eq!(RunStatus::CompensationFailed.as_api(), "CompensationFailed");
     }
 }

@@ -26,10 +26,14 @@ mod identity;
 mod issuer;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/newuser.rs"]
+mod newuser;
 #[path = "e2e/observability.rs"]
 mod observability;
 #[path = "e2e/protocols.rs"]
 mod protocols;
+#[path = "e2e/readme.rs"]
+mod readme;
 #[path = "e2e/resilience.rs"]
 mod resilience;
 #[path = "e2e/store.rs"]
