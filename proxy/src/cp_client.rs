@@ -413,6 +413,52 @@ mod tests {
     }
 
     #[test]
+    fn certify_failures_are_classified_by_status_and_tls_error() {
+        use tonic::{Code, Status};
+        let status = |code| Status::new(code, "x");
+        assert_eq!(
+            classify_status(&status(Code::FailedPrecondition), false),
+            "issuer_expired"
+        );
+        for code in [
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::InvalidArgument,
+        ] {
+            assert_eq!(classify_status(&status(code), false), "rejected");
+        }
+        assert_eq!(
+            classify_status(&status(Code::Unavailable), false),
+            "control_plane_unreachable"
+        );
+        assert_eq!(
+            classify_status(&status(Code::Internal), false),
+            "control_plane_error"
+        );
+        // A handshake failure wrapped as tokio-rustls does (io::Error around rustls::Error).
+        let expired = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
+        );
+        assert_eq!(classify_connect_error(&expired, true), "issuer_expired");
+        assert_eq!(classify_connect_error(&expired, false), "tls");
+        let unknown = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert_eq!(classify_connect_error(&unknown, true), "tls");
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            classify_connect_error(&refused, false),
+            "control_plane_unreachable"
+        );
+        for reason in ["issuer_expired", "tls", "rejected"] {
+            assert!(RENEWAL_FAILURE_REASONS.contains(&reason));
+        }
+    }
+
+    #[test]
     fn backoff_is_capped() {
         assert_eq!(backoff(0), Duration::from_millis(100));
         assert_eq!(backoff(2), Duration::from_millis(400));

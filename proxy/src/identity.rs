@@ -547,3 +547,55 @@ impl TlsAccept for HandshakeCallbacks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+
+    fn cert(
+        name: &str,
+        ca: bool,
+        days: i64,
+        parent: Option<(&rcgen::Certificate, &KeyPair)>,
+    ) -> (rcgen::Certificate, KeyPair, SystemTime) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        if ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(days);
+        let not_after = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(params.not_after.unix_timestamp() as u64);
+        let c = match parent {
+            Some((p, pk)) => params.signed_by(&key, p, pk).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (c, key, not_after)
+    }
+
+    #[test]
+    fn ca_chain_end_is_the_earliest_not_after_above_the_leaf() {
+        let (root, root_key, root_end) = cert("root", true, 10, None);
+        let (int, int_key, _) = cert("intermediate", true, 100, Some((&root, &root_key)));
+        let (leaf, _, _) = cert("leaf", false, 1, Some((&int, &int_key)));
+        let (other_root, _, _) = cert("unrelated root", true, 2, None);
+        let end = ca_chain_not_after(
+            leaf.der(),
+            &[
+                int.der().clone(),
+                other_root.der().clone(),
+                root.der().clone(),
+            ],
+        );
+        assert_eq!(end, Some(root_end), "the root above, not the unrelated one");
+        // Nothing above the leaf known: no CA end.
+        assert_eq!(
+            ca_chain_not_after(leaf.der(), &[other_root.der().clone()]),
+            None
+        );
+    }
+}
