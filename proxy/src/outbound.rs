@@ -40,6 +40,35 @@ use opentelemetry::KeyValue;
 /// forwarding.
 pub const TIMEOUT_HEADER: &str = "meshflow-timeout-ms";
 
+/// Response header on every error response the outbound sidecar generates itself (like
+/// Linkerd's `l5d-proxy-error`), so a caller can tell the mesh's answer from the service's.
+/// Values: `no-config`, `unknown-service`, `no-endpoint`, `connect-failed` (no byte of the
+/// request reached any endpoint: safe to send again), `pending-limit`, `endpoint-limit`,
+/// `timeout` and `upstream-failed` (an attempt may have reached the service).
+pub const PROXY_ERROR_HEADER: &str = "meshflow-proxy-error";
+
+/// Writes an error response of our own: `status`, [`PROXY_ERROR_HEADER`] = `reason`, and a
+/// plain-text `body` (may be empty). The connection is not reused (Pingora closes it after an
+/// error response).
+async fn respond_proxy_error(
+    session: &mut Session,
+    status: u16,
+    reason: &str,
+    body: Bytes,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    if !body.is_empty() {
+        resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    }
+    resp.insert_header(http::header::CACHE_CONTROL, "private, no-store")?;
+    resp.insert_header(PROXY_ERROR_HEADER, reason)?;
+    session
+        .as_downstream_mut()
+        .write_error_response(resp, body)
+        .await
+}
+
 /// Per-request state.
 pub struct OutboundCtx {
     start: Instant,
@@ -75,6 +104,8 @@ pub struct OutboundCtx {
     span: Option<meshflow_telemetry::Span>,
     /// gRPC status of the response, as a metric label.
     grpc_status: Option<String>,
+    /// Some attempt got a connection to an endpoint: the request may have reached it.
+    connected: bool,
 }
 
 /// Holds an attempt's in-flight counts (balancer and metric) until dropped.
@@ -168,9 +199,13 @@ impl OutboundProxy {
             &self.shared.namespace,
             503,
         );
-        session
-            .respond_error_with_body(503, Bytes::from(format!("meshflow: {message}\n")))
-            .await?;
+        respond_proxy_error(
+            session,
+            503,
+            &reason.replace('_', "-"),
+            Bytes::from(format!("meshflow: {message}\n")),
+        )
+        .await?;
         Ok(true)
     }
 
@@ -348,6 +383,7 @@ impl ProxyHttp for OutboundProxy {
             outstanding: None,
             span: None,
             grpc_status: None,
+            connected: false,
         }
     }
 
@@ -457,14 +493,15 @@ impl ProxyHttp for OutboundProxy {
                     .with_label_values(&[&service_label, "max_pending_requests"])
                     .inc();
                 session.set_keepalive(None);
-                session
-                    .respond_error_with_body(
-                        503,
-                        Bytes::from(format!(
-                            "meshflow: {service_label} has too many requests outstanding\n"
-                        )),
-                    )
-                    .await?;
+                respond_proxy_error(
+                    session,
+                    503,
+                    "pending-limit",
+                    Bytes::from(format!(
+                        "meshflow: {service_label} has too many requests outstanding\n"
+                    )),
+                )
+                .await?;
                 return Ok(true);
             }
         }
@@ -766,8 +803,9 @@ impl ProxyHttp for OutboundProxy {
         _peer: &HttpPeer,
         _fd: std::os::unix::io::RawFd,
         _digest: Option<&pingora_core::protocols::Digest>,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
     ) -> Result<()> {
+        ctx.connected = true;
         if !reused {
             self.shared
                 .metrics
@@ -823,7 +861,8 @@ impl ProxyHttp for OutboundProxy {
                 expected_identity = %expected,
                 expected_dns_san = %peer.sni,
                 reason,
-                "outbound TLS refused: server did not prove the expected identity; presented: {text}"
+                "outbound TLS refused: {}; presented: {text}",
+                crate::identity::describe_outbound_tls_failure(reason)
             );
             e.set_retry(false);
             return e;
@@ -864,13 +903,28 @@ impl ProxyHttp for OutboundProxy {
                     can_reuse_downstream: false,
                 };
             }
-            let _ = session.respond_error(504).await;
+            let _ = respond_proxy_error(session, 504, "timeout", Bytes::new()).await;
             return FailToProxy {
                 error_code: 504,
                 can_reuse_downstream: false,
             };
         }
-        respond_to_failure(session, e, 503).await
+        if e.esource() == &pingora_error::ErrorSource::Downstream || ctx.responded {
+            return respond_to_failure(session, e, 503).await;
+        }
+        let (status, reason) = match e.etype() {
+            ErrorType::HTTPStatus(503) if !ctx.connected => (503, "endpoint-limit"),
+            ErrorType::HTTPStatus(code) => (*code, "upstream-failed"),
+            ErrorType::ConnectNoRoute if !ctx.connected => (503, "no-endpoint"),
+            // Every attempt failed before a connection existed: nothing was sent.
+            _ if !ctx.connected => (503, "connect-failed"),
+            _ => (503, "upstream-failed"),
+        };
+        let _ = respond_proxy_error(session, status, reason, Bytes::new()).await;
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
