@@ -382,10 +382,7 @@ pub async fn run(
     state.set_config(MeshFile::clone(&state.current().mesh), policies);
     {
         let state = state.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(state::STALE_ENDPOINT_GRACE).await;
-            state.expire_stale();
-        });
+        tokio::spawn(state.maintain_endpoints());
     }
     let last_error = Arc::new(Mutex::new(None));
     tokio::spawn(state::MeshFileWatcher::new(&config.mesh, jwks).run(

@@ -96,15 +96,19 @@ impl MeshState {
 
 /// Shared, versioned mesh state. Cheap to clone.
 ///
-/// Endpoint registrations are persisted (`<state>/endpoints.json`) so that a restarted control
-/// plane serves the endpoints it knew at once instead of empty services; entries loaded from
-/// disk are *stale* until their sidecar reconnects, and dropped if it does not within
-/// [`STALE_ENDPOINT_GRACE`].
+/// Endpoint registrations are persisted (`<state>/endpoints.json`, each with the Unix ms its
+/// sidecar was last seen connected) so that a restarted control plane serves the endpoints it
+/// knew at once instead of empty services. Entries loaded from disk are *stale* until their
+/// sidecar reconnects: one whose address refuses connections is dropped at once
+/// ([`StateHandle::probe_stale`]), and any other is dropped [`STALE_ENDPOINT_GRACE`] after its
+/// sidecar was *last seen* — not after this start, so quick restarts never pile up dead
+/// registrations.
 #[derive(Clone)]
 pub struct StateHandle {
     tx: Arc<watch::Sender<Arc<MeshState>>>,
     persist: Option<PathBuf>,
-    stale: Arc<std::sync::Mutex<BTreeSet<(String, String)>>>,
+    /// Loaded registrations whose sidecar has not reconnected: (key, address) → last seen ms.
+    stale: Arc<std::sync::Mutex<BTreeMap<(String, String), u64>>>,
     frozen: Arc<std::sync::atomic::AtomicBool>,
     /// Open streams per registration: a reconnecting sidecar re-registers before its old,
     /// half-open stream ends, and that end must not remove the new registration.
@@ -112,8 +116,40 @@ pub struct StateHandle {
     save_lock: Arc<std::sync::Mutex<()>>,
 }
 
-/// How long endpoints loaded from disk are served without their sidecar reconnecting.
+/// How long after its sidecar was last seen a persisted endpoint is served without the sidecar
+/// reconnecting.
 pub const STALE_ENDPOINT_GRACE: Duration = Duration::from_secs(30);
+
+/// How often live registrations' "last seen" time is written to disk (and stale ones checked).
+pub const ENDPOINT_REFRESH: Duration = Duration::from_secs(5);
+
+/// `endpoints.json`: workload key → address → last seen, Unix ms.
+type PersistedEndpoints = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// Reads `endpoints.json`; the older format (key → addresses) counts as seen at the file's
+/// modification time. Unreadable → empty.
+fn load_endpoints(path: &Path) -> PersistedEndpoints {
+    let Ok(bytes) = std::fs::read(path) else {
+        return PersistedEndpoints::new();
+    };
+    if let Ok(current) = serde_json::from_slice::<PersistedEndpoints>(&bytes) {
+        return current;
+    }
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    serde_json::from_slice::<BTreeMap<String, BTreeSet<String>>>(&bytes)
+        .map(|old| {
+            old.into_iter()
+                .map(|(key, addresses)| {
+                    (key, addresses.into_iter().map(|a| (a, modified)).collect())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -143,43 +179,123 @@ impl StateHandle {
     }
 
     /// Like [`StateHandle::new`], loading and persisting endpoint registrations at `path`.
+    /// Entries last seen more than [`STALE_ENDPOINT_GRACE`] ago are not loaded.
     pub fn with_persistence(mesh: MeshFile, trust_bundle_pem: &str, path: PathBuf) -> Self {
         let mut handle = Self::new(mesh, trust_bundle_pem);
-        let loaded: BTreeMap<String, BTreeSet<String>> = std::fs::read(&path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
+        let now = now_ms();
+        let grace = STALE_ENDPOINT_GRACE.as_millis() as u64;
+        let mut endpoints: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         {
             let mut stale = handle.stale.lock().unwrap_or_else(|e| e.into_inner());
-            for (key, addresses) in &loaded {
-                for address in addresses {
-                    stale.insert((key.clone(), address.clone()));
+            for (key, addresses) in load_endpoints(&path) {
+                for (address, seen) in addresses {
+                    if seen.saturating_add(grace) <= now {
+                        tracing::info!(workload = %key, %address, "not serving an endpoint whose sidecar was last seen more than {}s ago", grace / 1000);
+                        continue;
+                    }
+                    stale.insert((key.clone(), address.clone()), seen);
+                    endpoints.entry(key.clone()).or_default().insert(address);
                 }
             }
         }
         handle.tx.send_modify(|state| {
             let mut next = MeshState::clone(state);
-            next.endpoints = loaded;
+            next.endpoints = endpoints;
             *state = Arc::new(next);
         });
         handle.persist = Some(path);
         handle
     }
 
-    /// Drops loaded endpoints whose sidecar has not reconnected.
+    /// Endpoints loaded from disk whose sidecar has not reconnected yet.
+    pub fn stale_count(&self) -> usize {
+        self.stale.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Drops loaded endpoints whose sidecar was last seen [`STALE_ENDPOINT_GRACE`] ago or more
+    /// and has not reconnected.
     pub fn expire_stale(&self) {
-        let stale: Vec<(String, String)> =
-            std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner()))
-                .into_iter()
+        let now = now_ms();
+        let grace = STALE_ENDPOINT_GRACE.as_millis() as u64;
+        let expired: Vec<(String, String)> = {
+            let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+            let expired: Vec<(String, String)> = stale
+                .iter()
+                .filter(|(_, seen)| seen.saturating_add(grace) <= now)
+                .map(|(id, _)| id.clone())
                 .collect();
-        for (key, address) in stale {
+            for id in &expired {
+                stale.remove(id);
+            }
+            expired
+        };
+        for (key, address) in expired {
             tracing::info!(workload = %key, %address, "dropping endpoint whose sidecar did not reconnect");
             self.remove_endpoint(&key, &address);
         }
     }
 
+    /// Tries a TCP connection to every stale endpoint (local mode: endpoints are sidecars'
+    /// inbound `ip:port`); one that is refused (nothing listens: its sidecar is gone) is dropped
+    /// at once instead of being served until its grace ends. A timeout proves nothing and
+    /// keeps the entry.
+    pub async fn probe_stale(&self) {
+        let stale: Vec<(String, String)> = self
+            .stale
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for (key, address) in stale {
+            let probe = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(&address),
+            )
+            .await;
+            let refused = matches!(probe, Ok(Err(_)));
+            let id = (key.clone(), address.clone());
+            // Still stale? (its sidecar may have reconnected meanwhile)
+            if refused
+                && self
+                    .stale
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id)
+                    .is_some()
+                && !self
+                    .registrations
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&id)
+            {
+                tracing::info!(workload = %key, %address, "dropping endpoint: nothing listens there (its sidecar is gone)");
+                self.remove_endpoint(&key, &address);
+            }
+        }
+    }
+
+    /// Until the process ends: probes and expires stale endpoints and refreshes the persisted
+    /// "last seen" times of live ones, every [`ENDPOINT_REFRESH`] (stale ones every second).
+    pub async fn maintain_endpoints(self) {
+        let mut ticks = 0u64;
+        loop {
+            if self.stale_count() > 0 {
+                self.probe_stale().await;
+                self.expire_stale();
+            }
+            if ticks.is_multiple_of(ENDPOINT_REFRESH.as_secs().max(1)) {
+                self.save(&self.current());
+            }
+            ticks += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     /// Stops persisting: streams torn down by our own shutdown must not erase registrations.
+    /// Writes once more first, so the sidecars connected now count as seen now.
     pub fn freeze(&self) {
+        self.save(&self.current());
         self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -189,8 +305,26 @@ impl StateHandle {
         if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
+        let now = now_ms();
+        let persisted: PersistedEndpoints = {
+            let stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+            state
+                .endpoints
+                .iter()
+                .map(|(key, addresses)| {
+                    let seen = addresses
+                        .iter()
+                        .map(|a| {
+                            let id = (key.clone(), a.clone());
+                            (a.clone(), stale.get(&id).copied().unwrap_or(now))
+                        })
+                        .collect();
+                    (key.clone(), seen)
+                })
+                .collect()
+        };
         let tmp = path.with_extension("tmp");
-        let written = serde_json::to_vec(&state.endpoints)
+        let written = serde_json::to_vec(&persisted)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::write(&tmp, bytes))
             .and_then(|()| std::fs::rename(&tmp, path));
