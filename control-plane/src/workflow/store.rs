@@ -194,6 +194,10 @@ pub trait WorkflowStore: Send + Sync {
     async fn owned_by(&self, node: &str) -> StoreResult<Vec<String>>;
     /// Moves one timer to `due_ms` (a timer whose handling failed is retried later).
     async fn defer_timer(&self, run_id: &str, key: &str, due_ms: u64) -> StoreResult<()>;
+    /// The store's own clock, Unix ms: the one clock every coordinator sharing the store
+    /// measures leases and timers by (PostgreSQL: `clock_timestamp()` of the server; SQLite:
+    /// the host's clock, the only one an embedded database has).
+    async fn clock_ms(&self) -> StoreResult<u64>;
 }
 
 const TERMINAL: &str = "('Completed','Failed','Compensated','CompensationFailed','Cancelled','Terminated','TimedOut','HistoryLimitExceeded')";
@@ -588,6 +592,16 @@ impl WorkflowStore for SqlStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn clock_ms(&self) -> StoreResult<u64> {
+        let sql = if self.postgres {
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) AS now_ms"
+        } else {
+            "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) AS now_ms"
+        };
+        let row = sqlx::query(sql).fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>("now_ms")?.max(0) as u64)
     }
 
     async fn counts(&self) -> StoreResult<(u64, u64)> {
