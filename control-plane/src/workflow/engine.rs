@@ -719,7 +719,30 @@ impl RunState {
                     s.error = Some(format!("attempt {attempt} timed out"));
                 }
             }
-            Event::LateResult { .. } => {}
+            Event::LateResult {
+                step,
+                attempt,
+                compensation,
+                outcome,
+            } => {
+                // What arrived is recorded on the attempt it belongs to.
+                if let Some(a) = self.steps.get_mut(step).and_then(|s| {
+                    s.attempts
+                        .iter_mut()
+                        .rev()
+                        .find(|a| a.attempt == *attempt && a.compensation == *compensation)
+                }) {
+                    match outcome {
+                        AttemptOutcome::Response { status, .. } => {
+                            a.status = Some(*status);
+                            a.result = format!("late: HTTP {status}");
+                        }
+                        AttemptOutcome::Error { message } => {
+                            a.result = format!("late: {}", truncate(message, 256));
+                        }
+                    }
+                }
+            }
             Event::RetryScheduled {
                 step,
                 compensation,
@@ -752,6 +775,18 @@ impl RunState {
                 self.completions += 1;
                 let seq = self.completions;
                 if let Some(s) = self.steps.get_mut(step) {
+                    // Completed by a late success of an earlier attempt: a later attempt still
+                    // in flight is no longer waited for (its answer, if any, is a late result).
+                    if let Some(flight) = s.in_flight.take() {
+                        if let Some(a) = s
+                            .attempts
+                            .iter_mut()
+                            .rev()
+                            .find(|a| a.attempt == flight.attempt && !a.compensation)
+                        {
+                            a.result = "superseded".into();
+                        }
+                    }
                     s.status = StepStatus::Completed;
                     s.output = Some(output.clone());
                     s.completed_seq = Some(seq);
@@ -1141,13 +1176,37 @@ fn on_input(state: &RunState, input: &Input, ctx: &Ctx<'_>) -> Vec<Event> {
             };
             let current = flight.as_ref().is_some_and(|f| f.attempt == *attempt);
             if !current || state.status.is_terminal() {
-                // Arrived after its attempt timed out (or the run ended): recorded, not applied.
-                return vec![Event::LateResult {
+                // Arrived after its attempt timed out (or the run ended): recorded. A late
+                // *success* of a call is what is known about the step: every attempt carries
+                // the same idempotency key, so while the step still waits for a result (in
+                // backoff, or a later attempt in flight) the success completes it instead of
+                // being dropped and the step failed or compensated for an effect that happened.
+                let late = Event::LateResult {
                     step: step.clone(),
                     attempt: *attempt,
                     compensation: *compensation,
                     outcome: outcome.clone(),
-                }];
+                };
+                let waiting = matches!(s.status, StepStatus::Running | StepStatus::Backoff);
+                return match outcome {
+                    AttemptOutcome::Response { status, body }
+                        if success(*status)
+                            && !*compensation
+                            && waiting
+                            && state.status == RunStatus::Running =>
+                    {
+                        vec![
+                            late,
+                            Event::StepCompleted {
+                                step: step.clone(),
+                                output: body.clone(),
+                                signal: None,
+                                at_ms: now,
+                            },
+                        ]
+                    }
+                    _ => vec![late],
+                };
             }
             let Some(def) = ctx.workflow.step(step) else {
                 return Vec::new();

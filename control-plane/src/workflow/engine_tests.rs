@@ -155,18 +155,22 @@ fn backoff_schedule_and_per_attempt_timeout_on_a_controlled_clock() {
     h.now = 2_100;
     h.fire_due();
     assert_eq!(h.state.dispatches()[0].attempt, 2);
-    // A late result of attempt 1 is recorded, not applied.
+    // A late failure of attempt 1 is recorded, not applied.
     let late = h.input(Input::AttemptResult {
         step: "reserve".into(),
         attempt: 1,
         compensation: false,
         outcome: AttemptOutcome::Response {
-            status: 201,
-            body: json!({"id": 1}),
+            status: 500,
+            body: json!("late"),
         },
     });
     assert!(matches!(late[..], [Event::LateResult { .. }]));
     assert_eq!(h.state.steps["reserve"].status, StepStatus::Running);
+    assert_eq!(
+        h.state.steps["reserve"].attempts[0].result,
+        "late: HTTP 500"
+    );
     // Attempt 2 gets 503: retry after min(100 × 2, 150) = 150 ms.
     h.respond("reserve", false, 503, json!("busy"));
     assert_eq!(h.state.steps["reserve"].until_ms, Some(2_250));
