@@ -94,6 +94,28 @@ pub struct CoordinatorSettings {
     pub trace_sampling: f64,
 }
 
+/// How much longer than an attempt's deadline the call itself stays open. The attempt's
+/// durable timer decides the timeout (outcome unknown, retried with the same idempotency key);
+/// the sidecar (`meshflow-timeout-ms`) and the HTTP client keep the call open this much longer so
+/// that an answer arriving just after the deadline is still read and recorded — a late success
+/// completes a step that still waits for a result. The sidecar must never cut first: a 504 of
+/// its own at the deadline would be recorded as the service's failure.
+pub const LATE_RESULT_GRACE: Duration = Duration::from_secs(30);
+
+/// Header the outbound sidecar sets on a response it generated itself (Linkerd's
+/// `l5d-proxy-error`); values in [`NOT_SENT_PROXY_ERRORS`] mean the request never left it.
+pub const PROXY_ERROR_HEADER: &str = "meshflow-proxy-error";
+
+/// `meshflow-proxy-error` values for which no byte of the request reached any service: the
+/// sidecar has no config yet, the service has no endpoint, or no endpoint accepted a connection.
+/// Such a call is sent again (same attempt) until the attempt's deadline instead of spending an
+/// attempt.
+pub const NOT_SENT_PROXY_ERRORS: [&str; 3] = ["no-config", "no-endpoint", "connect-failed"];
+
+/// A difference between this node's clock and the workflow store's beyond which a warning is
+/// logged (the store's clock is used whatever the difference).
+pub const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
+
 /// The coordinator.
 pub struct Coordinator {
     store: Arc<dyn WorkflowStore>,
@@ -107,6 +129,11 @@ pub struct Coordinator {
     settings: CoordinatorSettings,
     /// Runs this coordinator holds, with their fencing tokens.
     owned: Mutex<HashMap<String, u64>>,
+    /// Set once the outbound sidecar accepted a connection: nothing is dispatched and no timer
+    /// fires before (an attempt sent into a sidecar that is not up yet is an attempt wasted).
+    sidecar_up: tokio::sync::OnceCell<()>,
+    /// The store's clock minus ours, ms ([`Coordinator::sync_clock`]).
+    clock_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 /// A run as the API shows it.
@@ -153,6 +180,8 @@ impl Coordinator {
             failpoint: Failpoint::from_env(),
             settings,
             owned: Mutex::default(),
+            sidecar_up: tokio::sync::OnceCell::new(),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -365,8 +394,43 @@ impl Coordinator {
         &self.store
     }
 
+    /// Now on the store's clock, Unix ms: every lease, timer due time and event timestamp uses
+    /// it, so coordinators whose wall clocks disagree still agree on when a lease ends and when
+    /// a timer is due. It is this process's clock plus the offset measured at the last
+    /// [`Coordinator::sync_clock`].
+    pub fn now(&self) -> u64 {
+        let offset = self.clock_offset_ms.load(Ordering::Relaxed);
+        (now_ms() as i64).saturating_add(offset).max(0) as u64
+    }
+
+    /// Measures the store's clock against ours (half the round trip is the error bound) and
+    /// keeps the offset; a difference over [`CLOCK_SKEW_WARNING`] is logged as a warning (the
+    /// store's clock is used either way).
+    ///
+    /// # Errors
+    /// Store errors (the previous offset stays).
+    pub async fn sync_clock(&self) -> Result<i64, CoordinatorError> {
+        let before = now_ms();
+        let store_now = self.store.clock_ms().await?;
+        let after = now_ms();
+        let offset = store_now as i64 - ((before + after) / 2) as i64;
+        let previous = self.clock_offset_ms.swap(offset, Ordering::Relaxed);
+        let warn = CLOCK_SKEW_WARNING.as_millis() as i64;
+        if offset.abs() > warn && (previous - offset).abs() > warn / 2 {
+            tracing::warn!(
+                node = %self.settings.node,
+                offset_ms = offset,
+                round_trip_ms = after.saturating_sub(before),
+                "workflow: this node's clock is {:.1} s {} the workflow store's; leases and timers use the store's clock",
+                offset.abs() as f64 / 1000.0,
+                if offset < 0 { "ahead of" } else { "behind" },
+            );
+        }
+        Ok(offset)
+    }
+
     fn lease_until(&self) -> u64 {
-        now_ms() + self.settings.lease.as_millis() as u64
+        self.now() + self.settings.lease.as_millis() as u64
     }
 
     /// This coordinator's claim on `run_id`: the fencing token it holds. A run it does not
@@ -399,9 +463,12 @@ impl Coordinator {
     /// Takes or renews this node's leases; returns the runs newly taken over from another
     /// coordinator.
     async fn renew(&self) -> Result<Vec<String>, CoordinatorError> {
+        if let Err(e) = self.sync_clock().await {
+            tracing::warn!("workflow: cannot read the store's clock: {e}");
+        }
         let held = self
             .store
-            .acquire(&self.settings.node, now_ms(), self.lease_until(), 100_000)
+            .acquire(&self.settings.node, self.now(), self.lease_until(), 100_000)
             .await?;
         let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
         let new: Vec<String> = held
@@ -431,6 +498,41 @@ impl Coordinator {
                 Err(e) => tracing::warn!("workflow leases: {e}"),
             }
         }
+    }
+
+    /// Returns once the outbound sidecar accepts TCP connections (at once without one). Polls
+    /// every 100 ms and says so in the log every 10 s while it waits.
+    pub async fn wait_for_sidecar(&self) {
+        let Some(outbound) = self.settings.outbound.clone() else {
+            return;
+        };
+        self.sidecar_up
+            .get_or_init(|| async move {
+                let started = tokio::time::Instant::now();
+                let mut last_log = started;
+                loop {
+                    if tokio::net::TcpStream::connect(&outbound).await.is_ok() {
+                        if started.elapsed() > Duration::from_millis(100) {
+                            tracing::info!(
+                                sidecar = %outbound,
+                                waited_ms = started.elapsed().as_millis() as u64,
+                                "workflow: the coordinator's sidecar is up; dispatching"
+                            );
+                        }
+                        return;
+                    }
+                    if last_log.elapsed() >= Duration::from_secs(10) {
+                        last_log = tokio::time::Instant::now();
+                        tracing::warn!(
+                            sidecar = %outbound,
+                            waited_s = started.elapsed().as_secs(),
+                            "workflow: waiting for the coordinator's sidecar before dispatching calls and firing timers"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await;
     }
 
     fn lock_for(&self, run_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -609,6 +711,7 @@ impl Coordinator {
         }
         let this = self.clone();
         tokio::spawn(async move {
+            this.wait_for_sidecar().await;
             let limit = match this.store.run(&run_id).await {
                 Ok(Some(row)) => this
                     .definition(&row.workflow, row.version)
@@ -643,7 +746,10 @@ impl Coordinator {
     }
 
     /// Sends one attempt. `None` when the attempt's deadline passed first: its timer decides
-    /// (the outcome is unknown, not a failure).
+    /// (the outcome is unknown, not a failure). A call that provably never left the coordinator's
+    /// sidecar (no connection to it, or a `meshflow-proxy-error` in [`NOT_SENT_PROXY_ERRORS`])
+    /// is sent again with backoff (50 ms doubling to 1 s) while the attempt's deadline allows;
+    /// only the last such answer before the deadline is recorded, as a known failure.
     async fn call(
         &self,
         run_id: &str,
@@ -651,10 +757,35 @@ impl Coordinator {
         traceparent: &str,
         max_payload: u64,
     ) -> Option<AttemptOutcome> {
-        let now = now_ms();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.send_once(run_id, d, traceparent, max_payload).await {
+                SendResult::Outcome(outcome) => return Some(outcome),
+                SendResult::DeadlinePassed => return None,
+                SendResult::Unsent(outcome) => {
+                    let left = d.deadline_ms.saturating_sub(self.now());
+                    if backoff.as_millis() as u64 >= left {
+                        return Some(outcome);
+                    }
+                    tracing::debug!(run = run_id, step = %d.step, attempt = d.attempt, ?outcome, "call not sent; sending again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn send_once(
+        &self,
+        run_id: &str,
+        d: &Dispatch,
+        traceparent: &str,
+        max_payload: u64,
+    ) -> SendResult {
+        let now = self.now();
         let left = d.deadline_ms.saturating_sub(now);
         if left == 0 {
-            return None;
+            return SendResult::DeadlinePassed;
         }
         let r = &d.request;
         let url = format!("http://{}.{}{}", r.service, r.namespace, r.path);
@@ -665,12 +796,14 @@ impl Coordinator {
         } else {
             format!("{run_id}/{}", d.step)
         };
+        let open_for = left + LATE_RESULT_GRACE.as_millis() as u64;
         let mut request = self
             .http
             .request(method, &url)
-            // Well past the deadline: the attempt's timer decides the timeout; a response that
-            // arrives later (e.g. after this process was paused) is still read and recorded.
-            .timeout(Duration::from_millis(left + 30_000))
+            // The attempt's timer decides the timeout; the call stays open LATE_RESULT_GRACE
+            // longer so that a late answer (or one read after this process was paused) is
+            // still recorded.
+            .timeout(Duration::from_millis(open_for))
             .header("idempotency-key", key)
             .header(
                 "traceparent",
@@ -687,7 +820,8 @@ impl Coordinator {
             .header("meshflow-coordinator", &self.settings.node)
             .header("meshflow-step", &d.step)
             .header("meshflow-attempt", d.attempt.to_string())
-            .header("meshflow-timeout-ms", left.to_string());
+            // Never shorter than the attempt's own deadline (see LATE_RESULT_GRACE).
+            .header("meshflow-timeout-ms", open_for.to_string());
         for (k, v) in &r.headers {
             request = request.header(k, v);
         }
@@ -699,14 +833,25 @@ impl Coordinator {
             .observe(now.saturating_sub(d.started_ms) as f64 / 1000.0);
         let response = match request.send().await {
             Ok(response) => response,
-            Err(e) if e.is_timeout() => return None,
+            Err(e) if e.is_timeout() => return SendResult::DeadlinePassed,
+            // Every call goes through the sidecar: no connection means nothing was sent.
+            Err(e) if e.is_connect() && self.settings.outbound.is_some() => {
+                return SendResult::Unsent(AttemptOutcome::Error {
+                    message: format!("the coordinator's sidecar is unreachable: {e}"),
+                })
+            }
             Err(e) => {
-                return Some(AttemptOutcome::Error {
+                return SendResult::Outcome(AttemptOutcome::Error {
                     message: e.to_string(),
                 })
             }
         };
         let status = response.status().as_u16();
+        let not_sent = response
+            .headers()
+            .get(PROXY_ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| NOT_SENT_PROXY_ERRORS.contains(&v));
         let mut response = response;
         let mut body = Vec::new();
         loop {
@@ -715,16 +860,16 @@ impl Coordinator {
                     body.extend_from_slice(&chunk);
                     // Too large to keep in the history: the attempt fails and is not retried.
                     if body.len() as u64 > max_payload {
-                        return Some(AttemptOutcome::Response {
+                        return SendResult::Outcome(AttemptOutcome::Response {
                             status: 413,
                             body: serde_json::json!({"meshflowPayloadLimit": max_payload, "status": status}),
                         });
                     }
                 }
                 Ok(None) => break,
-                Err(e) if e.is_timeout() => return None,
+                Err(e) if e.is_timeout() => return SendResult::DeadlinePassed,
                 Err(e) => {
-                    return Some(AttemptOutcome::Error {
+                    return SendResult::Outcome(AttemptOutcome::Error {
                         message: e.to_string(),
                     })
                 }
@@ -732,7 +877,12 @@ impl Coordinator {
         }
         let body = serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-        Some(AttemptOutcome::Response { status, body })
+        let outcome = AttemptOutcome::Response { status, body };
+        if not_sent {
+            SendResult::Unsent(outcome)
+        } else {
+            SendResult::Outcome(outcome)
+        }
     }
 
     /// After a start or a crash: re-sends every outbox entry.
@@ -775,9 +925,12 @@ impl Coordinator {
 
     /// Fires due timers until the process ends (wakes early when timers change).
     pub async fn run_timers(self: Arc<Self>) {
+        // Overdue timers (attempt deadlines, backoffs) start new attempts: not before the
+        // sidecar can carry them.
+        self.wait_for_sidecar().await;
         let mut last_gauges = 0;
         loop {
-            let now = now_ms();
+            let now = self.now();
             if now >= last_gauges + 1000 {
                 last_gauges = now;
                 if let Ok((runs, timers)) = self.store.counts().await {
@@ -804,7 +957,7 @@ impl Coordinator {
                             tracing::warn!(run = %t.run_id, "timer failed, retried in 5 s: {e}");
                             let _ = self
                                 .store
-                                .defer_timer(&t.run_id, &timer.key(), now_ms() + 5_000)
+                                .defer_timer(&t.run_id, &timer.key(), self.now() + 5_000)
                                 .await;
                         }
                     }
@@ -818,7 +971,7 @@ impl Coordinator {
                 .ok()
                 .flatten();
             let wait = next.map_or(Duration::from_secs(1), |due| {
-                Duration::from_millis(due.saturating_sub(now_ms()).clamp(5, 1000))
+                Duration::from_millis(due.saturating_sub(self.now()).clamp(5, 1000))
             });
             let _ = tokio::time::timeout(wait, self.timers_changed.notified()).await;
         }
@@ -827,7 +980,9 @@ impl Coordinator {
     /// Deletes finished runs older than the retention, hourly.
     pub async fn run_retention(self: Arc<Self>) {
         loop {
-            let cutoff = now_ms().saturating_sub(self.settings.retention.as_millis() as u64);
+            let cutoff = self
+                .now()
+                .saturating_sub(self.settings.retention.as_millis() as u64);
             match self.store.purge_finished(cutoff).await {
                 Ok(n) if n > 0 => tracing::info!(runs = n, "deleted finished runs past retention"),
                 Ok(_) => {}
@@ -836,6 +991,16 @@ impl Coordinator {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     }
+}
+
+/// What one send of an attempt came to.
+enum SendResult {
+    /// An answer (or a failure after the request may have reached the service).
+    Outcome(AttemptOutcome),
+    /// Provably never reached a service; what is known about why.
+    Unsent(AttemptOutcome),
+    /// The attempt's deadline passed first (its timer decides).
+    DeadlinePassed,
 }
 
 fn random_hex(bytes: usize) -> String {
