@@ -36,6 +36,8 @@ mod protocols;
 mod readme;
 #[path = "e2e/resilience.rs"]
 mod resilience;
+#[path = "e2e/restarts.rs"]
+mod restarts;
 #[path = "e2e/store.rs"]
 mod store;
 #[path = "e2e/timing.rs"]
