@@ -225,7 +225,7 @@ async fn timing_endpoints_of_dead_sidecars_are_not_served_after_a_restart() {
 /// just after the attempt's deadline, that success completes the step (no failure recorded,
 /// nothing compensated), and the attempt shows what arrived.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_success_just_after_the_attempt_deadline_completes_the_step() {
+async fn timing_a_success_just_after_the_attempt_deadline_completes_the_step() {
     let t = start_dir(crate::workflow::SHOP_MESH, SHOP_POLICIES, |_| {});
     let api = Api::new(&t);
     api.register(
@@ -236,7 +236,7 @@ spec:
   steps:
   - name: ship
     call: { service: shipping, path: /shipments, body: { order: "${run.id}", address: "1 Main St", delayMs: 1400 } }
-    retry: { maxAttempts: 2, initialInterval: 50ms }
+    retry: { maxAttempts: 3, initialInterval: 50ms }
     timeouts: { perAttempt: 1s }
     compensate: { service: shipping, path: /shipments/cancel }
 "#,
