@@ -8,6 +8,7 @@ pub mod authn;
 pub mod authz;
 pub mod documents;
 pub mod duration;
+pub mod headers;
 pub mod load;
 pub mod mesh;
 pub mod path;
