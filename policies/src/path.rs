@@ -3,9 +3,22 @@
 //!
 //! Spec: RFC 3986 §5.2.4 (remove_dot_segments) and §2.3 (unreserved characters). Beyond the RFC
 //! (to close the parser-differential bypasses Istio's users hit): merged slashes; `%2F`, `%5C`
-//! and a raw `\` are refused (a backend could read them as separators); segments that a backend
-//! could read as dot-segments once parameters are stripped (`..;x`, `.;x`) are refused;
-//! fragments are refused (they never belong in a request target, RFC 9112 §3.2).
+//! and a raw `\` are refused (a backend could read them as separators); path parameters are
+//! refused (below); fragments are refused (they never belong in a request target, RFC 9112
+//! §3.2).
+//!
+//! **Path parameters (`;`) are refused, not stripped.** RFC 3986 §3.3 lets a segment carry
+//! parameters after `;`, and servlet containers (Tomcat, Jetty, hence most Java backends) drop
+//! them before routing: `/admin;x=1` and `/internal;x=1/keys` are served as `/admin` and
+//! `/internal/keys`, while a policy compares the whole segment, so a DENY on `/admin` would not
+//! match. Any `;` in the path — raw or percent-encoded (`%3B`, `%3b`; some frameworks decode
+//! before they strip), in any segment, with or without a value (`/admin;`) — answers 400 before
+//! any policy is consulted. Stripping parameters for the match and forwarding the stripped path
+//! would also close the bypass, but it silently changes requests, and which bytes a backend
+//! treats as a parameter (`;` after decoding? `;` in the last segment only? `..;`?) differs per
+//! framework; refusing leaves nothing to guess. A `;` in the query is not a path parameter and
+//! is untouched. The cost: an app that relies on matrix parameters or `;jsessionid=` URL
+//! rewriting cannot be reached through the mesh (use the query or a cookie).
 
 /// Why a path is refused (answered with 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,9 +35,10 @@ pub enum PathError {
     /// A malformed percent-escape.
     #[error("malformed percent-encoding")]
     BadEscape,
-    /// A segment a backend could read as `.` or `..` (path parameters, e.g. `..;x`).
-    #[error("ambiguous dot-segment")]
-    AmbiguousDotSegment,
+    /// A path parameter: `;` (raw, `%3B` or `%3b`) in a segment (RFC 3986 §3.3). Refused
+    /// because backends that strip parameters would serve another path than the one judged.
+    #[error("path parameter (';') in a path segment")]
+    PathParameter,
     /// A control character or space.
     #[error("invalid character in path")]
     InvalidCharacter,
@@ -73,6 +87,9 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
                 if value == b'/' || value == b'\\' {
                     return Err(PathError::EncodedSeparator);
                 }
+                if value == b';' {
+                    return Err(PathError::PathParameter);
+                }
                 if is_unreserved(value) {
                     decoded.push(value as char);
                 } else {
@@ -81,6 +98,7 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
                 i += 3;
             }
             b'\\' => return Err(PathError::EncodedSeparator),
+            b';' => return Err(PathError::PathParameter),
             b if b <= 0x20 || b == 0x7f => return Err(PathError::InvalidCharacter),
             _ => {
                 // Multi-byte UTF-8 is passed through unchanged.
@@ -91,17 +109,13 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
             }
         }
     }
-    // 2. Segments: merged slashes, refused ambiguous dot-segments, RFC 3986 dot removal.
+    // 2. Segments: merged slashes, RFC 3986 dot removal.
     let trailing_slash = decoded.ends_with('/');
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = decoded.split('/').filter(|s| !s.is_empty()).collect();
     let last = segments.len();
     let mut ends_in_dir = trailing_slash;
     for (n, segment) in segments.iter().enumerate() {
-        let stem = segment.split(';').next().unwrap_or(segment);
-        if segment.contains(';') && (stem == "." || stem == "..") {
-            return Err(PathError::AmbiguousDotSegment);
-        }
         match *segment {
             "." => {
                 if n + 1 == last {
@@ -177,17 +191,41 @@ mod tests {
         );
         assert_eq!(normalize_path("/a%5cb"), Err(PathError::EncodedSeparator));
         assert_eq!(normalize_path("/a\\b"), Err(PathError::EncodedSeparator));
-        assert_eq!(
-            normalize_path("/public/..;/admin"),
-            Err(PathError::AmbiguousDotSegment)
-        );
-        assert_eq!(
-            normalize_path("/public/.;x/admin"),
-            Err(PathError::AmbiguousDotSegment)
-        );
         assert_eq!(normalize_path("/admin#x"), Err(PathError::Fragment));
         assert_eq!(normalize_path("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(normalize_path("admin"), Err(PathError::NotAbsolute));
+    }
+
+    /// Issue 12, item 3: path parameters (RFC 3986 §3.3 `;`) in any segment, raw or
+    /// percent-encoded, are refused: servlet containers serve `/admin;x=1` as `/admin`.
+    #[test]
+    fn path_parameters_are_refused_in_every_form() {
+        for input in [
+            "/admin;x=1",
+            "/admin;",
+            "/admin;/",
+            "/;",
+            "/;x=1/admin",
+            "/internal;x=1/keys",
+            "/internal/keys;x=1",
+            "/a/b;c/d",
+            "/a;b;c",
+            "/admin%3Bx=1",
+            "/admin%3bx=1",
+            "/admin%3B",
+            "/internal%3b/keys",
+            "//admin;x=1",
+            "/public/..;/admin",
+            "/public/.;x/admin",
+            "/public/%2e%2e;/admin",
+            "/admin;jsessionid=ABC",
+        ] {
+            assert_eq!(
+                normalize_path(input),
+                Err(PathError::PathParameter),
+                "{input}"
+            );
+        }
     }
 
     #[test]
@@ -202,6 +240,7 @@ mod tests {
         fn idempotent_and_free_of_dot_and_empty_segments(path in "/[a-zA-Z0-9./%;_~-]{0,40}") {
             if let Ok(once) = normalize_path(&path) {
                 proptest::prop_assert_eq!(normalize_path(&once), Ok(once.clone()));
+                proptest::prop_assert!(!once.contains(';') && !once.to_ascii_uppercase().contains("%3B"), "parameter in {}", once);
                 let inner = once.trim_start_matches('/').trim_end_matches('/');
                 if !inner.is_empty() {
                     for segment in inner.split('/') {
