@@ -6,8 +6,9 @@
 
 use http::header::{HeaderMap, HeaderName, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 
-/// The XFCC header the inbound sidecar sets from the verified peer only.
-pub const XFCC: &str = "x-forwarded-client-cert";
+/// The XFCC header the inbound sidecar sets from the verified peer only, and its value; both
+/// defined with the mesh-owned header list in [`meshflow_policies::headers`].
+pub use meshflow_policies::headers::{xfcc_value, XFCC};
 
 /// Headers the proxy sets itself: always stripped from client input, never removable by a
 /// `Connection` nomination. [`meshflow_api::SIDECAR_AUTH_HEADER`] is set only by the workflow
@@ -130,9 +131,33 @@ pub fn header_section_size(headers: &HeaderMap) -> usize {
         .sum()
 }
 
-/// The XFCC value the inbound sidecar forwards: `By=<own SPIFFE ID>;URI=<peer SPIFFE ID>`.
-pub fn xfcc_value(own: &str, peer: &str) -> String {
-    format!("By={own};URI={peer}")
+/// The mesh-owned headers present in `headers` (see [`meshflow_policies::headers`]): what the
+/// inbound listener removes from a request before authentication, authorization and the app
+/// see it.
+pub fn mesh_owned_names(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| meshflow_policies::headers::is_mesh_owned(name.as_str()))
+        .cloned()
+        .collect();
+    names.dedup();
+    names
+}
+
+/// Turns an empty request body chunk that ends the body into "end of body, no data".
+///
+/// An HTTP/2 body may end with an empty DATA frame carrying END_STREAM (RFC 9113 §6.1) — the
+/// outbound sidecar sends exactly that after a chunked HTTP/1.1 request. Pingora 0.9 hands it
+/// to an HTTP/1.1 upstream as `write_body(b"")` followed by `finish_body()`; in chunked mode
+/// the first writes a zero-size chunk, which *is* the last-chunk `0\r\n\r\n` (RFC 9112
+/// §7.1), and the second writes another one. The app then reads a second "request" on the
+/// connection, and its answer goes to the next request sent on it. With `None` Pingora only
+/// finishes the body: one last-chunk. Data chunks, and empty chunks that do not end the body
+/// (Pingora skips those), are left alone.
+pub fn drop_empty_final_chunk(body: &mut Option<bytes::Bytes>, end_of_stream: bool) {
+    if end_of_stream && body.as_ref().is_some_and(|b| b.is_empty()) {
+        *body = None;
+    }
 }
 
 #[cfg(test)]
@@ -167,6 +192,48 @@ mod tests {
             .map(|n| n.to_string())
             .collect();
         assert_eq!(names, vec!["close", "connection", "keep-alive", "x-secret"]);
+    }
+
+    #[test]
+    fn mesh_owned_headers_are_found_in_any_case() {
+        let h = map(&[
+            ("X-Forwarded-Client-Cert", "forged"),
+            ("x-spiffe-id", "spiffe://evil"),
+            ("L5D-Client-Id", "admin"),
+            ("x-mesh-role", "admin"),
+            ("meshflow-timeout-ms", "5"),
+            ("meshflow-run-id", "r1"),
+            ("x-tenant", "a"),
+        ]);
+        let mut names: Vec<String> = mesh_owned_names(&h).iter().map(|n| n.to_string()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                "l5d-client-id",
+                "meshflow-timeout-ms",
+                "x-forwarded-client-cert",
+                "x-mesh-role",
+                "x-spiffe-id"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_an_empty_final_chunk_is_dropped() {
+        use bytes::Bytes;
+        let mut body = Some(Bytes::new());
+        drop_empty_final_chunk(&mut body, true);
+        assert_eq!(body, None, "empty DATA + END_STREAM: end of body, no data");
+        let mut body = Some(Bytes::new());
+        drop_empty_final_chunk(&mut body, false);
+        assert_eq!(body, Some(Bytes::new()), "not the end: Pingora skips it");
+        let mut body = Some(Bytes::from_static(b"abc"));
+        drop_empty_final_chunk(&mut body, true);
+        assert_eq!(body, Some(Bytes::from_static(b"abc")), "data is kept");
+        let mut body = None;
+        drop_empty_final_chunk(&mut body, true);
+        assert_eq!(body, None);
     }
 
     #[test]

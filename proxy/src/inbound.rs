@@ -15,10 +15,13 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::http_hygiene::{xfcc_value, XFCC};
 use crate::identity::PeerIdentity;
-use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
+use crate::listener_common::{
+    refuse_bad_request, respond_to_failure, scrub_forwarded_request, strip_mesh_owned,
+};
 use crate::shared::Shared;
 use meshflow_policies::authn::{AuthnOutcome, MtlsMode};
 use meshflow_policies::authz::{authorize, RequestAttributes};
+use meshflow_policies::headers::admitted_headers;
 use meshflow_policies::path::{normalize_host, normalize_path, PathError};
 use meshflow_policies::SpiffeId;
 use meshflow_telemetry::SpanTrait as _;
@@ -140,6 +143,17 @@ impl InboundProxy {
                 .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
         }
         let peer = ctx.peer.as_ref();
+        // Client-sent mesh-owned headers were removed in `request_filter`; the XFCC judged is
+        // the one `upstream_request_filter` sets (none for plaintext).
+        let own = self
+            .shared
+            .identity
+            .svid
+            .load()
+            .as_ref()
+            .map(|s| s.spiffe_id.uri())
+            .unwrap_or_default();
+        let headers = admitted_headers(&headers, peer.map(|p| xfcc_value(&own, &p.uri())));
         let source_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -309,7 +323,22 @@ impl ProxyHttp for InboundProxy {
             ctx.refused = true;
             return Ok(true);
         }
+        // Mesh-owned headers are the sidecar's alone: a client's never reaches authentication,
+        // authorization or the app (issue 12, item 2).
+        strip_mesh_owned(session.req_header_mut());
         self.authorize(session, ctx).await
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        // One last-chunk to an HTTP/1.1 app, whatever frame ended the body (issue 12, item 1).
+        crate::http_hygiene::drop_empty_final_chunk(body, end_of_stream);
+        Ok(())
     }
 
     async fn upstream_peer(

@@ -7,7 +7,8 @@ use pingora_http::RequestHeader;
 use pingora_proxy::{FailToProxy, Session};
 
 use crate::http_hygiene::{
-    check_request_framing, header_section_size, hop_by_hop_to_remove, PROXY_SET_HEADERS,
+    check_request_framing, header_section_size, hop_by_hop_to_remove, mesh_owned_names,
+    PROXY_SET_HEADERS,
 };
 use crate::shared::Shared;
 
@@ -108,6 +109,14 @@ pub fn scrub_forwarded_request(request: &mut RequestHeader) {
         .is_some_and(|ct| ct.starts_with("application/grpc"));
     if grpc {
         let _ = request.insert_header("te", "trailers");
+    }
+}
+
+/// Removes every mesh-owned header ([`meshflow_policies::headers`]; any case, any count) from
+/// a request a client sent, before anything judges it.
+pub fn strip_mesh_owned(request: &mut RequestHeader) {
+    for name in mesh_owned_names(&request.headers) {
+        while request.remove_header(&name).is_some() {}
     }
 }
 
