@@ -18,6 +18,8 @@ mod common;
 mod dashboards;
 #[path = "e2e/demo.rs"]
 mod demo;
+#[path = "e2e/framing.rs"]
+mod framing;
 #[path = "e2e/hygiene.rs"]
 mod hygiene;
 #[path = "e2e/identity.rs"]

@@ -352,3 +352,330 @@ async fn policy_check_gives_the_live_sidecars_decision() {
         );
     }
 }
+
+/// Issue 12, items 2 and 3: policies that look at identity headers and DENY paths a path
+/// parameter could dress up.
+const OWNED_POLICIES: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: deny-internal, namespace: default }
+spec:
+  selector: { matchLabels: { app: backend } }
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin", "/admin/*", "/internal/*"]
+  - to:
+    - operation:
+        paths: ["/xfcc-deny/*"]
+    when:
+    - key: request.headers[x-forwarded-client-cert]
+      values: ["*URI=spiffe://cluster.local/ns/default/sa/frontend"]
+---
+apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: allow, namespace: default }
+spec:
+  selector: { matchLabels: { app: backend } }
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/frontend"]
+  - to:
+    - operation:
+        paths: ["/xfcc/*"]
+    when:
+    - key: request.headers[x-forwarded-client-cert]
+      values: ["*URI=spiffe://cluster.local/ns/default/sa/auditor"]
+  - to:
+    - operation:
+        paths: ["/spiffe/*"]
+    when:
+    - key: request.headers[x-spiffe-id]
+      values: ["spiffe://cluster.local/ns/default/sa/frontend"]
+"#;
+
+/// Sends `GET target` with `headers` straight to the backend's inbound listener as `caller`
+/// (a certificate from the mesh CA), HTTP/1.1 over mTLS.
+async fn direct(t: &TestMesh, caller: &str, target: &str, headers: &[(&str, &str)]) -> RawOutcome {
+    let pki = Pki::mesh(&t.state_dir());
+    let leaf = pki.issue(LeafSpec::spiffe(&format!(
+        "spiffe://cluster.local/ns/default/sa/{caller}"
+    )));
+    let config = client_config(pki.roots(), Some(leaf), &[&rustls::version::TLS13]);
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: backend.default\r\n{extra}Connection: close\r\n\r\n"
+    );
+    raw_tls(
+        &t.mesh.workload("backend").inbound,
+        config,
+        &identity_dns("backend"),
+        request.as_bytes(),
+    )
+    .await
+}
+
+/// `meshflow policy check` for the backend as `caller`: the status it predicts.
+fn predicted(t: &TestMesh, caller: &str, target: &str, headers: &[(&str, &str)]) -> String {
+    let meshflow = meshflow_cli::supervisor::find_program("meshflow");
+    let out = std::process::Command::new(&meshflow)
+        .args(["policy", "check", "-d"])
+        .arg(t.dir.path().join("policies"))
+        .args([
+            "--label",
+            "app=backend",
+            "--namespace",
+            "default",
+            "--workload",
+            "default/backend",
+            "--host",
+            "backend.default",
+            "--principal",
+            &format!("cluster.local/ns/default/sa/{caller}"),
+            "--path",
+            target,
+        ])
+        .args(
+            headers
+                .iter()
+                .flat_map(|(name, value)| ["--header".to_string(), format!("{name}={value}")]),
+        )
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => "200",
+        Some(1) => "403",
+        Some(2) => "400",
+        other => panic!(
+            "policy check exit {other:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+    .to_string()
+}
+
+fn body_json(outcome: &RawOutcome) -> serde_json::Value {
+    let RawOutcome::Response(r) = outcome else {
+        panic!("no response: {outcome:?}")
+    };
+    let body = &r[r.find("\r\n\r\n").expect("head") + 4..];
+    serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {r}"))
+}
+
+/// (caller, target, client headers, expected status).
+type IdentityCase<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
+/// Item 2: authorization sees the sidecar's identity headers, never a client's; the live
+/// sidecar and `meshflow policy check` agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_sees_only_the_sidecars_identity_headers() {
+    let t = start_dir(MESH, OWNED_POLICIES, |_| {});
+    let auditor_xfcc = "By=spiffe://cluster.local/ns/default/sa/backend;URI=spiffe://cluster.local/ns/default/sa/auditor";
+    let other_xfcc = "URI=spiffe://cluster.local/ns/default/sa/other";
+    let frontend_id = "spiffe://cluster.local/ns/default/sa/frontend";
+    // (caller, target, client headers, status)
+    let cases: &[IdentityCase] = &[
+        // The sidecar's XFCC (naming the verified peer) is what a rule matches ...
+        ("frontend", "/xfcc-deny/x", &[], "403"),
+        (
+            "frontend",
+            "/xfcc-deny/x",
+            &[("x-forwarded-client-cert", other_xfcc)],
+            "403",
+        ),
+        ("auditor", "/xfcc/x", &[], "200"),
+        // ... and a client's never is.
+        (
+            "intruder",
+            "/xfcc/x",
+            &[("x-forwarded-client-cert", auditor_xfcc)],
+            "403",
+        ),
+        (
+            "intruder",
+            "/xfcc/x",
+            &[("X-Forwarded-Client-Cert", auditor_xfcc)],
+            "403",
+        ),
+        (
+            "intruder",
+            "/spiffe/x",
+            &[("x-spiffe-id", frontend_id)],
+            "403",
+        ),
+        (
+            "intruder",
+            "/spiffe/x",
+            &[("X-SPIFFE-ID", frontend_id)],
+            "403",
+        ),
+        // x-spiffe-id is the mesh's and the sidecar never sets it: a rule on it never matches.
+        (
+            "auditor",
+            "/spiffe/x",
+            &[("x-spiffe-id", frontend_id)],
+            "403",
+        ),
+        ("intruder", "/x", &[], "403"),
+        ("frontend", "/x", &[], "200"),
+    ];
+    for (caller, target, headers, want) in cases {
+        let live = status(&direct(&t, caller, target, headers).await);
+        assert_eq!(&live, want, "live: {caller} {target} {headers:?}");
+        assert_eq!(
+            predicted(&t, caller, target, headers),
+            live,
+            "policy check vs live: {caller} {target} {headers:?}"
+        );
+    }
+    // Through the intruder's own sidecar too.
+    let r = via(&t.mesh.workload("intruder").outbound)
+        .get("http://backend.default/spiffe/x")
+        .header("x-spiffe-id", frontend_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "forged x-spiffe-id through the outbound sidecar"
+    );
+}
+
+/// Item 2: mesh-owned headers from outside never reach the app, at the inbound listener (from
+/// a peer) or through a local app's outbound sidecar; end-to-end headers do.
+#[tokio::test(flavor = "multi_thread")]
+async fn mesh_owned_headers_never_reach_the_app() {
+    let t = start_dir(MESH, OWNED_POLICIES, |_| {});
+    let owned: &[(&str, &str)] = &[
+        (
+            "X-Forwarded-Client-Cert",
+            "By=evil;URI=spiffe://cluster.local/ns/default/sa/admin",
+        ),
+        ("x-spiffe-id", "spiffe://cluster.local/ns/default/sa/admin"),
+        (
+            "l5d-client-id",
+            "admin.default.serviceaccount.identity.linkerd.cluster.local",
+        ),
+        ("L5D-Dst-Override", "admin.default.svc.cluster.local:80"),
+        ("x-mesh-role", "admin"),
+        ("X-Meshflow-Caller", "coordinator"),
+        ("meshflow-timeout-ms", "1"),
+    ];
+    let kept: &[(&str, &str)] = &[
+        ("x-tenant", "a"),
+        ("meshflow-run-id", "r1"),
+        ("meshflow-attempt", "2"),
+        ("idempotency-key", "r1/s"),
+    ];
+    let all: Vec<(&str, &str)> = owned.iter().chain(kept).copied().collect();
+    let check = |which: &str, json: &serde_json::Value| {
+        let headers = json["headers"].as_object().expect("headers");
+        for (name, _) in owned {
+            let name = name.to_ascii_lowercase();
+            if name == "x-forwarded-client-cert" {
+                continue;
+            }
+            assert!(
+                !headers.contains_key(&name),
+                "{which}: {name} reached the app: {json}"
+            );
+        }
+        for (name, value) in kept {
+            assert_eq!(
+                headers[*name],
+                serde_json::json!([value]),
+                "{which}: {name} kept"
+            );
+        }
+        assert_eq!(
+            json["xfcc"],
+            serde_json::json!(["By=spiffe://cluster.local/ns/default/sa/backend;URI=spiffe://cluster.local/ns/default/sa/frontend"]),
+            "{which}: exactly the sidecar's XFCC"
+        );
+    };
+    let outcome = direct(&t, "frontend", "/public/x", &all).await;
+    assert_eq!(status(&outcome), "200", "{outcome:?}");
+    check("inbound", &body_json(&outcome));
+
+    let mut request =
+        via(&t.mesh.workload("frontend").outbound).get("http://backend.default/public/x");
+    for (name, value) in &all {
+        // The outbound sidecar consumes its caller's deadline (a 1 ms one would time out).
+        if *name != "meshflow-timeout-ms" {
+            request = request.header(*name, *value);
+        }
+    }
+    let r = request.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    check("outbound", &r.json().await.unwrap());
+}
+
+/// Item 3: a path parameter (`;`, raw or `%3B`, in any segment) is refused with 400 before
+/// any policy, by the live sidecar and by `meshflow policy check` alike; a `;` in the query is
+/// not a path parameter.
+#[tokio::test(flavor = "multi_thread")]
+async fn path_parameters_never_bypass_deny() {
+    let t = start_dir(MESH, OWNED_POLICIES, |_| {});
+    let backend = t.mesh.workload("backend").clone();
+    let frontend = t.mesh.workload("frontend").clone();
+    let served = app_requests(&backend.app).await;
+    for target in [
+        "/admin;x=1",
+        "/admin;",
+        "/admin;/",
+        "/admin/;x",
+        "/admin/x;y=1",
+        "/internal;x=1/keys",
+        "/internal/keys;x=1",
+        "/admin%3Bx=1",
+        "/admin%3bx=1",
+        "/internal%3B/keys",
+        "/;x/admin",
+        "/public;jsessionid=1",
+    ] {
+        let live = status(&direct(&t, "frontend", target, &[]).await);
+        assert_eq!(live, "400", "inbound {target}");
+        assert_eq!(
+            predicted(&t, "frontend", target, &[]),
+            "400",
+            "policy check {target}"
+        );
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: backend.default\r\nConnection: close\r\n\r\n");
+        let outcome = raw_tcp(&frontend.outbound, request.as_bytes()).await;
+        assert_eq!(
+            status(&outcome),
+            "400",
+            "through the outbound sidecar {target}: {outcome:?}"
+        );
+    }
+    assert_eq!(
+        app_requests(&backend.app).await,
+        served,
+        "no parameterized path reached the app"
+    );
+    for (target, want) in [
+        ("/admin", "403"),
+        ("/internal/keys", "403"),
+        ("/public/x", "200"),
+        ("/public/x?a=1;b=2", "200"),
+    ] {
+        assert_eq!(
+            status(&direct(&t, "frontend", target, &[]).await),
+            want,
+            "{target}"
+        );
+        assert_eq!(
+            predicted(&t, "frontend", target, &[]),
+            want,
+            "policy check {target}"
+        );
+    }
+}
