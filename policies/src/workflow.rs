@@ -8,8 +8,15 @@
 //! unknown or self `dependsOn`, cycles (naming the cycle), templates that do not compile, and
 //! references to steps that are not upstream of the step using them or to fields a step result
 //! does not have (`steps.x.outptu`). Diamonds are valid.
+//!
+//! Bounds, so that one definition or one run input cannot crash or stall the process: at most
+//! [`MAX_STEPS`] steps and [`MAX_EXPRESSIONS`] expressions per definition; each expression
+//! within the limits of [`expr`] (length, tokens, nesting, AST size, comprehension nesting),
+//! checked before the parser sees it; each evaluation within [`MAX_EVAL_COST`], estimated over
+//! the actual context before it runs. Validation is linear in the definition (plus one bit
+//! per pair of steps for the upstream sets).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use cel_parser::ast::{EntryExpr, Expr, IdedExpr};
@@ -18,6 +25,18 @@ use serde::{Deserialize, Serialize};
 use crate::duration::SpecDuration;
 use crate::load::{find_line, parse_yaml, LoadError, Result};
 use crate::mesh::{ObjectMeta, API_VERSION};
+
+pub mod expr;
+
+pub use expr::{
+    MAX_AST_DEPTH, MAX_AST_NODES, MAX_COMPREHENSION_NESTING, MAX_EVAL_COST, MAX_EXPRESSION_BYTES,
+    MAX_EXPRESSION_NESTING, MAX_EXPRESSION_TOKENS,
+};
+
+/// Most steps in one definition.
+pub const MAX_STEPS: usize = 1000;
+/// Most expressions (`when` conditions and `${…}` templates) in one definition.
+pub const MAX_EXPRESSIONS: usize = 5000;
 
 /// Fields of `steps.<name>` a template may read.
 pub const STEP_FIELDS: &[&str] = &["output", "status", "attempts"];
@@ -290,16 +309,21 @@ pub struct EvalError {
     pub message: String,
 }
 
-/// Parses CEL. The parser (antlr4rust) can panic on some malformed input instead of returning
-/// an error; that panic is caught here and reported as a parse error, so bad input never takes
-/// the process down.
+/// Parses CEL within the bounds of [`expr`]: the raw text is checked first (the parser
+/// recurses per nesting level, so deep input would overflow the stack), then the AST. The
+/// parser (antlr4rust) can also panic on some malformed input instead of returning an error;
+/// that panic is caught here and reported as a parse error, so bad input never takes the
+/// process down.
 fn compile(expression: &str) -> std::result::Result<IdedExpr, String> {
-    std::panic::catch_unwind(|| {
+    expr::lexical(expression)?;
+    let ast = std::panic::catch_unwind(|| {
         cel_parser::Parser::new()
             .parse(expression)
             .map_err(|e| e.to_string().replace("ERROR: <input>:", "at "))
     })
-    .unwrap_or_else(|_| Err("malformed expression".to_string()))
+    .unwrap_or_else(|_| Err("malformed expression".to_string()))?;
+    expr::shape(&ast)?;
+    Ok(ast)
 }
 
 /// JSON → CEL: integers become `int` (CEL's default integer type, so `input.qty * 2` works),
@@ -463,16 +487,70 @@ fn walk(
     }
 }
 
+/// Collects the `signals.<name>` an expression reads into `names`; true when it reads
+/// `signals` some other way (any name could be meant). `bound`: comprehension variables in
+/// scope (they shadow roots).
+fn signal_reads(e: &IdedExpr, bound: &mut Vec<String>, names: &mut BTreeSet<String>) -> bool {
+    let free = |name: &str, bound: &[String]| name == "signals" && !bound.iter().any(|b| b == name);
+    match &e.expr {
+        Expr::Select(s) => match &s.operand.expr {
+            Expr::Ident(root) if free(root, bound) => {
+                names.insert(s.field.clone());
+                false
+            }
+            _ => signal_reads(&s.operand, bound, names),
+        },
+        Expr::Ident(name) => free(name, bound),
+        Expr::Comprehension(c) => {
+            if signal_reads(&c.iter_range, bound, names) || signal_reads(&c.accu_init, bound, names)
+            {
+                return true;
+            }
+            let before = bound.len();
+            bound.push(c.iter_var.clone());
+            bound.extend(c.iter_var2.iter().cloned());
+            bound.push(c.accu_var.clone());
+            let any = [&c.loop_cond, &c.loop_step, &c.result]
+                .into_iter()
+                .any(|x| signal_reads(x, bound, names));
+            bound.truncate(before);
+            any
+        }
+        _ => expr::children(e)
+            .into_iter()
+            .any(|(child, _)| signal_reads(child, bound, names)),
+    }
+}
+
 /// What expressions in one place may read.
 struct Scope<'a> {
-    /// Steps whose results are visible (the upstream steps).
-    visible: &'a BTreeSet<String>,
-    /// Every step of the workflow (to tell "unknown" from "not upstream").
-    all: &'a BTreeSet<String>,
+    /// Every step of the workflow by name (to tell "unknown" from "not upstream").
+    index: &'a HashMap<&'a str, usize>,
+    /// The steps whose results are visible (the upstream steps), one bit per step index;
+    /// `None`: every step.
+    upstream: Option<&'a [u64]>,
+    /// A step visible besides its upstream (a compensation reads its own step).
+    own: Option<usize>,
+}
+
+impl Scope<'_> {
+    fn is_step(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    fn sees(&self, name: &str) -> bool {
+        let Some(&i) = self.index.get(name) else {
+            return false;
+        };
+        self.own == Some(i)
+            || self
+                .upstream
+                .is_none_or(|up| (up[i / 64] >> (i % 64)) & 1 == 1)
+    }
 }
 
 fn check_expression(source: &str, scope: &Scope<'_>) -> std::result::Result<(), String> {
-    let ast = compile(source).map_err(|e| format!("CEL error in {source:?}: {e}"))?;
+    let ast = compile(source).map_err(|e| format!("CEL error in {:?}: {e}", shorten(source)))?;
     let mut roots = BTreeSet::new();
     let mut steps = Vec::new();
     walk(&ast, &mut roots, &mut steps, &BTreeSet::new());
@@ -483,13 +561,13 @@ fn check_expression(source: &str, scope: &Scope<'_>) -> std::result::Result<(), 
         ));
     }
     for r in steps {
-        if !scope.all.contains(&r.step) {
+        if !scope.is_step(&r.step) {
             return Err(format!(
                 "{source:?} reads steps.{}, which is not a step",
                 r.step
             ));
         }
-        if !scope.visible.contains(&r.step) {
+        if !scope.sees(&r.step) {
             return Err(format!(
                 "{source:?} reads steps.{}, which is not upstream of here (add it to dependsOn)",
                 r.step
@@ -522,6 +600,52 @@ impl Workflow {
     /// The step named `name`.
     pub fn step(&self, name: &str) -> Option<&Step> {
         self.spec.steps.iter().find(|s| s.name == name)
+    }
+
+    /// Whether a signal named `name` can ever be used by a run of this workflow: a
+    /// `waitForSignal` step waits on it, or an expression reads `signals.<name>` (or reads
+    /// `signals` in a way that could mean any name, such as `signals[input.kind]`). A signal
+    /// no run can use is refused (404) instead of being stored and ignored.
+    pub fn accepts_signal(&self, name: &str) -> bool {
+        let waited = self
+            .spec
+            .steps
+            .iter()
+            .any(|s| s.wait_for_signal.as_ref().is_some_and(|w| w.name == name));
+        waited
+            || self.expressions().iter().any(|source| {
+                source.contains("signals")
+                    && compile(source).is_ok_and(|ast| {
+                        let mut names = BTreeSet::new();
+                        signal_reads(&ast, &mut Vec::new(), &mut names) || names.contains(name)
+                    })
+            })
+    }
+
+    /// Every expression of the definition (`when` conditions and `${…}` templates).
+    fn expressions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let strings = |text: &str, out: &mut Vec<String>| {
+            if let Ok(list) = template_expressions(text) {
+                out.extend(list.into_iter().map(str::to_string));
+            }
+        };
+        for step in &self.spec.steps {
+            out.extend(step.when.iter().cloned());
+            for call in [&step.call, &step.compensate].into_iter().flatten() {
+                strings(&call.path, &mut out);
+                for v in call.headers.values() {
+                    strings(v, &mut out);
+                }
+                if let Some(body) = &call.body {
+                    let _ = value_expressions(body, &mut out);
+                }
+            }
+        }
+        if let Some(output) = &self.spec.output {
+            let _ = value_expressions(output, &mut out);
+        }
+        out
     }
 
     /// History limit in force.
@@ -563,10 +687,16 @@ impl Workflow {
 
     /// Every step upstream of `name` (transitively through `dependsOn`).
     pub fn upstream(&self, name: &str) -> BTreeSet<String> {
+        let steps: HashMap<&str, &Step> = self
+            .spec
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
         let mut seen = BTreeSet::new();
         let mut stack: Vec<&str> = vec![name];
         while let Some(current) = stack.pop() {
-            if let Some(step) = self.step(current) {
+            if let Some(step) = steps.get(current) {
                 for dep in &step.depends_on {
                     if seen.insert(dep.clone()) {
                         stack.push(dep);
@@ -622,11 +752,25 @@ impl Workflow {
                 "at least one step is required".into(),
             ));
         }
-        let all: BTreeSet<String> = self.spec.steps.iter().map(|s| s.name.clone()).collect();
-        let mut seen = BTreeSet::new();
+        if self.spec.steps.len() > MAX_STEPS {
+            return Err(invalid(
+                "spec.steps".into(),
+                find_line(text, "steps", ""),
+                format!(
+                    "{} steps; a workflow may have at most {MAX_STEPS}",
+                    self.spec.steps.len()
+                ),
+            ));
+        }
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(self.spec.steps.len());
+        for (i, step) in self.spec.steps.iter().enumerate() {
+            index.entry(step.name.as_str()).or_insert(i);
+        }
+        let mut seen = HashSet::new();
         for (i, step) in self.spec.steps.iter().enumerate() {
             let at = |f: &str| format!("spec.steps[{i}].{f}");
-            let line = find_line(text, "name", &step.name);
+            // Only on error: a search per step would make validation quadratic.
+            let line = || find_line(text, "name", &step.name);
             let valid_name =
                 step.name
                     .chars()
@@ -638,14 +782,14 @@ impl Workflow {
             if !valid_name {
                 return Err(invalid(
                     at("name"),
-                    line,
+                    line(),
                     format!("{:?}: step names are [a-z][a-z0-9_-]*", step.name),
                 ));
             }
-            if !seen.insert(step.name.clone()) {
+            if !seen.insert(step.name.as_str()) {
                 return Err(invalid(
                     at("name"),
-                    line,
+                    line(),
                     format!("duplicate step name {:?}", step.name),
                 ));
             }
@@ -660,7 +804,7 @@ impl Workflow {
             if kinds != 1 {
                 return Err(invalid(
                     format!("spec.steps[{i}]"),
-                    line,
+                    line(),
                     format!(
                         "step {:?} needs exactly one of call, sleep, waitForSignal",
                         step.name
@@ -671,14 +815,14 @@ impl Workflow {
                 if dep == &step.name {
                     return Err(invalid(
                         at("dependsOn"),
-                        line,
+                        line(),
                         format!("step {:?} depends on itself", step.name),
                     ));
                 }
-                if !all.contains(dep) {
+                if !index.contains_key(dep.as_str()) {
                     return Err(invalid(
                         at("dependsOn"),
-                        line,
+                        line(),
                         format!(
                             "step {:?} depends on {dep:?}, which is not a step",
                             step.name
@@ -719,7 +863,7 @@ impl Workflow {
             if step.compensate.is_some() && step.call.is_none() {
                 return Err(invalid(
                     at("compensate"),
-                    line,
+                    line(),
                     "only call steps can be compensated".into(),
                 ));
             }
@@ -733,32 +877,57 @@ impl Workflow {
                 ));
             }
         }
-        if let Some(cycle) = self.find_cycle() {
-            let first = self
-                .spec
-                .steps
-                .iter()
-                .position(|s| s.name == cycle[0])
-                .unwrap_or(0);
-            return Err(invalid(
-                format!("spec.steps[{first}].dependsOn"),
-                find_line(text, "name", &cycle[0]),
-                format!("dependsOn cycle: {}", cycle.join(" → ")),
-            ));
+        let deps: Vec<Vec<usize>> = self
+            .spec
+            .steps
+            .iter()
+            .map(|s| s.depends_on.iter().map(|d| index[d.as_str()]).collect())
+            .collect();
+        let order = match topological_order(&deps) {
+            Ok(order) => order,
+            Err(cycle) => {
+                let names: Vec<&str> = cycle
+                    .iter()
+                    .map(|&i| self.spec.steps[i].name.as_str())
+                    .collect();
+                return Err(invalid(
+                    format!("spec.steps[{}].dependsOn", cycle[0]),
+                    find_line(text, "name", names[0]),
+                    format!("dependsOn cycle: {}", names.join(" → ")),
+                ));
+            }
+        };
+        // Upstream sets, one bit per step, in dependency order: O(edges × steps / 64).
+        let words = self.spec.steps.len().div_ceil(64);
+        let mut upstream = vec![0u64; words * self.spec.steps.len()];
+        for &i in &order {
+            for &d in &deps[i] {
+                let (done, rest) = upstream.split_at_mut(i.max(d) * words);
+                let (from, to) = if d < i {
+                    (&done[d * words..(d + 1) * words], &mut rest[..words])
+                } else {
+                    (&rest[..words], &mut done[i * words..(i + 1) * words])
+                };
+                for (t, f) in to.iter_mut().zip(from) {
+                    *t |= f;
+                }
+                to[d / 64] |= 1 << (d % 64);
+            }
         }
+        let mut expressions = 0usize;
         // Templates and conditions: compile, and read only upstream steps.
         for (i, step) in self.spec.steps.iter().enumerate() {
-            let line = find_line(text, "name", &step.name);
-            let upstream = self.upstream(&step.name);
+            let line = || find_line(text, "name", &step.name);
+            let up = &upstream[i * words..(i + 1) * words];
             let scope = Scope {
-                visible: &upstream,
-                all: &all,
+                index: &index,
+                upstream: Some(up),
+                own: None,
             };
-            let mut own = upstream.clone();
-            own.insert(step.name.clone());
             let compensate_scope = Scope {
-                visible: &own,
-                all: &all,
+                index: &index,
+                upstream: Some(up),
+                own: Some(i),
             };
             let mut checks: Vec<(String, String, &Scope<'_>)> = Vec::new();
             if let Some(when) = &step.when {
@@ -772,7 +941,7 @@ impl Workflow {
                 let mut exprs = Vec::new();
                 let prefix = format!("spec.steps[{i}].{field}");
                 let mut add = |f: &str, r: std::result::Result<Vec<&str>, String>| -> Result<()> {
-                    let list = r.map_err(|e| invalid(format!("{prefix}.{f}"), line, e))?;
+                    let list = r.map_err(|e| invalid(format!("{prefix}.{f}"), line(), e))?;
                     exprs.extend(
                         list.into_iter()
                             .map(|e| (format!("{prefix}.{f}"), e.to_string())),
@@ -786,15 +955,25 @@ impl Workflow {
                 if let Some(body) = &call.body {
                     let mut out = Vec::new();
                     value_expressions(body, &mut out)
-                        .map_err(|e| invalid(format!("{prefix}.body"), line, e))?;
+                        .map_err(|e| invalid(format!("{prefix}.body"), line(), e))?;
                     exprs.extend(out.into_iter().map(|e| (format!("{prefix}.body"), e)));
                 }
                 for (f, e) in exprs {
                     checks.push((f, e, scope));
                 }
             }
+            expressions += checks.len();
+            if expressions > MAX_EXPRESSIONS {
+                return Err(invalid(
+                    format!("spec.steps[{i}]"),
+                    line(),
+                    format!(
+                        "more than {MAX_EXPRESSIONS} expressions (when and ${{…}}) in one workflow"
+                    ),
+                ));
+            }
             for (field, source, scope) in checks {
-                check_expression(&source, scope).map_err(|e| invalid(field, line, e))?;
+                check_expression(&source, scope).map_err(|e| invalid(field, line(), e))?;
             }
         }
         if let Some(output) = &self.spec.output {
@@ -802,9 +981,19 @@ impl Workflow {
             let line = find_line(text, "output", "");
             value_expressions(output, &mut out)
                 .map_err(|e| invalid("spec.output".into(), line, e))?;
+            if expressions + out.len() > MAX_EXPRESSIONS {
+                return Err(invalid(
+                    "spec.output".into(),
+                    line,
+                    format!(
+                        "more than {MAX_EXPRESSIONS} expressions (when and ${{…}}) in one workflow"
+                    ),
+                ));
+            }
             let scope = Scope {
-                visible: &all,
-                all: &all,
+                index: &index,
+                upstream: None,
+                own: None,
             };
             for source in out {
                 check_expression(&source, &scope)
@@ -813,67 +1002,54 @@ impl Workflow {
         }
         Ok(())
     }
+}
 
-    /// A `dependsOn` cycle as step names, first repeated at the end (`a → b → a`).
-    fn find_cycle(&self) -> Option<Vec<String>> {
-        #[derive(Clone, Copy, PartialEq)]
-        enum Mark {
-            New,
-            Active,
-            Done,
+/// Kahn's algorithm over `deps` (step index → the indices it depends on): the steps in an
+/// order where every step comes after its dependencies, or a cycle as step indices with the
+/// first repeated at the end (`a → b → a`), found from the first step (in definition order)
+/// left over. Linear in steps plus edges; no recursion.
+fn topological_order(deps: &[Vec<usize>]) -> std::result::Result<Vec<usize>, Vec<usize>> {
+    let n = deps.len();
+    let mut waiting: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, ds) in deps.iter().enumerate() {
+        for &d in ds {
+            dependents[d].push(i);
         }
-        let index: BTreeMap<&str, usize> = self
-            .spec
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
-        let mut marks = vec![Mark::New; self.spec.steps.len()];
-        let mut path: Vec<usize> = Vec::new();
-        fn visit(
-            wf: &Workflow,
-            i: usize,
-            index: &BTreeMap<&str, usize>,
-            marks: &mut [Mark],
-            path: &mut Vec<usize>,
-        ) -> Option<Vec<String>> {
-            marks[i] = Mark::Active;
-            path.push(i);
-            for dep in &wf.spec.steps[i].depends_on {
-                let Some(&j) = index.get(dep.as_str()) else {
-                    continue;
-                };
-                match marks[j] {
-                    Mark::Active => {
-                        let start = path.iter().position(|&p| p == j).unwrap_or(0);
-                        let mut cycle: Vec<String> = path[start..]
-                            .iter()
-                            .map(|&p| wf.spec.steps[p].name.clone())
-                            .collect();
-                        cycle.push(wf.spec.steps[j].name.clone());
-                        return Some(cycle);
-                    }
-                    Mark::New => {
-                        if let Some(c) = visit(wf, j, index, marks, path) {
-                            return Some(c);
-                        }
-                    }
-                    Mark::Done => {}
-                }
-            }
-            path.pop();
-            marks[i] = Mark::Done;
-            None
-        }
-        for i in 0..self.spec.steps.len() {
-            if marks[i] == Mark::New {
-                if let Some(c) = visit(self, i, &index, &mut marks, &mut path) {
-                    return Some(c);
-                }
+    }
+    let mut order: Vec<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+    let mut next = 0;
+    while next < order.len() {
+        let i = order[next];
+        next += 1;
+        for &j in &dependents[i] {
+            waiting[j] -= 1;
+            if waiting[j] == 0 {
+                order.push(j);
             }
         }
-        None
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Every step left over waits on another one left over: follow those until one repeats.
+    let Some(mut current) = (0..n).find(|&i| waiting[i] > 0) else {
+        return Ok(order);
+    };
+    let mut position: HashMap<usize, usize> = HashMap::new();
+    let mut path = Vec::new();
+    loop {
+        if let Some(&p) = position.get(&current) {
+            let mut cycle = path[p..].to_vec();
+            cycle.push(current);
+            return Err(cycle);
+        }
+        position.insert(current, path.len());
+        path.push(current);
+        current = match deps[current].iter().find(|&&d| waiting[d] > 0) {
+            Some(&d) => d,
+            None => return Err(path),
+        };
     }
 }
 
@@ -886,22 +1062,38 @@ pub fn evaluate(
     context: &serde_json::Value,
 ) -> std::result::Result<serde_json::Value, EvalError> {
     let err = |message: String| EvalError {
-        expression: source.to_string(),
+        expression: shorten(source),
         message,
     };
-    let program = std::panic::catch_unwind(|| {
-        cel_interpreter::Program::compile(source).map_err(|e| e.to_string())
-    })
-    .unwrap_or_else(|_| Err("malformed expression".to_string()))
-    .map_err(err)?;
+    let ast = compile(source).map_err(err)?;
+    let cost = expr::estimate(&ast, context);
+    if cost > MAX_EVAL_COST {
+        return Err(err(format!(
+            "too costly for this input: about {cost} operations, at most {MAX_EVAL_COST} \
+             (comprehensions over large lists multiply)"
+        )));
+    }
     let mut ctx = cel_interpreter::Context::default();
     if let Some(map) = context.as_object() {
         for (k, v) in map {
             ctx.add_variable_from_value(k.clone(), to_cel(v));
         }
     }
-    let value = program.execute(&ctx).map_err(|e| err(e.to_string()))?;
+    // cel-interpreter panics (`todo!`) on some inputs, e.g. a comprehension over a number.
+    let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cel_interpreter::Value::resolve(&ast, &ctx)
+    }))
+    .map_err(|_| err("cannot be evaluated over this input".into()))?
+    .map_err(|e| err(e.to_string()))?;
     value.json().map_err(|e| err(format!("{e:?}")))
+}
+
+/// `source` for messages: at most 80 characters.
+fn shorten(source: &str) -> String {
+    match source.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &source[..i]),
+        None => source.to_string(),
+    }
 }
 
 /// Evaluates a `when` condition: it must yield a boolean.
