@@ -236,11 +236,14 @@ async fn start_coordinator(
 async fn watch_ca_expiry(ca: Arc<ca::CertificateAuthority>) {
     const EVERY: Duration = Duration::from_secs(3600);
     let expires = humantime::format_rfc3339_seconds(ca.not_after()).to_string();
+    let mut first = true;
     loop {
         let now = std::time::SystemTime::now();
         let next = match ca.expiry_status(now) {
             ca::CaExpiry::Valid { remaining } => {
-                tracing::info!(expires = %expires, "mesh CA valid for {}", humantime::format_duration(Duration::from_secs(remaining.as_secs())));
+                if std::mem::take(&mut first) {
+                    tracing::info!(expires = %expires, "mesh CA valid for {}", humantime::format_duration(Duration::from_secs(remaining.as_secs())));
+                }
                 // Wake when the warning window opens (or in an hour, whichever is first).
                 remaining.saturating_sub(ca.warning_window()).min(EVERY)
             }

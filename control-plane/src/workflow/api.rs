@@ -2,15 +2,15 @@
 //!
 //! | Method and path | What |
 //! |---|---|
-//! | `POST /v1/workflows?file=` | register a definition (YAML or JSON body; errors name `file`, field and line) → `{workflow, version}` |
+//! | `POST /v1/workflows?file=` | register a definition (YAML or JSON body; errors name `file`, field and line, and the bound an expression or the step count exceeds) → `{workflow, version}` |
 //! | `GET /v1/workflows` | latest version of each definition |
 //! | `GET /v1/workflows/{ns}/{name}` | latest definition |
 //! | `POST /v1/runs` | `{workflow, runId?, input?, signal?: {name, payload}}` → 201 created, 200 existing |
 //! | `GET /v1/runs?workflow=&status=&limit=` | runs, newest first |
 //! | `GET /v1/runs/{id}` | status, steps with attempts, outputs, errors, what it waits on |
 //! | `GET /v1/runs/{id}/history` | the events |
-//! | `POST /v1/runs/{id}/signals/{name}` | signal (JSON payload) → 202; 404 for an unknown run |
-//! | `POST /v1/runs/{id}/cancel` · `/terminate` · `/retry` | 202 |
+//! | `POST /v1/runs/{id}/signals/{name}` | signal (JSON payload) → 202; 404 for an unknown run or a signal name the definition never uses; 409 (with the reason) unless the run is `Running` |
+//! | `POST /v1/runs/{id}/cancel` · `/terminate` · `/retry` | 202; 409 (with the reason) when it cannot apply: cancel needs `Running`, terminate an unfinished run, retry `Failed` or `CompensationFailed` |
 //!
 //! Protected (401 otherwise): a request needs either
 //! - `Authorization: Bearer <token>` (the API token file, `<state>/workflow-api-token`), or

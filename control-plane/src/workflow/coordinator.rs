@@ -195,10 +195,16 @@ impl Coordinator {
         file: &str,
         text: &str,
     ) -> Result<(String, u32), CoordinatorError> {
-        let workflow = Workflow::parse(std::path::Path::new(file), text)
-            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
-        let spec = serde_json::to_string(&workflow)
-            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        // Validation parses every expression: on a blocking thread, never the I/O threads.
+        let (file, text) = (file.to_string(), text.to_string());
+        let (workflow, spec) = off_runtime(move || {
+            let workflow = Workflow::parse(std::path::Path::new(&file), &text)
+                .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+            let spec = serde_json::to_string(&workflow)
+                .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+            Ok::<_, CoordinatorError>((workflow, spec))
+        })
+        .await??;
         let version = self
             .store
             .put_definition(&workflow.id(), &spec, now_ms())
@@ -264,6 +270,9 @@ impl Coordinator {
             .ok_or_else(|| CoordinatorError::NotFound(format!("workflow {workflow}")))?;
         let wf = self.definition(workflow, row.version).await?;
         wf.check_input(&input).map_err(CoordinatorError::Invalid)?;
+        if let Some((name, _)) = &signal {
+            self.check_signal(&wf, name).await?;
+        }
         let now = now_ms();
         let input_copy = input.clone();
         let started = Event::RunStarted {
@@ -290,12 +299,20 @@ impl Coordinator {
             state.apply(&received);
             events.push(received);
         }
-        let ctx = engine::Ctx {
-            workflow: &wf,
-            run_id: &run_id,
-            now_ms: now,
+        let (mut state, follow) = {
+            let (wf, run_id) = (wf.clone(), run_id.clone());
+            off_runtime(move || {
+                let ctx = engine::Ctx {
+                    workflow: &wf,
+                    run_id: &run_id,
+                    now_ms: now,
+                };
+                let follow = engine::decide(&state, &Input::Advance, &ctx);
+                (state, follow)
+            })
+            .await?
         };
-        for e in engine::decide(&state, &Input::Advance, &ctx) {
+        for e in follow {
             state.apply(&e);
             events.push(e);
         }
@@ -355,10 +372,29 @@ impl Coordinator {
         run_id: &str,
         input: Input,
     ) -> Result<(), CoordinatorError> {
-        if self.store.run(run_id).await?.is_none() {
+        let Some(row) = self.store.run(run_id).await? else {
             return Err(CoordinatorError::NotFound(format!("run {run_id}")));
+        };
+        if let Input::Signal { name, .. } = &input {
+            let wf = self.definition(&row.workflow, row.version).await?;
+            self.check_signal(&wf, name).await?;
         }
         self.handle(run_id, input).await
+    }
+
+    /// 404 for a signal no run of `wf` can ever use (no step waits for it, no expression
+    /// reads it): it would be stored and never looked at.
+    async fn check_signal(&self, wf: &Arc<Workflow>, name: &str) -> Result<(), CoordinatorError> {
+        let (wf, name) = (wf.clone(), name.to_string());
+        let id = wf.id();
+        let name_copy = name.clone();
+        if off_runtime(move || wf.accepts_signal(&name_copy)).await? {
+            return Ok(());
+        }
+        Err(CoordinatorError::NotFound(format!(
+            "signal {name:?} (workflow {id} never uses it: no step waits for it and no \
+             expression reads it)"
+        )))
     }
 
     /// The run view.
@@ -587,15 +623,29 @@ impl Coordinator {
             .await?
             .ok_or_else(|| CoordinatorError::NotFound(format!("run {run_id}")))?;
         let wf = self.definition(&row.workflow, row.version).await?;
-        let mut state: RunState = serde_json::from_str(&row.state)
+        let state: RunState = serde_json::from_str(&row.state)
             .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        // Decided on the state read under the run's lock: an operator input that would be
+        // dropped is refused, never acknowledged.
+        if let Some(why) = engine::refusal(&state, &input) {
+            return Err(CoordinatorError::Conflict(format!("run {run_id}: {why}")));
+        }
         let now = now_ms();
-        let ctx = engine::Ctx {
-            workflow: &wf,
-            run_id,
-            now_ms: now,
+        let operator = matches!(input, Input::Signal { .. } | Input::Cancel | Input::Retry);
+        // `when` conditions and templates are evaluated here: on a blocking thread.
+        let (mut state, events) = {
+            let (wf, run_id) = (wf.clone(), run_id.to_string());
+            off_runtime(move || {
+                let ctx = engine::Ctx {
+                    workflow: &wf,
+                    run_id: &run_id,
+                    now_ms: now,
+                };
+                let events = engine::decide(&state, &input, &ctx);
+                (state, events)
+            })
+            .await?
         };
-        let events = engine::decide(&state, &input, &ctx);
         if events.is_empty() {
             return Ok(());
         }
@@ -634,6 +684,11 @@ impl Coordinator {
                 .inc();
         }
         self.after_commit(run_id, &state, &wf);
+        if operator && !was_terminal && state.status == RunStatus::HistoryLimitExceeded {
+            return Err(CoordinatorError::Conflict(format!(
+                "run {run_id} reached its history limit and ended; the input was not applied"
+            )));
+        }
         Ok(())
     }
 
@@ -1013,4 +1068,20 @@ fn random_hex(bytes: usize) -> String {
 /// A fresh run id (128 random bits, hex).
 pub fn new_run_id() -> String {
     random_hex(16)
+}
+
+/// Runs CPU work — definition validation, `when` conditions and templates in
+/// [`engine::decide`] — on a blocking thread, so the async I/O threads (the API, `/ready`,
+/// the CA and config server in the same process) keep answering meanwhile. A panic in `work`
+/// is resumed here.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CoordinatorError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => Ok(value),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(CoordinatorError::Conflict(format!(
+            "the coordinator is shutting down: {e}"
+        ))),
+    }
 }

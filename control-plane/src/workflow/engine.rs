@@ -1762,3 +1762,44 @@ fn advance(state: &RunState, ctx: &Ctx<'_>) -> Vec<Event> {
         _ => Vec::new(),
     }
 }
+
+/// Why an operator input (a signal, cancel, terminate, retry) cannot apply to a run in
+/// `state`, or `None` when it can. Decided on the same state [`decide`] reads, under the run's
+/// lock, so the answer is never a racy pre-check: an input that would be dropped is refused
+/// (409) with this reason instead of being acknowledged. Step results and timers are never
+/// refused (`None`).
+///
+/// - a signal reaches a `Running` run only (it is kept until a step waits for it);
+/// - cancel applies to a `Running` run (a compensating run is being undone already);
+/// - terminate applies to a run that has not finished (`Running` or `Compensating`);
+/// - retry applies to a `Failed` or `CompensationFailed` run.
+pub fn refusal(state: &RunState, input: &Input) -> Option<String> {
+    let status = state.status.as_str();
+    let finished = state.status.is_terminal();
+    match input {
+        Input::Signal { name, .. } if state.status != RunStatus::Running => {
+            Some(if finished {
+                format!("run is {status}: signal {name:?} not delivered (the run has finished)")
+            } else {
+                format!("run is {status}: signal {name:?} not delivered (signals reach running runs only)")
+            })
+        }
+        Input::Cancel if state.status != RunStatus::Running => Some(if finished {
+            format!("run is {status}: nothing to cancel")
+        } else {
+            format!("run is {status}: it is being undone already (terminate stops it)")
+        }),
+        Input::Terminate if finished => Some(format!("run is {status}: nothing to terminate")),
+        Input::Retry
+            if !matches!(
+                state.status,
+                RunStatus::Failed | RunStatus::CompensationFailed
+            ) =>
+        {
+            Some(format!(
+                "run is {status}: only a Failed or CompensationFailed run can be retried"
+            ))
+        }
+        _ => None,
+    }
+}

@@ -388,3 +388,83 @@ spec:
         .unwrap()
         .contains("total timeout"));
 }
+
+/// Issue 12, item 10: an operator input is refused (with a reason) exactly when applying it
+/// would record nothing, in every run status.
+#[test]
+fn operator_inputs_that_would_do_nothing_are_refused_with_a_reason() {
+    fn check(h: &Harness, expect_refused: &[&str]) {
+        let ctx = Ctx {
+            workflow: &h.wf,
+            run_id: "r1",
+            now_ms: h.now,
+        };
+        for (name, input) in [
+            (
+                "signal",
+                Input::Signal {
+                    name: "approval".into(),
+                    payload: json!({}),
+                },
+            ),
+            ("cancel", Input::Cancel),
+            ("terminate", Input::Terminate),
+            ("retry", Input::Retry),
+        ] {
+            let refused = refusal(&h.state, &input);
+            let events = decide(&h.state, &input, &ctx);
+            let status = h.state.status.as_str();
+            assert_eq!(
+                refused.is_some(),
+                events.is_empty(),
+                "{name} on {status}: refusal {refused:?}, events {events:?}"
+            );
+            assert_eq!(
+                refused.is_some(),
+                expect_refused.contains(&name),
+                "{name} on {status}: {refused:?}"
+            );
+            if let Some(why) = refused {
+                assert!(why.contains(status), "{why}");
+            }
+        }
+    }
+    // Running: everything but retry applies.
+    let mut h = Harness::new(ORDER);
+    check(&h, &["retry"]);
+    // Terminated.
+    h.input(Input::Terminate);
+    check(&h, &["signal", "cancel", "terminate", "retry"]);
+
+    // Compensating (cancelled while the charge is in flight), then Cancelled.
+    let mut h = Harness::new(ORDER);
+    h.respond("reserve", false, 201, json!({"id": "r"}));
+    h.input(Input::Cancel);
+    assert_eq!(h.state.status, RunStatus::Compensating);
+    check(&h, &["signal", "cancel", "retry"]);
+    h.respond("charge", false, 201, json!({}));
+    h.respond("charge", true, 200, json!({}));
+    h.respond("reserve", true, 200, json!({}));
+    assert_eq!(h.state.status, RunStatus::Cancelled);
+    check(&h, &["signal", "cancel", "terminate", "retry"]);
+
+    // Compensated (the charge is refused), and Completed.
+    let mut h = Harness::new(ORDER);
+    h.respond("reserve", false, 201, json!({"id": "r"}));
+    h.respond("charge", false, 402, json!({}));
+    // Every attempted step is undone, the refused charge too (newest first).
+    h.respond("charge", true, 200, json!({}));
+    h.respond("reserve", true, 200, json!({}));
+    assert_eq!(h.state.status, RunStatus::Compensated);
+    check(&h, &["signal", "cancel", "terminate", "retry"]);
+    let mut h = Harness::new(ORDER);
+    h.respond("reserve", false, 201, json!({"id": "r"}));
+    h.respond("charge", false, 201, json!({}));
+    h.input(Input::Signal {
+        name: "approval".into(),
+        payload: json!({"by": "x"}),
+    });
+    h.respond("ship", false, 201, json!({"id": "s"}));
+    assert_eq!(h.state.status, RunStatus::Completed);
+    check(&h, &["signal", "cancel", "terminate", "retry"]);
+}
