@@ -400,3 +400,32 @@ spec:
     );
     drop(pg);
 }
+
+/// Item 7: the outbound sidecar marks the answers it makes itself, so the coordinator can tell
+/// "never sent" (safe to send again within the attempt) from the service's own 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_outbound_sidecar_names_its_own_errors() {
+    let t = start_mesh(HELLO, |o| {
+        o.skip_sidecars.insert("default/backend".into());
+    });
+    let outbound = &t.mesh.workload("frontend").outbound;
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
+        .build()
+        .unwrap();
+    for (url, expected) in [
+        ("http://backend.default/hello", "no-endpoint"),
+        ("http://nosuch.default/hello", "unknown-service"),
+    ] {
+        let r = client.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{url}");
+        assert_eq!(
+            r.headers()
+                .get("meshflow-proxy-error")
+                .and_then(|v| v.to_str().ok()),
+            Some(expected),
+            "{url}"
+        );
+        assert!(r.text().await.unwrap().starts_with("meshflow: "), "{url}");
+    }
+}
