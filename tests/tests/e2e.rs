@@ -48,3 +48,5 @@ mod timing;
 mod traces;
 #[path = "e2e/workflow.rs"]
 mod workflow;
+#[path = "e2e/workflow_guards.rs"]
+mod workflow_guards;
