@@ -207,7 +207,7 @@ impl Coordinator {
         .await??;
         let version = self
             .store
-            .put_definition(&workflow.id(), &spec, now_ms())
+            .put_definition(&workflow.id(), &spec, self.now())
             .await?;
         Ok((workflow.id(), version))
     }
@@ -273,7 +273,7 @@ impl Coordinator {
         if let Some((name, _)) = &signal {
             self.check_signal(&wf, name).await?;
         }
-        let now = now_ms();
+        let now = self.now();
         let input_copy = input.clone();
         let started = Event::RunStarted {
             workflow: wf.id(),
@@ -630,7 +630,7 @@ impl Coordinator {
         if let Some(why) = engine::refusal(&state, &input) {
             return Err(CoordinatorError::Conflict(format!("run {run_id}: {why}")));
         }
-        let now = now_ms();
+        let now = self.now();
         let operator = matches!(input, Input::Signal { .. } | Input::Cancel | Input::Retry);
         // `when` conditions and templates are evaluated here: on a blocking thread.
         let (mut state, events) = {

@@ -389,6 +389,92 @@ spec:
         .contains("total timeout"));
 }
 
+#[test]
+fn a_late_success_completes_a_step_still_waiting_for_a_result() {
+    // Attempt 1 times out (outcome unknown); its 201 arrives while attempt 2 is in flight.
+    let mut h = Harness::new(ORDER);
+    h.now = 2_000;
+    h.fire_due();
+    h.now = 2_100;
+    h.fire_due();
+    assert_eq!(h.state.dispatches()[0].attempt, 2);
+    h.now = 2_150;
+    let events = h.input(Input::AttemptResult {
+        step: "reserve".into(),
+        attempt: 1,
+        compensation: false,
+        outcome: AttemptOutcome::Response {
+            status: 201,
+            body: json!({"id": 1}),
+        },
+    });
+    assert!(matches!(
+        events[..2],
+        [Event::LateResult { .. }, Event::StepCompleted { .. }]
+    ));
+    let reserve = &h.state.steps["reserve"];
+    assert_eq!(reserve.status, StepStatus::Completed);
+    assert_eq!(reserve.output, Some(json!({"id": 1})));
+    assert_eq!(reserve.attempts[0].result, "late: HTTP 201");
+    assert_eq!(reserve.attempts[1].result, "superseded");
+    // The run moved on: charge is dispatched, attempt 2 of reserve no longer is.
+    let d = h.state.dispatches();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].step, "charge");
+    // Attempt 2's own answer is only recorded.
+    let late2 = h.input(Input::AttemptResult {
+        step: "reserve".into(),
+        attempt: 2,
+        compensation: false,
+        outcome: AttemptOutcome::Response {
+            status: 201,
+            body: json!({"id": 1}),
+        },
+    });
+    assert!(matches!(late2[..], [Event::LateResult { .. }]));
+
+    // Same in backoff (nothing in flight): a late success ends the wait.
+    let mut h = Harness::new(ORDER);
+    h.now = 2_000;
+    h.fire_due();
+    assert_eq!(h.state.steps["reserve"].status, StepStatus::Backoff);
+    h.input(Input::AttemptResult {
+        step: "reserve".into(),
+        attempt: 1,
+        compensation: false,
+        outcome: AttemptOutcome::Response {
+            status: 200,
+            body: json!({"id": 2}),
+        },
+    });
+    assert_eq!(h.state.steps["reserve"].status, StepStatus::Completed);
+    assert!(h
+        .state
+        .timers(&h.wf)
+        .iter()
+        .all(|(t, _)| !matches!(t, Timer::Backoff { .. })));
+
+    // Once the step failed for good and the saga runs, a late success only is recorded (the
+    // step is compensated: the undo covers the effect).
+    let mut h = Harness::new(ORDER);
+    for (now, status) in [(1_000, 500), (1_200, 500), (1_500, 500)] {
+        h.now = now;
+        h.fire_due();
+        h.respond("reserve", false, status, json!("boom"));
+    }
+    assert_eq!(h.state.status, RunStatus::Compensating);
+    let events = h.input(Input::AttemptResult {
+        step: "reserve".into(),
+        attempt: 1,
+        compensation: false,
+        outcome: AttemptOutcome::Response {
+            status: 201,
+            body: json!({"id": 3}),
+        },
+    });
+    assert!(matches!(events[..], [Event::LateResult { .. }]));
+}
+
 /// Issue 12, item 10: an operator input is refused (with a reason) exactly when applying it
 /// would record nothing, in every run status.
 #[test]
