@@ -78,6 +78,9 @@ enum Command {
         command: PolicyCommand,
     },
     /// Run a local mesh from one mesh file in the foreground; Ctrl-C stops everything.
+    /// Exit code 0 after Ctrl-C (or a good `--smoke`), 1 when a process fails to start or
+    /// exits while the mesh runs (named with its exit status and log) or the state directory
+    /// is in use, 64 for an invalid mesh file, 130 when interrupted while starting.
     Up {
         /// Mesh definition (kind: Mesh).
         #[arg(short = 'f', long = "file")]
