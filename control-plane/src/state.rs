@@ -230,8 +230,9 @@ impl StateHandle {
             expired
         };
         for (key, address) in expired {
-            tracing::info!(workload = %key, %address, "dropping endpoint whose sidecar did not reconnect");
-            self.remove_endpoint(&key, &address);
+            if self.remove_unless_registered(&key, &address) {
+                tracing::info!(workload = %key, %address, "dropping endpoint whose sidecar did not reconnect");
+            }
         }
     }
 
@@ -253,7 +254,9 @@ impl StateHandle {
                 tokio::net::TcpStream::connect(&address),
             )
             .await;
-            let refused = matches!(probe, Ok(Err(_)));
+            // Only a refusal proves nothing listens; unreachable or out of descriptors proves
+            // nothing about the sidecar.
+            let refused = matches!(probe, Ok(Err(ref e)) if e.kind() == std::io::ErrorKind::ConnectionRefused);
             let id = (key.clone(), address.clone());
             // Still stale? (its sidecar may have reconnected meanwhile)
             if refused
@@ -263,14 +266,9 @@ impl StateHandle {
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id)
                     .is_some()
-                && !self
-                    .registrations
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&id)
+                && self.remove_unless_registered(&key, &address)
             {
                 tracing::info!(workload = %key, %address, "dropping endpoint: nothing listens there (its sidecar is gone)");
-                self.remove_endpoint(&key, &address);
             }
         }
     }
@@ -399,6 +397,34 @@ impl StateHandle {
                 .insert(address.to_string());
         });
         self.save(&self.current());
+    }
+
+    /// Removes a loaded endpoint unless its sidecar has registered it meanwhile; decided inside
+    /// the state update, which is serialized with [`StateHandle::add_endpoint`]'s, so a
+    /// reconnect racing the removal always wins. Returns whether it was removed.
+    fn remove_unless_registered(&self, key: &str, address: &str) -> bool {
+        let mut removed = false;
+        self.update(|s| {
+            let registered = self
+                .registrations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&(key.to_string(), address.to_string()))
+                .is_some_and(|n| *n > 0);
+            if registered {
+                return;
+            }
+            if let Some(set) = s.endpoints.get_mut(key) {
+                removed = set.remove(address);
+                if set.is_empty() {
+                    s.endpoints.remove(key);
+                }
+            }
+        });
+        if removed {
+            self.save(&self.current());
+        }
+        removed
     }
 
     /// Removes a registration (a new version).

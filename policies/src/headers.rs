@@ -19,6 +19,8 @@
 //!   sidecar consumes it and never forwards it. Deadlines between sidecars travel as
 //!   `grpc-timeout` (gRPC), which is not mesh-owned. One arriving at an inbound listener was
 //!   not sent by a sidecar, so it is removed rather than passed to the app.
+//! - `meshflow-retry-deadline-ms` — like `meshflow-timeout-ms`, from the local app to its outbound
+//!   sidecar only (no retry starts after it); never forwarded.
 //! - prefixes `l5d-` (Linkerd's identity and routing headers, e.g. `l5d-client-id`), `x-mesh-`
 //!   and `x-meshflow-` — reserved for the mesh: apps may trust such names as proxy-set, so no
 //!   client may supply them.
@@ -34,7 +36,12 @@ use std::collections::BTreeMap;
 pub const XFCC: &str = "x-forwarded-client-cert";
 
 /// Exact header names (lower case) the mesh owns.
-pub const MESH_OWNED_HEADERS: &[&str] = &[XFCC, "x-spiffe-id", "meshflow-timeout-ms"];
+pub const MESH_OWNED_HEADERS: &[&str] = &[
+    XFCC,
+    "x-spiffe-id",
+    "meshflow-timeout-ms",
+    "meshflow-retry-deadline-ms",
+];
 
 /// Header name prefixes (lower case) the mesh owns.
 pub const MESH_OWNED_PREFIXES: &[&str] = &["l5d-", "x-mesh-", "x-meshflow-"];

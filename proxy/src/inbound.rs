@@ -413,6 +413,8 @@ impl ProxyHttp for InboundProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // Set only by an outbound sidecar on its own answers; an app never speaks for the mesh.
+        upstream_response.remove_header(crate::outbound::PROXY_ERROR_HEADER);
         if let Some(g) = upstream_response
             .headers
             .get("grpc-status")

@@ -40,6 +40,13 @@ use opentelemetry::KeyValue;
 /// forwarding.
 pub const TIMEOUT_HEADER: &str = "meshflow-timeout-ms";
 
+/// Request header from the local app (outbound only, never forwarded): no *new* upstream
+/// attempt (retry) starts after this many milliseconds, while an attempt already started may
+/// still answer until `meshflow-timeout-ms`. The workflow coordinator sends its attempt's
+/// deadline here and that deadline plus a grace as `meshflow-timeout-ms`, so the sidecar never
+/// cuts before the coordinator decides and never sends the call again after it gave up.
+pub const RETRY_DEADLINE_HEADER: &str = "meshflow-retry-deadline-ms";
+
 /// Response header on every error response the outbound sidecar generates itself (like
 /// Linkerd's `l5d-proxy-error`), so a caller can tell the mesh's answer from the service's.
 /// Values: `no-config`, `unknown-service`, `no-endpoint`, `connect-failed` (no byte of the
@@ -84,6 +91,8 @@ pub struct OutboundCtx {
     budget: Option<Arc<RetryBudget>>,
     /// No attempt starts after this; until response headers only.
     deadline: Option<Instant>,
+    /// No retry starts after this (`meshflow-retry-deadline-ms`).
+    retry_deadline: Option<Instant>,
     /// When the current attempt started.
     attempt_started: Option<Instant>,
     /// Set when the current attempt's outcome was judged retryable: wait this long first.
@@ -268,7 +277,9 @@ impl OutboundProxy {
                 rand::random::<f64>(),
             ),
         };
-        if remaining.is_some_and(|left| wait >= left) {
+        let retry_left = ctx.retry_deadline.map(|d| d.saturating_duration_since(now));
+        if remaining.is_some_and(|left| wait >= left) || retry_left.is_some_and(|left| wait >= left)
+        {
             metrics
                 .retry_skipped
                 .with_label_values(&[&service, "deadline"])
@@ -372,6 +383,7 @@ impl ProxyHttp for OutboundProxy {
             plan: AttemptPlan::default(),
             budget: None,
             deadline: None,
+            retry_deadline: None,
             attempt_started: None,
             retry_wait: None,
             replay_safe: false,
@@ -476,10 +488,16 @@ impl ProxyHttp for OutboundProxy {
             .flatten()
             .min();
         ctx.deadline = limit.map(|d| now + d);
+        ctx.retry_deadline = header_str(headers, RETRY_DEADLINE_HEADER)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|ms| now + Duration::from_millis(ms));
         ctx.budget = Some(self.shared.budgets.get(&service_label, plan.budget, now));
         ctx.plan = plan;
         ctx.service = Some(service_label.clone());
         session.req_header_mut().remove_header(TIMEOUT_HEADER);
+        session
+            .req_header_mut()
+            .remove_header(RETRY_DEADLINE_HEADER);
         let metrics = &self.shared.metrics;
         match self
             .shared
@@ -557,8 +575,9 @@ impl ProxyHttp for OutboundProxy {
         }
         let now = Instant::now();
         let remaining = ctx.deadline.map(|d| d.saturating_duration_since(now));
-        if remaining == Some(Duration::ZERO) {
-            // No attempt starts after the deadline.
+        let retry_too_late = ctx.attempts > 0 && ctx.retry_deadline.is_some_and(|d| now >= d);
+        if remaining == Some(Duration::ZERO) || retry_too_late {
+            // No attempt starts after the deadline (no retry after the retry deadline).
             ctx.timed_out = Some("request");
             let service = self.service_label(ctx).to_string();
             self.shared
@@ -678,6 +697,7 @@ impl ProxyHttp for OutboundProxy {
     ) -> Result<()> {
         scrub_forwarded_request(upstream_request);
         upstream_request.remove_header(TIMEOUT_HEADER);
+        upstream_request.remove_header(RETRY_DEADLINE_HEADER);
         // The next hop's parent is our client span; an invalid incoming one is replaced.
         if let Some(span) = &ctx.span {
             crate::shared::set_trace_headers(upstream_request, &self.shared.tracing, span)?;
@@ -715,6 +735,9 @@ impl ProxyHttp for OutboundProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // Only this sidecar says an answer is its own: a service's copy of the header (e.g.
+        // relayed from its own sidecar) must not make a delivered call look unsent.
+        upstream_response.remove_header(PROXY_ERROR_HEADER);
         let status = upstream_response.status.as_u16();
         // Trailers-Only gRPC responses carry grpc-status in the headers; a status in trailers
         // after messages is not retried.

@@ -116,6 +116,13 @@ pub const NOT_SENT_PROXY_ERRORS: [&str; 3] = ["no-config", "no-endpoint", "conne
 /// logged (the store's clock is used whatever the difference).
 pub const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
 
+/// A clock sample measured over a longer round trip than this is too uncertain to use.
+pub const CLOCK_SAMPLE_MAX_ROUND_TRIP: Duration = Duration::from_millis(100);
+
+/// Request header: no retry by the sidecar starts after this many ms (the attempt's deadline);
+/// see `meshflow_proxy::outbound::RETRY_DEADLINE_HEADER`.
+pub const RETRY_DEADLINE_HEADER: &str = "meshflow-retry-deadline-ms";
+
 /// The coordinator.
 pub struct Coordinator {
     store: Arc<dyn WorkflowStore>,
@@ -439,24 +446,36 @@ impl Coordinator {
         (now_ms() as i64).saturating_add(offset).max(0) as u64
     }
 
-    /// Measures the store's clock against ours (half the round trip is the error bound) and
-    /// keeps the offset; a difference over [`CLOCK_SKEW_WARNING`] is logged as a warning (the
-    /// store's clock is used either way).
+    /// Measures the store's clock against ours ([`WorkflowStore::clock_offset`]; half the
+    /// round trip is the error bound) and keeps the offset; a sample over
+    /// [`CLOCK_SAMPLE_MAX_ROUND_TRIP`] is ignored (the previous offset stays), and a change
+    /// within the sample's error is not applied, so `now()` does not jitter. An offset over
+    /// [`CLOCK_SKEW_WARNING`] is logged as a warning (the store's clock is used either way).
     ///
     /// # Errors
     /// Store errors (the previous offset stays).
     pub async fn sync_clock(&self) -> Result<i64, CoordinatorError> {
-        let before = now_ms();
-        let store_now = self.store.clock_ms().await?;
-        let after = now_ms();
-        let offset = store_now as i64 - ((before + after) / 2) as i64;
-        let previous = self.clock_offset_ms.swap(offset, Ordering::Relaxed);
+        let previous = self.clock_offset_ms.load(Ordering::Relaxed);
+        let Some((offset, round_trip)) = self.store.clock_offset().await? else {
+            return Ok(previous);
+        };
+        if round_trip > CLOCK_SAMPLE_MAX_ROUND_TRIP.as_millis() as u64 {
+            tracing::debug!(
+                round_trip_ms = round_trip,
+                "clock sample ignored: slow round trip"
+            );
+            return Ok(previous);
+        }
+        if (offset - previous).unsigned_abs() <= round_trip / 2 + 1 {
+            return Ok(previous);
+        }
+        self.clock_offset_ms.store(offset, Ordering::Relaxed);
         let warn = CLOCK_SKEW_WARNING.as_millis() as i64;
         if offset.abs() > warn && (previous - offset).abs() > warn / 2 {
             tracing::warn!(
                 node = %self.settings.node,
                 offset_ms = offset,
-                round_trip_ms = after.saturating_sub(before),
+                round_trip_ms = round_trip,
                 "workflow: this node's clock is {:.1} s {} the workflow store's; leases and timers use the store's clock",
                 offset.abs() as f64 / 1000.0,
                 if offset < 0 { "ahead of" } else { "behind" },
@@ -875,8 +894,11 @@ impl Coordinator {
             .header("meshflow-coordinator", &self.settings.node)
             .header("meshflow-step", &d.step)
             .header("meshflow-attempt", d.attempt.to_string())
-            // Never shorter than the attempt's own deadline (see LATE_RESULT_GRACE).
-            .header("meshflow-timeout-ms", open_for.to_string());
+            // Never shorter than the attempt's own deadline (see LATE_RESULT_GRACE), but the
+            // sidecar starts no retry of it after that deadline: from then on the next attempt
+            // (or the saga) is the coordinator's decision.
+            .header("meshflow-timeout-ms", open_for.to_string())
+            .header(RETRY_DEADLINE_HEADER, left.to_string());
         for (k, v) in &r.headers {
             request = request.header(k, v);
         }
@@ -902,11 +924,23 @@ impl Coordinator {
             }
         };
         let status = response.status().as_u16();
-        let not_sent = response
+        let proxy_error = response
             .headers()
             .get(PROXY_ERROR_HEADER)
             .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let not_sent = proxy_error
+            .as_deref()
             .is_some_and(|v| NOT_SENT_PROXY_ERRORS.contains(&v));
+        if proxy_error.as_deref() == Some("timeout") {
+            // A route timeout in the sidecar (TrafficPolicy), not the service's answer: what the
+            // service did is unknown.
+            return SendResult::Outcome(AttemptOutcome::Error {
+                message: format!(
+                    "the coordinator's sidecar timed the call out (HTTP {status}); outcome unknown"
+                ),
+            });
+        }
         let mut response = response;
         let mut body = Vec::new();
         loop {
@@ -966,12 +1000,23 @@ impl Coordinator {
             let Ok(d) = serde_json::from_str::<Dispatch>(&entry.dispatch) else {
                 continue;
             };
+            // The time this node was down does not count against the attempt: its deadline moves
+            // to a fresh per-attempt timeout (a durable event), and the commit dispatches it.
+            let resend = Input::Resend {
+                step: d.step.clone(),
+                attempt: d.attempt,
+                compensation: d.compensation,
+            };
+            if let Err(e) = self.handle(&entry.run_id, resend).await {
+                tracing::warn!(run = %entry.run_id, step = %d.step, "cannot move the deadline of a call in flight at the last stop: {e}");
+            }
             let traceparent = match self.store.run(&entry.run_id).await? {
                 Some(row) => serde_json::from_str::<RunState>(&row.state)
                     .map(|s| s.traceparent)
                     .unwrap_or_default(),
                 None => continue,
             };
+            // Already dispatched by the commit above unless the deadline did not move.
             self.spawn_dispatch(entry.run_id, d, traceparent);
             n += 1;
         }

@@ -185,6 +185,21 @@ pub enum Event {
         /// When, Unix ms.
         at_ms: u64,
     },
+    /// The coordinator restarted with this attempt in flight and sends it again (same
+    /// idempotency key); its deadline moves to `deadline_ms`, so time the coordinator was down
+    /// does not count against the attempt.
+    AttemptResent {
+        /// Step.
+        step: String,
+        /// Attempt.
+        attempt: u32,
+        /// Compensation?
+        compensation: bool,
+        /// The attempt's new deadline, Unix ms.
+        deadline_ms: u64,
+        /// When, Unix ms.
+        at_ms: u64,
+    },
     /// An attempt passed its deadline with no result (outcome unknown).
     AttemptTimedOut {
         /// Step.
@@ -313,6 +328,16 @@ pub enum Input {
     Retry,
     /// Re-evaluate (after start): starts ready steps.
     Advance,
+    /// After the coordinator's restart: this in-flight attempt is sent again with a fresh
+    /// per-attempt deadline (never shorter than the one it had; within the step's total).
+    Resend {
+        /// Step.
+        step: String,
+        /// Attempt.
+        attempt: u32,
+        /// Compensation?
+        compensation: bool,
+    },
 }
 
 /// A durable timer, derived from the state.
@@ -698,6 +723,24 @@ impl RunState {
                     }
                     if !succeeded && error.is_some() {
                         s.error = error;
+                    }
+                }
+            }
+            Event::AttemptResent {
+                step,
+                attempt,
+                compensation,
+                deadline_ms,
+                ..
+            } => {
+                if let Some(s) = self.steps.get_mut(step) {
+                    let flight = if *compensation {
+                        s.comp_in_flight.as_mut()
+                    } else {
+                        s.in_flight.as_mut()
+                    };
+                    if let Some(f) = flight.filter(|f| f.attempt == *attempt) {
+                        f.deadline_ms = *deadline_ms;
                     }
                 }
             }
@@ -1160,6 +1203,43 @@ fn on_input(state: &RunState, input: &Input, ctx: &Ctx<'_>) -> Vec<Event> {
             }
         }
         Input::TimerFired(timer) => on_timer(state, timer, ctx),
+        Input::Resend {
+            step,
+            attempt,
+            compensation,
+        } => {
+            let (Some(s), Some(def)) = (state.steps.get(step), ctx.workflow.step(step)) else {
+                return Vec::new();
+            };
+            let flight = if *compensation {
+                &s.comp_in_flight
+            } else {
+                &s.in_flight
+            };
+            let Some(f) = flight.as_ref().filter(|f| f.attempt == *attempt) else {
+                return Vec::new();
+            };
+            if state.status.is_terminal() {
+                return Vec::new();
+            }
+            let mut deadline = now + def.per_attempt().as_millis() as u64;
+            if !*compensation {
+                if let Some(total) = def.total() {
+                    let start = s.started_ms.unwrap_or(now);
+                    deadline = deadline.min(start + total.as_millis() as u64);
+                }
+            }
+            if deadline <= f.deadline_ms {
+                return Vec::new();
+            }
+            vec![Event::AttemptResent {
+                step: step.clone(),
+                attempt: *attempt,
+                compensation: *compensation,
+                deadline_ms: deadline,
+                at_ms: now,
+            }]
+        }
         Input::AttemptResult {
             step,
             attempt,

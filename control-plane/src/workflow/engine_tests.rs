@@ -554,3 +554,61 @@ fn operator_inputs_that_would_do_nothing_are_refused_with_a_reason() {
     assert_eq!(h.state.status, RunStatus::Completed);
     check(&h, &["signal", "cancel", "terminate", "retry"]);
 }
+
+#[test]
+fn a_resend_after_a_restart_moves_the_deadline_never_back() {
+    let mut h = Harness::new(ORDER);
+    // reserve attempt 1 started at 1 000 with deadline 2 000; the coordinator was down until
+    // 5 000 (its deadline timer is overdue): the resend moves the deadline to 6 000.
+    h.now = 5_000;
+    let events = h.input(Input::Resend {
+        step: "reserve".into(),
+        attempt: 1,
+        compensation: false,
+    });
+    assert!(matches!(
+        events[..],
+        [Event::AttemptResent {
+            deadline_ms: 6_000,
+            ..
+        }]
+    ));
+    assert_eq!(h.state.dispatches()[0].deadline_ms, 6_000);
+    h.fire_due();
+    assert_eq!(
+        h.state.steps["reserve"].status,
+        StepStatus::Running,
+        "not timed out"
+    );
+    // A resend that would not move it later records nothing; a stale attempt neither.
+    assert!(h
+        .input(Input::Resend {
+            step: "reserve".into(),
+            attempt: 1,
+            compensation: false,
+        })
+        .is_empty());
+    assert!(h
+        .input(Input::Resend {
+            step: "reserve".into(),
+            attempt: 7,
+            compensation: false,
+        })
+        .is_empty());
+    // The step's total (10 s from 1 000) still bounds it.
+    h.now = 10_500;
+    let events = h.input(Input::Resend {
+        step: "reserve".into(),
+        attempt: 1,
+        compensation: false,
+    });
+    assert!(matches!(
+        events[..],
+        [Event::AttemptResent {
+            deadline_ms: 11_000,
+            ..
+        }]
+    ));
+    h.respond("reserve", false, 201, json!({"id": 1}));
+    assert_eq!(h.state.steps["reserve"].status, StepStatus::Completed);
+}

@@ -194,10 +194,12 @@ pub trait WorkflowStore: Send + Sync {
     async fn owned_by(&self, node: &str) -> StoreResult<Vec<String>>;
     /// Moves one timer to `due_ms` (a timer whose handling failed is retried later).
     async fn defer_timer(&self, run_id: &str, key: &str, due_ms: u64) -> StoreResult<()>;
-    /// The store's own clock, Unix ms: the one clock every coordinator sharing the store
-    /// measures leases and timers by (PostgreSQL: `clock_timestamp()` of the server; SQLite:
-    /// the host's clock, the only one an embedded database has).
-    async fn clock_ms(&self) -> StoreResult<u64>;
+    /// The store's clock minus this host's, ms, with the round trip it was measured over:
+    /// the one clock every coordinator sharing the store measures leases and timers by.
+    /// PostgreSQL: `clock_timestamp()` of the server, best of three samples on one connection
+    /// (so waiting for a pooled connection is not counted). `None` where the store has no clock
+    /// of its own (SQLite: embedded, it *is* this host's clock).
+    async fn clock_offset(&self) -> StoreResult<Option<(i64, u64)>>;
 }
 
 const TERMINAL: &str = "('Completed','Failed','Compensated','CompensationFailed','Cancelled','Terminated','TimedOut','HistoryLimitExceeded')";
@@ -594,14 +596,33 @@ impl WorkflowStore for SqlStore {
         Ok(())
     }
 
-    async fn clock_ms(&self) -> StoreResult<u64> {
-        let sql = if self.postgres {
-            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) AS now_ms"
-        } else {
-            "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) AS now_ms"
+    async fn clock_offset(&self) -> StoreResult<Option<(i64, u64)>> {
+        if !self.postgres {
+            return Ok(None);
+        }
+        let local_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as i64
         };
-        let row = sqlx::query(sql).fetch_one(&self.pool).await?;
-        Ok(row.try_get::<i64, _>("now_ms")?.max(0) as u64)
+        let mut conn = self.pool.acquire().await?;
+        let mut best: Option<(i64, u64)> = None;
+        for _ in 0..3 {
+            let before = local_ms();
+            let row = sqlx::query(
+                "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) AS now_ms",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            let after = local_ms();
+            let store: i64 = row.try_get("now_ms")?;
+            let round_trip = (after - before).max(0) as u64;
+            if best.is_none_or(|(_, rt)| round_trip < rt) {
+                best = Some((store - (before + after) / 2, round_trip));
+            }
+        }
+        Ok(best)
     }
 
     async fn counts(&self) -> StoreResult<(u64, u64)> {

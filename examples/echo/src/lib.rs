@@ -5,7 +5,8 @@
 //! `/flaky/<n>/<code>[?retry-after=v]` answers `<code>` to the first n requests carrying the same
 //! `x-test-key`; `/__stats` answers `{"requests": N}` (itself excluded), so tests can prove a
 //! request never reached the app; `/__attempts/<key>` lists the requests seen for a key (method,
-//! body, `Idempotency-Key`, `grpc-timeout`, time).
+//! body, `Idempotency-Key`, `grpc-timeout`, time). `x-echo-response-header: <name>: <value>` on a
+//! request adds that header to the response (a test hook for what an app may try to say).
 //! gRPC: see `proto/echo.proto`; unary replies carry the custom trailer `x-echo-trailer: done`.
 #![allow(clippy::all)]
 
@@ -309,7 +310,21 @@ async fn http_echo(app: App, request: Request) -> axum::response::Response {
         "xfcc": xfcc(&parts.headers),
         "body": String::from_utf8_lossy(&body),
     });
-    (status, axum::Json(json)).into_response()
+    let mut response = (status, axum::Json(json)).into_response();
+    if let Some((name, value)) = parts
+        .headers
+        .get("x-echo-response-header")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(':'))
+    {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.trim().as_bytes()),
+            http::HeaderValue::from_str(value.trim()),
+        ) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }
 
 /// Serves the echo app on `listener` (HTTP/1.1 and h2c prior knowledge) forever.

@@ -254,7 +254,15 @@ spec:
     let attempts = run["state"]["steps"]["ship"]["attempts"]
         .as_array()
         .unwrap();
-    assert_eq!(attempts[0]["result"], "late: HTTP 201", "{attempts:?}");
+    // Normally the attempt's timer fires first and the 201 arrives late; on a machine so
+    // loaded that the timer fires after the answer, the answer is simply on time.
+    assert!(
+        matches!(
+            attempts[0]["result"].as_str(),
+            Some("late: HTTP 201" | "ok")
+        ),
+        "{attempts:?}"
+    );
     assert!(
         attempts.iter().all(|a| a["status"] != 504),
         "no 504 of the sidecar's own: {attempts:?}"
@@ -428,4 +436,39 @@ async fn the_outbound_sidecar_names_its_own_errors() {
         );
         assert!(r.text().await.unwrap().starts_with("meshflow: "), "{url}");
     }
+}
+
+/// Review of item 7: an app cannot make a delivered call look unsent — `meshflow-proxy-error`
+/// from upstream is dropped by both sidecars.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_cannot_speak_for_the_sidecar() {
+    let t = start_mesh(HELLO, |_| {});
+    let outbound = &t.mesh.workload("frontend").outbound;
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
+        .build()
+        .unwrap();
+    let r = client
+        .get("http://backend.default/status/503")
+        .header(
+            "x-echo-response-header",
+            "meshflow-proxy-error: no-endpoint",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        r.headers().get("meshflow-proxy-error").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    // The hook works: another header does come through.
+    let r = client
+        .get("http://backend.default/hello")
+        .header("x-echo-response-header", "x-from-app: yes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("x-from-app").unwrap(), "yes");
 }
