@@ -487,10 +487,11 @@ impl ProxyHttp for OutboundProxy {
             .into_iter()
             .flatten()
             .min();
-        ctx.deadline = limit.map(|d| now + d);
+        // A deadline too far to represent is no deadline (never a panic on a client's number).
+        ctx.deadline = limit.and_then(|d| now.checked_add(d));
         ctx.retry_deadline = header_str(headers, RETRY_DEADLINE_HEADER)
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|ms| now + Duration::from_millis(ms));
+            .and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         ctx.budget = Some(self.shared.budgets.get(&service_label, plan.budget, now));
         ctx.plan = plan;
         ctx.service = Some(service_label.clone());

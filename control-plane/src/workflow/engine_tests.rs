@@ -100,6 +100,14 @@ impl Harness {
         })
     }
 
+    fn resend(&mut self, step: &str, attempt: u32) -> Vec<Event> {
+        self.input(Input::Resend {
+            step: step.into(),
+            attempt,
+            compensation: false,
+        })
+    }
+
     fn fire_due(&mut self) {
         let mut due: Vec<(Timer, u64)> = self
             .state
@@ -561,11 +569,7 @@ fn a_resend_after_a_restart_moves_the_deadline_never_back() {
     // reserve attempt 1 started at 1 000 with deadline 2 000; the coordinator was down until
     // 5 000 (its deadline timer is overdue): the resend moves the deadline to 6 000.
     h.now = 5_000;
-    let events = h.input(Input::Resend {
-        step: "reserve".into(),
-        attempt: 1,
-        compensation: false,
-    });
+    let events = h.resend("reserve", 1);
     assert!(matches!(
         events[..],
         [Event::AttemptResent {
@@ -581,27 +585,11 @@ fn a_resend_after_a_restart_moves_the_deadline_never_back() {
         "not timed out"
     );
     // A resend that would not move it later records nothing; a stale attempt neither.
-    assert!(h
-        .input(Input::Resend {
-            step: "reserve".into(),
-            attempt: 1,
-            compensation: false,
-        })
-        .is_empty());
-    assert!(h
-        .input(Input::Resend {
-            step: "reserve".into(),
-            attempt: 7,
-            compensation: false,
-        })
-        .is_empty());
+    assert!(h.resend("reserve", 1).is_empty());
+    assert!(h.resend("reserve", 7).is_empty());
     // The step's total (10 s from 1 000) still bounds it.
     h.now = 10_500;
-    let events = h.input(Input::Resend {
-        step: "reserve".into(),
-        attempt: 1,
-        compensation: false,
-    });
+    let events = h.resend("reserve", 1);
     assert!(matches!(
         events[..],
         [Event::AttemptResent {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::*;
-use crate::workflow::{completions_once, records, Api, SHOP_POLICIES};
+use crate::workflow::{
+    completions_once, records, spawn_coordinator, start_shop_on_postgres, Api, SHOP_POLICIES,
+};
 
 /// The shop mesh with every service journaling its records (they survive `kill -9`).
 fn journaled_shop_mesh(dir: &Path) -> String {
@@ -287,59 +289,19 @@ async fn timing_a_coordinator_with_a_skewed_clock_takes_no_lease_and_fires_no_ti
         .find(|p| p.exists())
         .expect("libfaketime is missing: run scripts/install-deps test");
     let pg = Postgres::start();
-    let url = pg.url.clone();
-    let store = url.clone();
-    let mut t = start_dir(crate::workflow::SHOP_MESH, SHOP_POLICIES, move |o| {
-        o.control_plane_args = [
-            "--workflow-store",
-            &store,
-            "--workflow-lease",
-            "2s",
-            "--workflow-node",
-            "A",
-        ]
-        .map(String::from)
-        .to_vec();
-    });
-    let b_state = t.dir.path().join("coordinator-b");
-    std::fs::create_dir_all(&b_state).unwrap();
-    let ready = b_state.join("ready.json");
-    let outbound = t
-        .mesh
-        .workload("meshflow-system/coordinator")
-        .outbound
-        .clone();
-    let spec = meshflow_cli::supervisor::ChildSpec::new(
-        "coordinator-b",
-        meshflow_cli::supervisor::find_program("meshflow-control-plane"),
-    )
-    .args([
-        "--mesh".to_string(),
-        t.mesh_path().display().to_string(),
-        "--state-dir".into(),
-        b_state.display().to_string(),
-        "--ready-file".into(),
-        ready.display().to_string(),
-        "--workflow-api".into(),
-        "127.0.0.1:0".into(),
-        "--workflow-outbound".into(),
-        outbound,
-        "--workflow-store".into(),
-        url.clone(),
-        "--workflow-lease".into(),
-        "2s".into(),
-        "--workflow-node".into(),
-        "B".into(),
-    ])
-    .env("LD_PRELOAD", faketime.display().to_string())
-    .env("FAKETIME", "+20s")
-    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-    .env("FAKETIME_NO_CACHE", "1");
-    t.mesh.supervisor.spawn(spec).unwrap();
-    t.mesh
-        .supervisor
-        .wait_ready("coordinator-b", &ready, Duration::from_secs(30))
-        .unwrap();
+    let mut t = start_shop_on_postgres(&pg.url, "A");
+    let faketime = faketime.display().to_string();
+    spawn_coordinator(
+        &mut t,
+        &pg.url,
+        "B",
+        &[
+            ("LD_PRELOAD", &faketime),
+            ("FAKETIME", "+20s"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("FAKETIME_NO_CACHE", "1"),
+        ],
+    );
     let api = Api::new(&t);
     api.register(
         r#"apiVersion: meshflow.io/v1alpha1
@@ -471,4 +433,24 @@ async fn an_app_cannot_speak_for_the_sidecar() {
         .await
         .unwrap();
     assert_eq!(r.headers().get("x-from-app").unwrap(), "yes");
+}
+
+/// A caller's deadline too large to represent is no deadline, never a crashed request.
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_caller_deadlines_do_not_break_the_outbound_sidecar() {
+    let t = start_mesh(HELLO, |_| {});
+    let outbound = &t.mesh.workload("frontend").outbound;
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
+        .build()
+        .unwrap();
+    for header in ["meshflow-timeout-ms", "meshflow-retry-deadline-ms"] {
+        let r = client
+            .get("http://backend.default/hello")
+            .header(header, u64::MAX.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{header}");
+    }
 }

@@ -379,6 +379,80 @@ spec:
     compensate: { service: shipping, path: /shipments/cancel }
 "#;
 
+/// The shop mesh with its coordinator (node `node`, 2 s leases) on the PostgreSQL at `url`.
+pub fn start_shop_on_postgres(url: &str, node: &str) -> TestMesh {
+    let args = [
+        "--workflow-store",
+        url,
+        "--workflow-lease",
+        "2s",
+        "--workflow-node",
+        node,
+    ]
+    .map(String::from)
+    .to_vec();
+    start_dir(SHOP_MESH, SHOP_POLICIES, move |o| {
+        o.control_plane_args = args
+    })
+}
+
+/// A second coordinator (`coordinator-<node>`: another control-plane process, 2 s leases) on
+/// the same PostgreSQL store, sending through the mesh's coordinator sidecar, with `env` added
+/// to its environment; returns a client of its workflow API.
+pub fn spawn_coordinator(t: &mut TestMesh, url: &str, node: &str, env: &[(&str, &str)]) -> Api {
+    let name = format!("coordinator-{}", node.to_ascii_lowercase());
+    let state = t.dir.path().join(&name);
+    std::fs::create_dir_all(&state).unwrap();
+    let ready = state.join("ready.json");
+    let outbound = t
+        .mesh
+        .workload("meshflow-system/coordinator")
+        .outbound
+        .clone();
+    let mut spec = meshflow_cli::supervisor::ChildSpec::new(
+        &name,
+        meshflow_cli::supervisor::find_program("meshflow-control-plane"),
+    )
+    .args([
+        "--mesh".to_string(),
+        t.mesh_path().display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--ready-file".into(),
+        ready.display().to_string(),
+        "--workflow-api".into(),
+        "127.0.0.1:0".into(),
+        "--workflow-outbound".into(),
+        outbound,
+        "--workflow-store".into(),
+        url.to_string(),
+        "--workflow-lease".into(),
+        "2s".into(),
+        "--workflow-node".into(),
+        node.to_string(),
+    ]);
+    for (k, v) in env {
+        spec = spec.env(*k, *v);
+    }
+    t.mesh.supervisor.spawn(spec).unwrap();
+    let ready = t
+        .mesh
+        .supervisor
+        .wait_ready(&name, &ready, Duration::from_secs(30))
+        .unwrap();
+    Api {
+        base: format!("http://{}", ready.address("workflow-api").unwrap()),
+        token: std::fs::read_to_string(state.join("workflow-api-token"))
+            .unwrap()
+            .trim()
+            .to_string(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap(),
+    }
+}
+
 /// Kills the control plane (SIGKILL: no cleanup) and starts it again, optionally with a
 /// failpoint armed; waits until its API answers.
 pub fn restart_control_plane(t: &mut TestMesh, failpoint: Option<&str>) {
@@ -777,70 +851,9 @@ async fn validation_diamonds_signals_timeouts_and_operator_commands() {
 async fn timing_fencing_two_coordinators_share_runs_on_postgres() {
     use nix::sys::signal::Signal;
     let pg = Postgres::start();
-    let url = pg.url.clone();
-    let store = url.clone();
-    let mut t = start_dir(SHOP_MESH, SHOP_POLICIES, move |o| {
-        o.control_plane_args = [
-            "--workflow-store",
-            &store,
-            "--workflow-lease",
-            "2s",
-            "--workflow-node",
-            "A",
-        ]
-        .map(String::from)
-        .to_vec();
-    });
-    // Coordinator B: a second control-plane process on the same store, sending through the
-    // same coordinator sidecar.
-    let b_state = t.dir.path().join("coordinator-b");
-    std::fs::create_dir_all(&b_state).unwrap();
-    let ready = b_state.join("ready.json");
-    let outbound = t
-        .mesh
-        .workload("meshflow-system/coordinator")
-        .outbound
-        .clone();
-    let spec = meshflow_cli::supervisor::ChildSpec::new(
-        "coordinator-b",
-        meshflow_cli::supervisor::find_program("meshflow-control-plane"),
-    )
-    .args([
-        "--mesh".to_string(),
-        t.mesh_path().display().to_string(),
-        "--state-dir".into(),
-        b_state.display().to_string(),
-        "--ready-file".into(),
-        ready.display().to_string(),
-        "--workflow-api".into(),
-        "127.0.0.1:0".into(),
-        "--workflow-outbound".into(),
-        outbound,
-        "--workflow-store".into(),
-        url.clone(),
-        "--workflow-lease".into(),
-        "2s".into(),
-        "--workflow-node".into(),
-        "B".into(),
-    ]);
-    t.mesh.supervisor.spawn(spec).unwrap();
-    let b_ready = t
-        .mesh
-        .supervisor
-        .wait_ready("coordinator-b", &ready, Duration::from_secs(30))
-        .unwrap();
+    let mut t = start_shop_on_postgres(&pg.url, "A");
     let api_a = Api::new(&t);
-    let api_b = Api {
-        base: format!("http://{}", b_ready.address("workflow-api").unwrap()),
-        token: std::fs::read_to_string(b_state.join("workflow-api-token"))
-            .unwrap()
-            .trim()
-            .to_string(),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap(),
-    };
+    let api_b = spawn_coordinator(&mut t, &pg.url, "B", &[]);
     // The charge takes 300 ms, so A has calls in flight when it stops.
     let slow = DURABLE_ORDER
         .replace("name: durable-order", "name: fenced-order")
