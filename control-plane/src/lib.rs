@@ -136,6 +136,7 @@ async fn start_coordinator(
     addr: SocketAddr,
     registry: &Registry,
     sidecar_secret: Option<String>,
+    state: state::StateHandle,
 ) -> Result<(SocketAddr, meshflow_telemetry::Tracing), StartError> {
     use workflow::coordinator::{Coordinator, CoordinatorSettings};
     // Callers reach the API through the coordinator's sidecar or with the token: never expose
@@ -220,6 +221,21 @@ async fn start_coordinator(
         coordinator,
         token: Arc::new(token),
         sidecar_secret: sidecar_secret.map(Arc::new),
+        mesh_callers_governed: Arc::new(move || {
+            let current = state.current();
+            current
+                .mesh
+                .spec
+                .workloads
+                .iter()
+                .filter(|w| w.app.builtin.is_some())
+                .any(|w| {
+                    current
+                        .policies
+                        .authorization_for(&w.namespace, &w.labels)
+                        .any(|p| p.spec.action == meshflow_policies::authz::Action::Allow)
+                })
+        }),
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -382,6 +398,14 @@ pub async fn run(
     let mut policies = policies;
     jwks.resolve(&mut policies, mesh_policies_dir.as_deref())
         .await;
+    tracing::info!(
+        policies_dir = ?mesh_policies_dir,
+        authorization_policies = policies.authorization.len(),
+        request_authentications = policies.request_authentication.len(),
+        peer_authentications = policies.peer_authentication.len(),
+        traffic_policies = policies.traffic.len(),
+        "policies loaded"
+    );
     state.set_config(MeshFile::clone(&state.current().mesh), policies);
     {
         let state = state.clone();
@@ -451,8 +475,14 @@ pub async fn run(
 
     let (workflow_addr, workflow_tracing) = match config.workflow_api {
         Some(addr) => {
-            let (addr, tracing) =
-                start_coordinator(&config, addr, &registry, coordinator_secret.clone()).await?;
+            let (addr, tracing) = start_coordinator(
+                &config,
+                addr,
+                &registry,
+                coordinator_secret.clone(),
+                state.clone(),
+            )
+            .await?;
             (Some(addr), Some(tracing))
         }
         None => (None, None),

@@ -50,6 +50,11 @@ pub struct ApiState {
     /// The secret the coordinator's sidecar sends in [`meshflow_api::SIDECAR_AUTH_HEADER`]
     /// (constant-time compared); `None`: no caller is accepted through a sidecar.
     pub sidecar_secret: Option<Arc<String>>,
+    /// Whether mesh callers are governed: true when an AuthorizationPolicy with action ALLOW
+    /// selects the coordinator workload, so its sidecar admitted only the principals it names.
+    /// Without one, a mesh caller vouched for by the sidecar is refused (403): the API is
+    /// deny-by-default for workloads, never open to every SVID holder.
+    pub mesh_callers_governed: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -163,6 +168,13 @@ async fn guard(
         return error(StatusCode::UNAUTHORIZED, "an API token (Authorization: Bearer …) or an mTLS call through the coordinator's sidecar is required");
     };
     if let Caller::Peer(peer) = &caller {
+        if !(state.mesh_callers_governed)() {
+            tracing::warn!(caller = %peer, "workflow API: mesh caller refused: no ALLOW AuthorizationPolicy selects the coordinator workload");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("{peer}: mesh callers are denied by default; an AuthorizationPolicy with action ALLOW on the coordinator workload (namespace meshflow-system) must name the principals that may use the workflow API"),
+            );
+        }
         tracing::debug!(caller = %peer, method = %request.method(), path = %request.uri().path(), "workflow API call through the coordinator's sidecar");
     }
     next.run(request).await
@@ -295,7 +307,28 @@ struct ListQuery {
 
 async fn list_runs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(100).min(10_000);
-    match s.coordinator.store().runs(q.workflow.as_deref(), q.status.as_deref(), limit).await {
+    // A status that no run can have is a mistake to report, not an empty list; any case.
+    let status = match q.status.as_deref().filter(|v| !v.is_empty()) {
+        None => None,
+        Some(given) => match super::engine::RunStatus::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .find(|name| name.eq_ignore_ascii_case(given))
+        {
+            Some(name) => Some(name),
+            None => {
+                let known: Vec<&str> = super::engine::RunStatus::ALL
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect();
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("status {given:?}: not a run status ({})", known.join(", ")),
+                );
+            }
+        },
+    };
+    match s.coordinator.store().runs(q.workflow.as_deref(), status, limit).await {
         Ok(rows) => Json(
             rows.into_iter()
                 .map(|r| json!({"runId": r.run_id, "workflow": r.workflow, "version": r.version, "status": r.status, "createdMs": r.created_ms, "updatedMs": r.updated_ms, "events": r.seq}))

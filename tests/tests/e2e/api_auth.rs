@@ -85,10 +85,38 @@ async fn only_the_coordinators_sidecar_vouches_for_workflow_api_callers() {
         assert_eq!(mode(&path), 0o600);
     }
 
-    // A mesh workload, through its outbound and the coordinator's sidecar: vouched for. A
-    // header it forges itself is stripped on the way.
+    // A mesh workload, through its outbound and the coordinator's sidecar, while no ALLOW
+    // policy selects the coordinator: vouched for, but denied by default (any SVID holder
+    // would otherwise drive runs whose calls carry the coordinator's identity).
     let inventory = t.mesh.workload("default/inventory").clone();
     let shipping = t.mesh.workload("default/shipping").clone();
+    for (caller, path) in [(&inventory, "/v1/workflows"), (&shipping, "/v1/runs")] {
+        let response = via(&caller.outbound)
+            .get(format!("http://coordinator.meshflow-system{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{path}");
+        assert!(response.text().await.unwrap().contains("denied by default"));
+    }
+
+    // Which callers: AuthorizationPolicy on the coordinator workload, at its sidecar. A header
+    // an allowed caller forges itself is stripped on the way.
+    t.write_policy_file("api-callers.yaml", COORDINATOR_ONLY_FROM_INVENTORY);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = via(&inventory.outbound)
+            .get("http://coordinator.meshflow-system/v1/runs")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "policy never applied: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let response = via(&inventory.outbound)
         .get("http://coordinator.meshflow-system/v1/workflows")
         .header("x-meshflow-sidecar-auth", "guess")
@@ -97,33 +125,11 @@ async fn only_the_coordinators_sidecar_vouches_for_workflow_api_callers() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    // Another workload: refused by the coordinator's sidecar.
     let response = via(&shipping.outbound)
         .get("http://coordinator.meshflow-system/v1/runs")
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-
-    // Which callers: AuthorizationPolicy on the coordinator workload, at its sidecar.
-    t.write_policy_file("api-callers.yaml", COORDINATOR_ONLY_FROM_INVENTORY);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = via(&shipping.outbound)
-            .get("http://coordinator.meshflow-system/v1/runs")
-            .send()
-            .await
-            .unwrap()
-            .status();
-        if status == 403 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "policy never applied: {status}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let response = via(&inventory.outbound)
-        .get("http://coordinator.meshflow-system/v1/runs")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), 403);
 }
