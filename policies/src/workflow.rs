@@ -1085,6 +1085,14 @@ pub fn evaluate(
     }))
     .map_err(|_| err("cannot be evaluated over this input".into()))?
     .map_err(|e| err(e.to_string()))?;
+    // Checked before the value is copied into JSON: building a list of references to one
+    // large string is cheap, copying it is not.
+    if !expr::cel_size_within(&value, &mut expr::MAX_RESULT_BYTES.clone()) {
+        return Err(err(format!(
+            "result too large: over {} bytes",
+            expr::MAX_RESULT_BYTES
+        )));
+    }
     value.json().map_err(|e| err(format!("{e:?}")))
 }
 
@@ -1145,6 +1153,15 @@ pub fn render_str(
             serde_json::Value::String(s) => out.push_str(&s),
             other => out.push_str(&other.to_string()),
         }
+        if out.len() > expr::MAX_RENDERED_BYTES {
+            return Err(EvalError {
+                expression: shorten(text),
+                message: format!(
+                    "rendered text too large: over {} bytes",
+                    expr::MAX_RENDERED_BYTES
+                ),
+            });
+        }
         rest = after.get(end + 1..).unwrap_or("");
     }
     out.push_str(rest);
@@ -1159,22 +1176,48 @@ pub fn render_value(
     value: &serde_json::Value,
     context: &serde_json::Value,
 ) -> std::result::Result<serde_json::Value, EvalError> {
+    let mut budget = expr::MAX_RENDERED_BYTES;
+    render_within(value, context, &mut budget)
+}
+
+/// [`render_value`] with a size budget across the whole value (see
+/// [`expr::MAX_RENDERED_BYTES`]): many templates each under the per-result bound cannot add up
+/// to an unbounded body.
+fn render_within(
+    value: &serde_json::Value,
+    context: &serde_json::Value,
+    budget: &mut usize,
+) -> std::result::Result<serde_json::Value, EvalError> {
+    let rendered_str = |s: &str, budget: &mut usize| {
+        let v = render_str(s, context)?;
+        if expr::json_size_within(&v, budget) {
+            Ok(v)
+        } else {
+            Err(EvalError {
+                expression: shorten(s),
+                message: format!(
+                    "rendered value too large: over {} bytes in all",
+                    expr::MAX_RENDERED_BYTES
+                ),
+            })
+        }
+    };
     Ok(match value {
-        serde_json::Value::String(s) => render_str(s, context)?,
+        serde_json::Value::String(s) => rendered_str(s, budget)?,
         serde_json::Value::Array(items) => serde_json::Value::Array(
             items
                 .iter()
-                .map(|v| render_value(v, context))
+                .map(|v| render_within(v, context, budget))
                 .collect::<std::result::Result<_, _>>()?,
         ),
         serde_json::Value::Object(map) => {
             let mut out = serde_json::Map::new();
             for (k, v) in map {
-                let key = match render_str(k, context)? {
+                let key = match rendered_str(k, budget)? {
                     serde_json::Value::String(s) => s,
                     other => other.to_string(),
                 };
-                out.insert(key, render_value(v, context)?);
+                out.insert(key, render_within(v, context, budget)?);
             }
             serde_json::Value::Object(out)
         }

@@ -325,3 +325,34 @@ fn a_signal_is_accepted_when_a_step_waits_for_it_or_an_expression_reads_it() {
     .unwrap();
     assert!(wf.accepts_signal("anything"));
 }
+
+/// Found by a hostile-input review: a result built from references to one large input string
+/// costs nothing to compute but its size to copy, render and store (100 × 1 MB took the
+/// control plane to 820 MB). Results and rendered values are bounded by size.
+#[test]
+fn large_results_and_rendered_values_are_refused_by_size() {
+    let big = "x".repeat(1 << 20);
+    let context = json!({"input": {"a": (0..100).collect::<Vec<_>>(), "s": big}});
+    for expression in ["input.a.map(x, input.s)", "[input.s, input.s]"] {
+        let e = evaluate(expression, &context).unwrap_err().to_string();
+        assert!(e.contains("result too large"), "{expression}: {e}");
+    }
+    // Small results are fine; so is one copy of a large-ish string under the bound.
+    let small = json!({"input": {"a": [1, 2, 3], "s": "abc"}});
+    assert_eq!(
+        evaluate("input.a.map(x, input.s)", &small).unwrap(),
+        json!(["abc", "abc", "abc"])
+    );
+    // Many templates, each under the per-result bound, cannot add up to an unbounded value.
+    let half = json!({"input": {"s": "y".repeat(700 << 10)}});
+    let body = json!({"a": "${input.s}", "b": "${input.s}", "c": "${input.s}", "d": "${input.s}", "e": "${input.s}", "f": "${input.s}", "g": "${input.s}"});
+    let e = render_value(&body, &half).unwrap_err().to_string();
+    assert!(e.contains("too large"), "{e}");
+    let e = render_str(
+        "${input.s}${input.s}${input.s}${input.s}${input.s}${input.s}${input.s}",
+        &half,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("too large"), "{e}");
+}
