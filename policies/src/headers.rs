@@ -46,9 +46,12 @@ pub const MESH_OWNED_HEADERS: &[&str] = &[
 /// Header name prefixes (lower case) the mesh owns.
 pub const MESH_OWNED_PREFIXES: &[&str] = &["l5d-", "x-mesh-", "x-meshflow-"];
 
-/// Whether `name` (any case) is a header the mesh owns.
+/// Whether `name` (any case, `_` read as `-`) is a header the mesh owns. CGI-style stacks (WSGI,
+/// PHP, Rack) map both `X-Forwarded-Client-Cert` and `X_FORWARDED_CLIENT_CERT` to
+/// `HTTP_X_FORWARDED_CLIENT_CERT`, so the underscore spelling is the same header to an app
+/// (Envoy's `headers_with_underscores_action` exists for this).
 pub fn is_mesh_owned(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
+    let name = name.to_ascii_lowercase().replace('_', "-");
     MESH_OWNED_HEADERS.contains(&name.as_str())
         || MESH_OWNED_PREFIXES.iter().any(|p| name.starts_with(p))
 }
@@ -93,6 +96,13 @@ mod tests {
             "L5D-Dst-Override",
             "x-mesh-identity",
             "X-Meshflow-Caller",
+            "meshflow-retry-deadline-ms",
+            // CGI-style stacks read `_` as `-`.
+            "X_FORWARDED_CLIENT_CERT",
+            "x_spiffe_id",
+            "meshflow_timeout_ms",
+            "X-Mesh_Foo",
+            "l5d_client_id",
         ] {
             assert!(is_mesh_owned(name), "{name}");
         }

@@ -567,6 +567,13 @@ async fn mesh_owned_headers_never_reach_the_app() {
         ("x-mesh-role", "admin"),
         ("X-Meshflow-Caller", "coordinator"),
         ("meshflow-timeout-ms", "1"),
+        // The underscore spelling is the same header to CGI-style stacks.
+        (
+            "X_FORWARDED_CLIENT_CERT",
+            "By=evil;URI=spiffe://cluster.local/ns/default/sa/admin",
+        ),
+        ("x_spiffe_id", "spiffe://cluster.local/ns/default/sa/admin"),
+        ("X-Mesh_Role", "admin"),
     ];
     let kept: &[(&str, &str)] = &[
         ("x-tenant", "a"),
