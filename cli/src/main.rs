@@ -319,10 +319,13 @@ async fn demo(
     code
 }
 
-/// SIGINT and SIGTERM, registered once (a signal that arrives before `recv` is kept).
+/// SIGINT, SIGTERM and SIGHUP (the terminal or SSH session closed), registered once (a signal
+/// that arrives before `recv` is kept). Each stops the mesh and removes a temporary state
+/// directory (it holds the CA key and tokens).
 struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -331,6 +334,7 @@ impl Signals {
         Self {
             int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
             term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            hup: signal(SignalKind::hangup()).expect("SIGHUP handler"),
         }
     }
 
@@ -338,6 +342,7 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
+            _ = self.hup.recv() => {}
         }
     }
 }

@@ -528,7 +528,14 @@ impl MeshFileWatcher {
         if *current.mesh == *mesh && *current.policies == policies {
             return;
         }
-        tracing::info!(file = %self.path.display(), "config changed; pushing");
+        tracing::info!(
+            file = %self.path.display(),
+            authorization_policies = policies.authorization.len(),
+            request_authentications = policies.request_authentication.len(),
+            peer_authentications = policies.peer_authentication.len(),
+            traffic_policies = policies.traffic.len(),
+            "config changed; pushing"
+        );
         state.set_config(mesh.clone(), policies);
     }
 

@@ -300,7 +300,12 @@ pub fn read_dir_texts(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
     let mut files: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        // Any case: a policy in `DENY.YAML` silently skipped would fail open.
+        .filter(|p| {
+            p.extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"))
+        })
         .collect();
     files.sort();
     files
@@ -326,6 +331,20 @@ mod tests {
         let err = set.add_file(Path::new("p.yaml"), text).unwrap_err();
         assert_eq!(err.line(), 13, "{err}");
         assert_eq!(err.field(), "spec.timeouts.request");
+    }
+
+    #[test]
+    fn policy_files_are_read_whatever_the_case_of_their_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.yaml", "B.YAML", "c.Yml", "notes.txt"] {
+            std::fs::write(dir.path().join(name), "x: 1\n").unwrap();
+        }
+        let names: Vec<String> = read_dir_texts(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["B.YAML", "a.yaml", "c.Yml"]);
     }
 
     #[test]

@@ -48,6 +48,20 @@ impl RunStatus {
         !matches!(self, RunStatus::Running | RunStatus::Compensating)
     }
 
+    /// Every status, in lifecycle order.
+    pub const ALL: [RunStatus; 10] = [
+        RunStatus::Running,
+        RunStatus::Compensating,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Compensated,
+        RunStatus::CompensationFailed,
+        RunStatus::Cancelled,
+        RunStatus::Terminated,
+        RunStatus::TimedOut,
+        RunStatus::HistoryLimitExceeded,
+    ];
+
     /// The name used in the API and the store.
     pub fn as_str(self) -> &'static str {
         match self {

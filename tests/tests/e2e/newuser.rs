@@ -313,6 +313,16 @@ fn a_process_that_exits_while_the_mesh_runs_is_reported() {
 /// temporary state directory (CA key, tokens).
 #[test]
 fn ctrl_c_while_up_waits_removes_the_temporary_state_dir() {
+    // SIGHUP too: closing the terminal or SSH session must not leave the CA key behind.
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        signal_while_up_waits_removes_the_temporary_state_dir(signal);
+    }
+}
+
+fn signal_while_up_waits_removes_the_temporary_state_dir(signal: nix::sys::signal::Signal) {
     let (dir, mesh) = mesh_file(Some(r#"["sleep", "600"]"#));
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
@@ -341,10 +351,10 @@ fn ctrl_c_while_up_waits_removes_the_temporary_state_dir() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let app = child_pid(running.child.id(), "sleep").expect("the app");
-    running.signal(nix::sys::signal::Signal::SIGINT);
+    running.signal(signal);
     let status = running.wait_exit();
     let stderr = running.stderr();
-    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(status.code(), Some(130), "{signal}: {stderr}");
     assert!(!state.exists(), "{} was left behind", state.display());
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
     assert!(left.is_empty(), "{left:?}");

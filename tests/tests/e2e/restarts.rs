@@ -269,6 +269,13 @@ spec:
         attempts.iter().all(|a| a["status"] != 504),
         "no 504 of the sidecar's own: {attempts:?}"
     );
+    // (Hostile-input review) the list filter takes any case and refuses a status no run has.
+    let (status, listed) = api.get("/v1/runs?status=completed").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed[0]["runId"], "late-1", "{listed}");
+    let (status, v) = api.get("/v1/runs?status=Bogus").await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("Compensated"), "{v}");
     let shipping = records(&t.mesh.workload("shipping").app).await;
     assert_eq!(shipping["applied"]["late-1/ship"], 1, "{shipping}");
     assert!(
