@@ -261,13 +261,14 @@ impl Coordinator {
     ) -> Result<(String, bool), CoordinatorError> {
         let run_id = run_id.unwrap_or_else(new_run_id);
         if run_id.is_empty()
+            || run_id.bytes().all(|b| b == b'.')
             || run_id.len() > 128
             || !run_id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
             return Err(CoordinatorError::Invalid(
-                "run id: 1–128 characters of [A-Za-z0-9._-]".into(),
+                "run id: 1–128 characters of [A-Za-z0-9._-], not only dots".into(),
             ));
         }
         let row = self

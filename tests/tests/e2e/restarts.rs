@@ -275,6 +275,16 @@ spec:
     assert_eq!(listed[0]["runId"], "late-1", "{listed}");
     let (status, v) = api.get("/v1/runs?status=Bogus").await;
     assert_eq!(status, 400, "{v}");
+    // A run id a path cannot name (`.`, `..`) is refused at start.
+    for id in [".", ".."] {
+        let (status, v) = api
+            .post(
+                "/v1/runs",
+                json!({"workflow": "default/slow-ship", "runId": id, "input": {}}),
+            )
+            .await;
+        assert_eq!(status, 400, "{id}: {v}");
+    }
     assert!(v["error"].as_str().unwrap().contains("Compensated"), "{v}");
     let shipping = records(&t.mesh.workload("shipping").app).await;
     assert_eq!(shipping["applied"]["late-1/ship"], 1, "{shipping}");
