@@ -387,36 +387,23 @@ fn step_status(run_status: &Value, step_status: &Value) -> String {
 }
 
 /// An event's time (`at_ms`, Unix ms) as `YYYY-MM-DD HH:MM:SS.mmm` UTC; `-` for events that
-/// carry none.
+/// carry none (or 0: histories written before an event kind recorded its time).
 fn event_time(event: &Value) -> String {
     match event["at_ms"].as_u64().or_else(|| event["atMs"].as_u64()) {
-        Some(ms) => utc(ms),
-        None => "-".into(),
+        Some(ms) if ms > 0 => utc(ms),
+        _ => "-".into(),
     }
 }
 
-/// Unix ms as `YYYY-MM-DD HH:MM:SS.mmm` (UTC; proleptic Gregorian, H. Hinnant's
-/// `civil_from_days`).
+/// Unix ms as `YYYY-MM-DD HH:MM:SS.mmm` (UTC).
 fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// Runs one `meshflow workflow` command; returns the exit code (0 ok, 1 API error, 64 bad

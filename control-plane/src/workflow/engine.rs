@@ -158,6 +158,9 @@ pub enum Event {
     StepSkipped {
         /// Step.
         step: String,
+        /// When, Unix ms (0 in histories written before it was recorded).
+        #[serde(default)]
+        at_ms: u64,
     },
     /// A step started (`call`: see `AttemptStarted`; `sleep`: until `until_ms`; wait).
     StepStarted {
@@ -235,6 +238,9 @@ pub enum Event {
         compensation: bool,
         /// The outcome that arrived.
         outcome: AttemptOutcome,
+        /// When, Unix ms (0 in histories written before it was recorded).
+        #[serde(default)]
+        at_ms: u64,
     },
     /// The next attempt waits until `until_ms`.
     RetryScheduled {
@@ -244,8 +250,11 @@ pub enum Event {
         attempt: u32,
         /// Compensation?
         compensation: bool,
-        /// When, Unix ms.
+        /// When the next attempt may start, Unix ms.
         until_ms: u64,
+        /// When, Unix ms (0 in histories written before it was recorded).
+        #[serde(default)]
+        at_ms: u64,
     },
     /// A step completed.
     StepCompleted {
@@ -285,11 +294,17 @@ pub enum Event {
         then: RunStatus,
         /// Why.
         reason: String,
+        /// When, Unix ms (0 in histories written before it was recorded).
+        #[serde(default)]
+        at_ms: u64,
     },
     /// A step's compensation completed.
     StepCompensated {
         /// Step.
         step: String,
+        /// When, Unix ms (0 in histories written before it was recorded).
+        #[serde(default)]
+        at_ms: u64,
     },
     /// The run finished.
     RunFinished {
@@ -654,7 +669,7 @@ impl RunState {
         self.events += 1;
         match event {
             Event::RunStarted { .. } => {}
-            Event::StepSkipped { step } => {
+            Event::StepSkipped { step, .. } => {
                 if let Some(s) = self.steps.get_mut(step) {
                     s.status = StepStatus::Skipped;
                 }
@@ -781,6 +796,7 @@ impl RunState {
                 attempt,
                 compensation,
                 outcome,
+                ..
             } => {
                 // What arrived is recorded on the attempt it belongs to.
                 if let Some(a) = self.steps.get_mut(step).and_then(|s| {
@@ -869,6 +885,7 @@ impl RunState {
                 steps,
                 then,
                 reason,
+                ..
             } => {
                 self.status = RunStatus::Compensating;
                 self.compensation = Some(Compensation {
@@ -880,7 +897,7 @@ impl RunState {
                     self.error = Some(reason.clone());
                 }
             }
-            Event::StepCompensated { step } => {
+            Event::StepCompensated { step, .. } => {
                 if let Some(s) = self.steps.get_mut(step) {
                     s.status = StepStatus::Compensated;
                 }
@@ -1280,6 +1297,7 @@ fn on_input(state: &RunState, input: &Input, ctx: &Ctx<'_>) -> Vec<Event> {
                     attempt: *attempt,
                     compensation: *compensation,
                     outcome: outcome.clone(),
+                    at_ms: now,
                 };
                 let waiting = matches!(s.status, StepStatus::Running | StepStatus::Backoff);
                 return match outcome {
@@ -1330,7 +1348,10 @@ fn on_input(state: &RunState, input: &Input, ctx: &Ctx<'_>) -> Vec<Event> {
             }];
             if succeeded {
                 if *compensation {
-                    events.push(Event::StepCompensated { step: step.clone() });
+                    events.push(Event::StepCompensated {
+                        step: step.clone(),
+                        at_ms: now,
+                    });
                 } else {
                     let output = match outcome {
                         AttemptOutcome::Response { body, .. } => body.clone(),
@@ -1401,6 +1422,7 @@ fn after_failure(
             attempt: attempt + 1,
             compensation,
             until_ms: now + wait,
+            at_ms: now,
         }];
     }
     let why = if !retryable {
@@ -1460,7 +1482,7 @@ fn start_compensation(
     state: &RunState,
     then: RunStatus,
     reason: &str,
-    _now: u64,
+    now: u64,
 ) -> Vec<Event> {
     // Every step that completed or was attempted at all is compensated (an attempt may have
     // taken effect whatever its recorded outcome: a reset after sending, a 502 from a proxy, a
@@ -1491,6 +1513,7 @@ fn start_compensation(
         steps,
         then: final_status,
         reason: reason.to_string(),
+        at_ms: now,
     });
     events
 }
@@ -1728,7 +1751,10 @@ fn advance(state: &RunState, ctx: &Ctx<'_>) -> Vec<Event> {
                 .step(next)
                 .is_some_and(|d| d.compensate.is_some());
             if !has_comp {
-                return vec![Event::StepCompensated { step: next.clone() }];
+                return vec![Event::StepCompensated {
+                    step: next.clone(),
+                    at_ms: ctx.now_ms,
+                }];
             }
             if s.comp_in_flight.is_some() || s.comp_backoff_until.is_some() {
                 return Vec::new();
@@ -1789,6 +1815,7 @@ fn advance(state: &RunState, ctx: &Ctx<'_>) -> Vec<Event> {
                         Ok(false) => {
                             events.push(Event::StepSkipped {
                                 step: step.name.clone(),
+                                at_ms: ctx.now_ms,
                             });
                             return events;
                         }

@@ -600,3 +600,35 @@ fn a_resend_after_a_restart_moves_the_deadline_never_back() {
     h.respond("reserve", false, 201, json!({"id": 1}));
     assert_eq!(h.state.steps["reserve"].status, StepStatus::Completed);
 }
+
+#[test]
+fn every_event_records_when_it_happened() {
+    // A run that skips, retries, arrives late, fails and compensates: every kind of event.
+    let mut h = Harness::new(ORDER);
+    h.now = 2_000;
+    h.fire_due();
+    h.now = 2_100;
+    h.fire_due();
+    h.input(Input::AttemptResult {
+        step: "reserve".into(),
+        attempt: 1,
+        compensation: false,
+        outcome: AttemptOutcome::Response {
+            status: 500,
+            body: json!("late"),
+        },
+    });
+    h.respond("reserve", false, 201, json!({"id": 1}));
+    h.respond("charge", false, 400, json!("no"));
+    h.respond("charge", true, 200, json!({}));
+    h.respond("reserve", true, 200, json!({}));
+    assert_eq!(h.state.status, RunStatus::Compensated);
+    for e in &h.history {
+        let v = serde_json::to_value(e).unwrap();
+        assert!(
+            v["at_ms"].as_u64().is_some_and(|t| t >= 1_000),
+            "{} has no time: {v}",
+            v["type"]
+        );
+    }
+}
