@@ -50,7 +50,7 @@ pub struct ProxyMetrics {
     /// `meshflow_control_plane_connected` (1 while the Watch stream is open).
     pub control_plane_connected: IntGauge,
     /// `meshflow_rejected_requests_total{direction, reason}`: framing, header_too_large,
-    /// unknown_service, no_endpoint.
+    /// unknown_service, no_endpoint, no_config, bad_deadline.
     pub rejected_requests: IntCounterVec,
     /// `meshflow_info{workload, namespace}` = 1 (`workload` is the name, without namespace).
     pub info: IntGaugeVec,

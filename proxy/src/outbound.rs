@@ -51,6 +51,7 @@ pub const RETRY_DEADLINE_HEADER: &str = "meshflow-retry-deadline-ms";
 /// Linkerd's `l5d-proxy-error`), so a caller can tell the mesh's answer from the service's.
 /// Values: `no-config`, `unknown-service`, `no-endpoint`, `connect-failed` (no byte of the
 /// request reached any endpoint: safe to send again), `pending-limit`, `endpoint-limit`,
+/// `bad-deadline` (400: an unreadable `meshflow-timeout-ms` or `meshflow-retry-deadline-ms`),
 /// `timeout` and `upstream-failed` (an attempt may have reached the service).
 pub const PROXY_ERROR_HEADER: &str = "meshflow-proxy-error";
 
@@ -473,6 +474,37 @@ impl ProxyHttp for OutboundProxy {
         ctx.replay_safe = is_idempotent(&method)
             || headers.contains_key("idempotency-key")
             || plan.retry_non_idempotent;
+        // A deadline header the app sent but we cannot read is the app's bug: say so (400)
+        // rather than run the call without the bound it asked for.
+        for name in [TIMEOUT_HEADER, RETRY_DEADLINE_HEADER] {
+            let values: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("\u{0}"))
+                .collect();
+            let bad = values.len() > 1
+                || values
+                    .first()
+                    .is_some_and(|v| v.trim().parse::<u64>().is_err());
+            if bad {
+                self.shared
+                    .metrics
+                    .rejected_requests
+                    .with_label_values(&["outbound", "bad_deadline"])
+                    .inc();
+                let shown: String = values.join(", ").chars().take(64).collect();
+                respond_proxy_error(
+                    session,
+                    400,
+                    "bad-deadline",
+                    Bytes::from(format!(
+                        "meshflow: {name} must be one whole number of milliseconds, got {shown:?}\n"
+                    )),
+                )
+                .await?;
+                return Ok(true);
+            }
+        }
         // The caller's own deadline bounds `request`: meshflow-timeout-ms (outbound only) and
         // grpc-timeout (gRPC over HTTP/2).
         let caller_ms = header_str(headers, TIMEOUT_HEADER)

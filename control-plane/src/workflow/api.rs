@@ -127,9 +127,9 @@ pub fn authenticate(
     sidecar_secret: Option<&str>,
     headers: &HeaderMap,
 ) -> Option<Caller> {
-    if let Some(given) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    // Exactly one Authorization field (RFC 9110 §11.6.2 allows one credential): with two, which
+    // one counts would depend on who reads the request.
+    if let Some(given) = single(headers, axum::http::header::AUTHORIZATION.as_str())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
         if same_secret(given.as_bytes(), token.as_bytes()) {
@@ -481,5 +481,13 @@ mod auth_tests {
             Some(Caller::Token)
         );
         assert_eq!(auth(&[("authorization", "Bearer tok2")]), None);
+        // Two Authorization fields: neither counts, whichever comes first.
+        assert_eq!(
+            auth(&[
+                ("authorization", "Bearer tok"),
+                ("authorization", "Bearer bad")
+            ]),
+            None
+        );
     }
 }

@@ -471,3 +471,40 @@ async fn huge_caller_deadlines_do_not_break_the_outbound_sidecar() {
         assert_eq!(r.status(), 200, "{header}");
     }
 }
+
+/// (Hostile-input review) an unreadable deadline from the app is a 400 naming the header,
+/// counted, not a call run without the bound it asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_caller_deadline_is_a_400() {
+    let t = start_mesh(HELLO, |_| {});
+    let frontend = t.mesh.workload("frontend");
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", frontend.outbound)).unwrap())
+        .build()
+        .unwrap();
+    for (header, value) in [
+        ("meshflow-timeout-ms", "-1"),
+        ("meshflow-timeout-ms", "1e3"),
+        ("meshflow-retry-deadline-ms", "0x10"),
+        ("meshflow-timeout-ms", "5,6"),
+    ] {
+        let r = client
+            .get("http://backend.default/hello")
+            .header(header, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{header}: {value}");
+        assert_eq!(r.headers()["meshflow-proxy-error"], "bad-deadline");
+        assert!(r.text().await.unwrap().contains(header));
+    }
+    let text = metrics(&frontend.admin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "meshflow_rejected_requests_total",
+            &[("direction", "outbound"), ("reason", "bad_deadline")]
+        ),
+        4.0
+    );
+}
