@@ -76,6 +76,8 @@ async fn deny_admin_holds_against_path_host_and_header_tricks() {
         "/public/..;/admin",
         "/admin?x=1",
         "/admin#x",
+        "/admin#/x",
+        "/admin#/../public",
         "/./admin",
         "/%61dmin",
     ] {
@@ -92,6 +94,8 @@ async fn deny_admin_holds_against_path_host_and_header_tricks() {
     let pki = Pki::mesh(&t.state_dir());
     for target in [
         "/admin#x",
+        "/admin#/x",
+        "/admin#/../public",
         "//admin",
         "/%2Fadmin",
         "/public/..;/admin",
@@ -277,6 +281,7 @@ async fn policy_check_gives_the_live_sidecars_decision() {
         ("frontend", "/admin", "backend.default", None),
         ("frontend", "//admin", "backend.default", None),
         ("frontend", "/admin#x", "backend.default", None),
+        ("frontend", "/admin#/x", "backend.default", None),
         ("frontend", "/%2Fadmin", "backend.default", None),
         ("frontend", "/public/..;/admin", "backend.default", None),
         ("frontend", "/public/%2e%2e/admin", "backend.default", None),
