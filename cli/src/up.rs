@@ -169,8 +169,10 @@ pub struct LocalMesh {
     pub app_ports: BTreeMap<String, u16>,
     /// The workflow API (`host:port`) when a workload is `builtin: coordinator`.
     pub workflow_api: Option<String>,
-    /// (workflow API port, coordinator sidecar outbound port), fixed for restarts.
-    coordinator_ports: Option<(u16, u16)>,
+    /// (the `builtin: coordinator` workload's key, its workflow API port): the port is 0 until
+    /// the control plane first bound it (port 0, read back from its ready file), then kept for
+    /// restarts, since the coordinator's sidecar forwards to it.
+    coordinator: Option<(String, u16)>,
     /// Held while the mesh runs (declared last: released after the processes are stopped).
     _lock: StateDirLock,
 }
@@ -211,7 +213,7 @@ impl LocalMesh {
             workloads: BTreeMap::new(),
             app_ports: BTreeMap::new(),
             workflow_api: None,
-            coordinator_ports: None,
+            coordinator: None,
             _lock: lock,
         };
         if let Some(w) = mesh_run
@@ -221,18 +223,14 @@ impl LocalMesh {
             .iter()
             .find(|w| w.app.builtin.is_some())
         {
-            let api = match w.app.port {
-                Some(port) => port,
-                None => free_port()?,
-            };
-            mesh_run.coordinator_ports = Some((api, free_port()?));
+            mesh_run.coordinator = Some((w.key(), w.app.port.unwrap_or(0)));
         }
         mesh_run.start_control_plane()?;
 
         let mut apps = Vec::new();
         for w in mesh_run.mesh.spec.workloads.clone() {
-            let port = match (w.app.builtin, w.app.port, mesh_run.coordinator_ports) {
-                (Some(_), _, Some((api, _))) => api,
+            let port = match (w.app.builtin, w.app.port, &mesh_run.coordinator) {
+                (Some(_), _, Some((_, api))) => *api,
                 (_, Some(port), _) => port,
                 _ => free_port()?,
             };
@@ -286,13 +284,9 @@ impl LocalMesh {
             if mesh_run.options.skip_sidecars.contains(&w.key()) {
                 continue;
             }
-            let extra = match (w.app.builtin, mesh_run.coordinator_ports) {
-                (Some(_), Some((_, outbound))) => {
-                    vec!["--outbound".to_string(), format!("127.0.0.1:{outbound}")]
-                }
-                _ => Vec::new(),
-            };
-            mesh_run.spawn_sidecar(&w.key(), *port, &extra)?;
+            // Every sidecar binds its own ports (port 0, read back from its ready file); the
+            // control plane finds the coordinator's outbound in that sidecar's ready file.
+            mesh_run.spawn_sidecar(&w.key(), *port, &[])?;
             started.push((w.key(), *port));
         }
         for (key, port) in started {
@@ -434,12 +428,17 @@ impl LocalMesh {
             args.push("--leaf-ttl".into());
             args.push(format!("{}ms", ttl.as_millis()));
         }
-        if let Some((api, outbound)) = self.coordinator_ports {
+        if let Some((key, api)) = &self.coordinator {
+            let sidecar_ready = self
+                .options
+                .state_dir
+                .join("ready")
+                .join(format!("{}.json", Self::sidecar_name(key)));
             args.extend([
                 "--workflow-api".to_string(),
                 format!("127.0.0.1:{api}"),
-                "--workflow-outbound".into(),
-                format!("127.0.0.1:{outbound}"),
+                "--workflow-outbound-ready-file".into(),
+                sidecar_ready.display().to_string(),
             ]);
         }
         args.extend(self.options.control_plane_args.iter().cloned());
@@ -455,6 +454,18 @@ impl LocalMesh {
         self.control_plane = ready.address("grpc").unwrap_or_default().to_string();
         self.control_plane_admin = ready.address("admin").unwrap_or_default().to_string();
         self.workflow_api = ready.address("workflow-api").map(str::to_string);
+        if let Some((_, api @ 0)) = &mut self.coordinator {
+            *api = self
+                .workflow_api
+                .as_deref()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| {
+                    UpError::Io(std::io::Error::other(
+                        "the control plane's ready file names no workflow-api address",
+                    ))
+                })?;
+        }
         Ok(ready)
     }
 

@@ -70,6 +70,15 @@ pub struct ControlPlaneConfig {
     /// it gets mTLS, authorization and mesh retries.
     #[arg(long, env = "MESHFLOW_WORKFLOW_OUTBOUND")]
     pub workflow_outbound: Option<String>,
+    /// Instead of `--workflow-outbound`: the coordinator's sidecar's ready file (JSON, its
+    /// `outbound` address), read until it names a sidecar that accepts connections and again
+    /// whenever connecting fails — so the sidecar binds its own port (port 0) and may restart.
+    #[arg(
+        long,
+        env = "MESHFLOW_WORKFLOW_OUTBOUND_READY_FILE",
+        conflicts_with = "workflow_outbound"
+    )]
+    pub workflow_outbound_ready_file: Option<PathBuf>,
     /// Workflow store URL: `sqlite:///abs/path.db` or `postgres://…`. Default: SQLite
     /// `<state-dir>/workflows.db`.
     #[arg(long, env = "MESHFLOW_WORKFLOW_STORE")]
@@ -186,6 +195,7 @@ async fn start_coordinator(
         Arc::new(store),
         CoordinatorSettings {
             outbound: config.workflow_outbound.clone(),
+            outbound_ready_file: config.workflow_outbound_ready_file.clone(),
             retention: config.workflow_retention,
             node: node.clone(),
             lease: config.workflow_lease,

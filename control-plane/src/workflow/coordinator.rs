@@ -82,6 +82,9 @@ impl Failpoint {
 pub struct CoordinatorSettings {
     /// The coordinator's outbound sidecar (`host:port`); step calls go through it.
     pub outbound: Option<String>,
+    /// Or the sidecar's ready file, whose `outbound` address is read when needed (see
+    /// [`Coordinator::wait_for_sidecar`]).
+    pub outbound_ready_file: Option<std::path::PathBuf>,
     /// Finished runs are deleted after this long.
     pub retention: Duration,
     /// This coordinator's id (stable across its restarts).
@@ -126,7 +129,8 @@ pub const RETRY_DEADLINE_HEADER: &str = "meshflow-retry-deadline-ms";
 /// The coordinator.
 pub struct Coordinator {
     store: Arc<dyn WorkflowStore>,
-    http: reqwest::Client,
+    /// The HTTP client, proxying through the sidecar's outbound address it was built for.
+    http: std::sync::RwLock<(Option<String>, reqwest::Client)>,
     definitions: Mutex<HashMap<(String, u32), Arc<Workflow>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     sending: Mutex<HashSet<(String, String)>>,
@@ -170,15 +174,10 @@ impl Coordinator {
         settings: CoordinatorSettings,
         metrics: WorkflowMetrics,
     ) -> Arc<Self> {
-        let mut http = reqwest::Client::builder().pool_max_idle_per_host(32);
-        if let Some(outbound) = &settings.outbound {
-            if let Ok(proxy) = reqwest::Proxy::http(format!("http://{outbound}")) {
-                http = http.proxy(proxy);
-            }
-        }
+        let http = client_through(settings.outbound.as_deref());
         Arc::new(Self {
             store,
-            http: http.build().unwrap_or_default(),
+            http: std::sync::RwLock::new((settings.outbound.clone(), http)),
             definitions: Mutex::default(),
             locks: Mutex::default(),
             sending: Mutex::default(),
@@ -559,15 +558,22 @@ impl Coordinator {
     /// Returns once the outbound sidecar accepts TCP connections (at once without one). Polls
     /// every 100 ms and says so in the log every 10 s while it waits.
     pub async fn wait_for_sidecar(&self) {
-        let Some(outbound) = self.settings.outbound.clone() else {
+        if !self.has_sidecar() {
             return;
-        };
+        }
         self.sidecar_up
             .get_or_init(|| async move {
                 let started = tokio::time::Instant::now();
                 let mut last_log = started;
+                let mut outbound = String::new();
                 loop {
-                    if tokio::net::TcpStream::connect(&outbound).await.is_ok() {
+                    let resolved = self.refresh_outbound();
+                    if let Some(address) = resolved {
+                        outbound = address;
+                    }
+                    if !outbound.is_empty()
+                        && tokio::net::TcpStream::connect(&outbound).await.is_ok()
+                    {
                         if started.elapsed() > Duration::from_millis(100) {
                             tracing::info!(
                                 sidecar = %outbound,
@@ -589,6 +595,37 @@ impl Coordinator {
                 }
             })
             .await;
+    }
+
+    /// Whether step calls go through a sidecar (an address or a ready file to read it from).
+    fn has_sidecar(&self) -> bool {
+        self.settings.outbound.is_some() || self.settings.outbound_ready_file.is_some()
+    }
+
+    /// The sidecar's outbound address now: the configured one, or the one in its ready file
+    /// (re-read, and the HTTP client rebuilt when it changed). `None` while unknown.
+    fn refresh_outbound(&self) -> Option<String> {
+        if let Some(fixed) = &self.settings.outbound {
+            return Some(fixed.clone());
+        }
+        let file = self.settings.outbound_ready_file.as_ref()?;
+        let address = meshflow_api::ReadyFile::read(file)?
+            .address("outbound")?
+            .to_string();
+        let mut http = self.http.write().unwrap_or_else(|e| e.into_inner());
+        if http.0.as_deref() != Some(address.as_str()) {
+            tracing::info!(sidecar = %address, "workflow: step calls go through the sidecar at this address");
+            *http = (Some(address.clone()), client_through(Some(&address)));
+        }
+        Some(address)
+    }
+
+    fn client(&self) -> reqwest::Client {
+        self.http
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     fn lock_for(&self, run_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -873,7 +910,7 @@ impl Coordinator {
         };
         let open_for = left + LATE_RESULT_GRACE.as_millis() as u64;
         let mut request = self
-            .http
+            .client()
             .request(method, &url)
             // The attempt's timer decides the timeout; the call stays open LATE_RESULT_GRACE
             // longer so that a late answer (or one read after this process was paused) is
@@ -912,11 +949,13 @@ impl Coordinator {
         let response = match request.send().await {
             Ok(response) => response,
             Err(e) if e.is_timeout() => return SendResult::DeadlinePassed,
-            // Every call goes through the sidecar: no connection means nothing was sent.
-            Err(e) if e.is_connect() && self.settings.outbound.is_some() => {
+            // Every call goes through the sidecar: no connection means nothing was sent (and
+            // the sidecar may have restarted on another port).
+            Err(e) if e.is_connect() && self.has_sidecar() => {
+                self.refresh_outbound();
                 return SendResult::Unsent(AttemptOutcome::Error {
                     message: format!("the coordinator's sidecar is unreachable: {e}"),
-                })
+                });
             }
             Err(e) => {
                 return SendResult::Outcome(AttemptOutcome::Error {
@@ -1092,6 +1131,18 @@ impl Coordinator {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     }
+}
+
+/// An HTTP client whose plain-HTTP requests go through the sidecar at `outbound` (as an HTTP
+/// proxy), or directly without one.
+fn client_through(outbound: Option<&str>) -> reqwest::Client {
+    let mut http = reqwest::Client::builder().pool_max_idle_per_host(32);
+    if let Some(outbound) = outbound {
+        if let Ok(proxy) = reqwest::Proxy::http(format!("http://{outbound}")) {
+            http = http.proxy(proxy);
+        }
+    }
+    http.build().unwrap_or_default()
 }
 
 /// What one send of an attempt came to.

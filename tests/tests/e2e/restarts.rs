@@ -80,8 +80,20 @@ fn kill_all_and_restart(t: TestMesh) -> TestMesh {
     let options = mesh.options.clone();
     // Reaps the dead children and lets go of the state directory; nothing in it is touched.
     drop(mesh);
-    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options)
-        .unwrap_or_else(|e| panic!("mesh does not restart: {e}"));
+    let logs = options.state_dir.join("logs");
+    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).unwrap_or_else(|e| {
+        let mut text = String::new();
+        for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+            let body = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = body.lines().rev().take(15).collect();
+            text.push_str(&format!("--- {}\n", entry.path().display()));
+            for line in tail.into_iter().rev() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        panic!("mesh does not restart: {e}\n{text}")
+    });
     TestMesh { mesh, dir }
 }
 
