@@ -403,15 +403,26 @@ impl StateHandle {
     /// the state update, which is serialized with [`StateHandle::add_endpoint`]'s, so a
     /// reconnect racing the removal always wins. Returns whether it was removed.
     fn remove_unless_registered(&self, key: &str, address: &str) -> bool {
-        let mut removed = false;
-        self.update(|s| {
-            let registered = self
-                .registrations
+        self.remove_if(key, address, || {
+            self.registrations
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&(key.to_string(), address.to_string()))
-                .is_some_and(|n| *n > 0);
-            if registered {
+                .is_none_or(|n| *n == 0)
+        })
+    }
+
+    /// Removes a registration (a new version).
+    pub fn remove_endpoint(&self, key: &str, address: &str) {
+        self.remove_if(key, address, || true);
+    }
+
+    /// Removes `address` from workload `key` when `allowed()` (asked inside the state update);
+    /// persists and returns whether it was removed.
+    fn remove_if(&self, key: &str, address: &str, allowed: impl FnOnce() -> bool) -> bool {
+        let mut removed = false;
+        self.update(|s| {
+            if !allowed() {
                 return;
             }
             if let Some(set) = s.endpoints.get_mut(key) {
@@ -425,19 +436,6 @@ impl StateHandle {
             self.save(&self.current());
         }
         removed
-    }
-
-    /// Removes a registration (a new version).
-    pub fn remove_endpoint(&self, key: &str, address: &str) {
-        self.update(|s| {
-            if let Some(set) = s.endpoints.get_mut(key) {
-                set.remove(address);
-                if set.is_empty() {
-                    s.endpoints.remove(key);
-                }
-            }
-        });
-        self.save(&self.current());
     }
 }
 

@@ -1087,7 +1087,8 @@ pub fn evaluate(
     .map_err(|e| err(e.to_string()))?;
     // Checked before the value is copied into JSON: building a list of references to one
     // large string is cheap, copying it is not.
-    if !expr::cel_size_within(&value, &mut expr::MAX_RESULT_BYTES.clone()) {
+    let mut budget = expr::MAX_RESULT_BYTES;
+    if !expr::cel_size_within(&value, &mut budget) {
         return Err(err(format!(
             "result too large: over {} bytes",
             expr::MAX_RESULT_BYTES

@@ -55,6 +55,36 @@ pub const RETRY_DEADLINE_HEADER: &str = "meshflow-retry-deadline-ms";
 /// `timeout` and `upstream-failed` (an attempt may have reached the service).
 pub const PROXY_ERROR_HEADER: &str = "meshflow-proxy-error";
 
+/// A caller deadline header (`meshflow-timeout-ms`, `meshflow-retry-deadline-ms`): absent, or
+/// exactly one whole number of milliseconds.
+///
+/// # Errors
+/// The 400 body naming the header and what was sent (repeated, or not a number).
+fn deadline_header(
+    headers: &http::HeaderMap,
+    name: &str,
+) -> std::result::Result<Option<Duration>, String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("\u{0}"))
+        .collect();
+    match values[..] {
+        [] => Ok(None),
+        [one] => one
+            .trim()
+            .parse::<u64>()
+            .map(|ms| Some(Duration::from_millis(ms)))
+            .map_err(|_| bad_deadline(name, &values)),
+        _ => Err(bad_deadline(name, &values)),
+    }
+}
+
+fn bad_deadline(name: &str, values: &[&str]) -> String {
+    let shown: String = values.join(", ").chars().take(64).collect();
+    format!("meshflow: {name} must be one whole number of milliseconds, got {shown:?}\n")
+}
+
 /// Writes an error response of our own: `status`, [`PROXY_ERROR_HEADER`] = `reason`, and a
 /// plain-text `body` (may be empty). The connection is not reused (Pingora closes it after an
 /// error response).
@@ -476,40 +506,23 @@ impl ProxyHttp for OutboundProxy {
             || plan.retry_non_idempotent;
         // A deadline header the app sent but we cannot read is the app's bug: say so (400)
         // rather than run the call without the bound it asked for.
-        for name in [TIMEOUT_HEADER, RETRY_DEADLINE_HEADER] {
-            let values: Vec<&str> = headers
-                .get_all(name)
-                .iter()
-                .map(|v| v.to_str().unwrap_or("\u{0}"))
-                .collect();
-            let bad = values.len() > 1
-                || values
-                    .first()
-                    .is_some_and(|v| v.trim().parse::<u64>().is_err());
-            if bad {
+        let (caller_ms, retry_ms) = match (
+            deadline_header(headers, TIMEOUT_HEADER),
+            deadline_header(headers, RETRY_DEADLINE_HEADER),
+        ) {
+            (Ok(timeout), Ok(retry)) => (timeout, retry),
+            (Err(message), _) | (_, Err(message)) => {
                 self.shared
                     .metrics
                     .rejected_requests
                     .with_label_values(&["outbound", "bad_deadline"])
                     .inc();
-                let shown: String = values.join(", ").chars().take(64).collect();
-                respond_proxy_error(
-                    session,
-                    400,
-                    "bad-deadline",
-                    Bytes::from(format!(
-                        "meshflow: {name} must be one whole number of milliseconds, got {shown:?}\n"
-                    )),
-                )
-                .await?;
+                respond_proxy_error(session, 400, "bad-deadline", Bytes::from(message)).await?;
                 return Ok(true);
             }
-        }
+        };
         // The caller's own deadline bounds `request`: meshflow-timeout-ms (outbound only) and
         // grpc-timeout (gRPC over HTTP/2).
-        let caller_ms = header_str(headers, TIMEOUT_HEADER)
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_millis);
         let caller_grpc = if ctx.grpc {
             header_str(headers, "grpc-timeout").and_then(parse_grpc_timeout)
         } else {
@@ -521,9 +534,7 @@ impl ProxyHttp for OutboundProxy {
             .min();
         // A deadline too far to represent is no deadline (never a panic on a client's number).
         ctx.deadline = limit.and_then(|d| now.checked_add(d));
-        ctx.retry_deadline = header_str(headers, RETRY_DEADLINE_HEADER)
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .and_then(|ms| now.checked_add(Duration::from_millis(ms)));
+        ctx.retry_deadline = retry_ms.and_then(|d| now.checked_add(d));
         ctx.budget = Some(self.shared.budgets.get(&service_label, plan.budget, now));
         ctx.plan = plan;
         ctx.service = Some(service_label.clone());

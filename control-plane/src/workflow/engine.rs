@@ -1253,13 +1253,7 @@ fn on_input(state: &RunState, input: &Input, ctx: &Ctx<'_>) -> Vec<Event> {
             if state.status.is_terminal() {
                 return Vec::new();
             }
-            let mut deadline = now + def.per_attempt().as_millis() as u64;
-            if !*compensation {
-                if let Some(total) = def.total() {
-                    let start = s.started_ms.unwrap_or(now);
-                    deadline = deadline.min(start + total.as_millis() as u64);
-                }
-            }
+            let deadline = attempt_deadline(def, s, *compensation, now);
             if deadline <= f.deadline_ms {
                 return Vec::new();
             }
@@ -1640,6 +1634,21 @@ fn on_timer(state: &RunState, timer: &Timer, ctx: &Ctx<'_>) -> Vec<Event> {
     }
 }
 
+/// When an attempt of `def` that starts (or is sent again) at `now` times out, Unix ms: its
+/// `perAttempt` from now, within the step's `total` for a call (not for a compensation).
+fn attempt_deadline(
+    def: &meshflow_policies::workflow::Step,
+    step: &StepState,
+    compensation: bool,
+    now: u64,
+) -> u64 {
+    let deadline = now + def.per_attempt().as_millis() as u64;
+    match def.total().filter(|_| !compensation) {
+        Some(total) => deadline.min(step.started_ms.unwrap_or(now) + total.as_millis() as u64),
+        None => deadline,
+    }
+}
+
 /// Renders and starts attempt `attempt` of a step's call (or compensation).
 fn start_attempt(
     state: &RunState,
@@ -1697,13 +1706,9 @@ fn start_attempt(
     })();
     match rendered {
         Ok(request) => {
-            let mut deadline = now + def.per_attempt().as_millis() as u64;
-            if !compensation {
-                if let Some(total) = def.total() {
-                    let start = state.steps[step].started_ms.unwrap_or(now);
-                    deadline = deadline.min(start + total.as_millis() as u64).max(now + 1);
-                }
-            }
+            // Never already passed when it starts.
+            let deadline =
+                attempt_deadline(def, &state.steps[step], compensation, now).max(now + 1);
             vec![Event::AttemptStarted {
                 step: step.to_string(),
                 attempt,

@@ -600,12 +600,7 @@ impl WorkflowStore for SqlStore {
         if !self.postgres {
             return Ok(None);
         }
-        let local_ms = || {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis() as i64
-        };
+        let local_ms = || super::coordinator::now_ms() as i64;
         let mut conn = self.pool.acquire().await?;
         let mut best: Option<(i64, u64)> = None;
         for _ in 0..3 {

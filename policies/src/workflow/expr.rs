@@ -45,70 +45,55 @@ pub const MAX_RESULT_BYTES: usize = 1 << 20;
 /// Largest rendered value (a call's body, path and headers together), same measure.
 pub const MAX_RENDERED_BYTES: usize = 4 << 20;
 
+/// Takes `n` bytes off `budget`; `false` (and nothing taken) when it has fewer.
+fn take(budget: &mut usize, n: usize) -> bool {
+    match budget.checked_sub(n) {
+        Some(left) => {
+            *budget = left;
+            true
+        }
+        None => false,
+    }
+}
+
 /// Whether `value`'s size (see [`MAX_RESULT_BYTES`]) is within `budget`, which it lowers;
 /// stops at the first byte over.
 pub fn cel_size_within(value: &cel_interpreter::Value, budget: &mut usize) -> bool {
     use cel_interpreter::objects::Key;
     use cel_interpreter::Value;
-    let mut take = |n: usize| -> bool {
-        if n > *budget {
-            return false;
-        }
-        *budget -= n;
-        true
-    };
     match value {
-        Value::String(s) => take(s.len() + 2),
-        Value::Bytes(b) => take(b.len() + 2),
-        Value::List(items) => take(8) && items.iter().all(|v| cel_size_within(v, budget)),
+        Value::String(s) => take(budget, s.len() + 2),
+        Value::Bytes(b) => take(budget, b.len() + 2),
+        Value::List(items) => take(budget, 8) && items.iter().all(|v| cel_size_within(v, budget)),
         Value::Map(map) => {
-            take(8)
+            take(budget, 8)
                 && map.map.iter().all(|(k, v)| {
                     let key = match k {
                         Key::String(s) => s.len() + 2,
                         _ => 8,
                     };
-                    let mut b = *budget;
-                    let ok = key <= b && {
-                        b -= key;
-                        cel_size_within(v, &mut b)
-                    };
-                    *budget = b;
-                    ok
+                    take(budget, key) && cel_size_within(v, budget)
                 })
         }
-        _ => take(8),
+        _ => take(budget, 8),
     }
 }
 
 /// Whether `value`'s size (JSON, same measure as [`MAX_RESULT_BYTES`]) is within `budget`,
 /// which it lowers.
 pub fn json_size_within(value: &serde_json::Value, budget: &mut usize) -> bool {
-    let mut take = |n: usize| -> bool {
-        if n > *budget {
-            return false;
-        }
-        *budget -= n;
-        true
-    };
     match value {
-        serde_json::Value::String(s) => take(s.len() + 2),
+        serde_json::Value::String(s) => take(budget, s.len() + 2),
         serde_json::Value::Array(items) => {
-            take(8) && items.iter().all(|v| json_size_within(v, budget))
+            take(budget, 8) && items.iter().all(|v| json_size_within(v, budget))
         }
         serde_json::Value::Object(map) => {
-            take(8)
-                && map.iter().all(|(k, v)| {
-                    let mut b = *budget;
-                    let ok = k.len() + 2 <= b && {
-                        b -= k.len() + 2;
-                        json_size_within(v, &mut b)
-                    };
-                    *budget = b;
-                    ok
-                })
+            take(budget, 8)
+                && map
+                    .iter()
+                    .all(|(k, v)| take(budget, k.len() + 2) && json_size_within(v, budget))
         }
-        _ => take(8),
+        _ => take(budget, 8),
     }
 }
 

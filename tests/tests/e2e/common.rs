@@ -63,18 +63,30 @@ pub fn start_mesh(yaml: &str, tune: impl FnOnce(&mut UpOptions)) -> TestMesh {
     options.drain = Duration::from_millis(500);
     tune(&mut options);
     let mesh = LocalMesh::start(&mesh_path, options).unwrap_or_else(|e| {
-        let logs = dir.path().join("state/logs");
-        let mut text = String::new();
-        for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
-            text.push_str(&format!(
-                "--- {}\n{}\n",
-                entry.path().display(),
-                std::fs::read_to_string(entry.path()).unwrap_or_default()
-            ));
-        }
-        panic!("mesh did not start: {e}\n{text}")
+        panic!(
+            "mesh did not start: {e}\n{}",
+            process_logs(&dir.path().join("state"))
+        )
     });
     TestMesh { mesh, dir }
+}
+
+/// Every process log under `<state_dir>/logs`, each after a `--- <path>` line (for a test
+/// that failed to start or restart a mesh).
+pub fn process_logs(state_dir: &Path) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(state_dir.join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        text.push_str(&format!(
+            "--- {}\n{}\n",
+            entry.path().display(),
+            std::fs::read_to_string(entry.path()).unwrap_or_default()
+        ));
+    }
+    text
 }
 
 /// Starts `mesh` with `policies` written to `policies/policies.yaml` next to the mesh file (the

@@ -28,7 +28,7 @@ fn demo(args: &[&str], state: &Path, summary: &Path) -> Child {
 
 /// A `meshflow demo` child that is stopped (SIGINT, then SIGKILL after 10 s) if the test
 /// fails before stopping it, so a failed test leaves no mesh running.
-struct Running(Child);
+pub struct Running(pub Child);
 
 impl Drop for Running {
     fn drop(&mut self) {

@@ -3,9 +3,10 @@
 //! `--keep-running`, the `export …` line it prints pasted first — against the demo's
 //! `place-order` workflow; and what those commands print.
 
+use crate::demo::Running;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
@@ -32,27 +33,6 @@ pub fn readme_commands(section: &str, marker: &str) -> Vec<String> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(str::to_string)
         .collect()
-}
-
-/// A running demo, stopped with SIGINT (then SIGKILL) when dropped.
-struct Demo(Child);
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// Runs `line` with `sh` in the repository, after the pasted `export` line, with `path` as
@@ -99,7 +79,7 @@ async fn the_readme_workflow_commands_work_against_the_demo() {
     );
 
     // Terminal 1: the demo, left running (the README's quick start with --keep-running).
-    let mut demo = Demo(
+    let mut demo = Running(
         Command::new(bin.path().join("meshflow"))
             .args(["demo", "--orders", "10", "--keep-running"])
             .env("PATH", &path)

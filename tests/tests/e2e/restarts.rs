@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 use crate::workflow::{
-    completions_once, records, spawn_coordinator, start_shop_on_postgres, Api, SHOP_POLICIES,
+    completions_once, effects_applied_once, records, spawn_coordinator, start_shop_on_postgres,
+    Api, SHOP_POLICIES,
 };
 
 /// The shop mesh with every service journaling its records (they survive `kill -9`).
@@ -80,20 +81,9 @@ fn kill_all_and_restart(t: TestMesh) -> TestMesh {
     let options = mesh.options.clone();
     // Reaps the dead children and lets go of the state directory; nothing in it is touched.
     drop(mesh);
-    let logs = options.state_dir.join("logs");
-    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options).unwrap_or_else(|e| {
-        let mut text = String::new();
-        for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
-            let body = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let tail: Vec<&str> = body.lines().rev().take(15).collect();
-            text.push_str(&format!("--- {}\n", entry.path().display()));
-            for line in tail.into_iter().rev() {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-        panic!("mesh does not restart: {e}\n{text}")
-    });
+    let state_dir = options.state_dir.clone();
+    let mesh = meshflow_cli::up::LocalMesh::start(&mesh_path, options)
+        .unwrap_or_else(|e| panic!("mesh does not restart: {e}\n{}", process_logs(&state_dir)));
     TestMesh { mesh, dir }
 }
 
@@ -151,15 +141,7 @@ async fn timing_whole_mesh_kill_9_restarts_lose_no_run() {
     }
     println!("runs after 5 whole-mesh kill -9 restarts: {statuses:?}");
     // Each effect applied once, at each service, across all five restarts.
-    for service in ["inventory", "payment", "shipping"] {
-        let books = records(&t.mesh.workload(service).app).await;
-        for (key, n) in books["applied"].as_object().unwrap() {
-            assert_eq!(n, &json!(1), "{service}: {key} applied {n} times");
-        }
-        for (key, n) in books["undone"].as_object().unwrap() {
-            assert_eq!(n, &json!(1), "{service}: {key} undone {n} times");
-        }
-    }
+    effects_applied_once(&t).await;
     let payment = records(&t.mesh.workload("payment").app).await;
     for (i, id) in ids.iter().enumerate() {
         let key = format!("{id}/charge");
@@ -408,10 +390,7 @@ async fn the_outbound_sidecar_names_its_own_errors() {
         o.skip_sidecars.insert("default/backend".into());
     });
     let outbound = &t.mesh.workload("frontend").outbound;
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
-        .build()
-        .unwrap();
+    let client = via(outbound);
     for (url, expected) in [
         ("http://backend.default/hello", "no-endpoint"),
         ("http://nosuch.default/hello", "unknown-service"),
@@ -435,10 +414,7 @@ async fn the_outbound_sidecar_names_its_own_errors() {
 async fn an_app_cannot_speak_for_the_sidecar() {
     let t = start_mesh(HELLO, |_| {});
     let outbound = &t.mesh.workload("frontend").outbound;
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
-        .build()
-        .unwrap();
+    let client = via(outbound);
     let r = client
         .get("http://backend.default/status/503")
         .header(
@@ -469,10 +445,7 @@ async fn an_app_cannot_speak_for_the_sidecar() {
 async fn huge_caller_deadlines_do_not_break_the_outbound_sidecar() {
     let t = start_mesh(HELLO, |_| {});
     let outbound = &t.mesh.workload("frontend").outbound;
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
-        .build()
-        .unwrap();
+    let client = via(outbound);
     for header in ["meshflow-timeout-ms", "meshflow-retry-deadline-ms"] {
         let r = client
             .get("http://backend.default/hello")
@@ -490,10 +463,7 @@ async fn huge_caller_deadlines_do_not_break_the_outbound_sidecar() {
 async fn an_unreadable_caller_deadline_is_a_400() {
     let t = start_mesh(HELLO, |_| {});
     let frontend = t.mesh.workload("frontend");
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{}", frontend.outbound)).unwrap())
-        .build()
-        .unwrap();
+    let client = via(&frontend.outbound);
     for (header, value) in [
         ("meshflow-timeout-ms", "-1"),
         ("meshflow-timeout-ms", "1e3"),

@@ -184,6 +184,19 @@ pub fn completions_once(id: &str, history: &Value) -> std::collections::BTreeMap
     completed
 }
 
+/// Every shop service applied and undid each idempotency key at most once.
+pub async fn effects_applied_once(t: &TestMesh) {
+    for service in ["inventory", "payment", "shipping"] {
+        let books = records(&t.mesh.workload(service).app).await;
+        for (key, n) in books["applied"].as_object().unwrap() {
+            assert_eq!(n, &json!(1), "{service}: {key} applied {n} times");
+        }
+        for (key, n) in books["undone"].as_object().unwrap() {
+            assert_eq!(n, &json!(1), "{service}: {key} undone {n} times");
+        }
+    }
+}
+
 pub async fn records(app: &str) -> Value {
     serde_json::from_str(&get_text(app, "/__records").await).unwrap()
 }
@@ -596,15 +609,7 @@ pub async fn crash_suite(mut t: TestMesh, runs: usize) {
         assert_eq!(completed.get("nap"), Some(&1), "{id}: the sleep fired once");
     }
     // Exactly once per (run, step) at each service.
-    for service in ["inventory", "payment", "shipping"] {
-        let books = records(&t.mesh.workload(service).app).await;
-        for (key, n) in books["applied"].as_object().unwrap() {
-            assert_eq!(n, &json!(1), "{service}: {key} applied {n} times");
-        }
-        for (key, n) in books["undone"].as_object().unwrap() {
-            assert_eq!(n, &json!(1), "{service}: {key} undone {n} times");
-        }
-    }
+    effects_applied_once(&t).await;
     // Completed runs were charged once; compensated runs were refunded (if charged).
     let payment = records(&t.mesh.workload("payment").app).await;
     for id in &ids {
@@ -659,6 +664,12 @@ spec:
 "#;
 
 fn meshflow_workflow(t: &TestMesh, api: &Api, args: &[&str]) -> (bool, String) {
+    let (code, text) = meshflow_workflow_code(t, api, args);
+    (code == Some(0), text)
+}
+
+/// `meshflow workflow <args>` against `api` with the mesh's token: (exit code, stdout+stderr).
+pub fn meshflow_workflow_code(t: &TestMesh, api: &Api, args: &[&str]) -> (Option<i32>, String) {
     let out = std::process::Command::new(meshflow_cli::supervisor::find_program("meshflow"))
         .arg("workflow")
         .args(args)
@@ -667,7 +678,7 @@ fn meshflow_workflow(t: &TestMesh, api: &Api, args: &[&str]) -> (bool, String) {
         .output()
         .unwrap();
     (
-        out.status.success(),
+        out.status.code(),
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

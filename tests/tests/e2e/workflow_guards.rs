@@ -409,23 +409,7 @@ spec:
     assert_eq!(signals, 1, "only the signal-with-start: {history}");
 
     // The CLI exits non-zero and prints the reason.
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(meshflow_cli::supervisor::find_program("meshflow"))
-            .arg("workflow")
-            .args(args)
-            .args(["--api", &api.base, "--token-file"])
-            .arg(t.mesh.workflow_token_path())
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let cli = |args: &[&str]| crate::workflow::meshflow_workflow_code(&t, &api, args);
     for args in [
         vec!["cancel", "done"],
         vec!["terminate", "done"],
