@@ -459,11 +459,30 @@ pub fn wait_for_port(addr: &str, timeout: Duration) -> std::io::Result<()> {
     }
 }
 
-/// A free port on 127.0.0.1 for an app that cannot report its own (bind to :0, release).
+/// A free port on 127.0.0.1 for an app that cannot report its own: probed (bound, then
+/// released) — see "Known gaps" in `docs/ARCHITECTURE.md`. It is drawn at random from *below*
+/// the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), so every process that binds
+/// port 0 or opens a connection (sidecars, the control plane, clients) never gets it between
+/// the probe and the app's own bind; only another prober could. Falls back to port 0.
 ///
 /// # Errors
 /// When binding fails.
 pub fn free_port() -> std::io::Result<u16> {
+    use rand::Rng;
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let floor = 10_000u16.min(ephemeral_low / 2);
+    if floor < ephemeral_low {
+        let mut rng = rand::thread_rng();
+        for _ in 0..64 {
+            let port = rng.gen_range(floor..ephemeral_low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
