@@ -50,3 +50,9 @@ mod traces;
 mod workflow;
 #[path = "e2e/workflow_guards.rs"]
 mod workflow_guards;
+#[path = "e2e/cluster.rs"]
+mod cluster;
+#[path = "e2e/chart.rs"]
+mod chart;
+#[path = "e2e/kubernetes.rs"]
+mod kubernetes;
