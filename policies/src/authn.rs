@@ -26,7 +26,7 @@ use crate::mesh::{ObjectMeta, API_VERSION};
 pub const CLOCK_SKEW_S: u64 = 60;
 
 /// A whole `RequestAuthentication` document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RequestAuthentication {
     /// `meshflow.io/v1alpha1`.
@@ -41,7 +41,22 @@ pub struct RequestAuthentication {
 }
 
 /// Istio's RequestAuthentication spec.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kubernetes",
+    derive(kube::CustomResource),
+    kube(
+        group = "meshflow.io",
+        version = "v1alpha1",
+        kind = "RequestAuthentication",
+        doc = "Istio's RequestAuthentication (JWT rules) evaluated by meshflow sidecars.",
+        root = "RequestAuthenticationResource",
+        namespaced,
+        status = "crate::crd::ResourceStatus",
+        printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RequestAuthenticationSpec {
     /// Workloads (by label) in the policy's namespace; absent = all of them.
@@ -49,9 +64,11 @@ pub struct RequestAuthenticationSpec {
     pub selector: Option<Selector>,
     /// Not supported (Kubernetes Gateway API attachment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub target_ref: Option<serde_json::Value>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub target_refs: Option<serde_json::Value>,
     /// One rule per accepted issuer.
     #[serde(default)]
@@ -59,7 +76,7 @@ pub struct RequestAuthenticationSpec {
 }
 
 /// Istio's JWTRule.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JwtRule {
     /// The `iss` a token must carry to be checked by this rule.
@@ -85,12 +102,15 @@ pub struct JwtRule {
     pub from_params: Vec<String>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub from_cookies: Option<serde_json::Value>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub output_payload_to_header: Option<serde_json::Value>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub output_claim_to_headers: Option<serde_json::Value>,
     /// Keep the token header on the forwarded request (default: removed).
     #[serde(default)]
@@ -101,7 +121,7 @@ pub struct JwtRule {
 }
 
 /// Istio's JWTHeader: a header and the prefix before the token.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JwtHeader {
     /// Header name (case-insensitive).
@@ -112,7 +132,7 @@ pub struct JwtHeader {
 }
 
 /// A whole `PeerAuthentication` document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PeerAuthentication {
     /// `meshflow.io/v1alpha1`.
@@ -127,7 +147,22 @@ pub struct PeerAuthentication {
 }
 
 /// Istio's PeerAuthentication spec.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kubernetes",
+    derive(kube::CustomResource),
+    kube(
+        group = "meshflow.io",
+        version = "v1alpha1",
+        kind = "PeerAuthentication",
+        doc = "Istio's PeerAuthentication (mTLS mode) applied by meshflow sidecars.",
+        root = "PeerAuthenticationResource",
+        namespaced,
+        status = "crate::crd::ResourceStatus",
+        printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PeerAuthenticationSpec {
     /// Workloads (by label) in the policy's namespace; absent = namespace-wide (or mesh-wide in
@@ -139,11 +174,14 @@ pub struct PeerAuthenticationSpec {
     pub mtls: Option<MutualTls>,
     /// Per application port (the workload's own port, as in Istio); needs a selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::port_map::<MutualTls>")]
     pub port_level_mtls: Option<BTreeMap<u16, MutualTls>>,
 }
 
 /// `{ mode: … }`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MutualTls {
     /// The mode.
@@ -152,7 +190,9 @@ pub struct MutualTls {
 }
 
 /// Istio's mTLS modes. meshflow's default (no policy) is STRICT; DISABLE is refused.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {
     /// Inherit from the parent policy (namespace, then mesh).

@@ -18,7 +18,7 @@ use crate::mesh::{ObjectMeta, API_VERSION};
 pub const ROOT_NAMESPACE: &str = "meshflow-system";
 
 /// A whole `AuthorizationPolicy` document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicy {
     /// `meshflow.io/v1alpha1` (Istio files change only this line).
@@ -33,7 +33,22 @@ pub struct AuthorizationPolicy {
 }
 
 /// Istio's AuthorizationPolicy spec.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kubernetes",
+    derive(kube::CustomResource),
+    kube(
+        group = "meshflow.io",
+        version = "v1alpha1",
+        kind = "AuthorizationPolicy",
+        doc = "Istio's AuthorizationPolicy (security.istio.io/v1, field for field) evaluated by meshflow sidecars.",
+        root = "AuthorizationPolicyResource",
+        namespaced,
+        status = "crate::crd::ResourceStatus",
+        printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationSpec {
     /// Workloads (by label) in the policy's namespace; absent = all of them.
@@ -41,15 +56,18 @@ pub struct AuthorizationSpec {
     pub selector: Option<Selector>,
     /// Not supported (Kubernetes Gateway API attachment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub target_ref: Option<serde_json::Value>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub target_refs: Option<serde_json::Value>,
     /// ALLOW (default), DENY, AUDIT; CUSTOM is refused.
     #[serde(default)]
     pub action: Action,
     /// Not supported (CUSTOM's external authorizer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub provider: Option<serde_json::Value>,
     /// Rules; absent = none (ALLOW: deny all; DENY/AUDIT: matches nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,7 +75,7 @@ pub struct AuthorizationSpec {
 }
 
 /// Label selector.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Selector {
     /// Every label must be present with this value.
@@ -66,7 +84,9 @@ pub struct Selector {
 }
 
 /// Policy action.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     /// Allow matching requests.
@@ -81,7 +101,7 @@ pub enum Action {
 }
 
 /// A rule: every given part must match; `{}` matches everything.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rule {
     /// Any of these sources.
@@ -96,7 +116,7 @@ pub struct Rule {
 }
 
 /// `from` entry.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct From {
     /// The source.
@@ -105,7 +125,7 @@ pub struct From {
 }
 
 /// `to` entry.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct To {
     /// The operation.
@@ -114,7 +134,7 @@ pub struct To {
 }
 
 /// Istio's Source: every given field must match.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[allow(missing_docs)]
 pub struct Source {
@@ -141,7 +161,7 @@ pub struct Source {
 }
 
 /// Istio's Operation: every given field must match.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[allow(missing_docs)]
 pub struct Operation {
@@ -164,7 +184,7 @@ pub struct Operation {
 }
 
 /// A `when` condition.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Condition {
     /// Istio attribute name, e.g. `request.headers[x-tenant]`.

@@ -6,12 +6,15 @@
 
 pub mod authn;
 pub mod authz;
+#[cfg(feature = "kubernetes")]
+pub mod crd;
 pub mod documents;
 pub mod duration;
 pub mod headers;
 pub mod load;
 pub mod mesh;
 pub mod path;
+pub mod schema;
 pub mod spiffe;
 pub mod traffic;
 pub mod workflow;

@@ -35,7 +35,7 @@ pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "meshflow-control-plane";
 pub const API_VERSION: &str = "meshflow.io/v1alpha1";
 
 /// Kubernetes object metadata (the subset meshflow reads).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ObjectMeta {
     /// Object name.

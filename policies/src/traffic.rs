@@ -31,7 +31,7 @@ use crate::load::{find_line, parse_yaml, LoadError, Result};
 use crate::mesh::{ObjectMeta, API_VERSION};
 
 /// A whole `TrafficPolicy` document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicy {
     /// `meshflow.io/v1alpha1`.
@@ -45,7 +45,22 @@ pub struct TrafficPolicy {
 }
 
 /// Settings for one destination service; `routes` narrow them by request.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kubernetes",
+    derive(kube::CustomResource),
+    kube(
+        group = "meshflow.io",
+        version = "v1alpha1",
+        kind = "TrafficPolicy",
+        doc = "Timeouts, retries with a budget, outlier detection and load balancing for one destination service.",
+        root = "TrafficPolicyResource",
+        namespaced,
+        status = "crate::crd::ResourceStatus",
+        printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     /// Destination service name, in `metadata.namespace`.
@@ -74,7 +89,9 @@ pub struct TrafficPolicySpec {
 }
 
 /// Timeouts (durations with units).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Timeouts {
     /// Until response headers, across all attempts; then 504 (gRPC `DEADLINE_EXCEEDED`).
@@ -103,7 +120,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
 
 /// Retry settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Retries {
     /// TOTAL tries including the first (1 = no retry), at most [`MAX_ATTEMPTS_LIMIT`].
@@ -123,12 +140,13 @@ pub struct Retries {
     #[serde(default)]
     pub budget: Budget,
     /// Istio's field; present only to be rejected with a hint.
-    #[serde(default, skip_serializing)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub attempts: Option<serde_yaml::Value>,
 }
 
 /// Exponential backoff with full jitter: attempt n waits uniform(0, min(max, base·2ⁿ⁻¹)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Backoff {
     /// Default 25 ms.
@@ -166,7 +184,7 @@ impl Default for Backoff {
 
 /// Retry budget: retries may add at most `ratio` of the requests of the last 10 s, plus
 /// `minPerSecond` retries per second regardless (Finagle/Linkerd's budget).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Budget {
     /// Default 0.2.
@@ -196,8 +214,9 @@ impl Default for Budget {
 }
 
 /// A retry condition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
+#[schemars(schema_with = "crate::schema::int_or_string")]
 pub enum RetryOn {
     /// A named condition.
     Condition(RetryCondition),
@@ -206,7 +225,7 @@ pub enum RetryOn {
 }
 
 /// Named retry conditions (Envoy's `retry_on` words, gRPC status names in kebab case).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryCondition {
     /// The connection could not be established (never reached the server).
@@ -235,7 +254,7 @@ pub enum RetryCondition {
 }
 
 /// Outlier detection.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutlierDetection {
     /// Consecutive failures (5xx, connect failure, reset) that eject an endpoint. Default 5.
@@ -262,7 +281,9 @@ impl OutlierDetection {
 }
 
 /// Connection-pool limits; a request over a limit gets 503 at once (counted).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConnectionPool {
     /// Connections per endpoint.
@@ -277,7 +298,9 @@ pub struct ConnectionPool {
 }
 
 /// Load-balancing algorithm.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoadBalancer {
     /// The algorithm.
@@ -286,7 +309,9 @@ pub struct LoadBalancer {
 }
 
 /// Load-balancing algorithms.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum LoadBalancerPolicy {
     /// Power of two choices over peak-EWMA latency × in-flight (Linkerd's default).
@@ -299,7 +324,7 @@ pub enum LoadBalancerPolicy {
 }
 
 /// Fault injection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultInjection {
     /// Delay a share of requests.
@@ -311,7 +336,7 @@ pub struct FaultInjection {
 }
 
 /// Injected delay.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultDelay {
     /// Share of requests, 0–100.
@@ -321,7 +346,7 @@ pub struct FaultDelay {
 }
 
 /// Injected abort.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultAbort {
     /// Share of requests, 0–100.
@@ -331,7 +356,7 @@ pub struct FaultAbort {
 }
 
 /// A per-route override.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Route {
     /// What the request must look like.
@@ -349,7 +374,7 @@ pub struct Route {
 }
 
 /// Route match; every given part must match.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
     /// Path match (on the path without query).
@@ -365,7 +390,7 @@ pub struct RouteMatch {
 
 /// Path match: exactly one of `exact` or `prefix` (segment-aware: `/a` matches `/a`, `/a/b`,
 /// not `/ab`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathMatch {
     /// Exact path.

@@ -46,7 +46,7 @@ pub const ROOTS: &[&str] = &["input", "steps", "signals", "run"];
 pub const DEFAULT_HISTORY_LIMIT: u32 = 10_000;
 
 /// A whole `Workflow` document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Workflow {
     /// `meshflow.io/v1alpha1`.
@@ -60,13 +60,30 @@ pub struct Workflow {
 }
 
 /// The definition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kubernetes",
+    derive(kube::CustomResource),
+    kube(
+        group = "meshflow.io",
+        version = "v1alpha1",
+        kind = "Workflow",
+        doc = "A durable multi-step call chain (saga), registered with the meshflow coordinator; runs stay in its store.",
+        root = "WorkflowResource",
+        namespaced,
+        status = "crate::crd::WorkflowStatus",
+        printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+        printcolumn = r#"{"name":"Version","type":"integer","jsonPath":".status.registeredVersion"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkflowSpec {
     /// The steps (a DAG through `dependsOn`).
     pub steps: Vec<Step>,
     /// Run output: a JSON value whose strings may hold `${…}` templates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub output: Option<serde_json::Value>,
     /// Whole-run timeout (e.g. `10m`); on expiry the run compensates and ends `TimedOut`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,11 +98,12 @@ pub struct WorkflowSpec {
     /// JSON Schema (draft 2020-12 and earlier, via the `jsonschema` crate) every run input
     /// must satisfy; a start with another input is refused (400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub input_schema: Option<serde_json::Value>,
 }
 
 /// One step: exactly one of `call`, `sleep`, `waitForSignal`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Step {
     /// Unique name (`[a-z0-9_-]`, starting with a letter; used in `steps.<name>`).
@@ -117,7 +135,7 @@ pub struct Step {
 }
 
 /// An HTTP request to a mesh service (sent through the coordinator's outbound sidecar).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Call {
     /// Destination service name.
@@ -135,6 +153,7 @@ pub struct Call {
     pub headers: BTreeMap<String, String>,
     /// JSON body (strings may hold templates); absent = no body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_json")]
     pub body: Option<serde_json::Value>,
 }
 
@@ -143,7 +162,7 @@ fn default_method() -> String {
 }
 
 /// `sleep: { duration: 30s }`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Sleep {
     /// How long.
@@ -151,7 +170,7 @@ pub struct Sleep {
 }
 
 /// `waitForSignal: { name, timeout, onTimeout }`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WaitForSignal {
     /// Signal name.
@@ -165,7 +184,9 @@ pub struct WaitForSignal {
 }
 
 /// What a `waitForSignal` timeout does.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OnTimeout {
     /// The step fails (the run compensates).
@@ -176,7 +197,7 @@ pub enum OnTimeout {
 }
 
 /// Per-step retry policy (Temporal's shape). `maxAttempts` counts TOTAL tries.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryPolicy {
     /// Total tries, ≥ 1 (default 3).
@@ -251,7 +272,7 @@ impl RetryPolicy {
 }
 
 /// Per-step timeouts.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StepTimeouts {
     /// One try, from dispatch to response (default 30 s).
