@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1
+# meshflow images, built from this repository (docker build / podman build / buildah):
+#
+#   docker build --target control-plane -t <registry>/meshflow/control-plane:0.1.0 .
+#   docker build --target proxy         -t <registry>/meshflow/proxy:0.1.0 .
+#
+# The build stage installs what CI installs (scripts/install-deps build: cmake and a C
+# toolchain for Pingora) and runs the cargo command below; the final stages hold only the
+# binary, the CA certificates and a non-root user (65532, like distroless "nonroot").
+# Not built by CI: its machines have no container runtime (see README, "Kubernetes").
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+WORKDIR /src
+COPY scripts/install-deps scripts/install-deps
+RUN scripts/install-deps build
+COPY . .
+# The registry and target caches survive between builds (BuildKit cache mounts), so the binaries
+# are copied out of target/ in the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p meshflow-control-plane -p meshflow-proxy \
+    && mkdir -p /out \
+    && cp target/release/meshflow-control-plane target/release/meshflow-proxy /out/
+
+# Shared runtime base: glibc of the same Debian release as the build stage, no shell tools
+# beyond slim's, CA roots for outbound TLS (OTLP, PostgreSQL), an unprivileged user.
+FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+USER 65532:65532
+WORKDIR /
+
+FROM runtime AS proxy
+COPY --from=build /out/meshflow-proxy /usr/local/bin/meshflow-proxy
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/meshflow-proxy"]
+
+# Last, so a plain `docker build .` gives the control plane (the chart's image).
+FROM runtime AS control-plane
+COPY --from=build /out/meshflow-control-plane /usr/local/bin/meshflow-control-plane
+USER 65532:65532
+# gRPC (Certify, Watch) and admin (/metrics, /ready, /config_dump); the chart passes the flags.
+EXPOSE 15012 15014
+ENTRYPOINT ["/usr/local/bin/meshflow-control-plane"]
