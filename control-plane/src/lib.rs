@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod ca;
 pub mod jwks;
+pub mod kubernetes;
 pub mod metrics;
 pub mod server;
 pub mod state;
@@ -33,9 +34,48 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
     about = "meshflow control plane"
 )]
 pub struct ControlPlaneConfig {
-    /// Local mesh definition (kind: Mesh) to serve; changes are pushed within 1 s.
-    #[arg(long, env = "MESHFLOW_MESH")]
-    pub mesh: PathBuf,
+    /// Local mesh definition (kind: Mesh) to serve; changes are pushed within 1 s. Required
+    /// unless `--kubernetes`.
+    #[arg(
+        long,
+        env = "MESHFLOW_MESH",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub mesh: Option<PathBuf>,
+    /// Take workloads, services, endpoints and policies from the Kubernetes API (in-cluster
+    /// config, else `KUBECONFIG`) instead of a mesh file; `Certify` is then authenticated by
+    /// ServiceAccount tokens (TokenReview, audience `meshflow`).
+    #[arg(long, env = "MESHFLOW_KUBERNETES", default_value_t = false)]
+    pub kubernetes: bool,
+    /// Kubernetes mode: the control plane's namespace (its Lease and CA Secret; policies in it
+    /// apply mesh-wide only when it is `meshflow-system`).
+    #[arg(long, env = "MESHFLOW_NAMESPACE", default_value = "meshflow-system")]
+    pub namespace: String,
+    /// Kubernetes mode: this replica's name in the leader Lease (the pod name). Default: the
+    /// host name and process id.
+    #[arg(long, env = "MESHFLOW_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Kubernetes mode: the SPIFFE trust domain.
+    #[arg(long, env = "MESHFLOW_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Kubernetes mode: the Secret (in `--namespace`) holding the mesh CA (`ca.crt`, `ca.key`,
+    /// optional `ca-bundle.crt`); generated and stored there when absent.
+    #[arg(long, env = "MESHFLOW_CA_SECRET", default_value = "meshflow-ca")]
+    pub ca_secret: String,
+    /// Kubernetes mode: only namespaces with this label (`key=value`) are part of the mesh
+    /// (Istio's discoverySelectors). Default: every namespace.
+    #[arg(long, env = "MESHFLOW_DISCOVERY_SELECTOR")]
+    pub discovery_selector: Option<String>,
+    /// Kubernetes mode: the port sidecars accept inbound mTLS on, where a pod does not annotate
+    /// its own (`meshflow.io/inbound-port`).
+    #[arg(long, env = "MESHFLOW_SIDECAR_INBOUND_PORT", default_value_t = 15006)]
+    pub sidecar_inbound_port: u16,
+    /// Kubernetes mode: the leader Lease's duration (renewed every third of it); a dead
+    /// leader's replacement writes status within about this long.
+    #[arg(long, env = "MESHFLOW_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
     /// State directory: CA, tokens, bootstrap files, the bound address.
     #[arg(long, env = "MESHFLOW_STATE_DIR")]
     pub state_dir: PathBuf,
@@ -146,7 +186,14 @@ async fn start_coordinator(
     registry: &Registry,
     sidecar_secret: Option<String>,
     state: state::StateHandle,
-) -> Result<(SocketAddr, meshflow_telemetry::Tracing), StartError> {
+) -> Result<
+    (
+        SocketAddr,
+        meshflow_telemetry::Tracing,
+        Arc<workflow::coordinator::Coordinator>,
+    ),
+    StartError,
+> {
     use workflow::coordinator::{Coordinator, CoordinatorSettings};
     // Callers reach the API through the coordinator's sidecar or with the token: never expose
     // it beyond loopback.
@@ -228,7 +275,7 @@ async fn start_coordinator(
     tokio::spawn(coordinator.clone().run_leases());
     tokio::spawn(coordinator.clone().run_retention());
     let app = workflow::api::router(workflow::api::ApiState {
-        coordinator,
+        coordinator: coordinator.clone(),
         token: Arc::new(token),
         sidecar_secret: sidecar_secret.map(Arc::new),
         mesh_callers_governed: Arc::new(move || {
@@ -253,7 +300,7 @@ async fn start_coordinator(
         }
     });
     tracing::info!(api = %bound, store = %url, "workflow coordinator serving");
-    Ok((bound, tracer))
+    Ok((bound, tracer, coordinator))
 }
 
 /// Logs the CA's expiry: a warning at start and every hour while less than the CA's warning
@@ -299,6 +346,25 @@ async fn watch_ca_expiry(ca: Arc<ca::CertificateAuthority>) {
     }
 }
 
+/// The mesh a Kubernetes-mode control plane starts from: no workloads until the cluster has
+/// been read.
+fn kubernetes_mesh(trust_domain: &str) -> MeshFile {
+    MeshFile {
+        api_version: meshflow_policies::mesh::API_VERSION.into(),
+        kind: "Mesh".into(),
+        metadata: meshflow_policies::mesh::ObjectMeta {
+            name: "kubernetes".into(),
+            ..Default::default()
+        },
+        spec: meshflow_policies::mesh::MeshSpec {
+            trust_domain: trust_domain.into(),
+            workloads: Vec::new(),
+            policies_dir: None,
+            smoke: None,
+        },
+    }
+}
+
 /// Runs the control plane until `shutdown` resolves.
 ///
 /// # Errors
@@ -308,29 +374,59 @@ pub async fn run(
     config: ControlPlaneConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let (mesh, policies) = {
-        let text = std::fs::read_to_string(&config.mesh)
-            .map_err(|e| StartError::Config(format!("{}: {e}", config.mesh.display())))?;
-        let mesh =
-            MeshFile::parse(&config.mesh, &text).map_err(|e| StartError::Config(e.to_string()))?;
-        let files = match mesh.policies_dir(&config.mesh) {
-            Some(dir) => meshflow_policies::documents::read_dir_texts(&dir)
-                .map_err(|e| StartError::Config(e.to_string()))?,
-            None => Vec::new(),
-        };
-        state::load_config(&config.mesh, &text, &files)
-            .map_err(|e| StartError::Config(e.to_string()))?
+    let kube_client = if config.kubernetes {
+        Some(kube::Client::try_default().await.map_err(|e| {
+            StartError::Config(format!(
+                "--kubernetes: no cluster to talk to (in-cluster config or KUBECONFIG): {e}"
+            ))
+        })?)
+    } else {
+        None
     };
-    let mesh_policies_dir = mesh.policies_dir(&config.mesh);
+    let (mesh, policies, mesh_policies_dir) = match &config.mesh {
+        Some(mesh_path) if kube_client.is_none() => {
+            let text = std::fs::read_to_string(mesh_path)
+                .map_err(|e| StartError::Config(format!("{}: {e}", mesh_path.display())))?;
+            let mesh =
+                MeshFile::parse(mesh_path, &text).map_err(|e| StartError::Config(e.to_string()))?;
+            let files = match mesh.policies_dir(mesh_path) {
+                Some(dir) => meshflow_policies::documents::read_dir_texts(&dir)
+                    .map_err(|e| StartError::Config(e.to_string()))?,
+                None => Vec::new(),
+            };
+            let (mesh, policies) = state::load_config(mesh_path, &text, &files)
+                .map_err(|e| StartError::Config(e.to_string()))?;
+            let dir = mesh.policies_dir(mesh_path);
+            (mesh, policies, dir)
+        }
+        _ => (
+            kubernetes_mesh(&config.trust_domain),
+            meshflow_policies::documents::PolicySet::default(),
+            None,
+        ),
+    };
     std::fs::create_dir_all(&config.state_dir).map_err(other)?;
     let trust_domain = mesh.spec.trust_domain.clone();
-    let ca = match (&config.ca_cert, &config.ca_key) {
-        (Some(cert), Some(key)) => ca::CertificateAuthority::from_files(
+    let ca = match (&config.ca_cert, &config.ca_key, &kube_client) {
+        (Some(cert), Some(key), _) => ca::CertificateAuthority::from_files(
             cert,
             key,
             config.ca_bundle.as_deref(),
             config.leaf_ttl,
         ),
+        (_, _, Some(client)) => kubernetes::ca_secret::load_or_create(
+            client,
+            &config.namespace,
+            &config.ca_secret,
+            &config.state_dir.join("ca"),
+            &trust_domain,
+            config.leaf_ttl,
+        )
+        .await
+        .map_err(|message| ca::CaError::BadMaterial {
+            what: format!("--ca-secret {}", config.ca_secret),
+            message,
+        }),
         _ => ca::CertificateAuthority::load_or_generate(
             &config.state_dir.join("ca"),
             &trust_domain,
@@ -340,6 +436,10 @@ pub async fn run(
     .map_err(|e| match e {
         // An expired issuer is a configuration problem (exit 64), and the message says which.
         e @ ca::CaError::Expired { .. } => StartError::Config(e.to_string()),
+        // So is an unusable CA Secret.
+        e @ ca::CaError::BadMaterial { .. } if kube_client.is_some() => {
+            StartError::Config(e.to_string())
+        }
         e => other(e),
     })?;
     let ca = Arc::new(ca);
@@ -422,14 +522,19 @@ pub async fn run(
         tokio::spawn(state.maintain_endpoints());
     }
     let last_error = Arc::new(Mutex::new(None));
-    tokio::spawn(state::MeshFileWatcher::new(&config.mesh, jwks).run(
-        state.clone(),
-        metrics.clone(),
-        last_error.clone(),
-        Duration::from_millis(250),
-    ));
+    let mut jwks = Some(jwks);
+    if let (Some(mesh_path), None) = (&config.mesh, &kube_client) {
+        tokio::spawn(
+            state::MeshFileWatcher::new(mesh_path, jwks.take().expect("one watcher")).run(
+                state.clone(),
+                metrics.clone(),
+                last_error.clone(),
+                Duration::from_millis(250),
+            ),
+        );
+    }
     // New workloads in a changed mesh file get tokens and bootstrap files too.
-    {
+    if kube_client.is_none() {
         let mut updates = state.subscribe();
         let (tokens, state_dir, ca) = (tokens.clone(), config.state_dir.clone(), ca.clone());
         let coordinator_secret = coordinator_secret.clone();
@@ -476,6 +581,7 @@ pub async fn run(
         tokens,
         state: state.clone(),
         metrics,
+        token_review: kube_client.clone(),
     };
     let server = Server::builder()
         .tls_config(tls)
@@ -483,9 +589,9 @@ pub async fn run(
         .add_service(IdentityServer::new(services.clone()))
         .add_service(ConfigServer::new(services));
 
-    let (workflow_addr, workflow_tracing) = match config.workflow_api {
+    let (workflow_addr, workflow_tracing, coordinator) = match config.workflow_api {
         Some(addr) => {
-            let (addr, tracing) = start_coordinator(
+            let (addr, tracing, coordinator) = start_coordinator(
                 &config,
                 addr,
                 &registry,
@@ -493,10 +599,34 @@ pub async fn run(
                 state.clone(),
             )
             .await?;
-            (Some(addr), Some(tracing))
+            (Some(addr), Some(tracing), Some(coordinator))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
+    if let Some(client) = kube_client {
+        // The ready file below means "serving the cluster's config": read it first.
+        let holder = config.pod_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        kubernetes::start(
+            client,
+            kubernetes::KubeSettings {
+                trust_domain: trust_domain.clone(),
+                namespace: config.namespace.clone(),
+                holder,
+                discovery_selector: config.discovery_selector.clone(),
+                sidecar_inbound_port: config.sidecar_inbound_port,
+                lease_duration: config.lease_duration,
+            },
+            state.clone(),
+            &registry,
+            coordinator,
+            jwks.take().expect("the Kubernetes source's resolver"),
+        )
+        .await
+        .map_err(other)?;
+    }
     if let Some(ready) = &config.ready_file {
         let mut file = ReadyFile {
             pid: std::process::id(),

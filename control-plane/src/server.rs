@@ -30,6 +30,9 @@ pub struct Services {
     pub state: StateHandle,
     /// Metrics.
     pub metrics: ControlPlaneMetrics,
+    /// Kubernetes mode: `Certify` is authenticated by ServiceAccount tokens reviewed by this
+    /// cluster (TokenReview), and endpoints come from the cluster, not from `Hello`.
+    pub token_review: Option<kube::Client>,
 }
 
 fn unix(t: std::time::SystemTime) -> i64 {
@@ -54,6 +57,29 @@ impl Identity for Services {
             status
         };
         let state = self.state.current();
+        if let Some(client) = &self.token_review {
+            // The identity is the reviewed token's namespace and service account: nothing the
+            // caller writes in the request or the CSR can change it.
+            let (namespace, account) = match crate::kubernetes::identity::review(client, &req.token)
+                .await
+            {
+                Ok(who) => who,
+                Err(e @ crate::kubernetes::identity::ReviewError::Api(_)) => {
+                    return Err(refuse(
+                        "token_review_failed",
+                        Status::unavailable(e.to_string()),
+                    ))
+                }
+                Err(e) => return Err(refuse("bad_token", Status::unauthenticated(e.to_string()))),
+            };
+            let identity = meshflow_policies::SpiffeId::new(
+                &state.mesh.spec.trust_domain,
+                &namespace,
+                &account,
+            )
+            .map_err(|e| refuse("bad_identity", Status::invalid_argument(e.to_string())))?;
+            return self.issue(&req.csr_pem, &identity, refuse);
+        }
         let Some(workload) = state.mesh.workload(&req.workload) else {
             return Err(refuse(
                 "unknown_workload",
@@ -69,7 +95,21 @@ impl Identity for Services {
         let identity = workload
             .spiffe_id(&state.mesh.spec.trust_domain)
             .map_err(|e| Status::internal(e.to_string()))?;
-        match self.ca.sign_csr(&req.csr_pem, &identity) {
+        self.issue(&req.csr_pem, &identity, refuse)
+    }
+}
+
+impl Services {
+    /// Signs `csr_pem` for `identity`; `refuse` counts and logs a refusal. (tonic's `Status`
+    /// is the gRPC handler's own error type.)
+    #[allow(clippy::result_large_err)]
+    fn issue(
+        &self,
+        csr_pem: &str,
+        identity: &meshflow_policies::SpiffeId,
+        refuse: impl Fn(&str, Status) -> Status,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        match self.ca.sign_csr(csr_pem, identity) {
             Ok(issued) => {
                 self.metrics.certificates_issued.inc();
                 tracing::info!(identity = %identity, serial = %issued.serial_hex, "issued SVID");
@@ -168,7 +208,9 @@ impl Config for Services {
                 "{identity} is not a workload of this mesh"
             )));
         };
-        if !hello.inbound_address.is_empty() {
+        // In Kubernetes the endpoints are the cluster's (ready pods): `Hello` registers none.
+        let register = self.token_review.is_none() && !hello.inbound_address.is_empty();
+        if register {
             let valid = hello
                 .inbound_address
                 .parse::<std::net::SocketAddr>()
@@ -199,13 +241,13 @@ impl Config for Services {
         let services = self.clone();
         tokio::spawn(async move {
             services.metrics.connected_proxies.inc();
-            if !hello.inbound_address.is_empty() {
+            if register {
                 services
                     .state
                     .add_endpoint(&workload, &hello.inbound_address);
             }
             services.serve_watch(&workload, inbound, tx).await;
-            if !hello.inbound_address.is_empty() {
+            if register {
                 services
                     .state
                     .release_endpoint(&workload, &hello.inbound_address);

@@ -29,6 +29,10 @@ pub struct MeshState {
     pub trust_bundle_pem: Arc<str>,
     /// The last policy directory that parsed and validated.
     pub policies: Arc<PolicySet>,
+    /// Kubernetes mode: the services and their endpoints as the cluster has them (ready pods
+    /// from EndpointSlices), by (namespace, name). `None` in local mode, where services come
+    /// from the mesh file's workloads and the endpoints their sidecars register.
+    pub discovered: Option<Arc<BTreeMap<(String, String), v1::Service>>>,
 }
 
 impl MeshState {
@@ -38,7 +42,10 @@ impl MeshState {
         let me = self.mesh.workload(key)?;
         let spiffe_id = me.spiffe_id(&spec.trust_domain).ok()?;
         let mut services: BTreeMap<(String, String), v1::Service> = BTreeMap::new();
-        for w in &spec.workloads {
+        if let Some(discovered) = &self.discovered {
+            services = BTreeMap::clone(discovered);
+        }
+        for w in spec.workloads.iter().filter(|_| self.discovered.is_none()) {
             let service = services
                 .entry((w.namespace.clone(), w.service().to_string()))
                 .or_insert_with(|| v1::Service {
@@ -167,6 +174,7 @@ impl StateHandle {
             endpoints: BTreeMap::new(),
             trust_bundle_pem: Arc::from(trust_bundle_pem),
             policies: Arc::new(PolicySet::default()),
+            discovered: None,
         };
         Self {
             tx: Arc::new(watch::channel(Arc::new(state)).0),
@@ -354,6 +362,21 @@ impl StateHandle {
     pub fn set_config(&self, mesh: MeshFile, policies: PolicySet) {
         self.update(|s| {
             s.mesh = Arc::new(mesh);
+            s.policies = Arc::new(policies);
+        });
+    }
+
+    /// Kubernetes mode: replaces the workloads (one per pod), the services with their
+    /// endpoints and the accepted policies at once (a new version).
+    pub fn set_cluster(
+        &self,
+        mesh: MeshFile,
+        services: BTreeMap<(String, String), v1::Service>,
+        policies: PolicySet,
+    ) {
+        self.update(|s| {
+            s.mesh = Arc::new(mesh);
+            s.discovered = Some(Arc::new(services));
             s.policies = Arc::new(policies);
         });
     }

@@ -1,0 +1,354 @@
+//! Pods, Services and EndpointSlices → the same mesh model the mesh file gives: one workload
+//! per pod (its labels and ServiceAccount), and per Service the endpoints a sidecar balances
+//! over — the ready pods' IPs with the sidecar's inbound port and each pod's expected SPIFFE ID
+//! (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::DynamicObject;
+use meshflow_api::v1;
+use meshflow_policies::mesh::{App, AppProtocol, MeshFile, MeshSpec, ObjectMeta, Workload};
+use meshflow_policies::SpiffeId;
+use serde::Deserialize;
+
+/// Pod annotation: the port the pod's sidecar accepts inbound mTLS on (default: the control
+/// plane's `--sidecar-inbound-port`, 15006). Set by injection; tests without pod networking
+/// set it to the port their sidecar bound.
+pub const INBOUND_PORT_ANNOTATION: &str = "meshflow.io/inbound-port";
+
+/// The label an EndpointSlice names its Service with (`discovery.k8s.io`).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The subset of an EndpointSlice (`discovery.k8s.io/v1` or `v1beta1`: both shapes agree on
+/// these fields) meshflow reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoints {
+    /// The endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of a slice.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    /// Its conditions; `ready` absent means ready (API semantics).
+    #[serde(default)]
+    pub conditions: SliceConditions,
+    /// The pod behind it.
+    #[serde(default)]
+    pub target_ref: Option<TargetRef>,
+}
+
+/// Endpoint conditions.
+#[derive(Debug, Default, Deserialize)]
+pub struct SliceConditions {
+    /// Ready.
+    pub ready: Option<bool>,
+}
+
+/// `targetRef`.
+#[derive(Debug, Default, Deserialize)]
+pub struct TargetRef {
+    /// `Pod`.
+    #[serde(default)]
+    pub kind: String,
+    /// Pod name.
+    #[serde(default)]
+    pub name: String,
+    /// Pod namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// What the model is built with.
+pub struct ModelSettings<'a> {
+    /// The SPIFFE trust domain.
+    pub trust_domain: &'a str,
+    /// The sidecar's inbound port when a pod has no [`INBOUND_PORT_ANNOTATION`].
+    pub inbound_port: u16,
+}
+
+/// Whether the pod's `Ready` condition is `True` and it has an IP.
+pub fn pod_ready(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    status.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty())
+        && status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+        && pod.metadata.deletion_timestamp.is_none()
+}
+
+fn service_account(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
+/// The protocol a Service's first port speaks: `appProtocol` (`http`, `kubernetes.io/h2c`,
+/// `grpc`) or, as Istio reads it, the port name's prefix (`grpc`, `http2`/`h2c`, `http`);
+/// HTTP/1.1 otherwise.
+pub fn service_protocol(service: &Service) -> AppProtocol {
+    let Some(port) = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|p| p.first())
+    else {
+        return AppProtocol::Http1;
+    };
+    let hint = port
+        .app_protocol
+        .clone()
+        .or_else(|| port.name.clone())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if hint.starts_with("grpc") {
+        AppProtocol::Grpc
+    } else if hint.starts_with("http2") || hint.contains("h2c") {
+        AppProtocol::H2c
+    } else {
+        AppProtocol::Http1
+    }
+}
+
+fn protocol_name(protocol: AppProtocol) -> &'static str {
+    match protocol {
+        AppProtocol::Http1 => "http1",
+        AppProtocol::H2c => "h2c",
+        AppProtocol::Grpc => "grpc",
+    }
+}
+
+/// Builds the mesh (one workload per pod in a selected namespace) and the services with their
+/// endpoints. `slices` are EndpointSlices of either served version, as dynamic objects.
+pub fn build(
+    settings: &ModelSettings<'_>,
+    selected: &(dyn Fn(&str) -> bool + Sync),
+    pods: &[Arc<Pod>],
+    services: &[Arc<Service>],
+    slices: &[Arc<DynamicObject>],
+) -> (MeshFile, BTreeMap<(String, String), v1::Service>) {
+    let mut by_name: BTreeMap<(String, String), &Pod> = BTreeMap::new();
+    let mut workloads = Vec::new();
+    for pod in pods {
+        let (Some(ns), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) else {
+            continue;
+        };
+        if !selected(ns) {
+            continue;
+        }
+        by_name.insert((ns.clone(), name.clone()), pod);
+        workloads.push(Workload {
+            name: name.clone(),
+            namespace: ns.clone(),
+            service_account: Some(service_account(pod)),
+            service: None,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            app: App {
+                protocol: AppProtocol::Http1,
+                port: None,
+                command: Vec::new(),
+                builtin: None,
+            },
+        });
+    }
+    let mut out: BTreeMap<(String, String), v1::Service> = BTreeMap::new();
+    let mut protocols: BTreeMap<(String, String), AppProtocol> = BTreeMap::new();
+    for service in services {
+        let (Some(ns), Some(name)) = (&service.metadata.namespace, &service.metadata.name) else {
+            continue;
+        };
+        if !selected(ns) {
+            continue;
+        }
+        let protocol = service_protocol(service);
+        protocols.insert((ns.clone(), name.clone()), protocol);
+        out.insert(
+            (ns.clone(), name.clone()),
+            v1::Service {
+                name: name.clone(),
+                namespace: ns.clone(),
+                protocol: protocol_name(protocol).into(),
+                endpoints: Vec::new(),
+            },
+        );
+    }
+    let mut seen: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for slice in slices {
+        let Some(ns) = &slice.metadata.namespace else {
+            continue;
+        };
+        let Some(service_name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let Some(service) = out.get_mut(&(ns.clone(), service_name.clone())) else {
+            continue;
+        };
+        let Ok(parsed) = serde_json::from_value::<SliceEndpoints>(slice.data.clone()) else {
+            tracing::warn!(namespace = %ns, slice = ?slice.metadata.name, "unreadable EndpointSlice");
+            continue;
+        };
+        for endpoint in parsed.endpoints {
+            if endpoint.conditions.ready == Some(false) {
+                continue;
+            }
+            let Some(target) = endpoint.target_ref.filter(|t| t.kind == "Pod") else {
+                continue;
+            };
+            let pod_ns = target.namespace.clone().unwrap_or_else(|| ns.clone());
+            let Some(pod) = by_name.get(&(pod_ns.clone(), target.name.clone())) else {
+                continue;
+            };
+            // The pod's own Ready condition is newer than the slice: a pod turning NotReady
+            // leaves at once, without waiting for the EndpointSlice controller.
+            if !pod_ready(pod) {
+                continue;
+            }
+            let ip = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.clone())
+                .unwrap_or_default();
+            let port = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(INBOUND_PORT_ANNOTATION))
+                .and_then(|p| p.parse::<u16>().ok())
+                .unwrap_or(settings.inbound_port);
+            let address = match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+                Ok(v4) => format!("{v4}:{port}"),
+                Err(_) => continue,
+            };
+            let Ok(identity) = SpiffeId::new(settings.trust_domain, &pod_ns, &service_account(pod))
+            else {
+                continue;
+            };
+            if !seen.insert((ns.clone(), service_name.clone(), address.clone())) {
+                continue;
+            }
+            service.endpoints.push(v1::Endpoint {
+                address,
+                identity: identity.uri(),
+                workload: format!("{pod_ns}/{}", target.name),
+            });
+        }
+    }
+    for service in out.values_mut() {
+        service.endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+    }
+    // A pod's app protocol is its Service's (the first one selecting it by a slice).
+    for w in &mut workloads {
+        let key = w.key();
+        if let Some(((ns, name), _)) = out
+            .iter()
+            .find(|(_, s)| s.endpoints.iter().any(|e| e.workload == key))
+        {
+            w.service = Some(name.clone());
+            if let Some(p) = protocols.get(&(ns.clone(), name.clone())) {
+                w.app.protocol = *p;
+            }
+        }
+    }
+    let mesh = MeshFile {
+        api_version: meshflow_policies::mesh::API_VERSION.into(),
+        kind: "Mesh".into(),
+        metadata: ObjectMeta {
+            name: "kubernetes".into(),
+            ..Default::default()
+        },
+        spec: MeshSpec {
+            trust_domain: settings.trust_domain.into(),
+            workloads,
+            policies_dir: None,
+            smoke: None,
+        },
+    };
+    (mesh, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, sa: &str, ip: &str, ready: bool) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "namespace": ns, "labels": { "app": "backend" },
+                              "annotations": { INBOUND_PORT_ANNOTATION: "4143" } },
+                "spec": { "serviceAccountName": sa, "containers": [] },
+                "status": { "podIP": ip, "conditions": [
+                    { "type": "Ready", "status": if ready { "True" } else { "False" } } ] }
+            }))
+            .unwrap(),
+        )
+    }
+
+    /// The same EndpointSlice in the `v1` and the `v1beta1` shape gives the same endpoints.
+    #[test]
+    fn ready_pods_of_either_slice_version_become_endpoints_with_their_identity() {
+        let pods = vec![
+            pod("shop", "backend-1", "backend", "10.0.0.1", true),
+            pod("shop", "backend-2", "backend", "10.0.0.2", false),
+            pod("other", "x", "x", "10.0.0.3", true),
+        ];
+        let service: Arc<Service> = Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "backend", "namespace": "shop" },
+                "spec": { "ports": [{ "name": "grpc", "port": 80 }] }
+            }))
+            .unwrap(),
+        );
+        for version in ["discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"] {
+            let slice: DynamicObject = serde_json::from_value(serde_json::json!({
+                "apiVersion": version, "kind": "EndpointSlice",
+                "metadata": { "name": "backend-abc", "namespace": "shop",
+                              "labels": { SERVICE_NAME_LABEL: "backend" } },
+                "addressType": "IPv4",
+                "endpoints": [
+                    { "addresses": ["10.0.0.1"], "conditions": { "ready": true },
+                      "targetRef": { "kind": "Pod", "name": "backend-1", "namespace": "shop" } },
+                    { "addresses": ["10.0.0.2"], "conditions": { "ready": true },
+                      "targetRef": { "kind": "Pod", "name": "backend-2", "namespace": "shop" } }
+                ]
+            }))
+            .unwrap();
+            let (mesh, services) = build(
+                &ModelSettings {
+                    trust_domain: "cluster.local",
+                    inbound_port: 15006,
+                },
+                &|ns| ns == "shop",
+                &pods,
+                std::slice::from_ref(&service),
+                &[Arc::new(slice)],
+            );
+            assert_eq!(mesh.spec.workloads.len(), 2, "{version}: namespace filter");
+            let backend = &services[&("shop".to_string(), "backend".to_string())];
+            assert_eq!(backend.protocol, "grpc");
+            assert_eq!(backend.endpoints.len(), 1, "{version}: only the Ready pod");
+            assert_eq!(backend.endpoints[0].address, "10.0.0.1:4143");
+            assert_eq!(
+                backend.endpoints[0].identity,
+                "spiffe://cluster.local/ns/shop/sa/backend"
+            );
+            assert_eq!(backend.endpoints[0].workload, "shop/backend-1");
+        }
+    }
+}
