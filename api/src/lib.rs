@@ -29,8 +29,15 @@ pub struct Bootstrap {
     pub workload: String,
     /// SPIFFE ID the sidecar will be issued.
     pub spiffe_id: String,
-    /// Secret that authenticates `Certify` for this workload.
+    /// Secret that authenticates `Certify` for this workload: the control plane's bootstrap
+    /// token (local mode) or a ServiceAccount token (Kubernetes mode). Empty when
+    /// `token_file` is given.
+    #[serde(default)]
     pub token: String,
+    /// Kubernetes mode: the pod's projected ServiceAccount token (audience `meshflow`), read
+    /// again at every `Certify` because the kubelet rotates it. Takes the place of `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Only for the `builtin: coordinator` workload: the secret its sidecar puts in
     /// [`SIDECAR_AUTH_HEADER`] on every request it forwards to its app (the workflow API), so
     /// the API can tell its own sidecar from any other local process. Absent for other

@@ -109,6 +109,7 @@ impl TokenStore {
                 app_auth_secret: coordinator_secret
                     .filter(|_| w.app.builtin.is_some())
                     .map(str::to_string),
+                token_file: None,
             };
             let json = serde_json::to_vec_pretty(&bootstrap).expect("bootstrap serializes");
             write_private(&bootstrap_path(state_dir, &w.key()), &json)?;

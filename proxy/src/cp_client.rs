@@ -207,10 +207,21 @@ impl ControlPlaneClient {
             .connect()
             .await
             .map_err(|e| CertifyFailure::new(classify_connect_error(&e, self.ca_expired()), e))?;
+        let token = match &self.bootstrap.token_file {
+            Some(file) => std::fs::read_to_string(file)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| {
+                    CertifyFailure::new(
+                        "local",
+                        anyhow::anyhow!("token file {}: {e}", file.display()),
+                    )
+                })?,
+            None => self.bootstrap.token.clone(),
+        };
         let response = IdentityClient::new(channel)
             .certify(CertifyRequest {
                 workload: self.bootstrap.workload.clone(),
-                token: self.bootstrap.token.clone(),
+                token,
                 csr_pem: csr,
             })
             .await
