@@ -1,23 +1,20 @@
-//! Leader election over a `coordination.k8s.io/v1` Lease, as client-go's leaderelection does
-//! it: the holder renews every third of the lease duration; another replica takes the lease
-//! over when its record has not changed for a whole lease duration *as observed by that
-//! replica's own monotonic clock* (so clock skew between replicas does not matter). Only the
-//! leader writes status; every replica serves config.
+//! Leader election over a `coordination.k8s.io/v1` Lease, by the `kube-lease-manager` crate
+//! (server-side apply, so two replicas can never both take the lock). Only the leader writes
+//! status; every replica serves config. The holder renews before `duration - grace` is over; a
+//! dead holder's lease is taken over once `duration` has passed since its last renewal.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
+use kube_lease_manager::{LeaseCreateMode, LeaseManager, LeaseParams};
 use tokio::sync::watch;
 
 /// The Lease's name (in the control plane's namespace).
 pub const LEASE_NAME: &str = "meshflow-control-plane";
 
 /// Runs forever: keeps `leader` true while this replica (`holder`) holds the Lease
-/// `namespace/LEASE_NAME`, false otherwise. A leader that cannot renew for a whole lease
-/// duration steps down before another may take over.
+/// `namespace/LEASE_NAME` (`duration` whole seconds, at least 2), false otherwise. When the
+/// lease manager fails (the API server unreachable), this replica stops leading and tries again.
 pub async fn run(
     client: Client,
     namespace: String,
@@ -25,103 +22,46 @@ pub async fn run(
     duration: Duration,
     leader: watch::Sender<bool>,
 ) {
-    let api: Api<Lease> = Api::namespaced(client, &namespace);
-    let seconds = duration.as_secs().max(1) as i32;
-    let renew_every = duration / 3;
-    // The other holder's record as last seen, and since when (monotonic).
-    let mut observed: Option<(String, Instant)> = None;
-    let mut last_renewed = Instant::now();
+    let seconds = duration.as_secs().max(2);
+    // Renew a third of the duration before it runs out.
+    let grace = (seconds / 3).max(1);
     loop {
-        let holding = *leader.borrow();
-        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
-        let result: Result<bool, kube::Error> = async {
-            match api.get_opt(LEASE_NAME).await? {
-                None => {
-                    let lease = Lease {
-                        metadata: ObjectMeta {
-                            name: Some(LEASE_NAME.into()),
-                            ..Default::default()
-                        },
-                        spec: Some(LeaseSpec {
-                            holder_identity: Some(holder.clone()),
-                            lease_duration_seconds: Some(seconds),
-                            acquire_time: Some(now.clone()),
-                            renew_time: Some(now.clone()),
-                            lease_transitions: Some(0),
-                            ..Default::default()
-                        }),
-                    };
-                    api.create(&PostParams::default(), &lease).await?;
-                    Ok(true)
-                }
-                Some(mut lease) => {
-                    let spec = lease.spec.get_or_insert_with(Default::default);
-                    let current = spec.holder_identity.clone().unwrap_or_default();
-                    let version = lease.metadata.resource_version.clone().unwrap_or_default();
-                    if current == holder {
-                        spec.renew_time = Some(now.clone());
-                        spec.lease_duration_seconds = Some(seconds);
-                        api.replace(LEASE_NAME, &PostParams::default(), &lease)
-                            .await?;
-                        return Ok(true);
-                    }
-                    // Someone else's (or nobody's) record: free once unchanged for a duration.
-                    let since = match &observed {
-                        Some((v, at)) if *v == version => *at,
-                        _ => {
-                            observed = Some((version.clone(), Instant::now()));
-                            Instant::now()
-                        }
-                    };
-                    let held_for = spec
-                        .lease_duration_seconds
-                        .map_or(duration, |s| Duration::from_secs(s.max(1) as u64));
-                    if !current.is_empty() && since.elapsed() < held_for {
-                        return Ok(false);
-                    }
-                    spec.holder_identity = Some(holder.clone());
-                    spec.lease_duration_seconds = Some(seconds);
-                    spec.acquire_time = Some(now.clone());
-                    spec.renew_time = Some(now.clone());
-                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-                    // `replace` carries the resourceVersion read above: if another replica
-                    // took it meanwhile, this fails with 409 and we stay a follower.
-                    api.replace(LEASE_NAME, &PostParams::default(), &lease)
-                        .await?;
-                    tracing::info!(previous = %current, "took over the control-plane lease");
-                    Ok(true)
-                }
-            }
-        }
+        let manager = LeaseManager::new(
+            client.clone(),
+            LEASE_NAME,
+            namespace.clone(),
+            LeaseParams::new(holder.clone(), seconds, grace),
+            LeaseCreateMode::AutoCreate,
+        )
         .await;
-        match result {
-            Ok(true) => {
-                last_renewed = Instant::now();
-                if !holding {
-                    tracing::info!(%holder, "leader: this replica writes status");
-                }
-                leader.send_if_modified(|l| !std::mem::replace(l, true));
-            }
-            Ok(false) => {
-                if holding {
-                    tracing::warn!("lost the control-plane lease");
-                }
-                leader.send_if_modified(|l| std::mem::replace(l, false));
-            }
+        let manager = match manager {
+            Ok(manager) => manager,
             Err(e) => {
                 tracing::warn!(error = %e, "control-plane lease");
-                // Step down before anyone else may take over.
-                if holding && last_renewed.elapsed() >= duration.saturating_sub(renew_every) {
-                    tracing::warn!("could not renew the control-plane lease: stepping down");
-                    leader.send_if_modified(|l| std::mem::replace(l, false));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let (mut state, task) = manager.watch().await;
+        loop {
+            let leading = *state.borrow_and_update();
+            if leader.send_if_modified(|l| std::mem::replace(l, leading) != leading) {
+                if leading {
+                    tracing::info!(%holder, "leader: this replica writes status");
+                } else {
+                    tracing::warn!(%holder, "no longer the leader");
                 }
             }
+            if state.changed().await.is_err() {
+                break;
+            }
         }
-        tokio::time::sleep(if *leader.borrow() {
-            renew_every
-        } else {
-            renew_every.min(Duration::from_secs(1))
-        })
-        .await;
+        leader.send_if_modified(|l| std::mem::replace(l, false));
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "control-plane lease manager stopped"),
+            Err(e) => tracing::warn!(error = %e, "control-plane lease manager panicked"),
+            Ok(Ok(_)) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
