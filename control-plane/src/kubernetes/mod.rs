@@ -183,6 +183,10 @@ struct Controller {
     last_good: HashMap<ObjectKey, (String, PolicySet)>,
     leader: watch::Receiver<bool>,
     published: Option<Published>,
+    /// The policies (before key sets were filled in) whose `jwksUri`s were fetched last, and
+    /// when.
+    resolved: Option<PolicySet>,
+    last_resolve: std::time::Instant,
 }
 
 /// Starts watching the cluster and keeps `state` in step with it; returns once the first
@@ -287,6 +291,8 @@ pub async fn start(
         last_good: HashMap::new(),
         leader: leader_rx,
         published: None,
+        resolved: None,
+        last_resolve: std::time::Instant::now(),
     };
     controller.reconcile().await;
     tokio::spawn(controller.run(notify));
@@ -301,6 +307,8 @@ impl Controller {
                 changed = self.leader.changed() => {
                     if changed.is_err() { return; }
                 }
+                // Key sets fetched from a `jwksUri` are fetched again now and then.
+                () = tokio::time::sleep(crate::jwks::JWKS_REFRESH) => {}
             }
             // Coalesce a burst of events (a rollout touches many objects at once).
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -388,19 +396,21 @@ impl Controller {
         // Objects gone from the cluster are gone from config and from the caches.
         self.verdicts.retain(|k, _| present.contains(k));
         self.last_good.retain(|k, _| present.contains(k));
-        if JwksResolver::needs_refresh(&policies) {
-            self.jwks.resolve(&mut policies, None).await;
-        }
-        let next = (mesh, services, policies);
-        if self.published.as_ref() != Some(&next) {
-            self.state
-                .set_cluster(next.0.clone(), next.1.clone(), next.2.clone());
-            tracing::debug!(
-                workloads = next.0.spec.workloads.len(),
-                services = next.1.len(),
-                "published the cluster's config"
-            );
-            self.published = Some(next);
+        // Publish with the key sets known so far, then fetch `jwksUri`s when the policies
+        // changed or the keys are due (a slow JWKS host never delays a policy change, as with
+        // the mesh file).
+        let mut served = policies.clone();
+        self.jwks.fill(&mut served);
+        self.publish(mesh.clone(), services.clone(), served);
+        if JwksResolver::needs_refresh(&policies)
+            && (self.resolved.as_ref() != Some(&policies)
+                || self.last_resolve.elapsed() >= crate::jwks::JWKS_REFRESH)
+        {
+            let mut fetched = policies.clone();
+            self.jwks.resolve(&mut fetched, None).await;
+            self.publish(mesh, services, fetched);
+            self.resolved = Some(policies);
+            self.last_resolve = std::time::Instant::now();
         }
         let leading = *self.leader.borrow();
         self.metrics.leader.set(i64::from(leading));
@@ -412,6 +422,28 @@ impl Controller {
             self.write_statuses(&peer_authentication, &conflicts).await;
             self.write_statuses(&workflows, &conflicts).await;
         }
+    }
+
+    /// Hands the model to the snapshot builder unless it is what was handed last (status-only
+    /// events then cost no new version).
+    fn publish(
+        &mut self,
+        mesh: meshflow_policies::mesh::MeshFile,
+        services: BTreeMap<(String, String), meshflow_api::v1::Service>,
+        policies: PolicySet,
+    ) {
+        let next = (mesh, services, policies);
+        if self.published.as_ref() == Some(&next) {
+            return;
+        }
+        self.state
+            .set_cluster(next.0.clone(), next.1.clone(), next.2.clone());
+        tracing::debug!(
+            workloads = next.0.spec.workloads.len(),
+            services = next.1.len(),
+            "published the cluster's config"
+        );
+        self.published = Some(next);
     }
 
     /// Validates every new generation of a policy kind; returns the keys whose last good
