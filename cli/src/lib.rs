@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod output;
 pub mod policy_check;
+pub mod policy_kube;
 pub mod stat;
 pub mod supervisor;
 pub mod up;

@@ -75,7 +75,7 @@ enum Command {
     /// Policy tools.
     Policy {
         #[command(subcommand)]
-        command: PolicyCommand,
+        command: Box<PolicyCommand>,
     },
     /// Run a local mesh from one mesh file in the foreground; Ctrl-C stops everything.
     /// Exit code 0 after Ctrl-C (or a good `--smoke`), 1 when a process fails to start or
@@ -107,32 +107,65 @@ enum PolicyCommand {
     /// Judge one request as the target's inbound sidecar would, with its own code: mTLS mode
     /// (PeerAuthentication), path normalization, JWT (RequestAuthentication), then
     /// AuthorizationPolicy. Prints the decision and the policy and rule that made it.
-    /// Policies come from a directory (`-d`) or from a running control plane
-    /// (`--control-plane`, with `--workload` naming the target).
+    /// Policies come from a directory (`-d`), from a running control plane
+    /// (`--control-plane`, with `--workload` naming the target) or from a Kubernetes cluster
+    /// (`--kubernetes`, with `--pod` naming the target, or `--namespace`/`--label`).
     /// Exit code 0 = allowed, 1 = denied (403), 2 = rejected (400), 3 = bad token (401),
-    /// 4 = plaintext refused (STRICT), 64 = invalid policy files or unreachable control plane.
+    /// 4 = plaintext refused (STRICT), 64 = invalid policy files, unreachable control plane or
+    /// cluster, unknown pod, CRDs not installed.
     Check {
         /// Policy directory (the mesh file's policiesDir).
         #[arg(
             short = 'd',
             long,
-            required_unless_present = "control_plane",
-            conflicts_with = "control_plane"
+            required_unless_present_any = ["control_plane", "kubernetes"],
+            conflicts_with_all = ["control_plane", "kubernetes"]
         )]
         dir: Option<PathBuf>,
         /// A running control plane's admin address, `http://127.0.0.1:9901` or `127.0.0.1:9901`.
-        #[arg(long, requires = "workload")]
+        #[arg(long, requires = "workload", conflicts_with = "kubernetes")]
         control_plane: Option<String>,
+        /// Read the policies from a Kubernetes cluster (`KUBECONFIG`, `--kubeconfig`,
+        /// `--context`; in a pod, the in-cluster config): the AuthorizationPolicy,
+        /// RequestAuthentication and PeerAuthentication custom resources of the target's
+        /// namespace and of `meshflow-system` (mesh-wide). Invalid ones are reported on stderr
+        /// with their field and left out.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With `--kubernetes`: the target pod (in `--namespace`); its labels select the
+        /// policies and its ServiceAccount gives its SPIFFE ID. Without it, `--namespace` and
+        /// `--label` describe the target (a workload that need not exist yet).
+        #[arg(long, requires = "kubernetes", conflicts_with_all = ["labels", "workload"])]
+        pod: Option<String>,
+        /// With `--kubernetes`: the calling pod, `name` (in `--namespace`) or `namespace/name`;
+        /// its ServiceAccount gives the caller principal (instead of `--principal`).
+        #[arg(long, requires = "kubernetes", conflicts_with = "principal")]
+        source_pod: Option<String>,
+        /// With `--kubernetes`: the kubeconfig file (default: `KUBECONFIG`, `~/.kube/config`).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// With `--kubernetes`: the kubeconfig context (default: its current context).
+        #[arg(long, requires = "kubernetes")]
+        context: Option<String>,
+        /// With `--kubernetes`: the mesh's SPIFFE trust domain (pods' and `--source-pod`'s IDs).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// With `--kubernetes`: the control plane's `--discovery-selector` (a label selector
+        /// for the namespaces in the mesh), when it has one: policies of other namespaces are
+        /// not in force.
+        #[arg(long, requires = "kubernetes")]
+        discovery_selector: Option<String>,
         /// Target workload `namespace/name` (with `--control-plane`: gives namespace, labels
         /// and port from the mesh). Also names the target in the `x-forwarded-client-cert`
         /// the sidecar sets and policies see (`By=`; with `-d` the service account is `name`).
         #[arg(long)]
         workload: Option<String>,
-        /// Target workload's namespace.
-        #[arg(long, default_value = "default")]
-        namespace: String,
-        /// Target workload's labels, `key=value` (repeatable).
-        #[arg(long = "label")]
+        /// Target workload's namespace (default `default`; with `--kubernetes`, the
+        /// kubeconfig context's namespace).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Target workload's labels, `key=value` (repeatable, or comma-separated).
+        #[arg(long = "label", alias = "labels", value_delimiter = ',')]
         labels: Vec<String>,
         /// Caller principal (Istio form `td/ns/x/sa/y`) or SPIFFE ID; absent = plaintext.
         #[arg(long)]
@@ -149,8 +182,9 @@ enum PolicyCommand {
         /// Host / :authority.
         #[arg(long, default_value = "")]
         host: String,
-        /// Destination (app) port; with `--control-plane`, the mesh file's port unless given
-        /// (a port the mesh assigns at start, `{port}`, must be given).
+        /// Destination (app) port (default 80); with `--control-plane`, the mesh file's port
+        /// unless given (a port the mesh assigns at start, `{port}`, must be given); with
+        /// `--pod`, the pod's container port when it declares exactly one.
         #[arg(long)]
         port: Option<u16>,
         /// Request header `name=value` (repeatable), e.g. `authorization=Bearer <jwt>`.
@@ -450,7 +484,7 @@ async fn up(
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Policy { command } => policy_check(command).await,
+        Command::Policy { command } => policy_check(*command).await,
         Command::Stat {
             state_dir,
             admins: given,
@@ -549,11 +583,18 @@ async fn main() {
 
 async fn policy_check(command: PolicyCommand) -> i32 {
     use meshflow_cli::policy_check::{
-        check, load_dir_with_jwks, load_from_control_plane, CheckRequest,
+        check, load_dir_with_jwks, load_from_control_plane, render, CheckRequest, Target,
     };
     let PolicyCommand::Check {
         dir,
         control_plane,
+        kubernetes,
+        pod,
+        source_pod,
+        kubeconfig,
+        context,
+        trust_domain,
+        discovery_selector,
         workload,
         namespace,
         labels,
@@ -572,9 +613,12 @@ async fn policy_check(command: PolicyCommand) -> i32 {
             .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
             .collect()
     };
-    let mut request = CheckRequest {
-        namespace,
+    let mut target = Target {
+        namespace: namespace.clone().unwrap_or_else(|| "default".into()),
         labels: split(&labels).into_iter().collect(),
+        spiffe_id: None,
+    };
+    let mut request = CheckRequest {
         port: port.unwrap_or(80),
         principal,
         source_ip,
@@ -582,7 +626,6 @@ async fn policy_check(command: PolicyCommand) -> i32 {
         path,
         host,
         headers: Default::default(),
-        target_id: None,
     };
     for (k, v) in split(&headers) {
         request
@@ -591,53 +634,131 @@ async fn policy_check(command: PolicyCommand) -> i32 {
             .or_default()
             .push(v);
     }
-    let set = match (dir, control_plane) {
-        (Some(dir), _) => match load_dir_with_jwks(&dir) {
-            Ok(set) => {
-                // The target's identity for the sidecar's XFCC: `--workload ns/name`, service
-                // account = name, in the caller's trust domain.
-                request.target_id = workload.as_deref().and_then(|w| {
-                    let (ns, name) = w.split_once('/')?;
-                    let td = request
-                        .principal
-                        .as_deref()
-                        .map(|p| p.trim_start_matches("spiffe://"))
-                        .and_then(|p| p.split('/').next())
-                        .unwrap_or("cluster.local");
-                    Some(format!("spiffe://{td}/ns/{ns}/sa/{name}"))
-                });
-                set
-            }
+    let set = if kubernetes {
+        let options = meshflow_cli::policy_kube::ClusterOptions {
+            kubeconfig,
+            context,
+        };
+        let from = KubeTarget {
+            namespace,
+            pod,
+            source_pod,
+            trust_domain,
+            discovery_selector,
+            port,
+        };
+        match from_cluster(&options, from, &mut target, &mut request).await {
+            Ok(set) => set,
             Err(e) => {
                 eprintln!("meshflow policy check: {e}");
                 return 64;
             }
-        },
-        (None, Some(admin)) => match load_from_control_plane(&admin).await {
-            Ok((mesh, set)) => {
-                let key = workload.unwrap_or_default();
-                let Some(w) = mesh.workload(&key) else {
-                    eprintln!("meshflow policy check: the mesh has no workload {key:?}");
+        }
+    } else {
+        match (dir, control_plane) {
+            (Some(dir), _) => match load_dir_with_jwks(&dir) {
+                Ok(set) => {
+                    // The target's identity for the sidecar's XFCC: `--workload ns/name`,
+                    // service account = name, in the caller's trust domain.
+                    target.spiffe_id = workload.as_deref().and_then(|w| {
+                        let (ns, name) = w.split_once('/')?;
+                        let td = request
+                            .principal
+                            .as_deref()
+                            .map(|p| p.trim_start_matches("spiffe://"))
+                            .and_then(|p| p.split('/').next())
+                            .unwrap_or("cluster.local");
+                        Some(format!("spiffe://{td}/ns/{ns}/sa/{name}"))
+                    });
+                    set
+                }
+                Err(e) => {
+                    eprintln!("meshflow policy check: {e}");
                     return 64;
-                };
-                request.namespace = w.namespace.clone();
-                request.labels = w.labels.clone();
-                request.target_id = w.spiffe_id(&mesh.spec.trust_domain).ok().map(|id| id.uri());
-                request.port = port.or(w.app.port).unwrap_or(request.port);
-                set
-            }
-            Err(e) => {
-                eprintln!("meshflow policy check: {e}");
-                return 64;
-            }
-        },
-        (None, None) => unreachable!("clap requires --dir or --control-plane"),
+                }
+            },
+            (None, Some(admin)) => match load_from_control_plane(&admin).await {
+                Ok((mesh, set)) => {
+                    let key = workload.unwrap_or_default();
+                    let Some(w) = mesh.workload(&key) else {
+                        eprintln!("meshflow policy check: the mesh has no workload {key:?}");
+                        return 64;
+                    };
+                    target = Target {
+                        namespace: w.namespace.clone(),
+                        labels: w.labels.clone(),
+                        spiffe_id: w.spiffe_id(&mesh.spec.trust_domain).ok().map(|id| id.uri()),
+                    };
+                    request.port = port.or(w.app.port).unwrap_or(request.port);
+                    set
+                }
+                Err(e) => {
+                    eprintln!("meshflow policy check: {e}");
+                    return 64;
+                }
+            },
+            (None, None) => unreachable!("clap requires --dir, --control-plane or --kubernetes"),
+        }
     };
-    let (verdict, audited) = check(&set, &request);
-    let mut text = format!("{}\n", verdict.describe());
-    for policy in audited {
-        text.push_str(&format!("AUDIT {policy}\n"));
-    }
-    meshflow_cli::output::print(&text);
+    let (verdict, audited) = check(&set, &target, &request);
+    meshflow_cli::output::print(&render(&verdict, &audited));
     verdict.exit_code()
+}
+
+/// What `--kubernetes` resolves against the cluster.
+struct KubeTarget {
+    namespace: Option<String>,
+    pod: Option<String>,
+    source_pod: Option<String>,
+    trust_domain: String,
+    discovery_selector: Option<String>,
+    port: Option<u16>,
+}
+
+/// `--kubernetes`: the target (pod or `--namespace`/`--label`), the caller (`--source-pod`)
+/// and the policies from the cluster; invalid custom resources and key sets only the control
+/// plane fetches are reported on stderr.
+async fn from_cluster(
+    options: &meshflow_cli::policy_kube::ClusterOptions,
+    from: KubeTarget,
+    target: &mut meshflow_cli::policy_check::Target,
+    request: &mut meshflow_cli::policy_check::CheckRequest,
+) -> Result<meshflow_policies::documents::PolicySet, String> {
+    use meshflow_cli::policy_kube as kube_mode;
+    let (client, url) = kube_mode::client(options).await?;
+    let namespace = from
+        .namespace
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    target.namespace.clone_from(&namespace);
+    if let Some(pod) = &from.pod {
+        let (of_pod, pod_port) =
+            kube_mode::pod_target(&client, &url, &namespace, pod, &from.trust_domain).await?;
+        *target = of_pod;
+        request.port = from.port.or(pod_port).unwrap_or(request.port);
+    }
+    if let Some(source) = &from.source_pod {
+        let (ns, name) = source
+            .split_once('/')
+            .unwrap_or((namespace.as_str(), source.as_str()));
+        request.principal = Some(
+            kube_mode::pod_source_principal(&client, &url, ns, name, &from.trust_domain).await?,
+        );
+    }
+    let policies = kube_mode::cluster_policies(
+        &client,
+        &url,
+        &namespace,
+        from.discovery_selector.as_deref(),
+    )
+    .await?;
+    for invalid in &policies.invalid {
+        eprintln!("warning: {invalid}");
+    }
+    for note in &policies.notes {
+        eprintln!("{note}");
+    }
+    for note in kube_mode::key_set_notes(&policies.set) {
+        eprintln!("{note}");
+    }
+    Ok(policies.set)
 }

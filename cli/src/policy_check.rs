@@ -13,13 +13,23 @@ use meshflow_policies::headers::{admitted_headers, xfcc_value};
 use meshflow_policies::mesh::MeshFile;
 use meshflow_policies::path::{normalize_host, normalize_path};
 
+/// The workload whose inbound sidecar judges the request: its namespace and labels select the
+/// policies. Every mode (`-d`, `--control-plane`, `--kubernetes`) resolves one and hands it,
+/// with a [`PolicySet`], to [`check`].
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    /// Namespace.
+    pub namespace: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its SPIFFE ID (`spiffe://…`), when known: the `By=` of the XFCC the sidecar sets for a
+    /// verified caller. Unknown: the XFCC judged is `URI=<caller>` alone.
+    pub spiffe_id: Option<String>,
+}
+
 /// The request to judge.
 #[derive(Debug, Clone, Default)]
 pub struct CheckRequest {
-    /// Target workload's namespace.
-    pub namespace: String,
-    /// Target workload's labels.
-    pub labels: BTreeMap<String, String>,
     /// Target app port (PeerAuthentication `portLevelMtls`, `destination.port`).
     pub port: u16,
     /// Caller principal (`td/ns/x/sa/y`, a `spiffe://` prefix is accepted); `None` = plaintext.
@@ -35,9 +45,6 @@ pub struct CheckRequest {
     /// Headers, lower-case names, as the client sends them. Mesh-owned ones
     /// ([`meshflow_policies::headers`]) are removed as the sidecar removes them.
     pub headers: BTreeMap<String, Vec<String>>,
-    /// The target workload's SPIFFE ID (`spiffe://…`), when known: the `By=` of the XFCC the
-    /// sidecar sets for a verified caller. Unknown: the XFCC judged is `URI=<caller>` alone.
-    pub target_id: Option<String>,
 }
 
 /// What the inbound sidecar does with the request.
@@ -79,15 +86,16 @@ impl Verdict {
     }
 }
 
-/// Judges `request` against `set` in the order the sidecar does: transport (mTLS mode), path
-/// normalization, JWT, authorization. Returns the verdict and AUDIT policies that matched.
-pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) {
+/// Judges `request` to `target` against `set` in the order the sidecar does: transport (mTLS
+/// mode), path normalization, JWT, authorization. Returns the verdict and AUDIT policies that
+/// matched. The one evaluation every mode of `meshflow policy check` uses.
+pub fn check(set: &PolicySet, target: &Target, request: &CheckRequest) -> (Verdict, Vec<String>) {
     let principal = request
         .principal
         .as_deref()
         .map(|p| p.trim_start_matches("spiffe://").to_string());
     if principal.is_none() {
-        let (mode, policy) = set.mtls_mode_for(&request.namespace, &request.labels, request.port);
+        let (mode, policy) = set.mtls_mode_for(&target.namespace, &target.labels, request.port);
         if mode != MtlsMode::Permissive {
             let by = policy.map_or("(the default)".to_string(), |p| format!("by {p}"));
             return (
@@ -124,7 +132,7 @@ pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) 
         .map(str::to_string);
     // What the sidecar admits: no client-sent mesh-owned header, its own XFCC for a verified
     // caller.
-    let xfcc = principal.as_deref().map(|p| match &request.target_id {
+    let xfcc = principal.as_deref().map(|p| match &target.spiffe_id {
         Some(own) => xfcc_value(own, &format!("spiffe://{p}")),
         None => format!("URI=spiffe://{p}"),
     });
@@ -142,7 +150,7 @@ pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) 
         ..Default::default()
     };
     let authenticator =
-        Authenticator::new(set.request_authentication_for(&request.namespace, &request.labels));
+        Authenticator::new(set.request_authentication_for(&target.namespace, &target.labels));
     match authenticator.authenticate(&headers, query) {
         AuthnOutcome::Anonymous => {}
         AuthnOutcome::Authenticated(identity) => identity.apply_to(&mut attributes),
@@ -151,7 +159,7 @@ pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) 
         }
     }
     let decision = authorize(
-        set.authorization_for(&request.namespace, &request.labels),
+        set.authorization_for(&target.namespace, &target.labels),
         &attributes,
     );
     let by = match (&decision.policy, decision.rule) {
@@ -176,6 +184,16 @@ pub fn check(set: &PolicySet, request: &CheckRequest) -> (Verdict, Vec<String>) 
         Verdict::Deny(text)
     };
     (verdict, decision.audited)
+}
+
+/// What `meshflow policy check` prints for a verdict: the decision line, then one `AUDIT
+/// <policy>` line per AUDIT policy that matched.
+pub fn render(verdict: &Verdict, audited: &[String]) -> String {
+    let mut text = format!("{}\n", verdict.describe());
+    for policy in audited {
+        text.push_str(&format!("AUDIT {policy}\n"));
+    }
+    text
 }
 
 /// Loads a policy directory and fills in every `jwksUri: file://…` (relative to `dir`) so

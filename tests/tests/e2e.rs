@@ -32,6 +32,8 @@ mod lifecycle;
 mod newuser;
 #[path = "e2e/observability.rs"]
 mod observability;
+#[path = "e2e/policy_check_kube.rs"]
+mod policy_check_kube;
 #[path = "e2e/protocols.rs"]
 mod protocols;
 #[path = "e2e/readme.rs"]
