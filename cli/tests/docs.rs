@@ -80,7 +80,7 @@ fn example_files_point_at_what_runs_them() {
 }
 
 /// Every `-f <file>` / `-d <dir>` in the README's shell blocks names something in the
-/// repository (placeholders aside).
+/// repository (placeholders and `-f -`, standard input, aside).
 #[test]
 fn readme_commands_name_files_that_exist() {
     let readme = read("README.md");
@@ -90,7 +90,7 @@ fn readme_commands_name_files_that_exist() {
         for line in block.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
             for pair in words.windows(2) {
-                if matches!(pair[0], "-f" | "-d") && !pair[1].contains('<') {
+                if matches!(pair[0], "-f" | "-d") && !pair[1].contains('<') && pair[1] != "-" {
                     assert!(
                         repo().join(pair[1]).exists(),
                         "README names {} in `{line}`, which does not exist",
