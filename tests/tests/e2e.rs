@@ -10,6 +10,10 @@ mod authn;
 mod authz;
 #[path = "e2e/ca_expiry.rs"]
 mod ca_expiry;
+#[path = "e2e/chart.rs"]
+mod chart;
+#[path = "e2e/cluster.rs"]
+mod cluster;
 #[path = "e2e/collector.rs"]
 mod collector;
 #[path = "e2e/common.rs"]
@@ -26,6 +30,8 @@ mod hygiene;
 mod identity;
 #[path = "../../policies/tests/support/issuer.rs"]
 mod issuer;
+#[path = "e2e/kubernetes.rs"]
+mod kubernetes;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
 #[path = "e2e/newuser.rs"]
@@ -52,9 +58,3 @@ mod traces;
 mod workflow;
 #[path = "e2e/workflow_guards.rs"]
 mod workflow_guards;
-#[path = "e2e/cluster.rs"]
-mod cluster;
-#[path = "e2e/chart.rs"]
-mod chart;
-#[path = "e2e/kubernetes.rs"]
-mod kubernetes;
