@@ -11,6 +11,8 @@ pub mod crd;
 pub mod documents;
 pub mod duration;
 pub mod headers;
+#[cfg(feature = "kubernetes")]
+pub mod inject;
 pub mod load;
 pub mod mesh;
 pub mod path;
