@@ -1,5 +1,6 @@
 //! The control plane's admin listener: `/live`, `/ready`, `/metrics` (Prometheus text),
-//! `/config_dump` (current mesh state and the last config error, JSON).
+//! `/config_dump` (current mesh state — in Kubernetes mode with the services and endpoints
+//! discovered from the cluster — and the last config error, JSON).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,9 @@ pub struct AdminState {
     pub last_error: Arc<Mutex<Option<String>>>,
     /// The effective settings.
     pub settings: Arc<serde_json::Value>,
+    /// Whether config is being served (Kubernetes mode: after the first complete read of the
+    /// cluster); `/ready` answers 503 until then, `/live` always 200.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn respond(
@@ -43,7 +47,15 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
-        "/live" | "/ready" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/live" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/ready" if admin.ready.load(std::sync::atomic::Ordering::SeqCst) => {
+            respond(StatusCode::OK, "text/plain", "ok\n")
+        }
+        "/ready" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: reading the cluster\n",
+        ),
         "/metrics" => {
             let mut buf = Vec::new();
             let _ = TextEncoder::new().encode(&admin.registry.gather(), &mut buf);
@@ -56,6 +68,19 @@ async fn handle(
                 "version": state.version,
                 "mesh": &*state.mesh,
                 "endpoints": &state.endpoints,
+                // Kubernetes mode: the services with the endpoints the cluster gives them.
+                "services": state.discovered.as_deref().map(|services| {
+                    services.values().map(|s| serde_json::json!({
+                        "namespace": s.namespace,
+                        "name": s.name,
+                        "protocol": s.protocol,
+                        "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                            "address": e.address,
+                            "identity": e.identity,
+                            "workload": e.workload,
+                        })).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>()
+                }),
                 "policies": &*state.policies,
                 "lastError": *admin.last_error.lock().unwrap_or_else(|e| e.into_inner()),
             });

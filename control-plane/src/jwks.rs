@@ -23,10 +23,13 @@ pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
 const EMPTY_JWKS: &str = r#"{"keys":[]}"#;
 
-/// Resolves `jwksUri`s, remembering the last good key set of each.
+/// Resolves `jwksUri`s, remembering the last good key set of each. Clones share that memory,
+/// so one task can fetch while another fills rules from what is known (never waiting on a
+/// fetch).
+#[derive(Clone)]
 pub struct JwksResolver {
     client: reqwest::Client,
-    last_good: HashMap<String, String>,
+    last_good: std::sync::Arc<std::sync::Mutex<HashMap<String, String>>>,
     metrics: ControlPlaneMetrics,
 }
 
@@ -35,7 +38,7 @@ impl JwksResolver {
     pub fn new(metrics: ControlPlaneMetrics) -> Self {
         Self {
             client: reqwest::Client::new(),
-            last_good: HashMap::new(),
+            last_good: Default::default(),
             metrics,
         }
     }
@@ -84,7 +87,10 @@ impl JwksResolver {
         for (uri, policy, result) in futures::future::join_all(fetches).await {
             match result {
                 Ok(text) => {
-                    self.last_good.insert(uri, text);
+                    self.last_good
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(uri, text);
                 }
                 Err(e) => {
                     self.metrics.jwks_fetch_errors.inc();
@@ -99,11 +105,12 @@ impl JwksResolver {
     /// Writes the last good key set of each rule's `jwksUri` into its `jwks` (none fetched
     /// yet: an empty set, so its tokens are refused).
     pub fn fill(&self, policies: &mut PolicySet) {
+        let last_good = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
         for policy in &mut policies.request_authentication {
             for rule in &mut policy.spec.jwt_rules {
                 if let Some(uri) = &rule.jwks_uri {
                     rule.jwks = Some(
-                        self.last_good
+                        last_good
                             .get(uri)
                             .cloned()
                             .unwrap_or_else(|| EMPTY_JWKS.to_string()),

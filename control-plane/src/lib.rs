@@ -374,6 +374,10 @@ pub async fn run(
     config: ControlPlaneConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    if let Some(selector) = &config.discovery_selector {
+        kubernetes::check_selector(selector)
+            .map_err(|e| StartError::Config(format!("--discovery-selector: {e}")))?;
+    }
     let kube_client = if config.kubernetes {
         Some(kube::Client::try_default().await.map_err(|e| {
             StartError::Config(format!(
@@ -414,19 +418,36 @@ pub async fn run(
             config.ca_bundle.as_deref(),
             config.leaf_ttl,
         ),
-        (_, _, Some(client)) => kubernetes::ca_secret::load_or_create(
-            client,
-            &config.namespace,
-            &config.ca_secret,
-            &config.state_dir.join("ca"),
-            &trust_domain,
-            config.leaf_ttl,
-        )
-        .await
-        .map_err(|message| ca::CaError::BadMaterial {
-            what: format!("--ca-secret {}", config.ca_secret),
-            message,
-        }),
+        (_, _, Some(client)) => {
+            // The API server may not answer yet (or RBAC not be in place): keep asking; only
+            // an unusable Secret is a configuration error.
+            let mut wait = Duration::from_millis(250);
+            loop {
+                match kubernetes::ca_secret::load_or_create(
+                    client,
+                    &config.namespace,
+                    &config.ca_secret,
+                    &config.state_dir.join("ca"),
+                    &trust_domain,
+                    config.leaf_ttl,
+                )
+                .await
+                {
+                    Ok(ca) => break Ok(ca),
+                    Err(kubernetes::ca_secret::CaSecretError::Api(e)) => {
+                        tracing::warn!(error = %e, "reading the CA Secret; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                    Err(kubernetes::ca_secret::CaSecretError::Material(message)) => {
+                        break Err(ca::CaError::BadMaterial {
+                            what: format!("--ca-secret {}", config.ca_secret),
+                            message,
+                        })
+                    }
+                }
+            }
+        }
         _ => ca::CertificateAuthority::load_or_generate(
             &config.state_dir.join("ca"),
             &trust_domain,
@@ -561,6 +582,9 @@ pub async fn run(
             }
         });
     }
+    // `/ready` answers 200 once config is being served: at once from a mesh file, after the
+    // first complete read of the cluster in Kubernetes mode.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(kube_client.is_none()));
     tokio::spawn(admin::serve(
         admin_listener,
         admin::AdminState {
@@ -568,6 +592,7 @@ pub async fn run(
             state: state.clone(),
             last_error,
             settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
+            ready: ready.clone(),
         },
     ));
 
@@ -623,6 +648,7 @@ pub async fn run(
             &registry,
             coordinator,
             jwks.take().expect("the Kubernetes source's resolver"),
+            ready.clone(),
         )
         .await
         .map_err(other)?;

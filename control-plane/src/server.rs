@@ -58,6 +58,12 @@ impl Identity for Services {
         };
         let state = self.state.current();
         if let Some(client) = &self.token_review {
+            if req.token.len() > MAX_TOKEN_BYTES {
+                return Err(refuse(
+                    "bad_token",
+                    Status::invalid_argument(format!("token longer than {MAX_TOKEN_BYTES} bytes")),
+                ));
+            }
             // The identity is the reviewed token's namespace and service account: nothing the
             // caller writes in the request or the CSR can change it.
             let (namespace, account) = match crate::kubernetes::identity::review(client, &req.token)
@@ -78,6 +84,18 @@ impl Identity for Services {
                 &account,
             )
             .map_err(|e| refuse("bad_identity", Status::invalid_argument(e.to_string())))?;
+            // The control plane's own identity is never issued: sidecars trust the control
+            // plane by it (as in local mode, where no workload may have it).
+            if namespace == meshflow_policies::mesh::CONTROL_PLANE_NAMESPACE
+                && account == meshflow_policies::mesh::CONTROL_PLANE_SERVICE_ACCOUNT
+            {
+                return Err(refuse(
+                    "reserved_identity",
+                    Status::permission_denied(format!(
+                        "{identity} is the control plane's own identity"
+                    )),
+                ));
+            }
             return self.issue(&req.csr_pem, &identity, refuse);
         }
         let Some(workload) = state.mesh.workload(&req.workload) else {
@@ -138,6 +156,9 @@ impl Services {
     }
 }
 
+/// Longest ServiceAccount token `Certify` sends for review (Kubernetes mode).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
 /// Registrations one workload may hold at once (sidecar instances in local mode).
 pub const MAX_ENDPOINTS_PER_WORKLOAD: usize = 64;
 
@@ -188,6 +209,17 @@ impl Config for Services {
         };
         let state = self.state.current();
         let trust_domain = state.mesh.spec.trust_domain.clone();
+        // In Kubernetes a service account is shared by many pods, which policies tell apart by
+        // their labels: the sidecar must name its pod.
+        if self.token_review.is_some() && hello.workload.is_empty() {
+            self.metrics
+                .watch_refused
+                .with_label_values(&["no_workload"])
+                .inc();
+            return Err(Status::invalid_argument(
+                "Hello must name the sidecar's pod (<namespace>/<pod>) in Kubernetes mode",
+            ));
+        }
         // The identity picks the workload; Hello may not claim someone else's.
         let workload = state
             .mesh

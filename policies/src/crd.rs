@@ -44,6 +44,22 @@ pub struct ResourceStatus {
     /// The `metadata.generation` the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The last generation the control plane accepted, and its spec: what stays in force while
+    /// a newer generation is rejected — also across control-plane restarts and on every
+    /// replica, since it lives in the object (written only through the `status` subresource,
+    /// which needs its own RBAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_accepted: Option<LastAccepted>,
+}
+
+/// A generation the control plane accepted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastAccepted {
+    /// Its `metadata.generation`.
+    pub generation: i64,
+    /// Its `spec`, as JSON text.
+    pub spec: String,
 }
 
 /// `status` of a `Workflow`: `Accepted`, and the definition version the coordinator
@@ -103,6 +119,8 @@ pub trait MeshflowResource: Resource<DynamicType = ()> + Clone + Send + Sync + '
     const KIND: &'static str;
     /// The spec.
     fn spec(&self) -> &Self::Spec;
+    /// The last accepted generation recorded in the status (policy kinds only).
+    fn last_accepted(&self) -> Option<&LastAccepted>;
     /// Where the object is named in errors: `<Kind> <namespace>/<name>`.
     fn origin(&self) -> String {
         format!(
@@ -115,6 +133,10 @@ pub trait MeshflowResource: Resource<DynamicType = ()> + Clone + Send + Sync + '
     /// The object as the YAML document a policy file would hold (`apiVersion`, `kind`,
     /// `metadata` with name, namespace and labels, `spec`).
     fn to_document(&self) -> String {
+        self.document_with(self.spec())
+    }
+    /// The object's document with another `spec` (e.g. a [`LastAccepted`] one, as JSON).
+    fn document_with<S: Serialize>(&self, spec: &S) -> String {
         let meta = self.meta();
         let doc = Document {
             api_version: crate::mesh::API_VERSION,
@@ -125,7 +147,7 @@ pub trait MeshflowResource: Resource<DynamicType = ()> + Clone + Send + Sync + '
                 labels: meta.labels.clone().unwrap_or_default(),
                 annotations: BTreeMap::new(),
             },
-            spec: self.spec(),
+            spec,
         };
         serde_yaml::to_string(&doc).unwrap_or_default()
     }
@@ -147,6 +169,9 @@ macro_rules! meshflow_resource {
             const KIND: &'static str = $kind;
             fn spec(&self) -> &$spec {
                 &self.spec
+            }
+            fn last_accepted(&self) -> Option<&LastAccepted> {
+                self.status.as_ref().and_then(|s| s.last_accepted.as_ref())
             }
         }
     };
@@ -171,7 +196,17 @@ meshflow_resource!(
     crate::authn::PeerAuthenticationSpec,
     "PeerAuthentication"
 );
-meshflow_resource!(WorkflowResource, crate::workflow::WorkflowSpec, "Workflow");
+impl MeshflowResource for WorkflowResource {
+    type Spec = crate::workflow::WorkflowSpec;
+    const KIND: &'static str = "Workflow";
+    fn spec(&self) -> &crate::workflow::WorkflowSpec {
+        &self.spec
+    }
+    /// Registered versions live in the coordinator's store, not in the object.
+    fn last_accepted(&self) -> Option<&LastAccepted> {
+        None
+    }
+}
 
 /// Why a custom resource is not accepted: the field path and what is wrong, as the same
 /// validation reports it for a policy file (e.g. `spec.rules[0].to[0].operation.methods[0]:
@@ -207,6 +242,27 @@ impl From<LoadError> for Rejection {
 pub fn policy_from_resource<R: MeshflowResource>(resource: &R) -> Result<PolicySet, Rejection> {
     let mut set = PolicySet::default();
     set.add_file(Path::new(&resource.origin()), &resource.to_document())?;
+    Ok(set)
+}
+
+/// The policy a [`LastAccepted`] spec of `resource` gives (validated again: a spec recorded by
+/// an older control plane may no longer pass).
+///
+/// # Errors
+/// [`Rejection`] when the recorded spec is not JSON or no longer valid.
+pub fn policy_from_last_accepted<R: MeshflowResource>(
+    resource: &R,
+    last: &LastAccepted,
+) -> Result<PolicySet, Rejection> {
+    let spec: serde_json::Value = serde_json::from_str(&last.spec).map_err(|e| Rejection {
+        field: "status.lastAccepted.spec".into(),
+        message: e.to_string(),
+    })?;
+    let mut set = PolicySet::default();
+    set.add_file(
+        Path::new(&resource.origin()),
+        &resource.document_with(&spec),
+    )?;
     Ok(set)
 }
 

@@ -5,12 +5,17 @@
 //! sources apart.
 //!
 //! Each custom resource is validated by the policy-file code. A valid one is served; an invalid
-//! one gets `Accepted=False` (reason, the field path and what is wrong) and the previous good
-//! version of that object stays in force — a rejected change never widens access — and is
-//! counted in `meshflow_kubernetes_rejected_total{kind}`. Every replica serves config; the
-//! holder of the `coordination.k8s.io` Lease ([`leader`]) writes status. A `Workflow` is
-//! registered with this replica's coordinator and its status names the registered version;
-//! runs stay in the coordinator's store.
+//! one gets `Accepted=False` (reason, the field path and what is wrong) and the last accepted
+//! generation of that object stays in force — a rejected change never widens access — and is
+//! counted in `meshflow_kubernetes_rejected_total{kind}`. The last accepted spec is recorded in
+//! the object's status (`status.lastAccepted`), so it survives restarts and every replica
+//! serves it. Every replica serves config; the holder of the `coordination.k8s.io` Lease
+//! ([`leader`]) writes status. A `Workflow` is registered with this replica's coordinator and
+//! its status names the registered version; runs stay in the coordinator's store.
+//!
+//! The reconcile loop that publishes config does no network I/O: status writes, JWKS fetches
+//! and Workflow registrations run in their own tasks and report back, so a slow API server,
+//! JWKS host or database never delays an endpoint or policy change.
 
 pub mod ca_secret;
 pub mod identity;
@@ -19,8 +24,9 @@ pub mod model;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
@@ -28,6 +34,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
+use meshflow_policies::authz::ROOT_NAMESPACE;
 use meshflow_policies::crd::{
     self, AuthorizationPolicyResource, MeshflowResource, PeerAuthenticationResource, Rejection,
     RequestAuthenticationResource, TrafficPolicyResource, WorkflowResource,
@@ -35,7 +42,7 @@ use meshflow_policies::crd::{
 use meshflow_policies::documents::PolicySet;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use serde::de::DeserializeOwned;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::jwks::JwksResolver;
 use crate::state::StateHandle;
@@ -50,12 +57,56 @@ pub struct KubeSettings {
     pub namespace: String,
     /// This replica's name in the Lease (the pod name).
     pub holder: String,
-    /// Only namespaces with this label (`key=value`) are watched; `None`: all.
+    /// Only namespaces matching this equality-based label selector (`key=value,…`) are
+    /// watched; `None`: all. The root namespace's policies (`meshflow-system`) always apply.
     pub discovery_selector: Option<String>,
     /// The sidecar's inbound port where a pod does not annotate its own.
     pub sidecar_inbound_port: u16,
-    /// Lease duration (renewed every third of it).
+    /// Lease duration (whole seconds, at least 2).
     pub lease_duration: Duration,
+}
+
+/// Longest `Accepted` message written to a status (Kubernetes conditions allow 32,768 bytes;
+/// a rejection echoing a huge value must not make every status write fail).
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// How long after a failed Workflow registration (store down, a lost race) it is tried again.
+const REGISTRATION_RETRY: Duration = Duration::from_secs(5);
+
+/// Checks an equality-based label selector (`key=value`, `key==value`, `key!=value`, `key`,
+/// `!key`, comma-separated), as `--discovery-selector` takes it.
+///
+/// # Errors
+/// A message naming the requirement that is not one of those forms.
+pub fn check_selector(selector: &str) -> Result<(), String> {
+    let name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 317
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    };
+    let value = |s: &str| {
+        s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    for requirement in selector.split(',') {
+        let r = requirement.trim();
+        let ok = if let Some((k, v)) = r.split_once("!=") {
+            name(k.trim()) && value(v.trim())
+        } else if let Some((k, v)) = r.split_once("==").or_else(|| r.split_once('=')) {
+            name(k.trim()) && value(v.trim())
+        } else {
+            name(r.strip_prefix('!').unwrap_or(r))
+        };
+        if !ok {
+            return Err(format!(
+                "{requirement:?} is not an equality-based label requirement \
+                 (key=value, key!=value, key or !key)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Metrics of the Kubernetes source.
@@ -72,8 +123,9 @@ impl KubeMetrics {
             rejected: IntCounterVec::new(
                 Opts::new(
                     "meshflow_kubernetes_rejected_total",
-                    "Custom-resource generations refused by validation (the previous good \
-                     version of the object stays in force), by kind.",
+                    "Custom-resource generations refused (validation, a conflict, or a failed \
+                     Workflow registration); the last accepted generation stays in force. By \
+                     kind.",
                 ),
                 &["kind"],
             )?,
@@ -96,14 +148,48 @@ impl KubeMetrics {
     }
 }
 
-/// Starts a reflector for `api`; every change wakes `notify`.
-fn reflect<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> Store<K>
+/// Drops what meshflow never reads from every object a reflector keeps (managed fields,
+/// foreign annotations; for pods also containers, volumes and most of the status), so the
+/// stores of a large cluster stay small.
+fn slim_meta(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k.starts_with("meshflow.io/"));
+    }
+}
+
+fn slim_pod(pod: &mut Pod) {
+    slim_meta(&mut pod.metadata);
+    if let Some(spec) = &mut pod.spec {
+        spec.containers.clear();
+        spec.init_containers = None;
+        spec.ephemeral_containers = None;
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+    }
+    if let Some(status) = &mut pod.status {
+        status.container_statuses = None;
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
+        status.message = None;
+    }
+}
+
+/// Starts a reflector for `api`; every change wakes `notify`. `slim` trims each object before
+/// it is stored.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+    slim: fn(&mut K),
+) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).to_string();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(slim));
     tokio::spawn(async move {
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
@@ -116,15 +202,24 @@ where
     reader
 }
 
+fn slim_any<K: Resource>(object: &mut K) {
+    slim_meta(object.meta_mut());
+}
+
 /// The EndpointSlice version to watch: `discovery.k8s.io/v1`, or `v1beta1` where the API server
-/// does not serve v1 (before Kubernetes 1.21).
+/// does not serve v1 (before Kubernetes 1.21). Retries discovery until it answers (a wrong
+/// guess would mean no endpoints at all).
 async fn endpoint_slice_resource(client: &Client) -> ApiResource {
-    let version = match kube::discovery::group(client, "discovery.k8s.io").await {
-        Ok(group) if group.versions().any(|v| v == "v1") => "v1",
-        Ok(_) => "v1beta1",
-        Err(e) => {
-            tracing::warn!(error = %e, "discovery.k8s.io not discoverable; assuming v1");
-            "v1"
+    let mut wait = Duration::from_millis(200);
+    let version = loop {
+        match kube::discovery::group(client, "discovery.k8s.io").await {
+            Ok(group) if group.versions().any(|v| v == "v1") => break "v1",
+            Ok(_) => break "v1beta1",
+            Err(e) => {
+                tracing::warn!(error = %e, "discovering the EndpointSlice version; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
         }
     };
     tracing::info!(version, "watching EndpointSlices");
@@ -134,29 +229,50 @@ async fn endpoint_slice_resource(client: &Client) -> ApiResource {
     )
 }
 
+/// The meshflow.io resources the API server serves (plural names); `None` when discovery
+/// failed.
+async fn served_meshflow_resources(client: &Client) -> Option<BTreeSet<String>> {
+    match kube::discovery::group(client, crd::GROUP).await {
+        Ok(group) => Some(
+            group
+                .recommended_resources()
+                .into_iter()
+                .map(|(r, _)| r.plural)
+                .collect(),
+        ),
+        // No meshflow.io group at all: no CRD installed.
+        Err(kube::Error::Api(status)) if status.code == 404 => Some(BTreeSet::new()),
+        Err(_) => None,
+    }
+}
+
 /// Object identity in the verdict cache: (kind, namespace, name).
 type ObjectKey = (&'static str, String, String);
 
-/// What validating one generation of one object gave.
+/// What one generation of one object came to.
+#[derive(Clone)]
+enum Outcome {
+    /// Valid and served.
+    Accepted,
+    /// A Workflow registered with the coordinator as this version.
+    Registered(u32),
+    /// Registration running.
+    Registering,
+    /// Refused: (reason, why). `retry_at`: a failure that is not the spec's fault (the store
+    /// down, a lost race) is tried again then.
+    Rejected {
+        reason: String,
+        rejection: Rejection,
+        retry_at: Option<Instant>,
+    },
+}
+
 #[derive(Clone)]
 struct Verdict {
     uid: String,
     generation: i64,
-    outcome: Result<Accepted, (String, Rejection)>,
+    outcome: Outcome,
 }
-
-#[derive(Clone)]
-enum Accepted {
-    Policy,
-    Workflow(u32),
-}
-
-/// What was last handed to the snapshot builder: workloads, services, policies.
-type Published = (
-    meshflow_policies::mesh::MeshFile,
-    BTreeMap<(String, String), meshflow_api::v1::Service>,
-    PolicySet,
-);
 
 struct Stores {
     namespaces: Option<Store<Namespace>>,
@@ -170,28 +286,48 @@ struct Stores {
     workflows: Store<WorkflowResource>,
 }
 
+/// What was last handed to the snapshot builder: workloads, services, policies.
+type Published = (
+    meshflow_policies::mesh::MeshFile,
+    BTreeMap<(String, String), meshflow_api::v1::Service>,
+    PolicySet,
+);
+
+/// One status write the leader owes: the object and the `status` merge patch.
+#[derive(Clone, PartialEq)]
+struct StatusWrite {
+    resource: ApiResource,
+    namespace: String,
+    name: String,
+    origin: String,
+    patch: serde_json::Value,
+}
+
+/// A finished Workflow registration: (key, uid, generation, version or error).
+type Registration = (ObjectKey, String, i64, Result<u32, String>);
+
 struct Controller {
-    client: Client,
     settings: KubeSettings,
     state: StateHandle,
     metrics: KubeMetrics,
     coordinator: Option<Arc<Coordinator>>,
     jwks: JwksResolver,
+    jwks_wanted: watch::Sender<PolicySet>,
     stores: Stores,
     verdicts: HashMap<ObjectKey, Verdict>,
-    /// The last accepted version of each object (kept while a newer generation is rejected).
-    last_good: HashMap<ObjectKey, (String, PolicySet)>,
+    /// The last accepted version of each object served while a newer one is rejected: (uid,
+    /// generation, policy).
+    last_good: HashMap<ObjectKey, (String, i64, PolicySet)>,
     leader: watch::Receiver<bool>,
     published: Option<Published>,
-    /// The policies (before key sets were filled in) whose `jwksUri`s were fetched last, and
-    /// when.
-    resolved: Option<PolicySet>,
-    last_resolve: std::time::Instant,
+    statuses: watch::Sender<Vec<StatusWrite>>,
+    registrations: mpsc::UnboundedSender<Registration>,
+    notify: Arc<Notify>,
 }
 
-/// Starts watching the cluster and keeps `state` in step with it; returns once the first
-/// snapshot of the cluster is published (or after 30 s, with what could be read: a missing
-/// CRD is logged and retried).
+/// Starts watching the cluster and keeps `state` in step with it; returns once every resource
+/// has been listed and the first model is published (a meshflow CRD that is not installed
+/// counts as empty, and is picked up once installed). Until then `ready` stays false.
 ///
 /// # Errors
 /// When the metrics cannot be registered.
@@ -202,6 +338,7 @@ pub async fn start(
     registry: &Registry,
     coordinator: Option<Arc<Coordinator>>,
     jwks: JwksResolver,
+    ready: Arc<AtomicBool>,
 ) -> Result<(), String> {
     let metrics = KubeMetrics::new(registry).map_err(|e| e.to_string())?;
     let notify = Arc::new(Notify::new());
@@ -211,6 +348,7 @@ pub async fn start(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default().labels(selector),
             notify.clone(),
+            slim_any,
         )
     });
     let slice_resource = endpoint_slice_resource(&client).await;
@@ -223,7 +361,8 @@ pub async fn start(
                 Api::<DynamicObject>::all_with(client.clone(), &slice_resource),
                 all.clone(),
             )
-            .default_backoff(),
+            .default_backoff()
+            .modify(|slice: &mut DynamicObject| slim_meta(&mut slice.metadata)),
         );
         let notify = notify.clone();
         tokio::spawn(async move {
@@ -239,14 +378,49 @@ pub async fn start(
     };
     let stores = Stores {
         namespaces,
-        pods: reflect(Api::all(client.clone()), all.clone(), notify.clone()),
-        services: reflect(Api::all(client.clone()), all.clone(), notify.clone()),
+        pods: reflect(
+            Api::all(client.clone()),
+            all.clone(),
+            notify.clone(),
+            slim_pod,
+        ),
+        services: reflect(
+            Api::all(client.clone()),
+            all.clone(),
+            notify.clone(),
+            slim_any,
+        ),
         slices,
-        traffic: reflect(Api::all(client.clone()), all.clone(), notify.clone()),
-        authorization: reflect(Api::all(client.clone()), all.clone(), notify.clone()),
-        request_authentication: reflect(Api::all(client.clone()), all.clone(), notify.clone()),
-        peer_authentication: reflect(Api::all(client.clone()), all.clone(), notify.clone()),
-        workflows: reflect(Api::all(client.clone()), all.clone(), notify.clone()),
+        traffic: reflect(
+            Api::all(client.clone()),
+            all.clone(),
+            notify.clone(),
+            slim_any,
+        ),
+        authorization: reflect(
+            Api::all(client.clone()),
+            all.clone(),
+            notify.clone(),
+            slim_any,
+        ),
+        request_authentication: reflect(
+            Api::all(client.clone()),
+            all.clone(),
+            notify.clone(),
+            slim_any,
+        ),
+        peer_authentication: reflect(
+            Api::all(client.clone()),
+            all.clone(),
+            notify.clone(),
+            slim_any,
+        ),
+        workflows: reflect(
+            Api::all(client.clone()),
+            all.clone(),
+            notify.clone(),
+            slim_any,
+        ),
     };
     let (leader_tx, leader_rx) = watch::channel(false);
     tokio::spawn(leader::run(
@@ -256,75 +430,224 @@ pub async fn start(
         settings.lease_duration,
         leader_tx,
     ));
-    // Serve nothing rather than a partial cluster: wait for every store's first list.
-    let ready = async {
-        if let Some(ns) = &stores.namespaces {
-            let _ = ns.wait_until_ready().await;
-        }
-        let _ = stores.pods.wait_until_ready().await;
-        let _ = stores.services.wait_until_ready().await;
-        let _ = stores.slices.wait_until_ready().await;
-        let _ = stores.traffic.wait_until_ready().await;
-        let _ = stores.authorization.wait_until_ready().await;
-        let _ = stores.request_authentication.wait_until_ready().await;
-        let _ = stores.peer_authentication.wait_until_ready().await;
-        let _ = stores.workflows.wait_until_ready().await;
-    };
-    if tokio::time::timeout(Duration::from_secs(30), ready)
-        .await
-        .is_err()
-    {
-        tracing::error!(
-            "not every resource could be listed within 30 s (are the meshflow CRDs installed? \
-             `kubectl apply -f charts/meshflow/crds/`); serving what could be read and retrying"
-        );
-    }
+    wait_for_first_lists(&client, &stores).await;
+
+    let (statuses_tx, statuses_rx) = watch::channel(Vec::new());
+    tokio::spawn(write_statuses(
+        client.clone(),
+        statuses_rx,
+        leader_rx.clone(),
+        metrics.clone(),
+        notify.clone(),
+    ));
+    let (jwks_tx, jwks_rx) = watch::channel(PolicySet::default());
+    tokio::spawn(refresh_jwks(jwks.clone(), jwks_rx, notify.clone()));
+    let (registrations_tx, registrations_rx) = mpsc::unbounded_channel();
     let mut controller = Controller {
-        client,
         settings,
         state,
         metrics,
         coordinator,
         jwks,
+        jwks_wanted: jwks_tx,
         stores,
         verdicts: HashMap::new(),
         last_good: HashMap::new(),
         leader: leader_rx,
         published: None,
-        resolved: None,
-        last_resolve: std::time::Instant::now(),
+        statuses: statuses_tx,
+        registrations: registrations_tx,
+        notify: notify.clone(),
     };
-    controller.reconcile().await;
-    tokio::spawn(controller.run(notify));
+    controller.reconcile();
+    ready.store(true, Ordering::SeqCst);
+    tokio::spawn(controller.run(registrations_rx));
     Ok(())
 }
 
+/// Waits until every store has its first list. A meshflow kind whose CRD the API server does
+/// not serve counts as listed (empty; its reflector keeps retrying and fills the store once
+/// the CRD is installed); anything else — RBAC refusing a list, the API server down — is
+/// waited for: serving a partial cluster would serve missing policies, which fails open.
+async fn wait_for_first_lists(client: &Client, stores: &Stores) {
+    async fn ready<K>(store: &Store<K>) -> bool
+    where
+        K: kube::runtime::reflector::Lookup + Clone + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        tokio::time::timeout(Duration::from_millis(1), store.wait_until_ready())
+            .await
+            .is_ok()
+    }
+    let started = Instant::now();
+    let mut warned = false;
+    loop {
+        let core = match &stores.namespaces {
+            Some(ns) => ready(ns).await,
+            None => true,
+        } && ready(&stores.pods).await
+            && ready(&stores.services).await
+            && ready(&stores.slices).await;
+        let kinds = [
+            ("trafficpolicies", ready(&stores.traffic).await),
+            ("authorizationpolicies", ready(&stores.authorization).await),
+            (
+                "requestauthentications",
+                ready(&stores.request_authentication).await,
+            ),
+            (
+                "peerauthentications",
+                ready(&stores.peer_authentication).await,
+            ),
+            ("workflows", ready(&stores.workflows).await),
+        ];
+        let waiting: Vec<&str> = kinds.iter().filter(|(_, r)| !r).map(|(k, _)| *k).collect();
+        if core && waiting.is_empty() {
+            return;
+        }
+        if core {
+            if let Some(served) = served_meshflow_resources(client).await {
+                let missing: Vec<&str> = waiting
+                    .iter()
+                    .copied()
+                    .filter(|k| !served.contains(*k))
+                    .collect();
+                if missing.len() == waiting.len() {
+                    tracing::error!(
+                        missing = ?missing,
+                        "meshflow CRDs not installed (kubectl apply -f charts/meshflow/crds/): \
+                         serving without those kinds until they are"
+                    );
+                    return;
+                }
+            }
+        }
+        if !warned && started.elapsed() > Duration::from_secs(10) {
+            warned = true;
+            tracing::warn!(
+                core_listed = core,
+                waiting = ?waiting,
+                "still waiting for the first list of every resource (not ready until then)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes the statuses the controller asks for, only while leading (checked before every
+/// write), each once; a failed write makes the controller compute them again after a backoff.
+async fn write_statuses(
+    client: Client,
+    mut wanted: watch::Receiver<Vec<StatusWrite>>,
+    leader: watch::Receiver<bool>,
+    metrics: KubeMetrics,
+    notify: Arc<Notify>,
+) {
+    // What was written last per object, so that a reconcile that runs before the write's
+    // watch event arrives does not write it again.
+    let mut written: HashMap<(String, String, String), (serde_json::Value, Instant)> =
+        HashMap::new();
+    let mut backoff = Duration::from_millis(250);
+    while wanted.changed().await.is_ok() {
+        let batch = wanted.borrow_and_update().clone();
+        let mut failed = false;
+        for write in batch {
+            if !*leader.borrow() {
+                break;
+            }
+            let key = (
+                write.resource.plural.clone(),
+                write.namespace.clone(),
+                write.name.clone(),
+            );
+            if written
+                .get(&key)
+                .is_some_and(|(p, at)| *p == write.patch && at.elapsed() < Duration::from_secs(10))
+            {
+                continue;
+            }
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &write.namespace, &write.resource);
+            match api
+                .patch_status(
+                    &write.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&serde_json::json!({ "status": write.patch })),
+                )
+                .await
+            {
+                Ok(_) => {
+                    metrics.status_writes.with_label_values(&["ok"]).inc();
+                    written.insert(key, (write.patch, Instant::now()));
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => {
+                    failed = true;
+                    metrics.status_writes.with_label_values(&["error"]).inc();
+                    tracing::warn!(object = %write.origin, error = %e, "status update failed; retrying");
+                }
+            }
+        }
+        written.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(10));
+        if failed {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            notify.notify_one();
+        } else {
+            backoff = Duration::from_millis(250);
+        }
+    }
+}
+
+/// Fetches `jwksUri`s off the reconcile loop: whenever the wanted policies change and every
+/// [`crate::jwks::JWKS_REFRESH`]; wakes the controller to fill in the new key sets.
+async fn refresh_jwks(
+    mut jwks: JwksResolver,
+    mut wanted: watch::Receiver<PolicySet>,
+    notify: Arc<Notify>,
+) {
+    loop {
+        tokio::select! {
+            changed = wanted.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(crate::jwks::JWKS_REFRESH) => {}
+        }
+        let mut policies = wanted.borrow_and_update().clone();
+        if JwksResolver::needs_refresh(&policies) {
+            jwks.resolve(&mut policies, None).await;
+            notify.notify_one();
+        }
+    }
+}
+
 impl Controller {
-    async fn run(mut self, notify: Arc<Notify>) {
+    async fn run(mut self, mut registrations: mpsc::UnboundedReceiver<Registration>) {
         loop {
             tokio::select! {
-                () = notify.notified() => {}
+                () = self.notify.notified() => {}
                 changed = self.leader.changed() => {
                     if changed.is_err() { return; }
                 }
-                // Key sets fetched from a `jwksUri` are fetched again now and then.
-                () = tokio::time::sleep(crate::jwks::JWKS_REFRESH) => {}
+                Some((key, uid, generation, result)) = registrations.recv() => {
+                    self.registered(key, uid, generation, result);
+                }
             }
             // Coalesce a burst of events (a rollout touches many objects at once).
             tokio::time::sleep(Duration::from_millis(20)).await;
-            self.reconcile().await;
+            self.reconcile();
         }
     }
 
-    /// Rebuilds the model from the stores, publishes it when it changed, and (leader only)
-    /// writes status.
-    async fn reconcile(&mut self) {
+    /// Rebuilds the model from the stores, publishes it when it changed, and hands the status
+    /// writes it implies to the writer. No network I/O.
+    fn reconcile(&mut self) {
         let selected_names: Option<BTreeSet<String>> = self
             .stores
             .namespaces
             .as_ref()
             .map(|s| s.state().iter().map(|n| n.name_any()).collect());
         let selected = |ns: &str| selected_names.as_ref().is_none_or(|n| n.contains(ns));
+        // Mesh-wide policies live in the root namespace, selected or not.
+        let policy_selected = |ns: &str| ns == ROOT_NAMESPACE || selected(ns);
         let (mesh, services) = model::build(
             &model::ModelSettings {
                 trust_domain: &self.settings.trust_domain,
@@ -343,8 +666,8 @@ impl Controller {
         let request_authentication = self.stores.request_authentication.state();
         let peer_authentication = self.stores.peer_authentication.state();
         let workflows = self.stores.workflows.state();
-        for key in self.judge_policies(&traffic, &selected, &mut present) {
-            let Some((_, set)) = self.last_good.get(&key) else {
+        for key in self.judge_policies(&traffic, &policy_selected, &mut present) {
+            let Some((_, _, set)) = self.last_good.get(&key) else {
                 continue;
             };
             for p in &set.traffic {
@@ -370,57 +693,60 @@ impl Controller {
                 }
             }
         }
-        for key in self.judge_policies(&authorization, &selected, &mut present) {
-            if let Some((_, set)) = self.last_good.get(&key) {
+        for key in self.judge_policies(&authorization, &policy_selected, &mut present) {
+            if let Some((_, _, set)) = self.last_good.get(&key) {
                 policies
                     .authorization
                     .extend(set.authorization.iter().cloned());
             }
         }
-        for key in self.judge_policies(&request_authentication, &selected, &mut present) {
-            if let Some((_, set)) = self.last_good.get(&key) {
+        for key in self.judge_policies(&request_authentication, &policy_selected, &mut present) {
+            if let Some((_, _, set)) = self.last_good.get(&key) {
                 policies
                     .request_authentication
                     .extend(set.request_authentication.iter().cloned());
             }
         }
-        for key in self.judge_policies(&peer_authentication, &selected, &mut present) {
-            if let Some((_, set)) = self.last_good.get(&key) {
+        for key in self.judge_policies(&peer_authentication, &policy_selected, &mut present) {
+            if let Some((_, _, set)) = self.last_good.get(&key) {
                 policies
                     .peer_authentication
                     .extend(set.peer_authentication.iter().cloned());
             }
         }
-        self.judge_workflows(&workflows, &selected, &mut present)
-            .await;
+        self.judge_workflows(&workflows, &selected, &mut present);
         // Objects gone from the cluster are gone from config and from the caches.
         self.verdicts.retain(|k, _| present.contains(k));
         self.last_good.retain(|k, _| present.contains(k));
-        // Publish with the key sets known so far, then fetch `jwksUri`s when the policies
-        // changed or the keys are due (a slow JWKS host never delays a policy change, as with
-        // the mesh file).
-        let mut served = policies.clone();
-        self.jwks.fill(&mut served);
-        self.publish(mesh.clone(), services.clone(), served);
-        if JwksResolver::needs_refresh(&policies)
-            && (self.resolved.as_ref() != Some(&policies)
-                || self.last_resolve.elapsed() >= crate::jwks::JWKS_REFRESH)
-        {
-            let mut fetched = policies.clone();
-            self.jwks.resolve(&mut fetched, None).await;
-            self.publish(mesh, services, fetched);
-            self.resolved = Some(policies);
-            self.last_resolve = std::time::Instant::now();
+        // Key sets: what is known now; new `jwksUri`s are fetched by the JWKS task, which
+        // wakes this loop when they arrive.
+        if JwksResolver::needs_refresh(&policies) {
+            self.jwks_wanted.send_if_modified(|wanted| {
+                let changed = *wanted != policies;
+                if changed {
+                    *wanted = policies.clone();
+                }
+                changed
+            });
         }
+        self.jwks.fill(&mut policies);
+        self.publish(mesh, services, policies);
         let leading = *self.leader.borrow();
         self.metrics.leader.set(i64::from(leading));
         if leading {
-            self.write_statuses(&traffic, &conflicts).await;
-            self.write_statuses(&authorization, &conflicts).await;
-            self.write_statuses(&request_authentication, &conflicts)
-                .await;
-            self.write_statuses(&peer_authentication, &conflicts).await;
-            self.write_statuses(&workflows, &conflicts).await;
+            let mut writes = Vec::new();
+            self.statuses_for(&traffic, &conflicts, &mut writes);
+            self.statuses_for(&authorization, &conflicts, &mut writes);
+            self.statuses_for(&request_authentication, &conflicts, &mut writes);
+            self.statuses_for(&peer_authentication, &conflicts, &mut writes);
+            self.statuses_for(&workflows, &conflicts, &mut writes);
+            self.statuses.send_if_modified(|wanted| {
+                let changed = *wanted != writes;
+                if changed {
+                    *wanted = writes;
+                }
+                changed
+            });
         }
     }
 
@@ -447,7 +773,9 @@ impl Controller {
     }
 
     /// Validates every new generation of a policy kind; returns the keys whose last good
-    /// version is to be served, in (namespace, name) order.
+    /// version is to be served, in (namespace, name) order. A rejected generation falls back
+    /// to the last accepted one this process saw, else to the one recorded in the object's
+    /// status (by this or an earlier leader).
     fn judge_policies<R: MeshflowResource>(
         &mut self,
         objects: &[Arc<R>],
@@ -469,13 +797,33 @@ impl Controller {
                 let outcome = match crd::policy_from_resource(object.as_ref()) {
                     Ok(set) => {
                         self.last_good
-                            .insert(key.clone(), (uid.clone(), set.clone()));
-                        Ok(Accepted::Policy)
+                            .insert(key.clone(), (uid.clone(), generation, set));
+                        Outcome::Accepted
                     }
                     Err(rejection) => {
                         self.metrics.rejected.with_label_values(&[R::KIND]).inc();
-                        tracing::warn!(object = %object.origin(), generation, %rejection, "rejected; the previous good version stays in force");
-                        Err(("Invalid".to_string(), rejection))
+                        tracing::warn!(object = %object.origin(), generation, %rejection, "rejected; the last accepted generation stays in force");
+                        let known = self.last_good.get(&key).is_some_and(|(u, _, _)| *u == uid);
+                        if !known {
+                            if let Some(last) = object.last_accepted() {
+                                match crd::policy_from_last_accepted(object.as_ref(), last) {
+                                    Ok(set) => {
+                                        self.last_good.insert(
+                                            key.clone(),
+                                            (uid.clone(), last.generation, set),
+                                        );
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(object = %object.origin(), error = %e, "the recorded last accepted generation is not valid either")
+                                    }
+                                }
+                            }
+                        }
+                        Outcome::Rejected {
+                            reason: "Invalid".into(),
+                            rejection,
+                            retry_at: None,
+                        }
                     }
                 };
                 self.verdicts.insert(
@@ -488,7 +836,7 @@ impl Controller {
                 );
             }
             // A new object with the same name is not the old one: never serve its predecessor.
-            if self.last_good.get(&key).is_some_and(|(u, _)| *u == uid) {
+            if self.last_good.get(&key).is_some_and(|(u, _, _)| *u == uid) {
                 keys.push(key);
             }
         }
@@ -496,8 +844,9 @@ impl Controller {
         keys
     }
 
-    /// Validates and registers every new generation of a Workflow with the coordinator.
-    async fn judge_workflows(
+    /// Validates every new generation of a Workflow and starts its registration with the
+    /// coordinator (in its own task; [`Controller::registered`] takes the result).
+    fn judge_workflows(
         &mut self,
         objects: &[Arc<WorkflowResource>],
         selected: &(dyn Fn(&str) -> bool + Sync),
@@ -509,46 +858,50 @@ impl Controller {
             };
             present.insert(key.clone());
             let (uid, generation) = uid_generation(object.as_ref());
-            if self
-                .verdicts
-                .get(&key)
-                .is_some_and(|v| v.uid == uid && v.generation == generation)
-            {
-                continue;
+            if let Some(v) = self.verdicts.get(&key) {
+                let due = matches!(v.outcome, Outcome::Rejected { retry_at: Some(at), .. } if at <= Instant::now());
+                if v.uid == uid && v.generation == generation && !due {
+                    continue;
+                }
             }
             let outcome = match crd::workflow_from_resource(object) {
-                Err(rejection) => Err(("Invalid".to_string(), rejection)),
+                Err(rejection) => {
+                    self.metrics.rejected.with_label_values(&["Workflow"]).inc();
+                    tracing::warn!(object = %object.origin(), generation, %rejection, "workflow not registered");
+                    Outcome::Rejected {
+                        reason: "Invalid".into(),
+                        rejection,
+                        retry_at: None,
+                    }
+                }
                 Ok(_) => match &self.coordinator {
-                    None => Err((
-                        "NoCoordinator".to_string(),
-                        Rejection {
+                    None => Outcome::Rejected {
+                        reason: "NoCoordinator".into(),
+                        rejection: Rejection {
                             field: ".".into(),
                             message: "this control plane runs no workflow coordinator \
                                       (--workflow-api)"
                                 .into(),
                         },
-                    )),
+                        retry_at: None,
+                    },
                     Some(coordinator) => {
-                        match coordinator
-                            .register(&object.origin(), &object.to_document())
-                            .await
-                        {
-                            Ok((_, version)) => Ok(Accepted::Workflow(version)),
-                            Err(e) => Err((
-                                "RegistrationFailed".to_string(),
-                                Rejection {
-                                    field: ".".into(),
-                                    message: e.to_string(),
-                                },
-                            )),
-                        }
+                        let (coordinator, results) =
+                            (coordinator.clone(), self.registrations.clone());
+                        let (origin, document) = (object.origin(), object.to_document());
+                        let (key, uid) = (key.clone(), uid.clone());
+                        tokio::spawn(async move {
+                            let result = coordinator
+                                .register(&origin, &document)
+                                .await
+                                .map(|(_, version)| version)
+                                .map_err(|e| e.to_string());
+                            let _ = results.send((key, uid, generation, result));
+                        });
+                        Outcome::Registering
                     }
                 },
             };
-            if let Err((_, rejection)) = &outcome {
-                self.metrics.rejected.with_label_values(&["Workflow"]).inc();
-                tracing::warn!(object = %object.origin(), generation, %rejection, "workflow not registered");
-            }
             self.verdicts.insert(
                 key,
                 Verdict {
@@ -560,12 +913,49 @@ impl Controller {
         }
     }
 
-    /// Writes `Accepted` (and a Workflow's registered version) where the object's status does
-    /// not say it yet.
-    async fn write_statuses<R: MeshflowResource + serde::Serialize>(
+    /// Records a finished registration (if that generation is still the current one).
+    fn registered(
+        &mut self,
+        key: ObjectKey,
+        uid: String,
+        generation: i64,
+        result: Result<u32, String>,
+    ) {
+        let Some(verdict) = self.verdicts.get_mut(&key) else {
+            return;
+        };
+        if verdict.uid != uid || verdict.generation != generation {
+            return;
+        }
+        verdict.outcome = match result {
+            Ok(version) => Outcome::Registered(version),
+            Err(message) => {
+                self.metrics.rejected.with_label_values(&["Workflow"]).inc();
+                tracing::warn!(workflow = %format!("{}/{}", key.1, key.2), error = %message, "registration failed; retrying");
+                let notify = self.notify.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(REGISTRATION_RETRY).await;
+                    notify.notify_one();
+                });
+                Outcome::Rejected {
+                    reason: "RegistrationFailed".into(),
+                    rejection: Rejection {
+                        field: ".".into(),
+                        message,
+                    },
+                    retry_at: Some(Instant::now() + REGISTRATION_RETRY),
+                }
+            }
+        };
+    }
+
+    /// The status writes `objects` need: `Accepted` (and a Workflow's registered version, a
+    /// policy's last accepted spec) where the object's status does not say it yet.
+    fn statuses_for<R: MeshflowResource + serde::Serialize>(
         &self,
         objects: &[Arc<R>],
         conflicts: &HashMap<ObjectKey, Rejection>,
+        writes: &mut Vec<StatusWrite>,
     ) {
         let resource = ApiResource::erase::<R>(&());
         for object in objects {
@@ -576,35 +966,46 @@ impl Controller {
             let Some(verdict) = self.verdicts.get(&key) else {
                 continue;
             };
+            let mut last_accepted = None;
             let (status, reason, message, version) = match (&verdict.outcome, conflicts.get(&key)) {
-                (Ok(_), Some(conflict)) => {
+                (Outcome::Registering, _) => continue,
+                (Outcome::Accepted, Some(conflict)) => {
                     ("False", "Conflict".to_string(), conflict.to_string(), None)
                 }
-                (Ok(Accepted::Workflow(v)), None) => (
+                (Outcome::Registered(v), _) => (
                     "True",
                     "Registered".to_string(),
                     format!("registered with the coordinator as version {v}"),
                     Some(*v),
                 ),
-                (Ok(Accepted::Policy), None) => (
-                    "True",
-                    "Accepted".to_string(),
-                    "validated and served to the selected workloads".to_string(),
-                    None,
-                ),
-                (Err((reason, rejection)), _) => {
-                    let kept = if self
-                        .last_good
-                        .get(&key)
-                        .is_some_and(|(u, _)| *u == verdict.uid)
-                    {
-                        " (the previous accepted generation stays in force)"
-                    } else {
-                        ""
+                (Outcome::Accepted, None) => {
+                    last_accepted = Some(serde_json::json!({
+                        "generation": verdict.generation,
+                        "spec": serde_json::to_string(object.spec()).unwrap_or_default(),
+                    }));
+                    (
+                        "True",
+                        "Accepted".to_string(),
+                        "validated and served to the selected workloads".to_string(),
+                        None,
+                    )
+                }
+                (
+                    Outcome::Rejected {
+                        reason, rejection, ..
+                    },
+                    _,
+                ) => {
+                    let kept = match self.last_good.get(&key) {
+                        Some((u, g, _)) if *u == verdict.uid => {
+                            format!(" (generation {g}, the last accepted, stays in force)")
+                        }
+                        _ => String::new(),
                     };
                     ("False", reason.clone(), format!("{rejection}{kept}"), None)
                 }
             };
+            let message = truncate(&message, MAX_STATUS_MESSAGE);
             let current = serde_json::to_value(object.as_ref())
                 .ok()
                 .and_then(|v| v.get("status").cloned())
@@ -621,7 +1022,9 @@ impl Controller {
             }) && current.get("observedGeneration")
                 == Some(&serde_json::json!(verdict.generation))
                 && (version.is_none()
-                    || current.get("registeredVersion") == Some(&serde_json::json!(version)));
+                    || current.get("registeredVersion") == Some(&serde_json::json!(version)))
+                && (last_accepted.is_none()
+                    || current.get("lastAccepted") == last_accepted.as_ref());
             if same {
                 continue;
             }
@@ -634,7 +1037,7 @@ impl Controller {
                         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
                         .to_string())
                 });
-            let mut status_json = serde_json::json!({
+            let mut patch = serde_json::json!({
                 "observedGeneration": verdict.generation,
                 "conditions": [{
                     "type": crd::ACCEPTED,
@@ -646,25 +1049,32 @@ impl Controller {
                 }],
             });
             if let Some(v) = version {
-                status_json["registeredVersion"] = serde_json::json!(v);
+                patch["registeredVersion"] = serde_json::json!(v);
             }
-            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, &resource);
-            let patch = serde_json::json!({ "status": status_json });
-            match api
-                .patch_status(&key.2, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => self.metrics.status_writes.with_label_values(&["ok"]).inc(),
-                Err(e) => {
-                    self.metrics
-                        .status_writes
-                        .with_label_values(&["error"])
-                        .inc();
-                    tracing::warn!(object = %object.origin(), error = %e, "status update failed");
-                }
+            if let Some(last) = last_accepted {
+                patch["lastAccepted"] = last;
             }
+            writes.push(StatusWrite {
+                resource: resource.clone(),
+                namespace: ns,
+                name: key.2.clone(),
+                origin: object.origin(),
+                patch,
+            });
         }
     }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, with `…` when cut.
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 fn key_of<R: MeshflowResource>(
@@ -683,4 +1093,38 @@ fn uid_generation<R: Resource>(object: &R) -> (String, i64) {
         object.meta().uid.clone().unwrap_or_default(),
         object.meta().generation.unwrap_or(0),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_are_equality_based_label_requirements() {
+        for good in [
+            "a=b",
+            "meshflow.io/test=x-1",
+            "a==b,c!=d",
+            "team",
+            "!legacy",
+            "a=",
+        ] {
+            assert!(check_selector(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a in (b)", "a=b c", "=b", "a=b,,", "a>1"] {
+            assert!(check_selector(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn status_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate("short", 10), "short");
+        let long = "é".repeat(600);
+        let cut = truncate(&long, MAX_STATUS_MESSAGE);
+        assert!(
+            cut.len() <= MAX_STATUS_MESSAGE && cut.ends_with('…'),
+            "{}",
+            cut.len()
+        );
+    }
 }

@@ -46,7 +46,8 @@ pub struct SliceEndpoint {
 /// Endpoint conditions.
 #[derive(Debug, Default, Deserialize)]
 pub struct SliceConditions {
-    /// Ready.
+    /// Whether the endpoint is ready to serve; absent means ready (the EndpointSlice API's
+    /// rule for consumers).
     pub ready: Option<bool>,
 }
 
@@ -84,6 +85,13 @@ pub fn pod_ready(pod: &Pod) -> bool {
             .flatten()
             .any(|c| c.type_ == "Ready" && c.status == "True")
         && pod.metadata.deletion_timestamp.is_none()
+}
+
+fn host_network(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
 }
 
 fn service_account(pod: &Pod) -> String {
@@ -129,8 +137,11 @@ fn protocol_name(protocol: AppProtocol) -> &'static str {
     }
 }
 
-/// Builds the mesh (one workload per pod in a selected namespace) and the services with their
-/// endpoints. `slices` are EndpointSlices of either served version, as dynamic objects.
+/// Builds the mesh (one workload per pod in a selected namespace, keyed `<namespace>/<pod>`)
+/// and the services with their endpoints, keyed (namespace, name); each endpoint is
+/// `<pod IP>:<inbound port>` (IPv6 in brackets) with the pod's SPIFFE ID. `slices` are
+/// EndpointSlices of either served version, as dynamic objects. Pods on the host network are
+/// never endpoints.
 pub fn build(
     settings: &ModelSettings<'_>,
     selected: &(dyn Fn(&str) -> bool + Sync),
@@ -163,7 +174,6 @@ pub fn build(
         });
     }
     let mut out: BTreeMap<(String, String), v1::Service> = BTreeMap::new();
-    let mut protocols: BTreeMap<(String, String), AppProtocol> = BTreeMap::new();
     for service in services {
         let (Some(ns), Some(name)) = (&service.metadata.namespace, &service.metadata.name) else {
             continue;
@@ -172,7 +182,6 @@ pub fn build(
             continue;
         }
         let protocol = service_protocol(service);
-        protocols.insert((ns.clone(), name.clone()), protocol);
         out.insert(
             (ns.clone(), name.clone()),
             v1::Service {
@@ -215,8 +224,9 @@ pub fn build(
                 continue;
             };
             // The pod's own Ready condition is newer than the slice: a pod turning NotReady
-            // leaves at once, without waiting for the EndpointSlice controller.
-            if !pod_ready(pod) {
+            // leaves at once, without waiting for the EndpointSlice controller. A pod on the
+            // host's network has the node's IP and cannot have a sidecar of its own.
+            if !pod_ready(pod) || host_network(pod) {
                 continue;
             }
             let ip = pod
@@ -252,19 +262,6 @@ pub fn build(
     }
     for service in out.values_mut() {
         service.endpoints.sort_by(|a, b| a.address.cmp(&b.address));
-    }
-    // A pod's app protocol is its Service's (the first one selecting it by a slice).
-    for w in &mut workloads {
-        let key = w.key();
-        if let Some(((ns, name), _)) = out
-            .iter()
-            .find(|(_, s)| s.endpoints.iter().any(|e| e.workload == key))
-        {
-            w.service = Some(name.clone());
-            if let Some(p) = protocols.get(&(ns.clone(), name.clone())) {
-                w.app.protocol = *p;
-            }
-        }
     }
     let mesh = MeshFile {
         api_version: meshflow_policies::mesh::API_VERSION.into(),
@@ -349,6 +346,56 @@ mod tests {
                 "spiffe://cluster.local/ns/shop/sa/backend"
             );
             assert_eq!(backend.endpoints[0].workload, "shop/backend-1");
+        }
+    }
+
+    fn slice(service: &str, pods: &[&str]) -> Arc<DynamicObject> {
+        let endpoints: Vec<_> = pods
+            .iter()
+            .map(|p| serde_json::json!({ "conditions": {}, "targetRef": { "kind": "Pod", "name": p } }))
+            .collect();
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": { "name": format!("{service}-x"), "namespace": "shop",
+                              "labels": { SERVICE_NAME_LABEL: service } },
+                "endpoints": endpoints
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn service(name: &str) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "namespace": "shop" }, "spec": {}
+            }))
+            .unwrap(),
+        )
+    }
+
+    /// IPv6 addresses are bracketed, a pod behind two Services is an endpoint of both, and a
+    /// host-network pod (the node's IP, no sidecar of its own) of neither.
+    #[test]
+    fn ipv6_two_services_and_host_network() {
+        let v6 = pod("shop", "v6", "api", "fd00::7", true);
+        let mut host: Pod = (*pod("shop", "host", "api", "10.0.0.9", true)).clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let pods = vec![v6, Arc::new(host)];
+        let (_, services) = build(
+            &ModelSettings {
+                trust_domain: "cluster.local",
+                inbound_port: 15006,
+            },
+            &|_| true,
+            &pods,
+            &[service("a"), service("b")],
+            &[slice("a", &["v6", "host"]), slice("b", &["v6"])],
+        );
+        for name in ["a", "b"] {
+            let s = &services[&("shop".to_string(), name.to_string())];
+            let addresses: Vec<_> = s.endpoints.iter().map(|e| e.address.as_str()).collect();
+            assert_eq!(addresses, ["[fd00::7]:4143"], "{name}");
         }
     }
 }

@@ -332,9 +332,14 @@ async fn write_changes(
     Ok(())
 }
 
-#[async_trait]
-impl WorkflowStore for SqlStore {
-    async fn put_definition(&self, workflow: &str, spec: &str, now_ms: u64) -> StoreResult<u32> {
+impl SqlStore {
+    /// One attempt of [`WorkflowStore::put_definition`].
+    async fn try_put_definition(
+        &self,
+        workflow: &str,
+        spec: &str,
+        now_ms: u64,
+    ) -> StoreResult<u32> {
         let mut tx = self.pool.begin().await?;
         let latest = sqlx::query("SELECT workflow, version, spec, created_ms FROM wf_definitions WHERE workflow = $1 ORDER BY version DESC LIMIT 1")
             .bind(workflow)
@@ -360,6 +365,26 @@ impl WorkflowStore for SqlStore {
             .await?;
         tx.commit().await?;
         Ok(version)
+    }
+}
+
+#[async_trait]
+impl WorkflowStore for SqlStore {
+    async fn put_definition(&self, workflow: &str, spec: &str, now_ms: u64) -> StoreResult<u32> {
+        // Several coordinators may register the same definition at once (every control-plane
+        // replica registers each Workflow custom resource): the loser of the insert race reads
+        // again, and gets the winner's version when the spec is the same.
+        let mut attempt = 0;
+        loop {
+            match self.try_put_definition(workflow, spec, now_ms).await {
+                Err(StoreError::Db(sqlx::Error::Database(e)))
+                    if e.is_unique_violation() && attempt < 3 =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn definition(

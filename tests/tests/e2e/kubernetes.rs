@@ -21,7 +21,7 @@ use crate::cluster::{self, cluster, wait_for, TestNamespace};
 use crate::common::*;
 
 /// Lease duration the tests' control planes run with.
-const LEASE: Duration = Duration::from_secs(3);
+const LEASE: Duration = Duration::from_secs(6);
 
 /// A process the test started; killed (SIGKILL) when dropped.
 struct Proc {
@@ -121,7 +121,7 @@ impl World {
             "--pod-name",
             replica,
             "--lease-duration",
-            "3s",
+            "6s",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -246,14 +246,33 @@ fn endpoints_of(dump: &Value, service: &str) -> Vec<String> {
     out
 }
 
-/// The Accepted condition of `kind/name`: (status, reason, message, observedGeneration).
-fn accepted(ns: &str, kind: &str, name: &str) -> Option<(String, String, String, i64)> {
-    let out = cluster().kubectl(&["get", kind, name, "-n", ns, "-o", "json"]);
-    if !out.status.success() {
-        return None;
-    }
-    let object: Value = serde_json::from_slice(&out.stdout).ok()?;
-    let condition = object["status"]["conditions"]
+/// The meshflow.io resource behind a kubectl-style kind name (`authorizationpolicy`, …).
+fn meshflow_resource(kind: &str) -> kube::api::ApiResource {
+    let (kind, plural) = match kind {
+        "authorizationpolicy" => ("AuthorizationPolicy", "authorizationpolicies"),
+        "trafficpolicy" => ("TrafficPolicy", "trafficpolicies"),
+        "requestauthentication" => ("RequestAuthentication", "requestauthentications"),
+        "peerauthentication" => ("PeerAuthentication", "peerauthentications"),
+        "workflow" => ("Workflow", "workflows"),
+        // `examples()` gives kinds as written in the documents.
+        other => {
+            let lower = other.to_ascii_lowercase();
+            return meshflow_resource(&lower);
+        }
+    };
+    kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("meshflow.io", "v1alpha1", kind),
+        plural,
+    )
+}
+
+/// The Accepted condition of `kind/name` and the object's generation: (status, reason,
+/// message, observedGeneration, generation).
+async fn accepted(ns: &str, kind: &str, name: &str) -> Option<(String, String, String, i64, i64)> {
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(cluster().client().await, ns, &meshflow_resource(kind));
+    let object = api.get_opt(name).await.ok()??;
+    let condition = object.data["status"]["conditions"]
         .as_array()?
         .iter()
         .find(|c| c["type"] == "Accepted")?
@@ -263,34 +282,52 @@ fn accepted(ns: &str, kind: &str, name: &str) -> Option<(String, String, String,
         condition["reason"].as_str()?.to_string(),
         condition["message"].as_str()?.to_string(),
         condition["observedGeneration"].as_i64()?,
+        object.metadata.generation?,
     ))
 }
 
-fn generation(ns: &str, kind: &str, name: &str) -> i64 {
-    let out = cluster().kubectl_ok(&[
-        "get",
-        kind,
-        name,
-        "-n",
-        ns,
-        "-o",
-        "jsonpath={.metadata.generation}",
-    ]);
-    out.trim().parse().unwrap()
-}
-
-/// Waits until `kind/name` has an Accepted condition for its current generation.
+/// Waits until `kind/name` has an Accepted condition for its current generation (polled every
+/// 200 ms).
 async fn wait_accepted(
     ns: &str,
     kind: &str,
     name: &str,
     within: Duration,
 ) -> (String, String, String) {
-    wait_for(&format!("{kind} {ns}/{name} status"), within, || async {
-        let (status, reason, message, observed) = accepted(ns, kind, name)?;
-        (observed == generation(ns, kind, name)).then_some((status, reason, message))
-    })
-    .await
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some((status, reason, message, observed, generation)) =
+            accepted(ns, kind, name).await
+        {
+            if observed == generation {
+                return (status, reason, message);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no status for {kind} {ns}/{name} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits (polling every 100 ms) until `probe` holds, and asserts it held within `within`
+/// measured from `since` (the probe's own duration included).
+async fn within<F, Fut>(what: &str, since: Instant, within: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        if probe().await {
+            let took = since.elapsed();
+            eprintln!("{what}: {took:?}");
+            assert!(took <= within, "{what} took {took:?}, more than {within:?}");
+            return;
+        }
+        assert!(since.elapsed() <= within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Every policy and workflow example of the repository, as documents of the given kinds.
@@ -482,17 +519,44 @@ async fn a_sidecar_sees_exactly_the_ready_pods_as_endpoints() {
         || async { (endpoints_of(&config_dump(&sidecar).await, "backend") == both).then_some(()) },
     )
     .await;
-    cluster::set_pod_ready(&ns, "backend-2", "10.77.0.2", false).await;
     let turned = Instant::now();
+    cluster::set_pod_ready(&ns, "backend-2", "10.77.0.2", false).await;
     let one = vec![format!("10.77.0.1:15006 {identity}")];
-    wait_for("backend-2 gone", Duration::from_secs(2), || async {
-        (endpoints_of(&config_dump(&sidecar).await, "backend") == one).then_some(())
+    within(
+        "NotReady pod gone from the sidecar's endpoints",
+        turned,
+        Duration::from_secs(2),
+        || async { endpoints_of(&config_dump(&sidecar).await, "backend") == one },
+    )
+    .await;
+
+    // Objects in a namespace outside the discovery selector are invisible: no workload, no
+    // policy, no status.
+    let other = TestNamespace::new("endpoints-other").await;
+    cluster::create_service_account(&other.name, "x").await;
+    cluster::create_pod(&other.name, "x-1", &[("app", "x")], "x", &[("http", 8080)]).await;
+    let policy = "apiVersion: meshflow.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: elsewhere }\nspec: { action: DENY }\n";
+    let out = cluster().kubectl_with_input(&["apply", "-n", &other.name, "-f", "-"], policy);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A change inside the selector after those, so the control plane has seen them.
+    cluster::set_pod_ready(&ns, "backend-2", "10.77.0.2", true).await;
+    wait_for("backend-2 back", Duration::from_secs(5), || async {
+        (endpoints_of(&config_dump(&sidecar).await, "backend") == both).then_some(())
     })
     .await;
-    eprintln!(
-        "NotReady pod left the sidecar's endpoints in {:?}",
-        turned.elapsed()
+    let dump = get_text(&cp.address("admin"), "/config_dump").await;
+    assert!(
+        !dump.contains(&other.name),
+        "{} leaked into the config",
+        other.name
     );
+    assert!(accepted(&other.name, "authorizationpolicy", "elsewhere")
+        .await
+        .is_none());
 }
 
 /// The service account a sidecar's bootstrap names (`…/sa/<account>`).
@@ -557,32 +621,39 @@ async fn authorization_policies_applied_with_kubectl_take_effect_in_the_selected
         .await
         .contains("200"));
     let deny = "apiVersion: meshflow.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: deny-admin }\nspec:\n  selector: { matchLabels: { app: backend } }\n  action: DENY\n  rules: [{ to: [{ operation: { paths: [\"/admin\"] } }] }]\n";
+    let applied = Instant::now();
     let out = w.kubectl_apply(deny);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let applied = Instant::now();
-    wait_for(
-        "the DENY policy enforced by the backend's sidecar",
+    within(
+        "DENY policy in force in the backend's sidecar after kubectl apply",
+        applied,
         Duration::from_secs(2),
         || async {
             mtls_get(&w, &backend, "frontend", "/admin")
                 .await
                 .contains("403")
-                .then_some(())
         },
     )
     .await;
-    eprintln!(
-        "policy in force {:?} after kubectl apply",
-        applied.elapsed()
-    );
+    let deny_version = config_dump(&backend).await["version"].as_u64().unwrap();
     assert!(mtls_get(&w, &backend, "frontend", "/other")
         .await
         .contains("200"));
-    // The frontend is not selected: its sidecar still lets /admin through.
+    // The frontend is not selected: once its sidecar has the version that carried the DENY
+    // (or a newer one), it still lets /admin through.
+    wait_for(
+        "the frontend at the DENY's version",
+        Duration::from_secs(5),
+        || async {
+            let dump = config_dump(&frontend).await;
+            (dump["version"].as_u64()? >= deny_version).then_some(())
+        },
+    )
+    .await;
     assert!(mtls_get(&w, &frontend, "backend", "/admin")
         .await
         .contains("200"));
@@ -618,7 +689,7 @@ async fn authorization_policies_applied_with_kubectl_take_effect_in_the_selected
     );
     assert!(message.contains("spec.action"), "{message}");
     assert!(
-        message.contains("previous accepted generation stays in force"),
+        message.contains("the last accepted, stays in force"),
         "{message}"
     );
     assert!(mtls_get(&w, &backend, "frontend", "/admin")
@@ -636,7 +707,7 @@ async fn authorization_policies_applied_with_kubectl_take_effect_in_the_selected
     )
     .await;
     assert_eq!(status, "False", "{message}");
-    assert!(!message.contains("previous"), "{message}");
+    assert!(!message.contains("stays in force"), "{message}");
     assert_eq!(
         config_dump(&backend).await["version"].as_u64().unwrap(),
         version
@@ -649,20 +720,19 @@ async fn authorization_policies_applied_with_kubectl_take_effect_in_the_selected
     assert!(rejected >= 2.0, "{rejected}");
 
     // Deleting removes it within 2 s.
-    cluster().kubectl_ok(&["delete", "authorizationpolicy", "deny-admin", "-n", &ns]);
     let deleted = Instant::now();
-    wait_for(
-        "the policy gone from the backend's sidecar",
+    cluster().kubectl_ok(&["delete", "authorizationpolicy", "deny-admin", "-n", &ns]);
+    within(
+        "DENY policy gone from the backend's sidecar after kubectl delete",
+        deleted,
         Duration::from_secs(2),
         || async {
             mtls_get(&w, &backend, "frontend", "/admin")
                 .await
                 .contains("200")
-                .then_some(())
         },
     )
     .await;
-    eprintln!("policy gone {:?} after kubectl delete", deleted.elapsed());
 }
 
 /// The holder of the Lease and whether each replica says it leads.
@@ -902,6 +972,28 @@ async fn service_account_tokens_authenticate_certify_and_nothing_else_does() {
     )
     .await;
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "deleted: {err:?}");
+    // The control plane's own identity is never issued, whoever holds a token for it.
+    let _ = cluster().kubectl(&["create", "namespace", "meshflow-system"]);
+    let _ = cluster().kubectl(&[
+        "create",
+        "serviceaccount",
+        "meshflow-control-plane",
+        "-n",
+        "meshflow-system",
+    ]);
+    let own = cluster::token_request(
+        "meshflow-system",
+        "meshflow-control-plane",
+        "meshflow",
+        3601,
+    )
+    .await;
+    let err = certify(&cp, &ca, &own, vec![]).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "reserved: {err:?}"
+    );
     let refused = metrics(&cp.address("admin")).await;
     assert!(
         metric(
@@ -990,10 +1082,12 @@ async fn workflows_applied_with_kubectl_are_registered_and_run() {
     );
 }
 
-/// Acceptance 8: a restart keeps the CA (from its Secret) and only ever raises snapshot
-/// versions.
+/// Acceptance 8 and the last good version across restarts: a control plane started afresh
+/// (new state directory: nothing but the cluster to go on) signs with the CA from its Secret,
+/// serves a higher snapshot version, and still enforces the last accepted generation of a
+/// policy whose current generation is invalid — read back from the object's status.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_restart_keeps_the_ca_and_raises_snapshot_versions() {
+async fn a_restart_keeps_the_ca_the_last_accepted_policies_and_raises_versions() {
     let w = World::new("restart").await;
     let ns = w.name().to_string();
     let mut cp = w.control_plane("cp", &[]);
@@ -1001,17 +1095,41 @@ async fn a_restart_keeps_the_ca_and_raises_snapshot_versions() {
     cluster::create_service_account(&ns, "web").await;
     cluster::create_pod(&ns, "web-1", &[("app", "web")], "web", &[("http", 8080)]).await;
     let token = cluster::token_request(&ns, "web", "meshflow", 3600).await;
-    let (sidecar, _app) = {
-        let (s, a) = w.sidecar(&cp, "web-1", "web", &token).await;
-        (s, a)
-    };
-    let first = wait_for("a config", Duration::from_secs(20), || async {
-        config_dump(&sidecar).await["version"].as_u64()
+    let (sidecar, _app) = w.sidecar(&cp, "web-1", "web", &token).await;
+    let deny = "apiVersion: meshflow.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: deny-admin }\nspec:\n  selector: { matchLabels: { app: web } }\n  action: DENY\n  rules: [{ to: [{ operation: { paths: [\"/admin\"] } }] }]\n";
+    assert!(w.kubectl_apply(deny).status.success());
+    wait_for("the DENY in force", Duration::from_secs(10), || async {
+        mtls_get(&w, &sidecar, "other", "/admin")
+            .await
+            .contains("403")
+            .then_some(())
     })
     .await;
+    wait_accepted(
+        &ns,
+        "authorizationpolicy",
+        "deny-admin",
+        Duration::from_secs(10),
+    )
+    .await;
+    // Break it: the current generation is invalid, the accepted one stays in force.
+    assert!(w
+        .kubectl_apply(&deny.replace("action: DENY", "action: CUSTOM"))
+        .status
+        .success());
+    let (status, _, message) = wait_accepted(
+        &ns,
+        "authorizationpolicy",
+        "deny-admin",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status, "False", "{message}");
+    let first = config_dump(&sidecar).await["version"].as_u64().unwrap();
     cp.kill();
     drop(sidecar);
-    let cp = w.control_plane("cp", &[]);
+
+    let cp = w.control_plane("cp-fresh", &[]);
     assert_eq!(w.ca().await.ca_cert_pem, ca_before, "the CA Secret changed");
     let (sidecar, _app2) = w.sidecar(&cp, "web-1", "web", &token).await;
     let second = wait_for(
@@ -1032,4 +1150,21 @@ async fn a_restart_keeps_the_ca_and_raises_snapshot_versions() {
         spiffe_of(&chain),
         format!("spiffe://cluster.local/ns/{ns}/sa/web")
     );
+    // The last accepted generation, recorded in the status, is still enforced.
+    wait_for("the sidecar ready", Duration::from_secs(20), || async {
+        get_text(&sidecar.address("admin"), "/ready")
+            .await
+            .starts_with("ready")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        mtls_get(&w, &sidecar, "other", "/admin")
+            .await
+            .contains("403"),
+        "a restart widened access"
+    );
+    assert!(mtls_get(&w, &sidecar, "other", "/public")
+        .await
+        .contains("200"));
 }
