@@ -15,6 +15,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod balancer;
+pub mod bootstrap;
 pub mod config_state;
 pub mod cp_client;
 pub mod http_hygiene;
@@ -28,6 +29,7 @@ pub mod plan;
 pub mod resilience;
 pub mod routing;
 pub mod shared;
+pub mod wait_ready;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use meshflow_api::{Bootstrap, ReadyFile};
+use meshflow_api::ReadyFile;
 use meshflow_policies::{AppProtocol, SpiffeId};
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
@@ -53,9 +55,17 @@ use crate::shared::Shared;
 #[derive(Debug, Clone, clap::Parser, serde::Serialize)]
 #[command(name = "meshflow-proxy", version, about = "meshflow sidecar proxy")]
 pub struct ProxyConfig {
-    /// Bootstrap file the control plane wrote for this workload (JSON).
-    #[arg(long, env = "MESHFLOW_BOOTSTRAP")]
-    pub bootstrap: PathBuf,
+    /// Bootstrap file the control plane wrote for this workload (JSON). Absent: built from
+    /// `--control-plane` and the other bootstrap flags (an injected pod's `MESHFLOW_…` env).
+    #[arg(
+        long,
+        env = "MESHFLOW_BOOTSTRAP",
+        required_unless_present = "control_plane"
+    )]
+    pub bootstrap: Option<PathBuf>,
+    /// The bootstrap as flags, instead of `--bootstrap`.
+    #[command(flatten)]
+    pub pod_bootstrap: bootstrap::PodBootstrap,
     /// The app's port on 127.0.0.1.
     #[arg(long, env = "MESHFLOW_APP_PORT")]
     pub app_port: u16,
@@ -247,14 +257,12 @@ impl BackgroundService for Background {
 pub fn run(config: ProxyConfig) -> Result<(), StartError> {
     let cfg = |e: String| StartError::Config(e);
     let other = |e: String| StartError::Other(e);
-    let bootstrap_text = std::fs::read(&config.bootstrap)
-        .map_err(|e| cfg(format!("{}: {e}", config.bootstrap.display())))?;
-    let bootstrap: Bootstrap = serde_json::from_slice(&bootstrap_text)
-        .map_err(|e| cfg(format!("{}: {e}", config.bootstrap.display())))?;
+    let (bootstrap, origin) =
+        bootstrap::load(config.bootstrap.as_deref(), &config.pod_bootstrap).map_err(cfg)?;
     let spiffe_id: SpiffeId = bootstrap
         .spiffe_id
         .parse()
-        .map_err(|e| cfg(format!("{}: spiffeId: {e}", config.bootstrap.display())))?;
+        .map_err(|e| cfg(format!("{origin}: spiffeId: {e}")))?;
     if !config.outbound.ip().is_loopback() {
         return Err(cfg(format!(
             "--outbound {} must be a loopback address",
@@ -271,12 +279,8 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
             spiffe_id.namespace(),
         ])
         .set(1);
-    let bundle = identity::TrustBundle::from_pem(&bootstrap.trust_bundle_pem).map_err(|e| {
-        cfg(format!(
-            "{}: trustBundlePem: {e}",
-            config.bootstrap.display()
-        ))
-    })?;
+    let bundle = identity::TrustBundle::from_pem(&bootstrap.trust_bundle_pem)
+        .map_err(|e| cfg(format!("{origin}: trustBundlePem: {e}")))?;
     let identity_state =
         identity::IdentityState::new(bundle, spiffe_id.trust_domain(), metrics.clone())
             .map_err(|e| other(e.to_string()))?;

@@ -1,9 +1,19 @@
-//! `meshflow-proxy`: parses flags, starts logging, runs [`meshflow_proxy::run`].
+//! `meshflow-proxy`: parses flags, starts logging, runs [`meshflow_proxy::run`]. Helper
+//! commands (first argument): `wait-ready` ([`meshflow_proxy::wait_ready`], the injected
+//! proxy's `postStart` hook).
 
 use clap::Parser;
 use meshflow_proxy::{run, ProxyConfig, StartError};
 
 fn main() {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "wait-ready")
+    {
+        std::process::exit(meshflow_proxy::wait_ready::main(
+            std::env::args_os().skip(2),
+        ));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESHFLOW_LOG")
