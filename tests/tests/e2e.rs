@@ -12,6 +12,8 @@ mod authz;
 mod ca_expiry;
 #[path = "e2e/chart.rs"]
 mod chart;
+#[path = "e2e/chart_rbac.rs"]
+mod chart_rbac;
 #[path = "e2e/cluster.rs"]
 mod cluster;
 #[path = "e2e/collector.rs"]

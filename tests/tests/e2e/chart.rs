@@ -469,15 +469,16 @@ fn rbac_is_least_privilege_without_wildcards() {
             }
         }
 
-        // Cluster-wide: exactly the reads, the status writes and TokenReviews.
+        // Cluster-wide: exactly what the reflectors list and watch, the status merge patches
+        // and TokenReviews (control-plane/src/kubernetes/). Namespaces are only read to match
+        // a discoverySelector (below).
         let cluster_role = one(&docs, "ClusterRole");
         let mut expected = BTreeSet::new();
-        for r in ["namespaces", "pods", "services"] {
+        for r in ["pods", "services"] {
             for v in ["list", "watch"] {
                 expected.insert(grant("", r, v, &[]));
             }
         }
-        expected.insert(grant("", "serviceaccounts", "get", &[]));
         for v in ["list", "watch"] {
             expected.insert(grant("discovery.k8s.io", "endpointslices", v, &[]));
         }
@@ -485,9 +486,7 @@ fn rbac_is_least_privilege_without_wildcards() {
             for v in ["list", "watch"] {
                 expected.insert(grant("meshflow.io", r, v, &[]));
             }
-            for v in ["update", "patch"] {
-                expected.insert(grant("meshflow.io", &format!("{r}/status"), v, &[]));
-            }
+            expected.insert(grant("meshflow.io", &format!("{r}/status"), "patch", &[]));
         }
         expected.insert(grant(
             "authentication.k8s.io",
@@ -498,7 +497,9 @@ fn rbac_is_least_privilege_without_wildcards() {
         assert_eq!(grants(cluster_role), expected, "ClusterRole");
         assert_bound_to_service_account(&docs, "ClusterRoleBinding", cluster_role);
 
-        // The release namespace: the Lease and the generated CA Secret, get/update by name.
+        // The release namespace: the Lease (created when absent, taken by server-side apply
+        // and renewed by strategic-merge patch: get/patch by name) and the generated CA Secret
+        // (created when absent, read by name, never updated).
         let role = one(&docs, "Role");
         assert_eq!(role["metadata"]["namespace"], "meshflow-system");
         let lease = ["meshflow-control-plane"];
@@ -506,10 +507,9 @@ fn rbac_is_least_privilege_without_wildcards() {
         let expected = BTreeSet::from([
             grant("coordination.k8s.io", "leases", "create", &[]),
             grant("coordination.k8s.io", "leases", "get", &lease),
-            grant("coordination.k8s.io", "leases", "update", &lease),
+            grant("coordination.k8s.io", "leases", "patch", &lease),
             grant("", "secrets", "create", &[]),
             grant("", "secrets", "get", &ca),
-            grant("", "secrets", "update", &ca),
         ]);
         assert_eq!(grants(role), expected, "Role");
         assert_bound_to_service_account(&docs, "RoleBinding", role);
@@ -525,6 +525,23 @@ fn rbac_is_least_privilege_without_wildcards() {
         }
     }
     assert_eq!(plurals, BTreeSet::from(CRD_RESOURCES.map(String::from)));
+
+    // A discoverySelector adds reading the Namespaces it matches, and nothing else.
+    let docs = render(
+        "meshflow-system",
+        &["--set-string", "discoverySelector=meshflow.io/enabled=true"],
+    );
+    let added: BTreeSet<_> = grants(one(&docs, "ClusterRole"))
+        .difference(&grants(one(&render("meshflow-system", &[]), "ClusterRole")))
+        .cloned()
+        .collect();
+    assert_eq!(
+        added,
+        BTreeSet::from([
+            grant("", "namespaces", "list", &[]),
+            grant("", "namespaces", "watch", &[]),
+        ])
+    );
 
     // A CA Secret of your own is only read, by name; nothing may create Secrets then.
     let docs = render("meshflow-system", &["--set", "ca.existingSecret=corp-ca"]);
