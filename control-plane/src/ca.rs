@@ -545,6 +545,43 @@ impl CertificateAuthority {
         chain.push_str(&self.intermediates_pem);
         Ok((chain, key.serialize_pem()))
     }
+
+    /// A TLS server certificate for the injection webhook: the API server verifies it against
+    /// the webhook configuration's `caBundle` (this CA's trust bundle) by host name — the
+    /// Service's `<name>.<namespace>.svc`, or an IP address for a `url` webhook. `hosts` that
+    /// parse as IP addresses become IP SANs, the rest DNS SANs. EKU serverAuth only; valid for
+    /// `ttl` (capped at [`Self::not_after`]). Returns (chain PEM, key PEM, NotAfter).
+    ///
+    /// # Errors
+    /// An expired CA, or a host that is not a valid DNS name.
+    pub fn issue_webhook_cert(
+        &self,
+        hosts: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String, SystemTime)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "meshflow injector");
+        for host in hosts {
+            params.subject_alt_names.push(match host.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(host.as_str().try_into()?),
+            });
+        }
+        let now = SystemTime::now();
+        let not_after = self.capped_not_after(now, ttl)?;
+        params.not_before = to_offset(now - NOT_BEFORE_SKEW);
+        params.not_after = to_offset(not_after);
+        params.serial_number = Some(random_serial());
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer, &self.issuer_key)?;
+        let mut chain = cert.pem();
+        chain.push_str(&self.intermediates_pem);
+        Ok((chain, key.serialize_pem(), not_after))
+    }
 }
 
 #[cfg(test)]

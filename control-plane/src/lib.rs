@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod ca;
+pub mod injector;
 pub mod jwks;
 pub mod kubernetes;
 pub mod metrics;
@@ -143,6 +144,10 @@ pub struct ControlPlaneConfig {
     /// Probability (0.0–1.0) that a run started without a client trace is sampled.
     #[arg(long, env = "MESHFLOW_TRACE_SAMPLING", default_value_t = 1.0)]
     pub trace_sampling: f64,
+    /// Kubernetes mode: the sidecar-injection webhook (`--injector-…`) and what injected pods
+    /// get (`--proxy-…`, `--native-sidecar`).
+    #[command(flatten)]
+    pub injector: injector::InjectorConfig,
 }
 
 /// Errors that stop the control plane at start.
@@ -378,6 +383,11 @@ pub async fn run(
         kubernetes::check_selector(selector)
             .map_err(|e| StartError::Config(format!("--discovery-selector: {e}")))?;
     }
+    if config.injector.injector_listen.is_some() && !config.kubernetes {
+        return Err(StartError::Config(
+            "--injector-listen: the injection webhook needs --kubernetes".into(),
+        ));
+    }
     let kube_client = if config.kubernetes {
         Some(kube::Client::try_default().await.map_err(|e| {
             StartError::Config(format!(
@@ -601,6 +611,7 @@ pub async fn run(
         .identity(Identity::from_pem(cert_pem, key_pem))
         .client_ca_root(Certificate::from_pem(ca.trust_bundle_pem()))
         .client_auth_optional(true);
+    let services_ca = ca.clone();
     let services = server::Services {
         ca,
         tokens,
@@ -627,6 +638,23 @@ pub async fn run(
             (Some(addr), Some(tracing), Some(coordinator))
         }
         None => (None, None, None),
+    };
+    let injector_addr = match &kube_client {
+        Some(client) => {
+            injector::start(
+                &config.injector,
+                injector::InjectorContext {
+                    client: client.clone(),
+                    ca: services_ca.clone(),
+                    namespace: &config.namespace,
+                    trust_domain: &trust_domain,
+                    discovery_selector: config.discovery_selector.clone(),
+                    registry: &registry,
+                },
+            )
+            .await?
+        }
+        None => None,
     };
     if let Some(client) = kube_client {
         // The ready file below means "serving the cluster's config": read it first.
@@ -661,6 +689,9 @@ pub async fn run(
         if let Some(addr) = workflow_addr {
             file.addresses
                 .insert("workflow-api".into(), addr.to_string());
+        }
+        if let Some(addr) = injector_addr {
+            file.addresses.insert("injector".into(), addr.to_string());
         }
         file.addresses.insert("grpc".into(), grpc_addr.to_string());
         file.addresses

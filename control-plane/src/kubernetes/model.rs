@@ -16,7 +16,7 @@ use serde::Deserialize;
 /// Pod annotation: the port the pod's sidecar accepts inbound mTLS on (default: the control
 /// plane's `--sidecar-inbound-port`, 15006). Set by injection; tests without pod networking
 /// set it to the port their sidecar bound.
-pub const INBOUND_PORT_ANNOTATION: &str = "meshflow.io/inbound-port";
+pub const INBOUND_PORT_ANNOTATION: &str = meshflow_policies::inject::INBOUND_PORT;
 
 /// The label an EndpointSlice names its Service with (`discovery.k8s.io`).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
