@@ -2,6 +2,7 @@
 //! `meshflow demo` and the end-to-end tests, and the local-mesh runner.
 
 pub mod demo;
+pub mod inject;
 pub mod output;
 pub mod policy_check;
 pub mod policy_kube;

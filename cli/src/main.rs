@@ -72,6 +72,27 @@ enum Command {
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
     },
+    /// Inject the sidecar into Kubernetes manifests offline, as the control plane's webhook
+    /// would (like `linkerd inject`): every Pod and the pod template of every Deployment,
+    /// StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job and CronJob (also in a
+    /// List) gets the proxy, the capture init container, the token and trust bundle volumes
+    /// and rewritten probes; other documents pass through. Multi-document YAML in, YAML on
+    /// stdout; what was injected on stderr. Pods opted out (`meshflow.io/inject: disabled`)
+    /// are left alone. Use the flags the control plane runs with (`--proxy-…`,
+    /// `--trust-domain`) to get the same result. Exit code 64 names the file, document,
+    /// object and field that could not be read or injected.
+    Inject {
+        /// Manifest file (`-` for standard input); repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// The mesh's SPIFFE trust domain (the proxy's expected ID).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// What injected pods get (`--native-sidecar auto` is classic offline: no API server
+        /// says its version; use `always` for Kubernetes 1.29 and later).
+        #[command(flatten)]
+        settings: meshflow_policies::inject::InjectSettings,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -353,6 +374,61 @@ async fn demo(
     code
 }
 
+/// `meshflow inject`: 0, or 64 naming what could not be read or injected.
+fn inject(
+    files: &[PathBuf],
+    trust_domain: String,
+    mut settings: meshflow_policies::inject::InjectSettings,
+) -> i32 {
+    use std::io::{Read, Write};
+    settings.trust_domain = trust_domain;
+    if let Err(e) = settings.validate() {
+        eprintln!("meshflow inject: {e}");
+        return 64;
+    }
+    // Offline no API server says its version: `auto` is classic.
+    let native = settings.native_sidecar.resolve(None);
+    let mut report = meshflow_cli::inject::Report::default();
+    let mut streams = Vec::new();
+    for file in files {
+        let (origin, text) = if file.as_os_str() == "-" {
+            let mut text = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+                eprintln!("meshflow inject: standard input: {e}");
+                return 64;
+            }
+            ("-".to_string(), text)
+        } else {
+            match std::fs::read_to_string(file) {
+                Ok(text) => (file.display().to_string(), text),
+                Err(e) => {
+                    eprintln!("meshflow inject: {}: {e}", file.display());
+                    return 64;
+                }
+            }
+        };
+        match meshflow_cli::inject::inject_stream(&origin, &text, &settings, native, &mut report) {
+            Ok(stream) if !stream.is_empty() => streams.push(stream),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("meshflow inject: {e}");
+                return 64;
+            }
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    if stdout.write_all(streams.join("---\n").as_bytes()).is_err() {
+        return 1;
+    }
+    for object in &report.injected {
+        eprintln!("injected: {object}");
+    }
+    for object in &report.skipped {
+        eprintln!("not injected: {object}");
+    }
+    0
+}
+
 /// SIGINT, SIGTERM and SIGHUP (the terminal or SSH session closed), registered once (a signal
 /// that arrives before `recv` is kept). Each stops the mesh and removes a temporary state
 /// directory (it holds the CA key and tokens).
@@ -485,6 +561,11 @@ async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Policy { command } => policy_check(*command).await,
+        Command::Inject {
+            files,
+            trust_domain,
+            settings,
+        } => inject(&files, trust_domain, settings),
         Command::Stat {
             state_dir,
             admins: given,
