@@ -12,6 +12,16 @@
 //! moment has passed ([`CaError::Expired`]), never issues a certificate whose NotAfter is later
 //! (leaves are capped), refuses to sign once it has passed, and reports how close it is
 //! ([`CertificateAuthority::expiry_status`]).
+//!
+//! The CA also refuses to load material that would make every handshake fail: a key that is
+//! not the certificate's, a certificate that may not issue certificates (RFC 5280 §4.2.1.9:
+//! basicConstraints cA TRUE; §4.2.1.3: keyCertSign when keyUsage is present), and a chain
+//! that is not valid yet (a NotBefore more than [`CA_NOT_BEFORE_SKEW`] ahead).
+//!
+//! Issued leaves are strict DER (X.690 §11.5: a DEFAULT value is never encoded): their
+//! basicConstraints is critical with cA absent (an empty SEQUENCE, as Istio's and SPIRE's
+//! SVIDs carry it), never an explicit `cA FALSE`, which strict parsers such as
+//! pyca/cryptography refuse.
 
 use std::fs;
 use std::io::Write;
@@ -22,8 +32,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meshflow_policies::SpiffeId;
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, CertificateSigningRequestParams,
-    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
+use sha2::Digest;
 use time::OffsetDateTime;
 
 /// `Result` with [`CaError`].
@@ -69,6 +81,17 @@ pub enum CaError {
         /// What to do about it.
         hint: String,
     },
+    /// A certificate of the CA chain is not valid yet (NotBefore more than
+    /// [`CA_NOT_BEFORE_SKEW`] ahead): nothing it issues would verify before then.
+    #[error("{what} is not valid before {} (in {}); {hint}", rfc3339(*not_before), humantime::format_duration(round_secs(until(*not_before))))]
+    NotYetValid {
+        /// Which certificate (file and subject).
+        what: String,
+        /// Its NotBefore.
+        not_before: SystemTime,
+        /// What to do about it.
+        hint: String,
+    },
     /// rcgen failed to sign.
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
@@ -80,6 +103,10 @@ fn rfc3339(t: SystemTime) -> String {
 
 fn since(t: SystemTime) -> Duration {
     SystemTime::now().duration_since(t).unwrap_or_default()
+}
+
+fn until(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
 fn round_secs(d: Duration) -> Duration {
@@ -125,6 +152,10 @@ pub struct IssuedSvid {
 /// How far NotBefore is back-dated to tolerate clock skew between hosts.
 pub const NOT_BEFORE_SKEW: Duration = Duration::from_secs(60);
 
+/// How far ahead of this host's clock a CA certificate's NotBefore may be (the issuer's clock
+/// may run ahead of ours); further ahead, the CA refuses to load ([`CaError::NotYetValid`]).
+pub const CA_NOT_BEFORE_SKEW: Duration = Duration::from_secs(5 * 60);
+
 /// The mesh CA: an issuer certificate + key, the chain above it and the trust bundle.
 pub struct CertificateAuthority {
     issuer: Certificate,
@@ -146,6 +177,41 @@ struct ChainCert {
     label: String,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// SubjectPublicKeyInfo, DER.
+    spki: Vec<u8>,
+    /// The subjectPublicKey bits of `spki`.
+    public_key: Vec<u8>,
+    /// Why this certificate may not issue certificates, if it may not.
+    not_a_ca: Option<String>,
+}
+
+/// Why `cert` may not sign certificates (RFC 5280 §4.2.1.9, §4.2.1.3), if it may not.
+fn not_a_ca(cert: &x509_parser::certificate::X509Certificate) -> Option<String> {
+    match cert.basic_constraints() {
+        Err(e) => return Some(format!("its basicConstraints extension is invalid ({e})")),
+        Ok(None) => {
+            return Some(
+                "it has no basicConstraints extension, so it is not a CA certificate (a CA \
+                 needs basicConstraints CA:TRUE)"
+                    .into(),
+            )
+        }
+        Ok(Some(bc)) if !bc.value.ca => {
+            return Some(
+                "its basicConstraints say CA:FALSE: it is not a CA certificate, and verifiers \
+                 refuse the certificates it signs"
+                    .into(),
+            )
+        }
+        Ok(Some(_)) => {}
+    }
+    match cert.key_usage() {
+        Err(e) => Some(format!("its keyUsage extension is invalid ({e})")),
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => Some(
+            "its keyUsage does not include keyCertSign, so it may not sign certificates".into(),
+        ),
+        Ok(_) => None,
+    }
 }
 
 fn unix_secs(secs: i64) -> SystemTime {
@@ -171,6 +237,9 @@ fn chain_certs(pem: &str, source: &str) -> Result<Vec<ChainCert>> {
             label: format!("CA certificate {source} ({})", cert.subject()),
             not_before: unix_secs(cert.validity().not_before.timestamp()),
             not_after: unix_secs(cert.validity().not_after.timestamp()),
+            spki: cert.public_key().raw.to_vec(),
+            public_key: cert.public_key().subject_public_key.data.to_vec(),
+            not_a_ca: not_a_ca(&cert),
         });
     }
     if out.is_empty() {
@@ -196,6 +265,65 @@ fn issuer_path<'a>(issuer: &'a ChainCert, others: &'a [ChainCert]) -> Vec<&'a Ch
     }
     path
 }
+
+/// Refuses an issuing certificate that may not sign certificates, or whose public key is not
+/// `key`'s: every certificate signed with it would fail verification (BAD_SIGNATURE).
+fn check_issuer(
+    issuer: &ChainCert,
+    cert_path: &Path,
+    key_path: &Path,
+    key: &KeyPair,
+) -> Result<()> {
+    if let Some(why) = &issuer.not_a_ca {
+        return Err(CaError::BadMaterial {
+            what: issuer.label.clone(),
+            message: format!("cannot be the mesh CA: {why}"),
+        });
+    }
+    // The SubjectPublicKeyInfo DER; failing that (an AlgorithmIdentifier encoded differently,
+    // e.g. RSA parameters absent rather than NULL), the key bits themselves.
+    if issuer.spki != key.public_key_der() && issuer.public_key != key.public_key_raw() {
+        return Err(CaError::BadMaterial {
+            what: format!("{} and {}", cert_path.display(), key_path.display()),
+            message: format!(
+                "the key does not match the certificate: its public key is not the \
+                 certificate's SubjectPublicKeyInfo ({}), so nothing it signs would verify; \
+                 give the certificate's own key",
+                issuer.label
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The SubjectPublicKeyInfo (DER) of a CSR.
+fn csr_spki(csr_pem: &str) -> Result<Vec<u8>> {
+    use x509_parser::prelude::FromDer;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+        .map_err(|e| CaError::BadCsr(e.to_string()))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|e| CaError::BadCsr(e.to_string()))?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
+/// subjectKeyIdentifier (RFC 5280 §4.2.1.2): the first 20 bytes of SHA-256 of the
+/// SubjectPublicKeyInfo, as rcgen derives it for CA certificates.
+fn subject_key_identifier(spki: &[u8]) -> CustomExtension {
+    let digest = sha2::Sha256::digest(spki);
+    let mut value = vec![0x04, 20]; // OCTET STRING, 20 bytes
+    value.extend_from_slice(&digest[..20]);
+    CustomExtension::from_oid_content(&[2, 5, 29, 14], value)
+}
+
+/// basicConstraints for an end entity: critical, `cA` absent (DEFAULT FALSE, so DER omits it)
+/// and no pathLenConstraint — an empty SEQUENCE.
+fn end_entity_basic_constraints() -> CustomExtension {
+    let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x00]);
+    ext.set_criticality(true);
+    ext
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
     move |source| CaError::Io {
         path: path.to_path_buf(),
@@ -310,8 +438,11 @@ impl CertificateAuthority {
     /// trust bundle (a root). With an intermediate, leaf chains carry the intermediate.
     ///
     /// # Errors
-    /// [`CaError::Io`] / [`CaError::BadMaterial`]; [`CaError::Expired`] when the certificate,
-    /// or one above it in `cert_path` or `bundle_path`, has expired.
+    /// [`CaError::Io`]; [`CaError::BadMaterial`] for unparsable files, a key that is not the
+    /// certificate's, or a certificate that may not issue certificates (no basicConstraints
+    /// CA:TRUE, or a keyUsage without keyCertSign); [`CaError::Expired`] when the certificate,
+    /// or one above it in `cert_path` or `bundle_path`, has expired; [`CaError::NotYetValid`]
+    /// when one of them is not valid until more than [`CA_NOT_BEFORE_SKEW`] from now.
     pub fn from_files(
         cert_path: &Path,
         key_path: &Path,
@@ -321,6 +452,8 @@ impl CertificateAuthority {
         let cert_pem = fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
         let key_pem = fs::read_to_string(key_path).map_err(io_err(key_path))?;
         let key = KeyPair::from_pem(&key_pem).map_err(bad(key_path.display().to_string()))?;
+        let mut certs = chain_certs(&cert_pem, &cert_path.display().to_string())?;
+        check_issuer(&certs[0], cert_path, key_path, &key)?;
         let params = CertificateParams::from_ca_cert_pem(&cert_pem)
             .map_err(bad(cert_path.display().to_string()))?;
         // rcgen signs with an issuer `Certificate`; re-creating it from the original params
@@ -328,7 +461,6 @@ impl CertificateAuthority {
         let issuer = params
             .self_signed(&key)
             .map_err(bad(cert_path.display().to_string()))?;
-        let mut certs = chain_certs(&cert_pem, &cert_path.display().to_string())?;
         let (trust_bundle_pem, intermediates_pem) = match bundle_path {
             Some(bundle) => {
                 let pem = fs::read_to_string(bundle).map_err(io_err(bundle))?;
@@ -349,6 +481,19 @@ impl CertificateAuthority {
                 not_after: earliest.not_after,
                 hint: "refusing to start: no certificate it issues would be valid; give a valid \
                        CA (--ca-cert/--ca-key/--ca-bundle)"
+                    .into(),
+            });
+        }
+        let latest = path
+            .iter()
+            .max_by_key(|c| c.not_before)
+            .expect("the path holds the issuer");
+        if latest.not_before > SystemTime::now() + CA_NOT_BEFORE_SKEW {
+            return Err(CaError::NotYetValid {
+                what: latest.label.clone(),
+                not_before: latest.not_before,
+                hint: "refusing to start: no certificate it issues would verify before then; \
+                       check this host's clock and the issuer's, or give a CA that is valid now"
                     .into(),
             });
         }
@@ -484,7 +629,12 @@ impl CertificateAuthority {
         params.not_before = to_offset(not_before);
         params.not_after = to_offset(not_after);
         params.serial_number = Some(random_serial());
-        params.is_ca = IsCa::ExplicitNoCa;
+        // Not `IsCa::ExplicitNoCa`: rcgen encodes its `cA FALSE`, a DEFAULT value DER forbids.
+        params.is_ca = IsCa::NoCa;
+        params.custom_extensions = vec![
+            subject_key_identifier(&csr_spki(csr_pem)?),
+            end_entity_basic_constraints(),
+        ];
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -944,5 +1094,326 @@ mod tests {
         assert_eq!(ca.warning_window(), Duration::from_secs(2 * 24 * 3600));
         let ca = write_ca(dir.path(), &root, &key, None, 72 * hour).unwrap();
         assert_eq!(ca.warning_window(), 72 * hour);
+    }
+
+    /// Writes `cert` and `key` as `ca.pem`/`ca-key.pem` and loads them as the CA.
+    fn load(dir: &Path, cert: &Certificate, key: &KeyPair) -> Result<CertificateAuthority> {
+        write_ca(dir, cert, key, None, Duration::from_secs(3600))
+    }
+
+    #[test]
+    fn refuses_a_key_that_is_not_the_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, _) = ca_cert(
+            "mismatched root",
+            time::Duration::days(-1),
+            time::Duration::days(365),
+            None,
+        );
+        let other_key = KeyPair::generate().unwrap();
+        let err = load(dir.path(), &root, &other_key)
+            .err()
+            .expect("a key that does not match the certificate is refused");
+        assert!(matches!(err, CaError::BadMaterial { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("does not match"), "{text}");
+        assert!(
+            text.contains("ca.pem") && text.contains("ca-key.pem"),
+            "names both files: {text}"
+        );
+        assert!(
+            text.contains("mismatched root"),
+            "names the certificate: {text}"
+        );
+
+        // An intermediate with its root's key (the classic mix-up) is refused too.
+        let (root, root_key) = ca_cert(
+            "root",
+            time::Duration::days(-1),
+            time::Duration::days(365),
+            None,
+        );
+        let (int, _) = ca_cert(
+            "intermediate",
+            time::Duration::days(-1),
+            time::Duration::days(365),
+            Some((&root, &root_key)),
+        );
+        let err = write_ca(
+            dir.path(),
+            &int,
+            &root_key,
+            Some(&root),
+            Duration::from_secs(3600),
+        )
+        .err()
+        .expect("the root's key with the intermediate is refused");
+        assert!(err.to_string().contains("does not match"), "{err}");
+
+        // And a state directory whose root-key.pem is not root.pem's key.
+        let state = dir.path().join("state-ca");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("root.pem"), root.pem()).unwrap();
+        std::fs::write(state.join("root-key.pem"), other_key.serialize_pem()).unwrap();
+        let err = CertificateAuthority::load_or_generate(
+            &state,
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .err()
+        .expect("a stored root with the wrong key is refused");
+        assert!(
+            err.to_string().contains("does not match") && err.to_string().contains("root-key.pem"),
+            "{err}"
+        );
+    }
+
+    /// A self-signed certificate with `is_ca` and `key_usages`, valid for a year from a day ago.
+    fn self_signed(
+        name: &str,
+        is_ca: IsCa,
+        key_usages: Vec<KeyUsagePurpose>,
+    ) -> (Certificate, KeyPair) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = is_ca;
+        params.key_usages = key_usages;
+        params.distinguished_name.push(DnType::CommonName, name);
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(365);
+        (params.self_signed(&key).unwrap(), key)
+    }
+
+    #[test]
+    fn refuses_a_certificate_that_may_not_issue_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, is_ca, usages, why) in [
+            ("explicit leaf", IsCa::ExplicitNoCa, vec![], "CA:FALSE"),
+            ("no constraints", IsCa::NoCa, vec![], "no basicConstraints"),
+            (
+                "no keyCertSign",
+                IsCa::Ca(BasicConstraints::Unconstrained),
+                vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign],
+                "keyCertSign",
+            ),
+        ] {
+            let (cert, key) = self_signed(name, is_ca, usages);
+            let err = load(dir.path(), &cert, &key)
+                .err()
+                .unwrap_or_else(|| panic!("{name}: refused as the CA"));
+            assert!(matches!(err, CaError::BadMaterial { .. }), "{name}: {err}");
+            let text = err.to_string();
+            assert!(text.contains(why) && text.contains(name), "{name}: {text}");
+        }
+
+        // CA:TRUE without a keyUsage extension may sign (RFC 5280 §4.2.1.3 applies only when
+        // keyUsage is present); so may CA:TRUE with pathLenConstraint 0 (it issues leaves).
+        for (name, is_ca, usages) in [
+            (
+                "no key usage",
+                IsCa::Ca(BasicConstraints::Unconstrained),
+                vec![],
+            ),
+            (
+                "path length 0",
+                IsCa::Ca(BasicConstraints::Constrained(0)),
+                vec![KeyUsagePurpose::KeyCertSign],
+            ),
+        ] {
+            let (cert, key) = self_signed(name, is_ca, usages);
+            let ca = load(dir.path(), &cert, &key).unwrap_or_else(|e| panic!("{name}: {e}"));
+            ca.sign_csr(&csr(vec![]), &id("frontend")).unwrap();
+        }
+    }
+
+    #[test]
+    fn refuses_a_chain_that_is_not_valid_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, key) = ca_cert(
+            "future root",
+            time::Duration::days(1),
+            time::Duration::days(365),
+            None,
+        );
+        let err = load(dir.path(), &root, &key)
+            .err()
+            .expect("a CA valid only from tomorrow is refused");
+        assert!(matches!(err, CaError::NotYetValid { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("future root") && text.contains("not valid before"),
+            "{text}"
+        );
+        let tomorrow =
+            humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(24 * 3600))
+                .to_string();
+        assert!(
+            text.contains(&tomorrow[..10]),
+            "says when it becomes valid ({tomorrow}): {text}"
+        );
+        assert!(
+            text.contains("in 23h") || text.contains("in 1day"),
+            "{text}"
+        );
+
+        // A root in the bundle that is not valid yet is refused too.
+        let (int, int_key) = ca_cert(
+            "intermediate",
+            time::Duration::days(-1),
+            time::Duration::days(30),
+            Some((&root, &key)),
+        );
+        let err = write_ca(
+            dir.path(),
+            &int,
+            &int_key,
+            Some(&root),
+            Duration::from_secs(3600),
+        )
+        .err()
+        .expect("a future root above the issuer is refused");
+        assert!(err.to_string().contains("future root"), "{err}");
+
+        // A NotBefore a little ahead (the issuer's clock runs fast) is within the skew.
+        let (root, key) = ca_cert(
+            "slightly ahead",
+            time::Duration::minutes(2),
+            time::Duration::days(365),
+            None,
+        );
+        load(dir.path(), &root, &key).expect("2 minutes ahead is tolerated");
+    }
+
+    /// Checks that `der` is DER the way a strict parser wants it (X.690 §10, §11): definite,
+    /// minimal lengths, nothing after the value, BOOLEAN TRUE as 0xFF, and no BOOLEAN FALSE —
+    /// every BOOLEAN of a leaf certificate (Extension.critical, BasicConstraints.cA) is DEFAULT
+    /// FALSE, and DER never encodes a DEFAULT value. `path` names the position in errors.
+    fn strict_der(mut der: &[u8], path: &str) -> std::result::Result<(), String> {
+        while !der.is_empty() {
+            let tag = der[0];
+            if tag & 0x1f == 0x1f {
+                return Err(format!("{path}: high tag number form"));
+            }
+            let (len, header) = match der.get(1) {
+                None => return Err(format!("{path}: truncated")),
+                Some(&l) if l < 0x80 => (l as usize, 2),
+                Some(0x80) => return Err(format!("{path}: indefinite length")),
+                Some(&l) => {
+                    let n = (l & 0x7f) as usize;
+                    let bytes = der
+                        .get(2..2 + n)
+                        .ok_or_else(|| format!("{path}: truncated length"))?;
+                    if n > 4 || bytes[0] == 0 {
+                        return Err(format!("{path}: non-minimal length"));
+                    }
+                    let len = bytes.iter().fold(0usize, |a, &b| a << 8 | b as usize);
+                    if len < 0x80 {
+                        return Err(format!("{path}: long form for a short length"));
+                    }
+                    (len, 2 + n)
+                }
+            };
+            let value = der
+                .get(header..header + len)
+                .ok_or_else(|| format!("{path}: value runs past its parent"))?;
+            match tag {
+                0x01 => match value {
+                    [0xff] => {}
+                    [0x00] => {
+                        return Err(format!(
+                            "{path}: BOOLEAN FALSE encoded (a DEFAULT FALSE value)"
+                        ))
+                    }
+                    other => return Err(format!("{path}: BOOLEAN {other:02x?} is not DER")),
+                },
+                t if t & 0x20 != 0 => strict_der(value, &format!("{path}/{t:02x}"))?,
+                _ => {}
+            }
+            der = &der[header + len..];
+        }
+        Ok(())
+    }
+
+    /// [`strict_der`] over a certificate and the DER inside each of its extensions.
+    fn strict_der_certificate(der: &[u8]) -> std::result::Result<(), String> {
+        strict_der(der, "certificate")?;
+        let (rest, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+        assert!(rest.is_empty());
+        for ext in cert.extensions() {
+            strict_der(ext.value, &format!("extension {}", ext.oid))?;
+        }
+        Ok(())
+    }
+
+    fn first_cert_der(chain_pem: &str) -> Vec<u8> {
+        x509_parser::pem::parse_x509_pem(chain_pem.as_bytes())
+            .unwrap()
+            .1
+            .contents
+    }
+
+    #[test]
+    fn issued_certificates_are_strict_der_with_ca_absent_from_basic_constraints() {
+        // The checker catches what rcgen's `IsCa::ExplicitNoCa` writes (`30 03 01 01 00`).
+        let (explicit, _) = self_signed("explicit", IsCa::ExplicitNoCa, vec![]);
+        let err = strict_der_certificate(explicit.der()).expect_err("explicit cA FALSE");
+        assert!(
+            err.contains("2.5.29.19") && err.contains("BOOLEAN FALSE"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_generate(
+            dir.path(),
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let svid = first_cert_der(
+            &ca.sign_csr(&csr(vec![]), &id("frontend"))
+                .unwrap()
+                .cert_chain_pem,
+        );
+        strict_der_certificate(&svid).expect("the SVID is strict DER");
+        let (_, cert) = x509_parser::parse_x509_certificate(&svid).unwrap();
+        // basicConstraints: critical, an empty SEQUENCE (cA absent = FALSE, no path length).
+        let bc = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_BASIC_CONSTRAINTS)
+            .expect("the SVID carries basicConstraints");
+        assert!(bc.critical);
+        assert_eq!(bc.value, [0x30, 0x00]);
+        let parsed = cert.basic_constraints().unwrap().unwrap().value;
+        assert!(!parsed.ca && parsed.path_len_constraint.is_none());
+        // Each extension once; the subjectKeyIdentifier is still there, and is what rcgen
+        // derives (SHA-256 of the SubjectPublicKeyInfo, 20 bytes).
+        let mut oids: Vec<String> = cert
+            .extensions()
+            .iter()
+            .map(|e| e.oid.to_id_string())
+            .collect();
+        oids.sort();
+        let len = oids.len();
+        oids.dedup();
+        assert_eq!(oids.len(), len, "{oids:?}");
+        let ski = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+            .expect("the SVID carries a subjectKeyIdentifier");
+        assert_eq!(
+            ski.value[2..],
+            sha2::Sha256::digest(cert.public_key().raw)[..20]
+        );
+
+        // The control plane's and the webhook's certificates too.
+        let (server, _) = ca.issue_server_cert(&id("control-plane")).unwrap();
+        strict_der_certificate(&first_cert_der(&server)).expect("server certificate");
+        let (webhook, _, _) = ca
+            .issue_webhook_cert(&["injector.mesh.svc".into()], Duration::from_secs(3600))
+            .unwrap();
+        strict_der_certificate(&first_cert_der(&webhook)).expect("webhook certificate");
     }
 }

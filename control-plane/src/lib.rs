@@ -373,7 +373,8 @@ fn kubernetes_mesh(trust_domain: &str) -> MeshFile {
 /// Runs the control plane until `shutdown` resolves.
 ///
 /// # Errors
-/// [`StartError::Config`] for an invalid mesh file or a CA whose chain has expired;
+/// [`StartError::Config`] for an invalid mesh file or an unusable CA (expired or not yet valid
+/// chain, a key that is not the certificate's, a certificate that is not a CA);
 /// [`StartError::Other`] for I/O or TLS failures.
 pub async fn run(
     config: ControlPlaneConfig,
@@ -465,12 +466,12 @@ pub async fn run(
         ),
     }
     .map_err(|e| match e {
-        // An expired issuer is a configuration problem (exit 64), and the message says which.
-        e @ ca::CaError::Expired { .. } => StartError::Config(e.to_string()),
-        // So is an unusable CA Secret.
-        e @ ca::CaError::BadMaterial { .. } if kube_client.is_some() => {
-            StartError::Config(e.to_string())
-        }
+        // An unusable CA is a configuration problem (exit 64), and the message says why: an
+        // expired or not yet valid chain, a key that is not the certificate's, a certificate
+        // that may not issue certificates, unparsable files or an unusable CA Secret.
+        e @ (ca::CaError::Expired { .. }
+        | ca::CaError::NotYetValid { .. }
+        | ca::CaError::BadMaterial { .. }) => StartError::Config(e.to_string()),
         e => other(e),
     })?;
     let ca = Arc::new(ca);

@@ -33,7 +33,8 @@ pub enum CaSecretError {
 ///
 /// # Errors
 /// [`CaSecretError::Material`] naming the Secret and what is wrong with it (missing key,
-/// unparsable or expired certificate); [`CaSecretError::Api`] for an API error.
+/// unparsable, expired or not yet valid certificate, a key that is not the certificate's, a
+/// certificate that is not a CA); [`CaSecretError::Api`] for an API error.
 pub async fn load_or_create(
     client: &Client,
     namespace: &str,
@@ -95,10 +96,15 @@ pub async fn load_or_create(
     let data = secret.data.unwrap_or_default();
     let get = |key: &str| data.get(key).map(|b| b.0.clone());
     // kubernetes.io/tls (cert-manager) first: there `ca.crt` is the issuer's roots.
-    let (cert, key, bundle) = match (get("tls.crt"), get("tls.key")) {
-        (Some(cert), Some(key)) => (cert, key, get("ca.crt")),
+    let (cert, key, bundle, layout) = match (get("tls.crt"), get("tls.key")) {
+        (Some(cert), Some(key)) => (cert, key, get("ca.crt"), "tls.crt, tls.key, ca.crt"),
         _ => match (get("ca.crt"), get("ca.key")) {
-            (Some(cert), Some(key)) => (cert, key, get("ca-bundle.crt")),
+            (Some(cert), Some(key)) => (
+                cert,
+                key,
+                get("ca-bundle.crt"),
+                "ca.crt, ca.key, ca-bundle.crt",
+            ),
             _ => {
                 return Err(Material(format!(
                     "{place}: needs ca.crt and ca.key (optionally ca-bundle.crt), or tls.crt \
@@ -123,6 +129,7 @@ pub async fn load_or_create(
         }
         None => None,
     };
+    // The files are copies of the Secret's keys: name the Secret and its keys first.
     CertificateAuthority::from_files(&cert_path, &key_path, bundle_path.as_deref(), leaf_ttl)
-        .map_err(|e| Material(format!("{place}: {e}")))
+        .map_err(|e| Material(format!("{place} ({layout}): {e}")))
 }

@@ -74,7 +74,7 @@ fn control_plane_must_not_start(dir: &Path, state: &Path, args: &[String]) -> (i
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "the control plane started with an expired CA ({args:?}):\n{}",
+                "the control plane started with an unusable CA ({args:?}):\n{}",
                 std::fs::read_to_string(&stderr_path).unwrap_or_default()
             );
         }
@@ -153,6 +153,90 @@ fn control_plane_refuses_to_start_with_an_expired_ca_chain() {
     assert_eq!(
         std::fs::read_to_string(state.join("ca/root.pem")).unwrap(),
         root.pem()
+    );
+}
+
+/// Hostile CA input: a key that is not the certificate's, a certificate that may not
+/// issue certificates and one that is not valid yet are refused at start, as configuration
+/// errors naming the files and what is wrong, instead of a control plane whose every handshake
+/// fails.
+#[test]
+fn control_plane_refuses_a_mismatched_key_a_non_ca_and_a_ca_not_valid_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_args = |cert: &Path, key: &Path| -> Vec<String> {
+        vec![
+            "--ca-cert".into(),
+            cert.display().to_string(),
+            "--ca-key".into(),
+            key.display().to_string(),
+        ]
+    };
+
+    // 1. The certificate with another key.
+    let (root, _, _) = ca(
+        "mismatched test root",
+        time::Duration::days(-1),
+        time::Duration::days(365),
+        None,
+    );
+    let cert = write(dir.path(), "mismatched.pem", &root.pem());
+    let other_key = write(
+        dir.path(),
+        "other-key.pem",
+        &KeyPair::generate().unwrap().serialize_pem(),
+    );
+    let (code, stderr) = control_plane_must_not_start(
+        dir.path(),
+        &dir.path().join("state1"),
+        &ca_args(&cert, &other_key),
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("does not match")
+            && stderr.contains("mismatched.pem")
+            && stderr.contains("other-key.pem"),
+        "the message names both files and the mismatch: {stderr}"
+    );
+
+    // 2. A CA:FALSE certificate with its own key.
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "leaf posing as a CA");
+    let leaf = params.self_signed(&key).unwrap();
+    let cert = write(dir.path(), "leaf.pem", &leaf.pem());
+    let key = write(dir.path(), "leaf-key.pem", &key.serialize_pem());
+    let (code, stderr) = control_plane_must_not_start(
+        dir.path(),
+        &dir.path().join("state2"),
+        &ca_args(&cert, &key),
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("leaf posing as a CA") && stderr.contains("CA:FALSE"),
+        "{stderr}"
+    );
+
+    // 3. A CA valid from tomorrow.
+    let (future, future_key, _) = ca(
+        "future test root",
+        time::Duration::days(1),
+        time::Duration::days(365),
+        None,
+    );
+    let cert = write(dir.path(), "future.pem", &future.pem());
+    let key = write(dir.path(), "future-key.pem", &future_key.serialize_pem());
+    let (code, stderr) = control_plane_must_not_start(
+        dir.path(),
+        &dir.path().join("state3"),
+        &ca_args(&cert, &key),
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("future test root") && stderr.contains("not valid before"),
+        "{stderr}"
     );
 }
 
