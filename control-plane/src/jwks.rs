@@ -31,6 +31,7 @@ pub struct JwksResolver {
     client: reqwest::Client,
     last_good: std::sync::Arc<std::sync::Mutex<HashMap<String, String>>>,
     metrics: ControlPlaneMetrics,
+    files: bool,
 }
 
 impl JwksResolver {
@@ -40,7 +41,15 @@ impl JwksResolver {
             client: reqwest::Client::new(),
             last_good: Default::default(),
             metrics,
+            files: true,
         }
+    }
+
+    /// Refuses `file://` key sets (Kubernetes mode: a policy's author is not the operator of
+    /// the control plane's host, and must not make it read its files).
+    pub fn without_files(mut self) -> Self {
+        self.files = false;
+        self
     }
 
     /// Whether any rule of `policies` names a `jwksUri` (and so needs refreshing).
@@ -127,6 +136,11 @@ impl JwksResolver {
         policies_dir: Option<&Path>,
     ) -> Result<String, String> {
         if let Some(path) = uri.strip_prefix("file://") {
+            if !self.files {
+                return Err(
+                    "file:// key sets are not read in Kubernetes mode; use https://".into(),
+                );
+            }
             let path = match policies_dir {
                 Some(dir) if Path::new(path).is_relative() => dir.join(path),
                 _ => PathBuf::from(path),

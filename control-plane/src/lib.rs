@@ -618,7 +618,9 @@ pub async fn run(
         tokens,
         state: state.clone(),
         metrics,
-        token_review: kube_client.clone(),
+        token_review: kube_client
+            .clone()
+            .map(kubernetes::identity::TokenReviewer::new),
     };
     let server = Server::builder()
         .tls_config(tls)
@@ -676,7 +678,9 @@ pub async fn run(
             state.clone(),
             &registry,
             coordinator,
-            jwks.take().expect("the Kubernetes source's resolver"),
+            jwks.take()
+                .expect("the Kubernetes source's resolver")
+                .without_files(),
             ready.clone(),
         )
         .await

@@ -8,7 +8,8 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESHFLOW_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                // kube's client logs whole response bodies on some errors: only its errors.
+                .unwrap_or_else(|_| "info,kube_client=error".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -32,7 +32,7 @@ pub struct Services {
     pub metrics: ControlPlaneMetrics,
     /// Kubernetes mode: `Certify` is authenticated by ServiceAccount tokens reviewed by this
     /// cluster (TokenReview), and endpoints come from the cluster, not from `Hello`.
-    pub token_review: Option<kube::Client>,
+    pub token_review: Option<Arc<crate::kubernetes::identity::TokenReviewer>>,
 }
 
 fn unix(t: std::time::SystemTime) -> i64 {
@@ -66,15 +66,24 @@ impl Identity for Services {
             }
             // The identity is the reviewed token's namespace and service account: nothing the
             // caller writes in the request or the CSR can change it.
-            let (namespace, account) = match crate::kubernetes::identity::review(client, &req.token)
-                .await
-            {
+            // A malformed CSR costs no review.
+            if let Err(e) = rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem) {
+                return Err(refuse(
+                    "bad_csr",
+                    Status::invalid_argument(format!("CSR: {e}")),
+                ));
+            }
+            use crate::kubernetes::identity::ReviewError;
+            let (namespace, account) = match client.review(&req.token).await {
                 Ok(who) => who,
-                Err(e @ crate::kubernetes::identity::ReviewError::Api(_)) => {
+                Err(e @ ReviewError::Api(_)) => {
                     return Err(refuse(
                         "token_review_failed",
                         Status::unavailable(e.to_string()),
                     ))
+                }
+                Err(e @ ReviewError::Busy) => {
+                    return Err(refuse("busy", Status::resource_exhausted(e.to_string())))
                 }
                 Err(e) => return Err(refuse("bad_token", Status::unauthenticated(e.to_string()))),
             };

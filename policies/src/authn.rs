@@ -64,11 +64,11 @@ pub struct RequestAuthenticationSpec {
     pub selector: Option<Selector>,
     /// Not supported (Kubernetes Gateway API attachment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::target_ref")]
     pub target_ref: Option<serde_json::Value>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::target_refs")]
     pub target_refs: Option<serde_json::Value>,
     /// One rule per accepted issuer.
     #[serde(default)]
@@ -102,15 +102,15 @@ pub struct JwtRule {
     pub from_params: Vec<String>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::string_list")]
     pub from_cookies: Option<serde_json::Value>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::string")]
     pub output_payload_to_header: Option<serde_json::Value>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::claim_to_headers")]
     pub output_claim_to_headers: Option<serde_json::Value>,
     /// Keep the token header on the forwarded request (default: removed).
     #[serde(default)]

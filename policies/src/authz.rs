@@ -56,18 +56,18 @@ pub struct AuthorizationSpec {
     pub selector: Option<Selector>,
     /// Not supported (Kubernetes Gateway API attachment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::target_ref")]
     pub target_ref: Option<serde_json::Value>,
     /// Not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::target_refs")]
     pub target_refs: Option<serde_json::Value>,
     /// ALLOW (default), DENY, AUDIT; CUSTOM is refused.
     #[serde(default)]
     pub action: Action,
     /// Not supported (CUSTOM's external authorizer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::provider")]
     pub provider: Option<serde_json::Value>,
     /// Rules; absent = none (ALLOW: deny all; DENY/AUDIT: matches nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -123,12 +123,7 @@ pub trait MeshflowResource: Resource<DynamicType = ()> + Clone + Send + Sync + '
     fn last_accepted(&self) -> Option<&LastAccepted>;
     /// Where the object is named in errors: `<Kind> <namespace>/<name>`.
     fn origin(&self) -> String {
-        format!(
-            "{} {}/{}",
-            Self::KIND,
-            self.meta().namespace.as_deref().unwrap_or("default"),
-            self.meta().name.as_deref().unwrap_or("")
-        )
+        origin(Self::KIND, self.meta())
     }
     /// The object as the YAML document a policy file would hold (`apiVersion`, `kind`,
     /// `metadata` with name, namespace and labels, `spec`).
@@ -137,20 +132,47 @@ pub trait MeshflowResource: Resource<DynamicType = ()> + Clone + Send + Sync + '
     }
     /// The object's document with another `spec` (e.g. a [`LastAccepted`] one, as JSON).
     fn document_with<S: Serialize>(&self, spec: &S) -> String {
-        let meta = self.meta();
-        let doc = Document {
-            api_version: crate::mesh::API_VERSION,
-            kind: Self::KIND,
-            metadata: ObjectMeta {
-                name: meta.name.clone().unwrap_or_default(),
-                namespace: meta.namespace.clone(),
-                labels: meta.labels.clone().unwrap_or_default(),
-                annotations: BTreeMap::new(),
-            },
-            spec,
-        };
-        serde_yaml::to_string(&doc).unwrap_or_default()
+        document(Self::KIND, self.meta(), spec)
     }
+}
+
+/// Where an object is named in errors: `<Kind> <namespace>/<name>`.
+pub fn origin(kind: &str, meta: &kube::api::ObjectMeta) -> String {
+    format!(
+        "{kind} {}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// The YAML document a policy file would hold for an object of `kind` with `meta` (name,
+/// namespace, labels) and `spec`.
+pub fn document<S: Serialize>(kind: &str, meta: &kube::api::ObjectMeta, spec: &S) -> String {
+    let doc = Document {
+        api_version: crate::mesh::API_VERSION,
+        kind,
+        metadata: ObjectMeta {
+            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.clone(),
+            labels: meta.labels.clone().unwrap_or_default(),
+            annotations: BTreeMap::new(),
+        },
+        spec,
+    };
+    serde_yaml::to_string(&doc).unwrap_or_default()
+}
+
+/// Decodes a custom resource read as untyped JSON (the control plane watches its kinds as
+/// dynamic objects), so that one object the types cannot read — a number out of range, say —
+/// is refused alone, naming the field, instead of failing the list of its whole kind.
+///
+/// # Errors
+/// [`Rejection`] with the field path and what is wrong.
+pub fn decode<R: serde::de::DeserializeOwned>(object: &serde_json::Value) -> Result<R, Rejection> {
+    serde_path_to_error::deserialize(object).map_err(|e| Rejection {
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
+    })
 }
 
 #[derive(Serialize)]
@@ -245,13 +267,14 @@ pub fn policy_from_resource<R: MeshflowResource>(resource: &R) -> Result<PolicyS
     Ok(set)
 }
 
-/// The policy a [`LastAccepted`] spec of `resource` gives (validated again: a spec recorded by
-/// an older control plane may no longer pass).
+/// The policy the [`LastAccepted`] spec of an object of `kind` with `meta` gives (validated
+/// again: a spec recorded by an older control plane may no longer pass).
 ///
 /// # Errors
 /// [`Rejection`] when the recorded spec is not JSON or no longer valid.
-pub fn policy_from_last_accepted<R: MeshflowResource>(
-    resource: &R,
+pub fn policy_from_last_accepted(
+    kind: &str,
+    meta: &kube::api::ObjectMeta,
     last: &LastAccepted,
 ) -> Result<PolicySet, Rejection> {
     let spec: serde_json::Value = serde_json::from_str(&last.spec).map_err(|e| Rejection {
@@ -259,10 +282,7 @@ pub fn policy_from_last_accepted<R: MeshflowResource>(
         message: e.to_string(),
     })?;
     let mut set = PolicySet::default();
-    set.add_file(
-        Path::new(&resource.origin()),
-        &resource.document_with(&spec),
-    )?;
+    set.add_file(Path::new(&origin(kind, meta)), &document(kind, meta, &spec))?;
     Ok(set)
 }
 

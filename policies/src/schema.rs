@@ -15,6 +15,58 @@ pub fn any_json(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
 }
 
+/// Istio's `PolicyTargetReference` (`targetRef`, Gateway API attachment): meshflow refuses
+/// the field with a hint, but types it, so that the API server prunes anything else in it
+/// (an untyped field would take any JSON, nested beyond what a client can decode).
+pub fn target_ref(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "properties": {
+            "group": { "type": "string" },
+            "kind": { "type": "string" },
+            "name": { "type": "string" },
+            "namespace": { "type": "string" }
+        }
+    })
+}
+
+/// A list of [`target_ref`]s (`targetRefs`).
+pub fn target_refs(generator: &mut SchemaGenerator) -> Schema {
+    let item = target_ref(generator);
+    json_schema!({ "type": "array", "items": item })
+}
+
+/// Istio's CUSTOM `provider` (`{ name }`), refused by meshflow, typed as [`target_ref`] is.
+pub fn provider(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "object", "properties": { "name": { "type": "string" } } })
+}
+
+/// A list of strings (Istio's `fromCookies`, refused by meshflow).
+pub fn string_list(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "array", "items": { "type": "string" } })
+}
+
+/// A string (Istio's `outputPayloadToHeader`, refused by meshflow).
+pub fn string(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "string" })
+}
+
+/// Istio's `outputClaimToHeaders` (`[{ header, claim }]`), refused by meshflow.
+pub fn claim_to_headers(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": { "header": { "type": "string" }, "claim": { "type": "string" } }
+        }
+    })
+}
+
+/// An integer (Istio's retry `attempts`, refused by meshflow with a hint).
+pub fn integer(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "integer" })
+}
+
 /// An integer or a string (a retry condition: an HTTP status like `503` or a name like
 /// `5xx`); which names and codes are valid is checked by the spec's validation.
 pub fn int_or_string(_: &mut SchemaGenerator) -> Schema {

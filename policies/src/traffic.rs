@@ -141,7 +141,7 @@ pub struct Retries {
     pub budget: Budget,
     /// Istio's field; present only to be rejected with a hint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::schema::any_json")]
+    #[schemars(schema_with = "crate::schema::integer")]
     pub attempts: Option<serde_yaml::Value>,
 }
 

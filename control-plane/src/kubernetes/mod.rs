@@ -70,6 +70,13 @@ pub struct KubeSettings {
 /// a rejection echoing a huge value must not make every status write fail).
 pub const MAX_STATUS_MESSAGE: usize = 1024;
 
+/// Largest `spec` of a policy object served, bytes of JSON: every sidecar a policy reaches
+/// (every sidecar, for a TrafficPolicy) receives it in its snapshot.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+
+/// How long the first list of Workflows may fail before config is served without them.
+const WORKFLOW_LIST_GRACE: Duration = Duration::from_secs(10);
+
 /// How long after a failed Workflow registration (store down, a lost race) it is tried again.
 const REGISTRATION_RETRY: Duration = Duration::from_secs(5);
 
@@ -202,6 +209,48 @@ where
     reader
 }
 
+/// A reflector over `resource` as untyped objects.
+fn reflect_dynamic(
+    client: Client,
+    resource: &ApiResource,
+    notify: Arc<Notify>,
+) -> Store<DynamicObject> {
+    let writer = reflector::store::Writer::new(resource.clone());
+    let reader = writer.as_reader();
+    let kind = resource.kind.clone();
+    let stream = reflector::reflector(
+        writer,
+        watcher(
+            Api::<DynamicObject>::all_with(client, resource),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(|object: &mut DynamicObject| slim_meta(&mut object.metadata)),
+    );
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => notify.notify_one(),
+                Err(e) => tracing::warn!(%kind, error = %e, "watch"),
+            }
+        }
+    });
+    reader
+}
+
+/// A reflector over meshflow kind `R`, untyped.
+fn reflect_kind<R: MeshflowResource>(
+    client: &Client,
+    notify: &Arc<Notify>,
+) -> Store<DynamicObject> {
+    reflect_dynamic(
+        client.clone(),
+        &ApiResource::erase::<R>(&()),
+        notify.clone(),
+    )
+}
+
 fn slim_any<K: Resource>(object: &mut K) {
     slim_meta(object.meta_mut());
 }
@@ -279,11 +328,13 @@ struct Stores {
     pods: Store<Pod>,
     services: Store<Service>,
     slices: Store<DynamicObject>,
-    traffic: Store<TrafficPolicyResource>,
-    authorization: Store<AuthorizationPolicyResource>,
-    request_authentication: Store<RequestAuthenticationResource>,
-    peer_authentication: Store<PeerAuthenticationResource>,
-    workflows: Store<WorkflowResource>,
+    // meshflow's kinds are watched untyped: one object the types cannot read is refused
+    // alone (crd::decode) instead of failing the list of its whole kind.
+    traffic: Store<DynamicObject>,
+    authorization: Store<DynamicObject>,
+    request_authentication: Store<DynamicObject>,
+    peer_authentication: Store<DynamicObject>,
+    workflows: Store<DynamicObject>,
 }
 
 /// What was last handed to the snapshot builder: workloads, services, policies.
@@ -352,30 +403,7 @@ pub async fn start(
         )
     });
     let slice_resource = endpoint_slice_resource(&client).await;
-    let slices = {
-        let writer = reflector::store::Writer::new(slice_resource.clone());
-        let reader = writer.as_reader();
-        let stream = reflector::reflector(
-            writer,
-            watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &slice_resource),
-                all.clone(),
-            )
-            .default_backoff()
-            .modify(|slice: &mut DynamicObject| slim_meta(&mut slice.metadata)),
-        );
-        let notify = notify.clone();
-        tokio::spawn(async move {
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(_) => notify.notify_one(),
-                    Err(e) => tracing::warn!(kind = "EndpointSlice", error = %e, "watch"),
-                }
-            }
-        });
-        reader
-    };
+    let slices = reflect_dynamic(client.clone(), &slice_resource, notify.clone());
     let stores = Stores {
         namespaces,
         pods: reflect(
@@ -391,36 +419,11 @@ pub async fn start(
             slim_any,
         ),
         slices,
-        traffic: reflect(
-            Api::all(client.clone()),
-            all.clone(),
-            notify.clone(),
-            slim_any,
-        ),
-        authorization: reflect(
-            Api::all(client.clone()),
-            all.clone(),
-            notify.clone(),
-            slim_any,
-        ),
-        request_authentication: reflect(
-            Api::all(client.clone()),
-            all.clone(),
-            notify.clone(),
-            slim_any,
-        ),
-        peer_authentication: reflect(
-            Api::all(client.clone()),
-            all.clone(),
-            notify.clone(),
-            slim_any,
-        ),
-        workflows: reflect(
-            Api::all(client.clone()),
-            all.clone(),
-            notify.clone(),
-            slim_any,
-        ),
+        traffic: reflect_kind::<TrafficPolicyResource>(&client, &notify),
+        authorization: reflect_kind::<AuthorizationPolicyResource>(&client, &notify),
+        request_authentication: reflect_kind::<RequestAuthenticationResource>(&client, &notify),
+        peer_authentication: reflect_kind::<PeerAuthenticationResource>(&client, &notify),
+        workflows: reflect_kind::<WorkflowResource>(&client, &notify),
     };
     let (leader_tx, leader_rx) = watch::channel(false);
     tokio::spawn(leader::run(
@@ -501,7 +504,14 @@ async fn wait_for_first_lists(client: &Client, stores: &Stores) {
             ),
             ("workflows", ready(&stores.workflows).await),
         ];
-        let waiting: Vec<&str> = kinds.iter().filter(|(_, r)| !r).map(|(k, _)| *k).collect();
+        let mut waiting: Vec<&str> = kinds.iter().filter(|(_, r)| !r).map(|(k, _)| *k).collect();
+        // Workflows decide no access: after a while, serve without them rather than let one
+        // unreadable Workflow (free-form JSON nested deeper than a client decodes) hold every
+        // sidecar's config back. Their reflector keeps trying.
+        if started.elapsed() > WORKFLOW_LIST_GRACE && waiting == ["workflows"] {
+            tracing::error!("Workflows could not be listed yet; serving config without them");
+            waiting.clear();
+        }
         if core && waiting.is_empty() {
             return;
         }
@@ -666,7 +676,9 @@ impl Controller {
         let request_authentication = self.stores.request_authentication.state();
         let peer_authentication = self.stores.peer_authentication.state();
         let workflows = self.stores.workflows.state();
-        for key in self.judge_policies(&traffic, &policy_selected, &mut present) {
+        for key in
+            self.judge_policies::<TrafficPolicyResource>(&traffic, &policy_selected, &mut present)
+        {
             let Some((_, _, set)) = self.last_good.get(&key) else {
                 continue;
             };
@@ -693,21 +705,33 @@ impl Controller {
                 }
             }
         }
-        for key in self.judge_policies(&authorization, &policy_selected, &mut present) {
+        for key in self.judge_policies::<AuthorizationPolicyResource>(
+            &authorization,
+            &policy_selected,
+            &mut present,
+        ) {
             if let Some((_, _, set)) = self.last_good.get(&key) {
                 policies
                     .authorization
                     .extend(set.authorization.iter().cloned());
             }
         }
-        for key in self.judge_policies(&request_authentication, &policy_selected, &mut present) {
+        for key in self.judge_policies::<RequestAuthenticationResource>(
+            &request_authentication,
+            &policy_selected,
+            &mut present,
+        ) {
             if let Some((_, _, set)) = self.last_good.get(&key) {
                 policies
                     .request_authentication
                     .extend(set.request_authentication.iter().cloned());
             }
         }
-        for key in self.judge_policies(&peer_authentication, &policy_selected, &mut present) {
+        for key in self.judge_policies::<PeerAuthenticationResource>(
+            &peer_authentication,
+            &policy_selected,
+            &mut present,
+        ) {
             if let Some((_, _, set)) = self.last_good.get(&key) {
                 policies
                     .peer_authentication
@@ -735,11 +759,23 @@ impl Controller {
         self.metrics.leader.set(i64::from(leading));
         if leading {
             let mut writes = Vec::new();
-            self.statuses_for(&traffic, &conflicts, &mut writes);
-            self.statuses_for(&authorization, &conflicts, &mut writes);
-            self.statuses_for(&request_authentication, &conflicts, &mut writes);
-            self.statuses_for(&peer_authentication, &conflicts, &mut writes);
-            self.statuses_for(&workflows, &conflicts, &mut writes);
+            self.statuses_for::<TrafficPolicyResource>(&traffic, &conflicts, &mut writes);
+            self.statuses_for::<AuthorizationPolicyResource>(
+                &authorization,
+                &conflicts,
+                &mut writes,
+            );
+            self.statuses_for::<RequestAuthenticationResource>(
+                &request_authentication,
+                &conflicts,
+                &mut writes,
+            );
+            self.statuses_for::<PeerAuthenticationResource>(
+                &peer_authentication,
+                &conflicts,
+                &mut writes,
+            );
+            self.statuses_for::<WorkflowResource>(&workflows, &conflicts, &mut writes);
             self.statuses.send_if_modified(|wanted| {
                 let changed = *wanted != writes;
                 if changed {
@@ -773,40 +809,64 @@ impl Controller {
     }
 
     /// Validates every new generation of a policy kind; returns the keys whose last good
-    /// version is to be served, in (namespace, name) order. A rejected generation falls back
-    /// to the last accepted one this process saw, else to the one recorded in the object's
-    /// status (by this or an earlier leader).
-    fn judge_policies<R: MeshflowResource>(
+    /// version is to be served, oldest object first (so that of two TrafficPolicies for one
+    /// service the one that was there first stays). A rejected generation falls back to the
+    /// last accepted one this process saw, else to the one recorded in the object's status
+    /// (by this or an earlier leader).
+    fn judge_policies<R: MeshflowResource + DeserializeOwned>(
         &mut self,
-        objects: &[Arc<R>],
+        objects: &[Arc<DynamicObject>],
         selected: &(dyn Fn(&str) -> bool + Sync),
         present: &mut BTreeSet<ObjectKey>,
     ) -> Vec<ObjectKey> {
         let mut keys = Vec::new();
         for object in objects {
-            let Some(key) = key_of(object.as_ref(), selected) else {
+            let Some(key) = key_of(R::KIND, object, selected) else {
                 continue;
             };
             present.insert(key.clone());
-            let (uid, generation) = uid_generation(object.as_ref());
+            let (uid, generation) = uid_generation(object);
             let fresh = self
                 .verdicts
                 .get(&key)
                 .is_some_and(|v| v.uid == uid && v.generation == generation);
             if !fresh {
-                let outcome = match crd::policy_from_resource(object.as_ref()) {
+                let origin = crd::origin(R::KIND, &object.metadata);
+                let spec_bytes = object.data.get("spec").map_or(0, |s| s.to_string().len());
+                let judged = if spec_bytes > MAX_SPEC_BYTES {
+                    Err((
+                        "TooLarge",
+                        Rejection {
+                            field: "spec".into(),
+                            message: format!(
+                                "{spec_bytes} bytes of spec; at most {MAX_SPEC_BYTES} are served \
+                                 (every sidecar the policy reaches receives it)"
+                            ),
+                        },
+                    ))
+                } else {
+                    untyped(object)
+                        .and_then(|value| crd::decode::<R>(&value))
+                        .and_then(|typed| crd::policy_from_resource(&typed))
+                        .map_err(|rejection| ("Invalid", rejection))
+                };
+                let outcome = match judged {
                     Ok(set) => {
                         self.last_good
                             .insert(key.clone(), (uid.clone(), generation, set));
                         Outcome::Accepted
                     }
-                    Err(rejection) => {
+                    Err((reason, rejection)) => {
                         self.metrics.rejected.with_label_values(&[R::KIND]).inc();
-                        tracing::warn!(object = %object.origin(), generation, %rejection, "rejected; the last accepted generation stays in force");
+                        tracing::warn!(object = %origin, generation, %rejection, "rejected; the last accepted generation stays in force");
                         let known = self.last_good.get(&key).is_some_and(|(u, _, _)| *u == uid);
                         if !known {
-                            if let Some(last) = object.last_accepted() {
-                                match crd::policy_from_last_accepted(object.as_ref(), last) {
+                            if let Some(last) = recorded_last_accepted(object) {
+                                match crd::policy_from_last_accepted(
+                                    R::KIND,
+                                    &object.metadata,
+                                    &last,
+                                ) {
                                     Ok(set) => {
                                         self.last_good.insert(
                                             key.clone(),
@@ -814,13 +874,13 @@ impl Controller {
                                         );
                                     }
                                     Err(e) => {
-                                        tracing::warn!(object = %object.origin(), error = %e, "the recorded last accepted generation is not valid either")
+                                        tracing::warn!(object = %origin, error = %e, "the recorded last accepted generation is not valid either")
                                     }
                                 }
                             }
                         }
                         Outcome::Rejected {
-                            reason: "Invalid".into(),
+                            reason: reason.into(),
                             rejection,
                             retry_at: None,
                         }
@@ -837,44 +897,59 @@ impl Controller {
             }
             // A new object with the same name is not the old one: never serve its predecessor.
             if self.last_good.get(&key).is_some_and(|(u, _, _)| *u == uid) {
-                keys.push(key);
+                let created = object
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(0, |t| t.0.as_second());
+                keys.push((created, key));
             }
         }
         keys.sort();
-        keys
+        keys.into_iter().map(|(_, key)| key).collect()
     }
 
     /// Validates every new generation of a Workflow and starts its registration with the
-    /// coordinator (in its own task; [`Controller::registered`] takes the result).
+    /// coordinator (in its own task; [`Controller::registered`] takes the result). A Workflow
+    /// calls services of its own namespace only: the coordinator's identity must not let one
+    /// namespace reach another's services (a confused deputy).
     fn judge_workflows(
         &mut self,
-        objects: &[Arc<WorkflowResource>],
+        objects: &[Arc<DynamicObject>],
         selected: &(dyn Fn(&str) -> bool + Sync),
         present: &mut BTreeSet<ObjectKey>,
     ) {
         for object in objects {
-            let Some(key) = key_of(object.as_ref(), selected) else {
+            let Some(key) = key_of("Workflow", object, selected) else {
                 continue;
             };
             present.insert(key.clone());
-            let (uid, generation) = uid_generation(object.as_ref());
+            let (uid, generation) = uid_generation(object);
             if let Some(v) = self.verdicts.get(&key) {
                 let due = matches!(v.outcome, Outcome::Rejected { retry_at: Some(at), .. } if at <= Instant::now());
                 if v.uid == uid && v.generation == generation && !due {
                     continue;
                 }
             }
-            let outcome = match crd::workflow_from_resource(object) {
+            let origin = crd::origin("Workflow", &object.metadata);
+            let judged = untyped(object)
+                .and_then(|value| crd::decode::<WorkflowResource>(&value))
+                .and_then(|typed| {
+                    let workflow = crd::workflow_from_resource(&typed)?;
+                    own_namespace_calls(&workflow, &key.1)?;
+                    Ok(typed)
+                });
+            let outcome = match judged {
                 Err(rejection) => {
                     self.metrics.rejected.with_label_values(&["Workflow"]).inc();
-                    tracing::warn!(object = %object.origin(), generation, %rejection, "workflow not registered");
+                    tracing::warn!(object = %origin, generation, %rejection, "workflow not registered");
                     Outcome::Rejected {
                         reason: "Invalid".into(),
                         rejection,
                         retry_at: None,
                     }
                 }
-                Ok(_) => match &self.coordinator {
+                Ok(typed) => match &self.coordinator {
                     None => Outcome::Rejected {
                         reason: "NoCoordinator".into(),
                         rejection: Rejection {
@@ -888,7 +963,7 @@ impl Controller {
                     Some(coordinator) => {
                         let (coordinator, results) =
                             (coordinator.clone(), self.registrations.clone());
-                        let (origin, document) = (object.origin(), object.to_document());
+                        let document = typed.to_document();
                         let (key, uid) = (key.clone(), uid.clone());
                         tokio::spawn(async move {
                             let result = coordinator
@@ -951,15 +1026,15 @@ impl Controller {
 
     /// The status writes `objects` need: `Accepted` (and a Workflow's registered version, a
     /// policy's last accepted spec) where the object's status does not say it yet.
-    fn statuses_for<R: MeshflowResource + serde::Serialize>(
+    fn statuses_for<R: MeshflowResource>(
         &self,
-        objects: &[Arc<R>],
+        objects: &[Arc<DynamicObject>],
         conflicts: &HashMap<ObjectKey, Rejection>,
         writes: &mut Vec<StatusWrite>,
     ) {
         let resource = ApiResource::erase::<R>(&());
         for object in objects {
-            let Some(ns) = object.meta().namespace.clone() else {
+            let Some(ns) = object.metadata.namespace.clone() else {
                 continue;
             };
             let key: ObjectKey = (R::KIND, ns.clone(), object.name_any());
@@ -981,7 +1056,7 @@ impl Controller {
                 (Outcome::Accepted, None) => {
                     last_accepted = Some(serde_json::json!({
                         "generation": verdict.generation,
-                        "spec": serde_json::to_string(object.spec()).unwrap_or_default(),
+                        "spec": object.data.get("spec").map(|s| s.to_string()).unwrap_or_default(),
                     }));
                     (
                         "True",
@@ -1006,10 +1081,7 @@ impl Controller {
                 }
             };
             let message = truncate(&message, MAX_STATUS_MESSAGE);
-            let current = serde_json::to_value(object.as_ref())
-                .ok()
-                .and_then(|v| v.get("status").cloned())
-                .unwrap_or_default();
+            let current = object.data.get("status").cloned().unwrap_or_default();
             let condition = current
                 .get("conditions")
                 .and_then(|c| c.as_array())
@@ -1058,7 +1130,7 @@ impl Controller {
                 resource: resource.clone(),
                 namespace: ns,
                 name: key.2.clone(),
-                origin: object.origin(),
+                origin: crd::origin(R::KIND, &object.metadata),
                 patch,
             });
         }
@@ -1077,22 +1149,59 @@ fn truncate(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-fn key_of<R: MeshflowResource>(
-    object: &R,
+fn key_of(
+    kind: &'static str,
+    object: &DynamicObject,
     selected: &(dyn Fn(&str) -> bool + Sync),
 ) -> Option<ObjectKey> {
-    let ns = object.meta().namespace.clone()?;
+    let ns = object.metadata.namespace.clone()?;
     if !selected(&ns) {
         return None;
     }
-    Some((R::KIND, ns, object.meta().name.clone()?))
+    Some((kind, ns, object.metadata.name.clone()?))
 }
 
-fn uid_generation<R: Resource>(object: &R) -> (String, i64) {
+fn uid_generation(object: &DynamicObject) -> (String, i64) {
     (
-        object.meta().uid.clone().unwrap_or_default(),
-        object.meta().generation.unwrap_or(0),
+        object.metadata.uid.clone().unwrap_or_default(),
+        object.metadata.generation.unwrap_or(0),
     )
+}
+
+/// The object as the JSON its typed decoding reads.
+fn untyped(object: &DynamicObject) -> Result<serde_json::Value, Rejection> {
+    serde_json::to_value(object).map_err(|e| Rejection {
+        field: ".".into(),
+        message: e.to_string(),
+    })
+}
+
+/// `status.lastAccepted` as recorded in the object, when it is readable.
+fn recorded_last_accepted(object: &DynamicObject) -> Option<crd::LastAccepted> {
+    let value = object.data.get("status")?.get("lastAccepted")?;
+    serde_json::from_value(value.clone()).ok()
+}
+
+/// Refuses a Workflow whose calls (or compensations) name another namespace than its own.
+fn own_namespace_calls(
+    workflow: &meshflow_policies::workflow::Workflow,
+    namespace: &str,
+) -> Result<(), Rejection> {
+    for (i, step) in workflow.spec.steps.iter().enumerate() {
+        for (part, call) in [("call", &step.call), ("compensate", &step.compensate)] {
+            if let Some(other) = call.as_ref().and_then(|c| c.namespace.as_deref()) {
+                if other != namespace {
+                    return Err(Rejection {
+                        field: format!("spec.steps[{i}].{part}.namespace"),
+                        message: format!(
+                            "{other:?}: a Workflow calls services of its own namespace                              ({namespace}) only; the coordinator must not carry one namespace's                              calls into another"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

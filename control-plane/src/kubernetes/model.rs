@@ -87,6 +87,14 @@ pub fn pod_ready(pod: &Pod) -> bool {
         && pod.metadata.deletion_timestamp.is_none()
 }
 
+/// The port in a [`INBOUND_PORT_ANNOTATION`]: decimal digits only, 1–65535.
+fn inbound_port(text: &str) -> Option<u16> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
 fn host_network(pod: &Pod) -> bool {
     pod.spec
         .as_ref()
@@ -219,7 +227,12 @@ pub fn build(
             let Some(target) = endpoint.target_ref.filter(|t| t.kind == "Pod") else {
                 continue;
             };
-            let pod_ns = target.namespace.clone().unwrap_or_else(|| ns.clone());
+            // A slice names pods of its own namespace only: a reference elsewhere would give
+            // this Service another namespace's pod and identity.
+            if target.namespace.as_ref().is_some_and(|n| n != ns) {
+                continue;
+            }
+            let pod_ns = ns.clone();
             let Some(pod) = by_name.get(&(pod_ns.clone(), target.name.clone())) else {
                 continue;
             };
@@ -234,15 +247,26 @@ pub fn build(
                 .as_ref()
                 .and_then(|s| s.pod_ip.clone())
                 .unwrap_or_default();
-            let port = pod
+            let port = match pod
                 .metadata
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(INBOUND_PORT_ANNOTATION))
-                .and_then(|p| p.parse::<u16>().ok())
-                .unwrap_or(settings.inbound_port);
+            {
+                None => settings.inbound_port,
+                Some(text) => match inbound_port(text) {
+                    Some(port) => port,
+                    None => {
+                        tracing::warn!(pod = %format!("{pod_ns}/{}", target.name), value = %text, "{INBOUND_PORT_ANNOTATION} is not a port (1-65535): not an endpoint");
+                        continue;
+                    }
+                },
+            };
             let address = match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+                Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                    Some(v4) => format!("{v4}:{port}"),
+                    None => format!("[{v6}]:{port}"),
+                },
                 Ok(v4) => format!("{v4}:{port}"),
                 Err(_) => continue,
             };
@@ -372,6 +396,14 @@ mod tests {
             }))
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn inbound_port_annotations_are_ports_or_nothing() {
+        assert_eq!(inbound_port("4143"), Some(4143));
+        for bad in ["0", "+15", "70000", "abc", "", " 1", "-1"] {
+            assert_eq!(inbound_port(bad), None, "{bad:?}");
+        }
     }
 
     /// IPv6 addresses are bracketed, a pod behind two Services is an endpoint of both, and a

@@ -452,6 +452,33 @@ spec:
         "{table}"
     );
 
+    // One object the types cannot read (a u32 out of range passes the schema) is refused alone,
+    // naming the field; its kind keeps working.
+    let overflow = "apiVersion: meshflow.io/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: overflow }\nspec: { service: big, connectionPool: { maxConnections: 4294967296 } }\n";
+    let out = w.kubectl_apply(overflow);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _, message) = wait_accepted(
+        w.name(),
+        "trafficpolicy",
+        "overflow",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(status, "False", "{message}");
+    assert!(
+        message.contains("spec.connectionPool.maxConnections"),
+        "{message}"
+    );
+    let fine = "apiVersion: meshflow.io/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: fine }\nspec: { service: small, timeouts: { request: 2s } }\n";
+    assert!(w.kubectl_apply(fine).status.success());
+    let (status, _, message) =
+        wait_accepted(w.name(), "trafficpolicy", "fine", Duration::from_secs(10)).await;
+    assert_eq!(status, "True", "{message}");
+
     let refused = |yaml: &str, field: &str| {
         let out = w.kubectl_apply(yaml);
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -1066,6 +1093,17 @@ async fn workflows_applied_with_kubectl_are_registered_and_run() {
     })
     .await;
     assert_eq!(run["state"]["output"], json!({ "slept": true }), "{run}");
+
+    // A Workflow calls its own namespace's services only (the coordinator is no deputy).
+    let across = "apiVersion: meshflow.io/v1alpha1\nkind: Workflow\nmetadata: { name: across }\nspec:\n  steps:\n    - { name: a, call: { service: victim, namespace: elsewhere, path: /admin } }\n";
+    assert!(w.kubectl_apply(across).status.success());
+    let (status, _, message) =
+        wait_accepted(&ns, "workflow", "across", Duration::from_secs(10)).await;
+    assert_eq!(status, "False", "{message}");
+    assert!(
+        message.contains("spec.steps[0].call.namespace"),
+        "{message}"
+    );
 
     let cycle = "apiVersion: meshflow.io/v1alpha1\nkind: Workflow\nmetadata: { name: loop }\nspec:\n  steps:\n    - { name: a, dependsOn: [b], sleep: { duration: 1s } }\n    - { name: b, dependsOn: [a], sleep: { duration: 1s } }\n";
     assert!(w.kubectl_apply(cycle).status.success());
