@@ -147,7 +147,10 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl ControlPlaneClient {
-    /// A client for `bootstrap`; `inbound_address` is registered as this workload's endpoint.
+    /// Largest config snapshot a sidecar accepts, bytes.
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+
+/// A client for `bootstrap`; `inbound_address` is registered as this workload's endpoint.
     pub fn new(bootstrap: Bootstrap, shared: Shared, inbound_address: String) -> Arc<Self> {
         Arc::new(Self {
             bootstrap,
@@ -338,7 +341,11 @@ impl ControlPlaneClient {
             })),
         })
         .await?;
+        // A snapshot carries every TrafficPolicy of the mesh (no per-sidecar scoping yet): allow
+        // more than tonic's 4 MiB default, so that many policies never leave a sidecar without
+        // config; the control plane caps each policy at 64 KiB.
         let mut stream = ConfigClient::new(channel)
+            .max_decoding_message_size(Self::MAX_SNAPSHOT_BYTES)
             .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
