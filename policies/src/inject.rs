@@ -64,7 +64,8 @@ pub const INBOUND_PORT: &str = "meshflow.io/inbound-port";
 ///  "/app-health/api/startupz": {"grpc": {"port": 9090, "service": "api"}, "timeoutSeconds": 2}}
 /// ```
 ///
-/// `httpGet` keeps every field the pod gave (`host`, `httpHeaders`, `scheme`). The proxy
+/// `httpGet` keeps every field the pod gave (`host`, `httpHeaders`), with `scheme` (default
+/// `HTTP`) and `path` (default `/`) always present; `timeoutSeconds` defaults to 1. The proxy
 /// sees it as the env var `MESHFLOW_APP_PROBES` (downward API).
 pub const APP_PROBES: &str = "meshflow.io/app-probes";
 /// Pod annotation: the app port the proxy forwards inbound requests to (default: the first

@@ -21,8 +21,10 @@ use super::review::NamespaceLabels;
 
 /// The field manager of the control plane's writes.
 const MANAGER: &str = "meshflow-control-plane";
-/// How often the webhook configuration's `caBundle` is checked.
+/// How often the webhook configuration's `caBundle` is checked…
 const CA_BUNDLE_EVERY: Duration = Duration::from_secs(10);
+/// …and while it cannot be read or written (not created yet, say).
+const CA_BUNDLE_RETRY: Duration = Duration::from_secs(1);
 /// How often every trust bundle ConfigMap is applied again (repairs edits and deletions).
 const RESYNC_EVERY: Duration = Duration::from_secs(300);
 /// Bound of one namespace lookup.
@@ -47,7 +49,8 @@ impl NamespaceLabels for KubeNamespaces {
 }
 
 /// Keeps `clientConfig.caBundle` of every webhook in the MutatingWebhookConfiguration `name`
-/// equal to `bundle_pem` (`get` and `patch` on that one object), checking every 10 s.
+/// equal to `bundle_pem` (`get` and `patch` on that one object), checking every 10 s (every
+/// second while it is missing or the API server refuses).
 pub async fn keep_ca_bundle(client: Client, name: String, bundle_pem: String) {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client);
     let encoded = base64::engine::general_purpose::STANDARD.encode(bundle_pem.as_bytes());
@@ -83,19 +86,23 @@ pub async fn keep_ca_bundle(client: Client, name: String, bundle_pem: String) {
                 }
             }
         };
-        match outcome {
-            Ok(true) => {
-                tracing::info!(webhook_configuration = %name, "set the webhook's caBundle");
+        let next = match outcome {
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(webhook_configuration = %name, "set the webhook's caBundle");
+                }
                 reported.clear();
+                CA_BUNDLE_EVERY
             }
-            Ok(false) => reported.clear(),
-            Err(e) if e != reported => {
-                tracing::warn!("injector caBundle: {e}; retrying every {CA_BUNDLE_EVERY:?}");
-                reported = e;
+            Err(e) => {
+                if e != reported {
+                    tracing::warn!("injector caBundle: {e}; retrying every {CA_BUNDLE_RETRY:?}");
+                    reported = e;
+                }
+                CA_BUNDLE_RETRY
             }
-            Err(_) => {}
-        }
-        tokio::time::sleep(CA_BUNDLE_EVERY).await;
+        };
+        tokio::time::sleep(next).await;
     }
 }
 

@@ -17,7 +17,8 @@ pub(super) struct Rewritten {
     pub probe: Probe,
     /// `/app-health/<container>/<kind>`: the admin path, and the key in `meshflow.io/app-probes`.
     pub path: String,
-    /// The original handler with numeric ports, and its timeout.
+    /// The original handler with numeric ports and the API server's defaults (`scheme`,
+    /// `path`), and its timeout.
     pub original: Value,
 }
 
@@ -41,6 +42,12 @@ pub(super) fn rewrite(
         let original = if let Some(http) = &probe.http_get {
             let mut http = http.clone();
             http.port = IntOrString::Int(resolve_port(container, &http.port, &at("httpGet"))?);
+            // The API server's defaults, so the webhook (which sees a defaulted pod) and
+            // `meshflow inject` (which sees the manifest) write the same annotation.
+            http.scheme.get_or_insert_with(|| "HTTP".into());
+            if http.path.as_deref().unwrap_or_default().is_empty() {
+                http.path = Some("/".into());
+            }
             json!({ "httpGet": http })
         } else if let Some(tcp) = &probe.tcp_socket {
             let mut tcp = tcp.clone();

@@ -254,13 +254,38 @@ fn probes_point_at_the_admin_port_and_the_originals_are_kept_in_the_annotation()
         originals,
         json!({
             "/app-health/app/livez": {
-                "httpGet": { "path": "/healthz", "port": 8080,
+                "httpGet": { "path": "/healthz", "port": 8080, "scheme": "HTTP",
                              "httpHeaders": [{ "name": "x-probe", "value": "1" }] },
                 "timeoutSeconds": 3
             },
             "/app-health/app/readyz": { "tcpSocket": { "port": 8080 }, "timeoutSeconds": 1 }
         }),
         "named ports resolved, headers kept"
+    );
+}
+
+#[test]
+fn original_http_probes_carry_the_api_servers_defaults() {
+    // The webhook sees a defaulted pod, `meshflow inject` the manifest: same annotation.
+    let manifest = pod(json!({
+        "metadata": { "name": "p" },
+        "spec": { "containers": [{ "name": "app", "image": "x",
+            "livenessProbe": { "httpGet": { "port": 8080 } } }] }
+    }));
+    let mut defaulted = json_of(&manifest);
+    defaulted["spec"]["containers"][0]["livenessProbe"] = json!({
+        "httpGet": { "path": "/", "port": 8080, "scheme": "HTTP" },
+        "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3
+    });
+    let annotation = |p: &Pod| {
+        let out = inject(p, &enabled(), &InjectSettings::default(), false).unwrap();
+        json_of(&out.pod)["metadata"]["annotations"][APP_PROBES].clone()
+    };
+    assert_eq!(annotation(&manifest), annotation(&pod(defaulted)));
+    let originals: Value = serde_json::from_str(annotation(&manifest).as_str().unwrap()).unwrap();
+    assert_eq!(
+        originals["/app-health/app/livez"],
+        json!({ "httpGet": { "path": "/", "port": 8080, "scheme": "HTTP" }, "timeoutSeconds": 1 })
     );
 }
 
