@@ -30,6 +30,8 @@ mod framing;
 mod hygiene;
 #[path = "e2e/identity.rs"]
 mod identity;
+#[path = "e2e/injection.rs"]
+mod injection;
 #[path = "../../policies/tests/support/issuer.rs"]
 mod issuer;
 #[path = "e2e/kubernetes.rs"]
