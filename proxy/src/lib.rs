@@ -8,6 +8,7 @@
 //! - Outbound listener (127.0.0.1): routes by authority to a mesh service, originates mTLS over
 //!   HTTP/2 and verifies the server is the destination's expected identity.
 //! - Admin listener: `/ready`, `/live`, `/metrics`, `/config_dump`, `POST /shutdown`.
+//! - Traffic capture: `meshflow-proxy init` installs the pod's iptables rules ([`capture`]).
 //!
 //! The Pingora `ProxyHttp` impls ([`inbound`], [`outbound`]) are thin adapters over pure
 //! functions ([`http_hygiene`], [`routing`]).
@@ -16,6 +17,7 @@ pub mod access_log;
 pub mod admin;
 pub mod balancer;
 pub mod bootstrap;
+pub mod capture;
 pub mod config_state;
 pub mod cp_client;
 pub mod http_hygiene;

@@ -1,6 +1,7 @@
 //! `meshflow-proxy`: parses flags, starts logging, runs [`meshflow_proxy::run`]. Helper
 //! commands (first argument): `wait-ready` ([`meshflow_proxy::wait_ready`], the injected
-//! proxy's `postStart` hook).
+//! proxy's `postStart` hook), `init` ([`meshflow_proxy::capture`], the capture rules the
+//! injected init container installs).
 
 use clap::Parser;
 use meshflow_proxy::{run, ProxyConfig, StartError};
@@ -13,6 +14,9 @@ fn main() {
         std::process::exit(meshflow_proxy::wait_ready::main(
             std::env::args_os().skip(2),
         ));
+    }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "init") {
+        std::process::exit(meshflow_proxy::capture::main(std::env::args_os().skip(2)));
     }
     tracing_subscriber::fmt()
         .with_env_filter(
