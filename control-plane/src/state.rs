@@ -58,6 +58,9 @@ impl MeshState {
                     }
                     .to_string(),
                     endpoints: Vec::new(),
+                    // Local mode has no cluster IPs: services are called by name.
+                    cluster_ips: Vec::new(),
+                    ports: Vec::new(),
                 });
             let Ok(identity) = w.spiffe_id(&spec.trust_domain) else {
                 continue;

@@ -18,6 +18,11 @@ use serde::Deserialize;
 /// set it to the port their sidecar bound.
 pub const INBOUND_PORT_ANNOTATION: &str = meshflow_policies::inject::INBOUND_PORT;
 
+/// Pod annotation: ports (comma-separated) of the pod that callers' sidecars carry as opaque
+/// TCP, never detecting a protocol on them (server-first protocols such as MySQL or SMTP,
+/// where the client waits for the server). Linkerd's `config.linkerd.io/opaque-ports`.
+pub const OPAQUE_PORTS_ANNOTATION: &str = "meshflow.io/opaque-ports";
+
 /// The label an EndpointSlice names its Service with (`discovery.k8s.io`).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -29,6 +34,20 @@ pub struct SliceEndpoints {
     /// The endpoints.
     #[serde(default)]
     pub endpoints: Vec<SliceEndpoint>,
+    /// The ports (a Service port's name with its target port resolved).
+    #[serde(default)]
+    pub ports: Vec<SlicePort>,
+}
+
+/// One port of a slice.
+#[derive(Debug, Default, Deserialize)]
+pub struct SlicePort {
+    /// The Service port's name (may be empty).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The port on the endpoints.
+    #[serde(default)]
+    pub port: Option<i32>,
 }
 
 /// One endpoint of a slice.
@@ -197,9 +216,12 @@ pub fn build(
                 namespace: ns.clone(),
                 protocol: protocol_name(protocol).into(),
                 endpoints: Vec::new(),
+                cluster_ips: cluster_ips(service),
+                ports: Vec::new(),
             },
         );
     }
+    let mut ports = PortFacts::default();
     let mut seen: BTreeSet<(String, String, String)> = BTreeSet::new();
     for slice in slices {
         let Some(ns) = &slice.metadata.namespace else {
@@ -220,6 +242,8 @@ pub fn build(
             tracing::warn!(namespace = %ns, slice = ?slice.metadata.name, "unreadable EndpointSlice");
             continue;
         };
+        let service_key = (ns.clone(), service_name.clone());
+        ports.slice_ports(&service_key, &parsed.ports);
         for endpoint in parsed.endpoints {
             if endpoint.conditions.ready == Some(false) {
                 continue;
@@ -277,6 +301,7 @@ pub fn build(
             if !seen.insert((ns.clone(), service_name.clone(), address.clone())) {
                 continue;
             }
+            ports.backing_pod(&service_key, pod);
             service.endpoints.push(v1::Endpoint {
                 address,
                 identity: identity.uri(),
@@ -286,6 +311,14 @@ pub fn build(
     }
     for service in out.values_mut() {
         service.endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+    }
+    for service in services {
+        if let (Some(ns), Some(name)) = (&service.metadata.namespace, &service.metadata.name) {
+            let key = (ns.clone(), name.clone());
+            if let Some(entry) = out.get_mut(&key) {
+                entry.ports = ports.service_ports(&key, service);
+            }
+        }
     }
     let mesh = MeshFile {
         api_version: meshflow_policies::mesh::API_VERSION.into(),
@@ -302,6 +335,123 @@ pub fn build(
         },
     };
     (mesh, out)
+}
+
+/// A Service's cluster IPs (`spec.clusterIPs`, else `spec.clusterIP`); none when headless.
+fn cluster_ips(service: &Service) -> Vec<String> {
+    let Some(spec) = &service.spec else {
+        return Vec::new();
+    };
+    let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.clone());
+    }
+    ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+    ips
+}
+
+/// What the ports of each Service depend on besides the Service: its slices' resolved ports
+/// (for named target ports) and what the pods behind it say about their ports.
+#[derive(Default)]
+struct PortFacts {
+    /// (namespace, service) → slice port name → port on the pods.
+    named: BTreeMap<(String, String), BTreeMap<String, u32>>,
+    /// (namespace, service) → target ports some pod behind it wants opaque.
+    opaque: BTreeMap<(String, String), BTreeSet<u32>>,
+    /// (namespace, service) → the app ports (`meshflow.io/app-port`) of the pods behind it.
+    app_ports: BTreeMap<(String, String), BTreeSet<u32>>,
+}
+
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+impl PortFacts {
+    fn slice_ports(&mut self, key: &(String, String), ports: &[SlicePort]) {
+        let named = self.named.entry(key.clone()).or_default();
+        for port in ports {
+            if let (Some(name), Some(number)) = (&port.name, port.port) {
+                if let Ok(number) = u32::try_from(number) {
+                    named.insert(name.clone(), number);
+                }
+            }
+        }
+    }
+
+    fn backing_pod(&mut self, key: &(String, String), pod: &Pod) {
+        let ports = |text: &str| -> Vec<u32> {
+            text.split(',')
+                .filter_map(|p| p.trim().parse::<u16>().ok())
+                .map(u32::from)
+                .collect()
+        };
+        if let Some(list) = annotation(pod, OPAQUE_PORTS_ANNOTATION) {
+            self.opaque
+                .entry(key.clone())
+                .or_default()
+                .extend(ports(list));
+        }
+        if let Some(port) = annotation(pod, meshflow_policies::inject::APP_PORT) {
+            self.app_ports
+                .entry(key.clone())
+                .or_default()
+                .extend(ports(port));
+        }
+    }
+
+    /// The Service's TCP ports with their target ports; a port whose named target port no
+    /// slice resolves yet is left out.
+    fn service_ports(&self, key: &(String, String), service: &Service) -> Vec<v1::ServicePort> {
+        let empty = BTreeSet::new();
+        let opaque = self.opaque.get(key).unwrap_or(&empty);
+        let app_ports = self.app_ports.get(key).unwrap_or(&empty);
+        let mut out = Vec::new();
+        for port in service
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let Ok(number) = u32::try_from(port.port) else {
+                continue;
+            };
+            let name = port.name.clone().unwrap_or_default();
+            use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+            let target = match &port.target_port {
+                None => Some(number),
+                Some(IntOrString::Int(t)) => u32::try_from(*t).ok(),
+                Some(IntOrString::String(_)) => {
+                    self.named.get(key).and_then(|n| n.get(&name)).copied()
+                }
+            };
+            let Some(target) = target.filter(|t| *t > 0 && *t <= 65535) else {
+                continue;
+            };
+            let hint = port
+                .app_protocol
+                .clone()
+                .unwrap_or_else(|| name.clone())
+                .to_ascii_lowercase();
+            let declared_tcp = hint == "tcp" || hint.starts_with("tcp-");
+            out.push(v1::ServicePort {
+                name,
+                port: number,
+                target_port: target,
+                opaque: declared_tcp
+                    || opaque.contains(&target)
+                    || app_ports.iter().any(|app| *app != target),
+            });
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -429,5 +579,85 @@ mod tests {
             let addresses: Vec<_> = s.endpoints.iter().map(|e| e.address.as_str()).collect();
             assert_eq!(addresses, ["[fd00::7]:4143"], "{name}");
         }
+    }
+
+    /// Cluster IPs and TCP ports reach the snapshot: a named target port is resolved through
+    /// the slice, and a port is opaque when its name says tcp, when a pod behind it lists it
+    /// in `meshflow.io/opaque-ports`, or when it is not the pods' `meshflow.io/app-port`.
+    #[test]
+    fn cluster_ips_and_ports() {
+        let mut backend = (*pod("shop", "backend-1", "backend", "10.0.0.1", true)).clone();
+        backend.metadata.annotations.as_mut().unwrap().extend([
+            (
+                meshflow_policies::inject::APP_PORT.to_string(),
+                "8080".to_string(),
+            ),
+            (
+                OPAQUE_PORTS_ANNOTATION.to_string(),
+                "9000, 5432".to_string(),
+            ),
+        ]);
+        let backend_service: Arc<Service> = Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "backend", "namespace": "shop" },
+                "spec": { "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [
+                    { "name": "http", "port": 80, "targetPort": "web" },
+                    { "name": "db", "port": 5432 },
+                    { "name": "metrics", "port": 9100, "targetPort": 9100 },
+                    { "name": "tcp-raw", "port": 8081, "targetPort": 8080 },
+                    { "name": "dns", "port": 53, "protocol": "UDP" },
+                    { "name": "unresolved", "port": 81, "targetPort": "nope" }
+                ] }
+            }))
+            .unwrap(),
+        );
+        let slice: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": { "name": "backend-x", "namespace": "shop",
+                          "labels": { SERVICE_NAME_LABEL: "backend" } },
+            "ports": [{ "name": "http", "port": 8080 }, { "name": "db", "port": 5432 }],
+            "endpoints": [{ "conditions": { "ready": true },
+                            "targetRef": { "kind": "Pod", "name": "backend-1" } }]
+        }))
+        .unwrap();
+        let (_, services) = build(
+            &ModelSettings {
+                trust_domain: "cluster.local",
+                inbound_port: 15006,
+            },
+            &|_| true,
+            &[Arc::new(backend)],
+            &[backend_service, {
+                let mut headless = (*service("headless")).clone();
+                headless.spec = Some(
+                    serde_json::from_value(serde_json::json!({
+                    "clusterIP": "None", "ports": [{ "port": 80 }] }))
+                    .unwrap(),
+                );
+                Arc::new(headless)
+            }],
+            &[Arc::new(slice)],
+        );
+        let backend = &services[&("shop".to_string(), "backend".to_string())];
+        assert_eq!(backend.cluster_ips, ["10.96.0.10"]);
+        let ports: Vec<(&str, u32, u32, bool)> = backend
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port, p.target_port, p.opaque))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("http", 80, 8080, false),
+                ("db", 5432, 5432, true),
+                ("metrics", 9100, 9100, true),
+                ("tcp-raw", 8081, 8080, true),
+            ]
+        );
+        let headless = &services[&("shop".to_string(), "headless".to_string())];
+        assert!(headless.cluster_ips.is_empty());
+        // No pod behind it: nothing says its port is opaque.
+        assert_eq!(headless.ports[0].target_port, 80);
+        assert!(!headless.ports[0].opaque);
     }
 }
