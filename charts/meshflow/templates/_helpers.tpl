@@ -45,6 +45,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default .Values.ca.secretName .Values.ca.existingSecret -}}
 {{- end -}}
 
+{{/* The MutatingWebhookConfiguration (cluster-scoped: carries the namespace). */}}
+{{- define "meshflow.injector.webhookName" -}}
+{{- printf "%s-injector-%s" (include "meshflow.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "meshflow.proxyImage" -}}
+{{- printf "%s:%s" .Values.proxy.image.repository (default .Chart.AppVersion .Values.proxy.image.tag) -}}
+{{- end -}}
+
 {{- define "meshflow.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}

@@ -206,7 +206,7 @@ fn assert_hardened(deployment: &Value) {
         .iter()
         .map(|p| p["containerPort"].as_u64().unwrap())
         .collect();
-    assert_eq!(ports, BTreeSet::from([15012, 15014]));
+    assert_eq!(ports, BTreeSet::from([15012, 15014, 15017]));
 }
 
 fn assert_service(docs: &[Value]) {
@@ -227,7 +227,8 @@ fn assert_service(docs: &[Value]) {
         ports,
         [
             ("grpc".to_string(), 15012),
-            ("http-admin".to_string(), 15014)
+            ("http-admin".to_string(), 15014),
+            ("https-webhook".to_string(), 443)
         ]
     );
     let deployment = one(docs, "Deployment");
@@ -271,6 +272,7 @@ fn default_values_render_one_hardened_replica_with_sqlite_on_a_claim() {
                 "ClusterRoleBinding",
                 "ConfigMap",
                 "Deployment",
+                "MutatingWebhookConfiguration",
                 "PersistentVolumeClaim",
                 "Role",
                 "RoleBinding",
@@ -494,6 +496,7 @@ fn rbac_is_least_privilege_without_wildcards() {
             "create",
             &[],
         ));
+        expected.extend(injector_grants());
         assert_eq!(grants(cluster_role), expected, "ClusterRole");
         assert_bound_to_service_account(&docs, "ClusterRoleBinding", cluster_role);
 
@@ -526,13 +529,23 @@ fn rbac_is_least_privilege_without_wildcards() {
     }
     assert_eq!(plurals, BTreeSet::from(CRD_RESOURCES.map(String::from)));
 
-    // A discoverySelector adds reading the Namespaces it matches, and nothing else.
+    // A discoverySelector adds reading the Namespaces it matches, and nothing else (the
+    // injector reads them too: compared without it).
+    let no_injector = ["--set", "injector.enabled=false"];
     let docs = render(
         "meshflow-system",
-        &["--set-string", "discoverySelector=meshflow.io/enabled=true"],
+        &[
+            "--set-string",
+            "discoverySelector=meshflow.io/enabled=true",
+            no_injector[0],
+            no_injector[1],
+        ],
     );
     let added: BTreeSet<_> = grants(one(&docs, "ClusterRole"))
-        .difference(&grants(one(&render("meshflow-system", &[]), "ClusterRole")))
+        .difference(&grants(one(
+            &render("meshflow-system", &no_injector),
+            "ClusterRole",
+        )))
         .cloned()
         .collect();
     assert_eq!(
@@ -566,6 +579,213 @@ fn rbac_is_least_privilege_without_wildcards() {
     }
 }
 
+/// Issue 14, item 4: the injection webhook. The MutatingWebhookConfiguration sends pod
+/// creations of labelled namespaces (never the release's own) to the control plane's Service,
+/// skips opted-out pods, has no side effects, speaks v1 and v1beta1, is reinvoked, and takes
+/// its timeout and failurePolicy from values; its caBundle is left to the control plane, which
+/// is told the configuration's name and may get/patch only it. The Deployment's `--proxy-*`
+/// flags are exactly what `meshflow inject` accepts too.
+#[test]
+fn the_injection_webhook_and_what_injected_pods_get_come_from_values() {
+    let docs = render("meshflow-system", &[]);
+    let webhook_configuration = one(&docs, "MutatingWebhookConfiguration");
+    assert_eq!(
+        webhook_configuration["metadata"]["name"],
+        "meshflow-injector-meshflow-system"
+    );
+    let webhooks = webhook_configuration["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 1);
+    let webhook = &webhooks[0];
+    assert_eq!(
+        webhook["clientConfig"],
+        json!({ "service": { "name": CONTROL_PLANE, "namespace": "meshflow-system",
+                             "path": "/inject", "port": 443 } }),
+        "no caBundle: the control plane writes it"
+    );
+    assert_eq!(
+        webhook["rules"],
+        json!([{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                 "resources": ["pods"], "scope": "Namespaced" }])
+    );
+    assert_eq!(
+        webhook["namespaceSelector"]["matchLabels"],
+        json!({ "meshflow.io/inject": "enabled" })
+    );
+    assert_eq!(
+        webhook["namespaceSelector"]["matchExpressions"],
+        json!([{ "key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                 "values": ["meshflow-system", "kube-system"] }])
+    );
+    assert_eq!(
+        webhook["objectSelector"],
+        json!({ "matchExpressions": [{ "key": "meshflow.io/inject", "operator": "NotIn",
+                                       "values": ["disabled"] }] })
+    );
+    assert_eq!(webhook["sideEffects"], "None");
+    assert_eq!(webhook["admissionReviewVersions"], json!(["v1", "v1beta1"]));
+    assert_eq!(webhook["timeoutSeconds"], 10);
+    assert_eq!(webhook["failurePolicy"], "Fail");
+    assert_eq!(webhook["reinvocationPolicy"], "IfNeeded");
+
+    let deployment = one(&docs, "Deployment");
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["labels"]["meshflow.io/inject"], "disabled",
+        "the control plane is never injected"
+    );
+    let c = container(deployment);
+    let a = args(c);
+    for flag in [
+        "--injector-listen=0.0.0.0:15017",
+        "--injector-host=meshflow-control-plane.meshflow-system.svc",
+        "--injector-webhook-config=meshflow-injector-meshflow-system",
+        "--injector-failure-mode=deny",
+        "--injector-timeout=8s",
+        "--proxy-image=meshflow/proxy:0.1.0",
+        "--proxy-control-plane=meshflow-control-plane.meshflow-system.svc:15012",
+        "--native-sidecar=auto",
+        "--sidecar-inbound-port=15006",
+    ] {
+        assert!(a.contains(&flag), "{flag} missing from {a:?}");
+    }
+    // The Service's port 443 reaches the container's injector port.
+    let service = one(&docs, "Service");
+    let https = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == 443)
+        .unwrap();
+    assert_eq!(https["targetPort"], "injector");
+
+    // The chart's --proxy-* flags are meshflow inject's: it accepts every one of them and
+    // injects that image.
+    let proxy_flags: Vec<&str> = a
+        .iter()
+        .copied()
+        .filter(|f| f.starts_with("--proxy-") || f.starts_with("--native-sidecar"))
+        .collect();
+    assert!(proxy_flags.len() >= 12, "{proxy_flags:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pod.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: app, image: x}]}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(meshflow_cli::supervisor::find_program("meshflow"))
+        .args(["inject", "-f", &manifest.to_string_lossy()])
+        .args(&proxy_flags)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let injected = &documents(&String::from_utf8_lossy(&out.stdout))[0];
+    assert_eq!(
+        injected["spec"]["containers"][0]["image"],
+        "meshflow/proxy:0.1.0"
+    );
+
+    // Values: failurePolicy Ignore is the control plane's allow; a certificate Secret is
+    // mounted and named; proxy settings become flags.
+    let docs = render(
+        "meshflow-system",
+        &[
+            "--set",
+            "injector.failurePolicy=Ignore,injector.timeoutSeconds=5,injector.existingSecret=webhook-tls",
+            "--set",
+            "proxy.nativeSidecar=always,proxy.excludeOutboundCIDRs={169.254.169.254/32},proxy.excludeInboundPorts={9901}",
+        ],
+    );
+    let webhook = &one(&docs, "MutatingWebhookConfiguration")["webhooks"][0];
+    assert_eq!(webhook["failurePolicy"], "Ignore");
+    assert_eq!(webhook["timeoutSeconds"], 5);
+    let deployment = one(&docs, "Deployment");
+    let c = container(deployment);
+    let a = args(c);
+    for flag in [
+        "--injector-failure-mode=allow",
+        "--injector-timeout=3s",
+        "--injector-cert=/etc/meshflow/injector/tls.crt",
+        "--injector-key=/etc/meshflow/injector/tls.key",
+        "--injector-ca-bundle=/etc/meshflow/injector/ca.crt",
+        "--native-sidecar=always",
+        "--proxy-exclude-outbound-cidrs=169.254.169.254/32",
+        "--proxy-exclude-inbound-ports=9901",
+    ] {
+        assert!(a.contains(&flag), "{flag} missing from {a:?}");
+    }
+    let volume = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "injector-tls")
+        .expect("the certificate Secret is mounted");
+    assert_eq!(volume["secret"]["secretName"], "webhook-tls");
+
+    // Off: no webhook, no injector flags, port or permissions.
+    let docs = render("meshflow-system", &["--set", "injector.enabled=false"]);
+    assert!(of_kind(&docs, "MutatingWebhookConfiguration").is_empty());
+    let c = container(one(&docs, "Deployment"));
+    assert!(!args(c).iter().any(|f| f.starts_with("--injector-")));
+    assert!(!args(c).iter().any(|f| f.starts_with("--proxy-")));
+    assert_eq!(
+        one(&docs, "Service")["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let left = grants(one(&docs, "ClusterRole"));
+    assert!(left.is_disjoint(&injector_grants()), "{left:?}");
+
+    // The schema refuses what the webhook or the flags would refuse.
+    let chart = chart_dir().to_string_lossy().into_owned();
+    for (set, field) in [
+        ("injector.failurePolicy=Sometimes", "injector.failurePolicy"),
+        ("injector.timeoutSeconds=60", "injector.timeoutSeconds"),
+        ("proxy.nativeSidecar=maybe", "proxy.nativeSidecar"),
+        ("proxy.uid=0", "proxy.uid"),
+        (
+            "proxy.excludeOutboundCIDRs={10.0.0.1}",
+            "proxy.excludeOutboundCIDRs",
+        ),
+        ("proxy.ports.admin=70000", "proxy.ports.admin"),
+        ("proxy.imag=x", "Additional property imag is not allowed"),
+    ] {
+        let out = helm_err(&["template", RELEASE, &chart, "--set", set]);
+        assert!(out.contains(field), "--set {set}: {out}");
+    }
+}
+
+/// What the injection webhook adds to the ClusterRole (control-plane/src/injector/publish.rs):
+/// namespace labels and the watch of enabled namespaces, the trust bundle ConfigMap by
+/// server-side apply (create cannot be limited by name), and the one webhook configuration.
+fn injector_grants() -> BTreeSet<Grant> {
+    let webhook = ["meshflow-injector-meshflow-system"];
+    BTreeSet::from([
+        grant("", "namespaces", "get", &[]),
+        grant("", "namespaces", "list", &[]),
+        grant("", "namespaces", "watch", &[]),
+        grant("", "configmaps", "create", &[]),
+        grant("", "configmaps", "patch", &["meshflow-trust-bundle"]),
+        grant(
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            "get",
+            &webhook,
+        ),
+        grant(
+            "admissionregistration.k8s.io",
+            "mutatingwebhookconfigurations",
+            "patch",
+            &webhook,
+        ),
+    ])
+}
+
 /// Every object level of the schema refuses unknown keys: `additionalProperties: false`, or a
 /// string map (labels, annotations, nodeSelector). Every property is described.
 fn assert_closed(schema: &Value, path: &str) {
@@ -593,7 +813,8 @@ fn assert_closed(schema: &Value, path: &str) {
 }
 
 /// The keys of values.yaml and the schema's properties are the same, level by level (under
-/// `resources` values.yaml sets only some of the quantities the schema allows).
+/// `resources` and `proxy.resources` values.yaml sets only some of the quantities the schema
+/// allows).
 fn assert_same_keys(values: &Value, schema: &Value, path: &str) {
     let Some(props) = schema["properties"].as_object() else {
         return;
@@ -607,7 +828,7 @@ fn assert_same_keys(values: &Value, schema: &Value, path: &str) {
         .map(String::as_str)
         .filter(|k| !(path.is_empty() && *k == "global"))
         .collect();
-    if path.starts_with(".resources.") {
+    if path.starts_with(".resources.") || path.starts_with(".proxy.resources.") {
         assert!(
             in_values.is_subset(&in_schema),
             "values.yaml vs values.schema.json at {path:?}: {in_values:?} {in_schema:?}"
@@ -736,10 +957,10 @@ fn rendered_manifests_pass_kubernetes_validate() {
         !stdout.contains("ERROR") && !stderr.contains("ERROR"),
         "{stdout}{stderr}"
     );
-    // It really looked at each object (9 by default, 9 with the HA values).
+    // It really looked at each object (10 by default, 10 with the HA values).
     assert_eq!(
         stdout.matches(" passed for resource ").count(),
-        18,
+        20,
         "{stdout}"
     );
     assert!(
@@ -813,6 +1034,10 @@ async fn manifests_pass_a_server_side_dry_run_against_the_apiserver() {
             (
                 "clusterrole.rbac.authorization.k8s.io",
                 format!("{CONTROL_PLANE}-{}", ns.name),
+            ),
+            (
+                "mutatingwebhookconfiguration.admissionregistration.k8s.io",
+                format!("meshflow-injector-{}", ns.name),
             ),
         ] {
             assert!(

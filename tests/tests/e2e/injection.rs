@@ -99,8 +99,20 @@ async fn apply_crds() {
     .await;
 }
 
-/// Starts `meshflow-control-plane --kubernetes` for `ns` with the webhook (and `extra` flags).
+/// Starts `meshflow-control-plane --kubernetes` for `ns` with the webhook (and `extra` flags),
+/// as the cluster admin.
 async fn control_plane(ns: &TestNamespace, dir: &Path, name: &str, extra: &[&str]) -> ControlPlane {
+    control_plane_as(ns, dir, name, extra, &cluster().kubeconfig).await
+}
+
+/// [`control_plane`] with the credentials in `kubeconfig`.
+async fn control_plane_as(
+    ns: &TestNamespace,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+    kubeconfig: &Path,
+) -> ControlPlane {
     install_crypto();
     apply_crds().await;
     let state = dir.join(name);
@@ -133,7 +145,7 @@ async fn control_plane(ns: &TestNamespace, dir: &Path, name: &str, extra: &[&str
         "meshflow-control-plane",
     ))
     .args(&args)
-    .env("KUBECONFIG", &cluster().kubeconfig)
+    .env("KUBECONFIG", kubeconfig)
     .env("MESHFLOW_LOG", "info,kube=warn")
     .stdin(Stdio::null())
     .stdout(Stdio::null())
@@ -855,4 +867,154 @@ async fn the_native_sidecar_variant_is_checked_on_the_json_patch() {
         offline["metadata"]["annotations"],
         patched["metadata"]["annotations"]
     );
+}
+
+/// Deletes cluster-scoped objects (kind, name) when dropped.
+struct ClusterScoped(Vec<(&'static str, String)>);
+
+impl Drop for ClusterScoped {
+    fn drop(&mut self) {
+        for (kind, name) in &self.0 {
+            let _ =
+                cluster().kubectl(&["delete", kind, name, "--ignore-not-found", "--wait=false"]);
+        }
+    }
+}
+
+/// Issue 14, item 4: the chart's RBAC is enough for the injector. Only the chart's
+/// ServiceAccount, ClusterRole, Role and bindings are applied; the control plane runs with a
+/// token of that account, and sets the caBundle of the webhook configuration named as the
+/// chart names it, reads the pod's namespace, publishes the trust bundle ConfigMap — with no
+/// "forbidden" in its log.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_charts_rbac_is_enough_for_the_injector() {
+    let ns = TestNamespace::new("inject-rbac").await;
+    label(&ns.name, &["meshflow.io/inject=enabled"]);
+    let dir = tempfile::tempdir().unwrap();
+    let release = format!("rbac-{:08x}", rand::random::<u32>());
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/meshflow");
+    let rendered = cluster().helm_ok(&[
+        "template",
+        &release,
+        &chart.to_string_lossy(),
+        "--namespace",
+        &ns.name,
+        "--set-string",
+        &format!("discoverySelector={}", ns.selector),
+    ]);
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| {
+            serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+                .unwrap()
+        })
+        .filter(|d: &Value| !d.is_null())
+        .collect();
+    let name_of = |kind: &str| -> String {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("the chart renders a {kind}"))["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let _cleanup = ClusterScoped(vec![
+        ("clusterrolebinding", name_of("ClusterRoleBinding")),
+        ("clusterrole", name_of("ClusterRole")),
+    ]);
+    let rbac: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .iter()
+            .any(|k| d["kind"] == *k)
+        })
+        .collect();
+    let list = json!({ "apiVersion": "v1", "kind": "List", "items": rbac });
+    let (ok, out) = apply(&ns.name, &list.to_string());
+    assert!(ok, "apply the chart's RBAC: {out}");
+    let webhook_name = name_of("MutatingWebhookConfiguration");
+    let account = name_of("ServiceAccount");
+    let token =
+        crate::cluster::token_request(&ns.name, &account, crate::cluster::SA_ISSUER, 3600).await;
+    let kubeconfig = dir.path().join("control-plane.kubeconfig");
+    let ca = dir.path().join("apiserver-ca.crt");
+    std::fs::write(&ca, cluster().ca_pem()).unwrap();
+    let user = format!("system:serviceaccount:{}:{account}", ns.name);
+    std::fs::write(
+        &kubeconfig,
+        json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{ "name": "dev", "cluster": {
+                "server": cluster().server_url(), "certificate-authority": ca.to_string_lossy() } }],
+            "users": [{ "name": user, "user": { "token": token } }],
+            "contexts": [{ "name": "chart", "context": { "cluster": "dev", "user": user } }],
+            "current-context": "chart",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let cp = control_plane_as(
+        &ns,
+        dir.path(),
+        "cp",
+        &["--injector-webhook-config", &webhook_name],
+        &kubeconfig,
+    )
+    .await;
+    let _webhook = register_webhook(&webhook_name, &ns.name, cp.injector());
+    wait_for(
+        "the caBundle, written with the chart's RBAC",
+        Duration::from_secs(30),
+        || async {
+            let out = cluster().kubectl_ok(&[
+                "get",
+                "mutatingwebhookconfiguration",
+                &webhook_name,
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ]);
+            (!out.trim().is_empty()).then_some(())
+        },
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = apply(&ns.name, WEB);
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kubectl apply of the web pod:\n{out}\n{}",
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored = get_pod(&ns.name, "web");
+    assert_eq!(
+        names(&stored["spec"]["containers"]),
+        ["meshflow-proxy", "app"],
+        "{}",
+        cp.log()
+    );
+    wait_for(
+        "the trust bundle ConfigMap",
+        Duration::from_secs(30),
+        || async {
+            cluster()
+                .kubectl(&["get", "configmap", "meshflow-trust-bundle", "-n", &ns.name])
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
+    let log = cp.log();
+    assert!(!log.to_lowercase().contains("forbidden"), "{log}");
 }
