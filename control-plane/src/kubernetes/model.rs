@@ -31,8 +31,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SliceEndpoints {
-    /// The endpoints.
-    #[serde(default)]
+    /// The endpoints (the EndpointSlice controller writes `null` for a Service without any).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub endpoints: Vec<SliceEndpoint>,
     /// The ports (a Service port's name with its target port resolved).
     #[serde(default)]
@@ -48,6 +48,14 @@ pub struct SlicePort {
     /// The port on the endpoints.
     #[serde(default)]
     pub port: Option<i32>,
+}
+
+fn null_as_empty<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// One endpoint of a slice.
