@@ -2,6 +2,7 @@
 //! The last good snapshot stays in force while the control plane is away or sends a bad one.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -28,6 +29,35 @@ pub struct ServiceEntry {
     pub protocol: String,
     /// Endpoints (may be empty while no sidecar of the service is connected).
     pub endpoints: Vec<Endpoint>,
+    /// TCP ports (Kubernetes mode): (port on the cluster IPs, port on the pods, opaque).
+    pub ports: Vec<ServicePort>,
+}
+
+/// A service's (name, namespace).
+pub type ServiceKey = (String, String);
+
+/// A TCP port of a service (Kubernetes mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServicePort {
+    /// The port on the service's cluster IPs.
+    pub port: u16,
+    /// The port on the pods.
+    pub target_port: u16,
+    /// Carried as opaque TCP, no protocol detection.
+    pub opaque: bool,
+}
+
+/// Where a captured connection's original destination leads (see [`ConfigSnapshot::destination`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// The service (name, namespace).
+    pub service: (String, String),
+    /// A pod IP was dialled: exactly this endpoint (otherwise any of the service's).
+    pub pinned: Option<Endpoint>,
+    /// The port on the destination pod.
+    pub target_port: u16,
+    /// No protocol detection: carried as opaque TCP.
+    pub opaque: bool,
 }
 
 /// A validated snapshot.
@@ -49,6 +79,10 @@ pub struct ConfigSnapshot {
     pub mtls_mode: MtlsMode,
     /// The PeerAuthentication that set `mtls_mode` (`namespace/name`), if any.
     pub mtls_policy: Option<String>,
+    /// (cluster IP, service port) → the service and its port.
+    pub cluster_ips: HashMap<(IpAddr, u16), (ServiceKey, ServicePort)>,
+    /// Endpoint IP → the services it is an endpoint of, with that endpoint.
+    pub endpoint_ips: HashMap<IpAddr, Vec<(ServiceKey, Endpoint)>>,
     /// The proto as received (for `/config_dump`).
     pub raw: v1::Snapshot,
 }
@@ -78,7 +112,30 @@ impl ConfigSnapshot {
             .parse()
             .map_err(|e| err(format!("spiffeId: {e}")))?;
         let mut services = HashMap::new();
+        let mut cluster_ips = HashMap::new();
+        let mut endpoint_ips: HashMap<IpAddr, Vec<(ServiceKey, Endpoint)>> = HashMap::new();
         for s in &raw.services {
+            let key = (s.name.clone(), s.namespace.clone());
+            let ports: Vec<ServicePort> = s
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some(ServicePort {
+                        port: u16::try_from(p.port).ok().filter(|p| *p > 0)?,
+                        target_port: u16::try_from(p.target_port).ok().filter(|p| *p > 0)?,
+                        opaque: p.opaque,
+                    })
+                })
+                .collect();
+            for ip in s
+                .cluster_ips
+                .iter()
+                .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            {
+                for port in &ports {
+                    cluster_ips.insert((ip, port.port), (key.clone(), *port));
+                }
+            }
             let mut endpoints = Vec::new();
             for e in &s.endpoints {
                 // One bad endpoint must not cost the whole snapshot: skip it, keep the rest.
@@ -98,11 +155,20 @@ impl ConfigSnapshot {
                     ),
                 }
             }
+            for endpoint in &endpoints {
+                if let Ok(address) = endpoint.address.parse::<SocketAddr>() {
+                    endpoint_ips
+                        .entry(address.ip())
+                        .or_default()
+                        .push((key.clone(), endpoint.clone()));
+                }
+            }
             services.insert(
-                (s.name.clone(), s.namespace.clone()),
+                key,
                 ServiceEntry {
                     protocol: s.protocol.clone(),
                     endpoints,
+                    ports,
                 },
             );
         }
@@ -152,7 +218,45 @@ impl ConfigSnapshot {
             authenticator: Arc::new(Authenticator::new(&request_authentication)),
             mtls_mode,
             mtls_policy,
+            cluster_ips,
+            endpoint_ips,
             raw,
+        })
+    }
+
+    /// The mesh destination of a captured connection whose original destination was `dst`:
+    /// a service's cluster IP and port (its target port on the pods, opaque as the port
+    /// says), or an endpoint's pod IP (exactly that endpoint; opaque unless a port of one of
+    /// its services targets that port and is not opaque). `None`: not in the mesh.
+    pub fn destination(&self, dst: SocketAddr) -> Option<Destination> {
+        if let Some((service, port)) = self.cluster_ips.get(&(dst.ip(), dst.port())) {
+            return Some(Destination {
+                service: service.clone(),
+                pinned: None,
+                target_port: port.target_port,
+                opaque: port.opaque,
+            });
+        }
+        let candidates = self.endpoint_ips.get(&dst.ip())?;
+        let targeted = |service: &(String, String)| {
+            self.services.get(service).and_then(|s| {
+                s.ports
+                    .iter()
+                    .find(|p| p.target_port == dst.port())
+                    .copied()
+            })
+        };
+        let (service, endpoint, port) = candidates
+            .iter()
+            .find_map(|(service, endpoint)| {
+                targeted(service).map(|port| (service, endpoint, Some(port)))
+            })
+            .or_else(|| candidates.first().map(|(s, e)| (s, e, None)))?;
+        Some(Destination {
+            service: service.clone(),
+            pinned: Some(endpoint.clone()),
+            target_port: dst.port(),
+            opaque: port.is_none_or(|p| p.opaque),
         })
     }
 }
@@ -172,5 +276,84 @@ impl ConfigState {
     /// Puts `snapshot` in force.
     pub fn set(&self, snapshot: ConfigSnapshot) {
         self.current.store(Some(Arc::new(snapshot)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> ConfigSnapshot {
+        let endpoint = |address: &str| v1::Endpoint {
+            address: address.into(),
+            identity: "spiffe://cluster.local/ns/shop/sa/backend".into(),
+            workload: "shop/backend-1".into(),
+        };
+        let port = |port, target_port, opaque| v1::ServicePort {
+            name: String::new(),
+            port,
+            target_port,
+            opaque,
+        };
+        let raw = v1::Snapshot {
+            version: 1,
+            spiffe_id: "spiffe://cluster.local/ns/shop/sa/client".into(),
+            services: vec![
+                v1::Service {
+                    name: "backend".into(),
+                    namespace: "shop".into(),
+                    protocol: "http1".into(),
+                    endpoints: vec![endpoint("10.250.0.3:15006"), endpoint("10.250.0.4:15006")],
+                    cluster_ips: vec!["10.96.0.10".into(), "not an ip".into()],
+                    ports: vec![port(80, 8080, false), port(7000, 7000, true)],
+                },
+                v1::Service {
+                    name: "admin".into(),
+                    namespace: "shop".into(),
+                    protocol: "http1".into(),
+                    endpoints: vec![endpoint("10.250.0.3:15006")],
+                    cluster_ips: vec![],
+                    ports: vec![port(9090, 9090, false)],
+                },
+            ],
+            ..Default::default()
+        };
+        ConfigSnapshot::from_proto(raw, 8080).unwrap()
+    }
+
+    /// Cluster IP and port → the service, its target port and whether the port is opaque; a
+    /// pod IP → that endpoint, of the service one of whose ports targets the port dialled
+    /// (opaque when none does); anything else is not in the mesh.
+    #[test]
+    fn original_destinations() {
+        let s = snapshot();
+        let key = |name: &str| (name.to_string(), "shop".to_string());
+        let at = |a: &str| s.destination(a.parse().unwrap());
+        assert_eq!(
+            at("10.96.0.10:80"),
+            Some(Destination {
+                service: key("backend"),
+                pinned: None,
+                target_port: 8080,
+                opaque: false
+            })
+        );
+        assert!(at("10.96.0.10:7000").unwrap().opaque);
+        assert_eq!(at("10.96.0.10:81"), None, "not a port of the service");
+        assert_eq!(at("10.96.0.11:80"), None, "not a cluster IP");
+        let pod = at("10.250.0.3:9090").unwrap();
+        assert_eq!(pod.service, key("admin"));
+        assert_eq!(pod.pinned.unwrap().address, "10.250.0.3:15006");
+        assert!(!pod.opaque);
+        let pod = at("10.250.0.4:8080").unwrap();
+        assert_eq!(
+            (pod.service, pod.target_port, pod.opaque),
+            (key("backend"), 8080, false)
+        );
+        assert!(
+            at("10.250.0.4:5555").unwrap().opaque,
+            "no port targets 5555"
+        );
+        assert_eq!(at("10.250.0.9:8080"), None);
     }
 }

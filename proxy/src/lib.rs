@@ -8,7 +8,9 @@
 //! - Outbound listener (127.0.0.1): routes by authority to a mesh service, originates mTLS over
 //!   HTTP/2 and verifies the server is the destination's expected identity.
 //! - Admin listener: `/ready`, `/live`, `/metrics`, `/config_dump`, `POST /shutdown`.
-//! - Traffic capture: `meshflow-proxy init` installs the pod's iptables rules ([`capture`]).
+//! - Traffic capture: `meshflow-proxy init` installs the pod's iptables rules ([`capture`]);
+//!   connections they redirect to the outbound listener are proxied transparently by their
+//!   original destination ([`transparent`]).
 //!
 //! The Pingora `ProxyHttp` impls ([`inbound`], [`outbound`]) are thin adapters over pure
 //! functions ([`http_hygiene`], [`routing`]).
@@ -31,6 +33,7 @@ pub mod plan;
 pub mod resilience;
 pub mod routing;
 pub mod shared;
+pub mod transparent;
 pub mod wait_ready;
 
 use std::net::SocketAddr;
@@ -124,6 +127,32 @@ pub struct ProxyConfig {
     /// Written once ready: bound addresses (inbound, outbound, admin) as JSON.
     #[arg(long, env = "MESHFLOW_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Captured connections to destinations outside the mesh: ALLOW_ANY passes them through,
+    /// REGISTRY_ONLY refuses them (a mesh-wide setting: give every sidecar the same).
+    #[arg(
+        long,
+        env = "MESHFLOW_OUTBOUND_TRAFFIC_POLICY",
+        value_enum,
+        default_value = "ALLOW_ANY"
+    )]
+    pub outbound_traffic_policy: transparent::OutboundTrafficPolicy,
+    /// How long a captured connection's first bytes are waited for to detect HTTP; after it
+    /// the connection is carried as opaque TCP (clients of server-first protocols send
+    /// nothing until the server spoke).
+    #[arg(long, env = "MESHFLOW_PROTOCOL_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub protocol_detect_timeout: Duration,
+    /// Destination ports of captured connections carried as opaque TCP without detection,
+    /// comma-separated (default: Linkerd's server-first ports — SMTP, MySQL, Galera,
+    /// PostgreSQL, Redis, Elasticsearch, Memcached). Per destination pod the annotation
+    /// `meshflow.io/opaque-ports` adds more (through the control plane).
+    #[arg(
+        long,
+        env = "MESHFLOW_OPAQUE_PORTS",
+        value_delimiter = ',',
+        default_value = "25,587,3306,4444,5432,6379,9300,11211"
+    )]
+    pub opaque_ports: Vec<u16>,
 }
 
 fn parse_protocol(s: &str) -> Result<AppProtocol, String> {
@@ -370,31 +399,56 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         identity_state.clone(),
     )))
     .map_err(|e| other(e.to_string()))?;
-    tls.set_cert_resolver(Arc::new(identity::SvidResolver::new(
-        identity_state.clone(),
-    )));
-    tls.set_client_cert_verifier(Arc::new(identity::MeshClientVerifier::new(
-        identity_state.clone(),
-    )));
+    let resolver = Arc::new(identity::SvidResolver::new(identity_state.clone()));
+    let verifier = Arc::new(identity::MeshClientVerifier::new(identity_state.clone()));
+    tls.set_cert_resolver(resolver.clone());
+    tls.set_client_cert_verifier(verifier.clone());
     tls.enable_h2();
+    let mut acceptor = tls.build();
+    // Same config plus the opaque-TCP ALPN (see `inbound_accept::tls_acceptor`).
+    acceptor.acceptor = inbound_accept::tls_acceptor(resolver, verifier);
+    let transparent_settings = transparent::TransparentSettings {
+        policy: config.outbound_traffic_policy,
+        detect_timeout: config.protocol_detect_timeout,
+        opaque_ports: config.opaque_ports.clone(),
+        own_ports: vec![inbound_port.addr.port(), admin_addr.port()],
+    };
     let mut inbound = pingora_core::services::listening::Service::new(
         "meshflow inbound".to_string(),
-        inbound_accept::InboundAccept::new(inbound_proxy, tls.build(), shared.clone()),
+        inbound_accept::InboundAccept::new(
+            inbound_proxy,
+            acceptor,
+            shared.clone(),
+            transparent_settings.clone(),
+        ),
     );
     inbound.add_tcp_with_settings(&inbound_port.addr.to_string(), reuseport());
 
-    let mut outbound = pingora_proxy::http_proxy_service_with_name(
+    // The outbound port: explicit requests as always, and connections the capture rules
+    // redirected (`transparent`), through the same `OutboundProxy`.
+    let mut h2c_proxy = pingora_proxy::http_proxy(
         &server.configuration,
         outbound::OutboundProxy::new(shared.clone()),
-        "meshflow outbound",
+    );
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    h2c_proxy.server_options = Some(options);
+    h2c_proxy.h2_options = Some(h2.clone());
+    let mut http1_proxy = pingora_proxy::http_proxy(
+        &server.configuration,
+        outbound::OutboundProxy::new(shared.clone()),
+    );
+    http1_proxy.h2_options = Some(h2);
+    let mut outbound = pingora_core::services::listening::Service::new(
+        "meshflow outbound".to_string(),
+        transparent::OutboundAccept::new(
+            h2c_proxy,
+            http1_proxy,
+            shared.clone(),
+            transparent_settings,
+        ),
     );
     outbound.add_tcp_with_settings(&outbound_port.addr.to_string(), reuseport());
-    if let Some(app) = outbound.app_logic_mut() {
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        app.server_options = Some(options);
-        app.h2_options = Some(h2);
-    }
 
     let admin_shutdown = Arc::new(Notify::new());
     let advertised = config.advertise.unwrap_or(inbound_port.addr);

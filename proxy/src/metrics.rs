@@ -85,7 +85,33 @@ pub struct ProxyMetrics {
     /// `meshflow_grpc_responses_total{service, grpc_status}`: gRPC statuses seen outbound, from
     /// Trailers-Only headers or from trailers after messages (`0`–`16`, else `invalid`).
     pub grpc_responses: IntCounterVec,
+    /// `meshflow_tcp_connections_total{direction, route}`: connections of traffic capture
+    /// ([`crate::transparent`]) by what became of them ([`TCP_ROUTES`]).
+    pub tcp_connections: IntCounterVec,
 }
+
+/// The `(direction, route)` values of `meshflow_tcp_connections_total`. Outbound (connections
+/// redirected by the capture rules): `http1`/`h2` (detected, full mesh treatment), `opaque`
+/// (an opaque port), `opaque_detected` (not HTTP), `opaque_timeout` (the client sent nothing
+/// within the detection timeout), `passthrough` (not a mesh destination, ALLOW_ANY),
+/// `registry_only` (refused: not a mesh destination), `no_config`, `unavailable` (opaque, no
+/// endpoint could be reached). Inbound: `opaque` (an opaque mTLS stream forwarded),
+/// `denied` (refused by AuthorizationPolicy or a bad preamble), `passthrough` (plaintext to a
+/// port other than the app port, PERMISSIVE).
+pub const TCP_ROUTES: [(&str, &str); 12] = [
+    ("outbound", "http1"),
+    ("outbound", "h2"),
+    ("outbound", "opaque"),
+    ("outbound", "opaque_detected"),
+    ("outbound", "opaque_timeout"),
+    ("outbound", "passthrough"),
+    ("outbound", "registry_only"),
+    ("outbound", "no_config"),
+    ("outbound", "unavailable"),
+    ("inbound", "opaque"),
+    ("inbound", "denied"),
+    ("inbound", "passthrough"),
+];
 
 /// Who called whom, for the request metrics. Every value comes from a verified identity
 /// or the config snapshot, never from client-chosen input: workloads are SPIFFE service
@@ -387,6 +413,13 @@ impl ProxyMetrics {
                 ),
                 &["decision", "policy"],
             )?,
+            tcp_connections: IntCounterVec::new(
+                Opts::new(
+                    "meshflow_tcp_connections_total",
+                    "Captured TCP connections, by direction and route (transparent proxying).",
+                ),
+                &["direction", "route"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -415,6 +448,10 @@ impl ProxyMetrics {
         registry.register(Box::new(m.endpoint_in_flight.clone()))?;
         registry.register(Box::new(m.grpc_responses.clone()))?;
         registry.register(Box::new(m.authz_decisions.clone()))?;
+        registry.register(Box::new(m.tcp_connections.clone()))?;
+        for (direction, route) in TCP_ROUTES {
+            m.tcp_connections.with_label_values(&[direction, route]);
+        }
         // Fixed label values start at zero, so `rate()` and dashboards see 0, not no data.
         for result in [
             "ok",

@@ -1,6 +1,8 @@
 //! The outbound listener (Pingora adapter): requests from the local app (127.0.0.1 only) are
 //! routed by authority to a mesh service, sent to one of its endpoints over mTLS (HTTP/2), and
-//! the server must prove the destination's expected identity.
+//! the server must prove the destination's expected identity. A connection the capture rules
+//! redirected here ([`crate::transparent`]) is routed by its original destination instead (a
+//! service's cluster IP, or one endpoint's pod IP); everything after routing is the same.
 //!
 //! Resilience: the destination's TrafficPolicy (or the defaults) becomes an [`AttemptPlan`];
 //! the decisions come from [`crate::resilience`]. Retries are Pingora retries: a retryable
@@ -146,6 +148,8 @@ pub struct OutboundCtx {
     grpc_status: Option<String>,
     /// Some attempt got a connection to an endpoint: the request may have reached it.
     connected: bool,
+    /// A captured connection to a pod IP: every attempt goes to this endpoint.
+    pinned: Option<Endpoint>,
 }
 
 /// Holds an attempt's in-flight counts (balancer and metric) until dropped.
@@ -427,6 +431,7 @@ impl ProxyHttp for OutboundProxy {
             span: None,
             grpc_status: None,
             connected: false,
+            pinned: None,
         }
     }
 
@@ -452,24 +457,44 @@ impl ProxyHttp for OutboundProxy {
                 .reject(session, "no_config", "sidecar has no config yet".into())
                 .await;
         };
-        let authority = authority(session.req_header()).unwrap_or_default();
-        let Some(name) = parse_authority(&authority, &self.shared.namespace) else {
-            let shown: String = authority.chars().take(128).collect();
-            return self
-                .reject(
-                    session,
-                    "unknown_service",
-                    format!("{shown:?} is not a mesh service (use <service>.<namespace>)"),
-                )
-                .await;
+        // A connection the capture rules redirected is routed by its original destination
+        // (`transparent`); an explicit one by the request's authority.
+        let redirected = session
+            .digest()
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|d| crate::transparent::redirected_destination(d));
+        let key = if let Some(original) = redirected {
+            let Some(destination) = snapshot.destination(original) else {
+                return self
+                    .reject(
+                        session,
+                        "unknown_service",
+                        format!("{original} is not a mesh service"),
+                    )
+                    .await;
+            };
+            ctx.pinned = destination.pinned;
+            destination.service
+        } else {
+            let authority = authority(session.req_header()).unwrap_or_default();
+            let Some(name) = parse_authority(&authority, &self.shared.namespace) else {
+                let shown: String = authority.chars().take(128).collect();
+                return self
+                    .reject(
+                        session,
+                        "unknown_service",
+                        format!("{shown:?} is not a mesh service (use <service>.<namespace>)"),
+                    )
+                    .await;
+            };
+            (name.name, name.namespace)
         };
-        let key = (name.name.clone(), name.namespace.clone());
         let Some(service) = snapshot.services.get(&key) else {
             return self
                 .reject(
                     session,
                     "unknown_service",
-                    format!("unknown service {}.{}", name.name, name.namespace),
+                    format!("unknown service {}.{}", key.0, key.1),
                 )
                 .await;
         };
@@ -478,14 +503,11 @@ impl ProxyHttp for OutboundProxy {
                 .reject(
                     session,
                     "no_endpoint",
-                    format!(
-                        "service {}.{} has no ready endpoint",
-                        name.name, name.namespace
-                    ),
+                    format!("service {}.{} has no ready endpoint", key.0, key.1),
                 )
                 .await;
         }
-        let service_label = format!("{}.{}", name.name, name.namespace);
+        let service_label = format!("{}.{}", key.0, key.1);
         self.shared.init_service_metrics(&service_label);
 
         let now = Instant::now();
@@ -646,8 +668,12 @@ impl ProxyHttp for OutboundProxy {
             .get(&(name.to_string(), namespace.to_string()))
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "service has no endpoint"))?;
         let max_ejected = ctx.plan.outlier.map_or(100, |o| o.max_ejected_percent);
+        let endpoints = match &ctx.pinned {
+            Some(endpoint) => std::slice::from_ref(endpoint),
+            None => entry.endpoints.as_slice(),
+        };
         let picked = self.shared.balancer.pick(
-            &entry.endpoints,
+            endpoints,
             ctx.plan.load_balancer,
             &ctx.tried,
             max_ejected,
