@@ -148,9 +148,9 @@ fn backoff(attempt: u32) -> Duration {
 
 impl ControlPlaneClient {
     /// Largest config snapshot a sidecar accepts, bytes.
-pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+    pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 
-/// A client for `bootstrap`; `inbound_address` is registered as this workload's endpoint.
+    /// A client for `bootstrap`; `inbound_address` is registered as this workload's endpoint.
     pub fn new(bootstrap: Bootstrap, shared: Shared, inbound_address: String) -> Arc<Self> {
         Arc::new(Self {
             bootstrap,
