@@ -570,6 +570,22 @@ async fn pods_created_with_kubectl_are_stored_injected_and_meshflow_inject_agree
     )
     .await;
     assert_eq!(bundle.as_bytes(), ca_pem.as_slice());
+    // The injected proxy starts from what the pod gives it: its container's env as the
+    // kubelet would set it (downward API, `$(VAR)` expanded), the mounted trust bundle and a
+    // projected token (here a TokenRequest of the same audience) — only the addresses are
+    // this machine's. It gets its SVID and its pod's config (ready), and the postStart
+    // command returns once it is.
+    let proxy = run_injected_proxy(&stored, &cp, dir.path(), &bundle).await;
+    let wait_ready = Command::new(meshflow_cli::supervisor::find_program("meshflow-proxy"))
+        .args(["wait-ready", "--admin", &proxy.admin, "--timeout", "30s"])
+        .output()
+        .unwrap();
+    assert!(
+        wait_ready.status.success(),
+        "{}",
+        String::from_utf8_lossy(&wait_ready.stderr)
+    );
+    drop(proxy);
     let elsewhere = cluster().kubectl(&[
         "get",
         "configmap",
@@ -1017,4 +1033,128 @@ async fn the_charts_rbac_is_enough_for_the_injector() {
     .await;
     let log = cp.log();
     assert!(!log.to_lowercase().contains("forbidden"), "{log}");
+}
+
+/// A `meshflow-proxy` run as an injected pod's proxy container would be; killed when dropped.
+struct InjectedProxy {
+    child: Child,
+    admin: String,
+}
+
+impl Drop for InjectedProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `meshflow-proxy` with the env of `pod`'s `meshflow-proxy` container, resolved as the
+/// kubelet resolves it, with the files the pod mounts written under `dir` (the trust bundle
+/// `bundle`, a token of the pod's ServiceAccount for audience `meshflow`) and the listeners and
+/// control plane moved to 127.0.0.1; waits until it is ready.
+async fn run_injected_proxy(
+    pod: &Value,
+    cp: &ControlPlane,
+    dir: &Path,
+    bundle: &str,
+) -> InjectedProxy {
+    let ns = pod["metadata"]["namespace"].as_str().unwrap();
+    let account = pod["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap_or("default");
+    let token = crate::cluster::token_request(ns, account, "meshflow", 3600).await;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let bundle_file = dir.join("ca.crt");
+    std::fs::write(&bundle_file, bundle).unwrap();
+    let container = pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "meshflow-proxy")
+        .unwrap();
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in container["env"].as_array().unwrap() {
+        let name = var["name"].as_str().unwrap().to_string();
+        let value = match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("metadata.name") => pod["metadata"]["name"].as_str().unwrap().to_string(),
+            Some("metadata.namespace") => ns.to_string(),
+            Some("spec.serviceAccountName") => account.to_string(),
+            Some("status.podIP") => "127.0.0.1".to_string(),
+            Some(annotation) => {
+                let key = annotation
+                    .strip_prefix("metadata.annotations['")
+                    .and_then(|k| k.strip_suffix("']"))
+                    .unwrap_or_else(|| panic!("an unexpected fieldRef {annotation}"));
+                pod["metadata"]["annotations"][key]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+            None => {
+                // `$(VAR)`: a variable defined before this one.
+                let mut value = var["value"].as_str().unwrap().to_string();
+                for (earlier, v) in &env {
+                    value = value.replace(&format!("$({earlier})"), v);
+                }
+                value
+            }
+        };
+        env.push((name, value));
+    }
+    let here: [(&str, String); 6] = [
+        (
+            "MESHFLOW_CONTROL_PLANE",
+            cp.ready.address("grpc").unwrap().to_string(),
+        ),
+        (
+            "MESHFLOW_TRUST_BUNDLE_FILE",
+            bundle_file.display().to_string(),
+        ),
+        ("MESHFLOW_TOKEN_FILE", token_file.display().to_string()),
+        ("MESHFLOW_INBOUND", "127.0.0.1:0".into()),
+        ("MESHFLOW_OUTBOUND", "127.0.0.1:0".into()),
+        ("MESHFLOW_ADMIN", "127.0.0.1:0".into()),
+    ];
+    for (name, value) in here {
+        let slot = env
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("the proxy's env sets {name}"));
+        slot.1 = value;
+    }
+    assert!(env
+        .iter()
+        .any(|(n, v)| n == "MESHFLOW_WORKLOAD" && *v == format!("{ns}/web")));
+    let ready = dir.join("injected-proxy.ready.json");
+    let log = dir.join("injected-proxy.log");
+    let mut child = Command::new(meshflow_cli::supervisor::find_program("meshflow-proxy"))
+        .env_clear()
+        .envs(env)
+        .env("MESHFLOW_READY_FILE", &ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(file) = ReadyFile::read(&ready) {
+            return InjectedProxy {
+                child,
+                admin: file.address("admin").unwrap().to_string(),
+            };
+        }
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the injected proxy exited ({status}):\n{}", log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the injected proxy is not ready in 30 s:\n{}\ncontrol plane:\n{}",
+            log_text(),
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
