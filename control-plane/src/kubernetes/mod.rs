@@ -705,38 +705,32 @@ impl Controller {
                 }
             }
         }
-        for key in self.judge_policies::<AuthorizationPolicyResource>(
+        // The other policy kinds: each key's last good version is a one-object set.
+        let mut keys = self.judge_policies::<AuthorizationPolicyResource>(
             &authorization,
             &policy_selected,
             &mut present,
-        ) {
-            if let Some((_, _, set)) = self.last_good.get(&key) {
-                policies
-                    .authorization
-                    .extend(set.authorization.iter().cloned());
-            }
-        }
-        for key in self.judge_policies::<RequestAuthenticationResource>(
+        );
+        keys.extend(self.judge_policies::<RequestAuthenticationResource>(
             &request_authentication,
             &policy_selected,
             &mut present,
-        ) {
-            if let Some((_, _, set)) = self.last_good.get(&key) {
-                policies
-                    .request_authentication
-                    .extend(set.request_authentication.iter().cloned());
-            }
-        }
-        for key in self.judge_policies::<PeerAuthenticationResource>(
+        ));
+        keys.extend(self.judge_policies::<PeerAuthenticationResource>(
             &peer_authentication,
             &policy_selected,
             &mut present,
-        ) {
-            if let Some((_, _, set)) = self.last_good.get(&key) {
-                policies
-                    .peer_authentication
-                    .extend(set.peer_authentication.iter().cloned());
-            }
+        ));
+        for (_, _, set) in keys.iter().filter_map(|key| self.last_good.get(key)) {
+            policies
+                .authorization
+                .extend(set.authorization.iter().cloned());
+            policies
+                .request_authentication
+                .extend(set.request_authentication.iter().cloned());
+            policies
+                .peer_authentication
+                .extend(set.peer_authentication.iter().cloned());
         }
         self.judge_workflows(&workflows, &selected, &mut present);
         // Objects gone from the cluster are gone from config and from the caches.

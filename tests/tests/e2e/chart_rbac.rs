@@ -9,20 +9,20 @@
 //! Watch, and authenticate Certify by TokenReview — with no "forbidden" in its logs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-use meshflow_api::v1::{identity_client::IdentityClient, CertifyRequest};
-use meshflow_api::{Bootstrap, ReadyFile};
-use rcgen::{CertificateParams, KeyPair};
+use meshflow_api::Bootstrap;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::cluster::{self, cluster, wait_for, TestNamespace, SA_ISSUER};
 use crate::common::{get_text, install_crypto, metric, metrics};
+use crate::kubernetes::{
+    certify, config_dump, control_plane_server_name, endpoints_of, spawn_with, spiffe_of, Proc,
+};
 
 /// The kinds of the chart that make up the control plane's credentials and permissions.
 const RBAC_KINDS: [&str; 5] = [
@@ -64,73 +64,6 @@ impl Drop for ClusterScoped {
                 .stderr(Stdio::null())
                 .status();
         }
-    }
-}
-
-/// A process the test started; killed when dropped.
-struct Proc {
-    child: Child,
-    ready: ReadyFile,
-    log: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn address(&self, name: &str) -> String {
-        self.ready.address(name).unwrap().to_string()
-    }
-
-    /// What it wrote to stdout and stderr so far.
-    fn output(&self) -> String {
-        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-        format!("{}{}", read(&self.log), read(&self.stderr))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `program args` with `KUBECONFIG=kubeconfig`, waits (60 s) for its ready file; panics
-/// with its log otherwise.
-fn spawn(dir: &Path, name: &str, program: &str, args: &[String], kubeconfig: &Path) -> Proc {
-    let ready = dir.join(format!("{name}.ready.json"));
-    let log = dir.join(format!("{name}.log"));
-    let stderr = dir.join(format!("{name}.stderr"));
-    let mut child = Command::new(meshflow_cli::supervisor::find_program(program))
-        .args(args)
-        .arg("--ready-file")
-        .arg(&ready)
-        .env("KUBECONFIG", kubeconfig)
-        .env("MESHFLOW_LOG", "info,kube=warn")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program} runs (cargo build --bins): {e}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(file) = ReadyFile::read(&ready) {
-            return Proc {
-                child,
-                ready: file,
-                log,
-                stderr,
-            };
-        }
-        let output = || std::fs::read_to_string(&stderr).unwrap_or_default();
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("{name} exited ({status}):\n{}", output());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} not ready in 60 s:\n{}",
-            output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -217,65 +150,9 @@ fn accepted(ns: &str, kind: &str, name: &str) -> Option<(String, String, String)
     ))
 }
 
-/// The control plane's gRPC server name (its SPIFFE ID's DNS form).
-fn control_plane_server_name() -> String {
-    meshflow_policies::SpiffeId::new("cluster.local", "meshflow-system", "meshflow-control-plane")
-        .unwrap()
-        .dns_name()
-}
-
-/// A raw Certify with `token` and an empty CSR; the SVID chain or the refusal.
-async fn certify(cp: &Proc, ca_pem: &str, token: &str) -> Result<String, tonic::Status> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name(control_plane_server_name());
-    let channel = Endpoint::from_shared(format!("https://{}", cp.address("grpc")))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let key = KeyPair::generate().unwrap();
-    let csr = CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
-    IdentityClient::new(channel)
-        .certify(CertifyRequest {
-            workload: String::new(),
-            token: token.into(),
-            csr_pem: csr,
-        })
-        .await
-        .map(|r| r.into_inner().cert_chain_pem)
-}
-
-fn spiffe_of(chain_pem: &str) -> String {
-    let der = rustls_pemfile::certs(&mut chain_pem.as_bytes())
-        .next()
-        .unwrap()
-        .unwrap();
-    meshflow_policies::spiffe::from_certificate_der(der.as_ref())
-        .unwrap()
-        .uri()
-}
-
 /// `service`'s endpoints in a sidecar's `/config_dump`: "address identity", sorted.
 async fn sidecar_endpoints(sidecar: &Proc, service: &str) -> Vec<String> {
-    let dump: Value =
-        serde_json::from_str(&get_text(&sidecar.address("admin"), "/config_dump").await).unwrap();
-    let mut out: Vec<String> = dump["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == service)
-        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-        .map(|e| format!("{} {}", e["address"], e["identity"]).replace('"', ""))
-        .collect();
-    out.sort();
-    out
+    endpoints_of(&config_dump(sidecar).await, service)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -388,7 +265,7 @@ async fn the_control_plane_does_its_job_with_only_the_charts_rbac() {
     .map(|s| s.to_string())
     .collect();
     let started = Instant::now();
-    let cp = spawn(
+    let cp = spawn_with(
         dir.path(),
         "cp",
         "meshflow-control-plane",
@@ -473,7 +350,7 @@ async fn the_control_plane_does_its_job_with_only_the_charts_rbac() {
         cluster::create_pod(&ns.name, pod, &[("app", app)], app, &[("http", 8080)]).await;
         cluster::set_pod_ready(&ns.name, pod, ip, true).await;
     }
-    let app = spawn(
+    let app = spawn_with(
         dir.path(),
         "frontend-app",
         "meshflow-echo",
@@ -499,7 +376,7 @@ async fn the_control_plane_does_its_job_with_only_the_charts_rbac() {
     };
     let bootstrap_path = dir.path().join("frontend-1.bootstrap.json");
     std::fs::write(&bootstrap_path, serde_json::to_vec(&bootstrap).unwrap()).unwrap();
-    let sidecar = spawn(
+    let sidecar = spawn_with(
         dir.path(),
         "frontend-sidecar",
         "meshflow-proxy",
@@ -530,12 +407,12 @@ async fn the_control_plane_does_its_job_with_only_the_charts_rbac() {
     // A raw Certify: the reviewed token's account is the identity; a token the review refuses
     // is Unauthenticated (the review ran), not Unavailable (the review could not be made).
     let backend_token = cluster::token_request(&ns.name, "backend", "meshflow", 3600).await;
-    let chain = certify(&cp, &ca_pem, &backend_token)
+    let chain = certify(&cp, &ca_pem, &backend_token, vec![])
         .await
         .expect("Certify with backend's token");
     assert_eq!(spiffe_of(&chain), backend_id);
     let other = cluster::token_request(&ns.name, "backend", "not-meshflow", 3600).await;
-    let err = certify(&cp, &ca_pem, &other).await.unwrap_err();
+    let err = certify(&cp, &ca_pem, &other, vec![]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
 
     let text = metrics(&admin).await;

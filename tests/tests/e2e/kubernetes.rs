@@ -24,19 +24,27 @@ use crate::common::*;
 const LEASE: Duration = Duration::from_secs(6);
 
 /// A process the test started; killed (SIGKILL) when dropped.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     ready: ReadyFile,
+    log: PathBuf,
+    stderr: PathBuf,
     /// For a sidecar: its pod's service account.
     account: String,
 }
 
 impl Proc {
-    fn address(&self, name: &str) -> String {
+    pub(crate) fn address(&self, name: &str) -> String {
         self.ready.address(name).unwrap().to_string()
     }
 
-    fn kill(&mut self) {
+    /// What it wrote to stdout and stderr so far.
+    pub(crate) fn output(&self) -> String {
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        format!("{}{}", read(&self.log), read(&self.stderr))
+    }
+
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -48,44 +56,64 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `program args`, waits (30 s) for its ready file; panics with its log otherwise.
+/// Starts `program args` with the dev cluster's admin kubeconfig (see [`spawn_with`]).
 fn spawn(dir: &Path, name: &str, program: &str, args: &[String]) -> Proc {
+    spawn_with(dir, name, program, args, &cluster().kubeconfig)
+}
+
+/// Starts `program args` with `KUBECONFIG=kubeconfig`, waits (60 s) for its ready file; panics
+/// with its log otherwise.
+pub(crate) fn spawn_with(
+    dir: &Path,
+    name: &str,
+    program: &str,
+    args: &[String],
+    kubeconfig: &Path,
+) -> Proc {
     let ready = dir.join(format!("{name}.ready.json"));
     let log = dir.join(format!("{name}.log"));
+    let stderr = dir.join(format!("{name}.stderr"));
     let _ = std::fs::remove_file(&ready);
     let mut child = Command::new(meshflow_cli::supervisor::find_program(program))
         .args(args)
         .arg("--ready-file")
         .arg(&ready)
-        .env("KUBECONFIG", &cluster().kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .env("MESHFLOW_LOG", "info,kube=warn")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap_or_else(|e| panic!("{program} runs (cargo build --bins): {e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(file) = ReadyFile::read(&ready) {
             return Proc {
                 child,
                 ready: file,
+                log,
+                stderr,
                 account: String::new(),
             };
         }
+        let output = || std::fs::read_to_string(&stderr).unwrap_or_default();
         if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "{name} exited ({status}):\n{}",
-                std::fs::read_to_string(dir.join(format!("{name}.stderr"))).unwrap_or_default()
-            );
+            panic!("{name} exited ({status}):\n{}", output());
         }
         assert!(
             Instant::now() < deadline,
-            "{name} not ready in 30 s:\n{}",
-            std::fs::read_to_string(dir.join(format!("{name}.stderr"))).unwrap_or_default()
+            "{name} not ready in 60 s:\n{}",
+            output()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The control plane's gRPC server name (its SPIFFE ID's DNS form).
+pub(crate) fn control_plane_server_name() -> String {
+    meshflow_policies::SpiffeId::new("cluster.local", "meshflow-system", "meshflow-control-plane")
+        .unwrap()
+        .dns_name()
 }
 
 /// One test's world: its namespace, a temp dir, the CRDs installed.
@@ -161,13 +189,7 @@ impl World {
         let ca = self.ca().await;
         let bootstrap = Bootstrap {
             control_plane: cp.address("grpc"),
-            control_plane_server_name: meshflow_policies::SpiffeId::new(
-                "cluster.local",
-                "meshflow-system",
-                "meshflow-control-plane",
-            )
-            .unwrap()
-            .dns_name(),
+            control_plane_server_name: control_plane_server_name(),
             trust_bundle_pem: ca.ca_cert_pem.clone(),
             workload: format!("{}/{pod}", self.name()),
             spiffe_id: format!("spiffe://cluster.local/ns/{}/sa/{sa}", self.name()),
@@ -223,11 +245,11 @@ fn apply_crds() {
     ]);
 }
 
-async fn config_dump(proxy: &Proc) -> Value {
+pub(crate) async fn config_dump(proxy: &Proc) -> Value {
     serde_json::from_str(&get_text(&proxy.address("admin"), "/config_dump").await).unwrap()
 }
 
-fn endpoints_of(dump: &Value, service: &str) -> Vec<String> {
+pub(crate) fn endpoints_of(dump: &Value, service: &str) -> Vec<String> {
     let mut out: Vec<String> = dump["services"]
         .as_array()
         .into_iter()
@@ -857,19 +879,13 @@ async fn two_replicas_serve_config_and_the_survivor_of_a_killed_leader_writes_st
     assert_eq!(holder.trim(), "cp-b");
 }
 
-async fn certify(
+pub(crate) async fn certify(
     cp: &Proc,
     ca_pem: &str,
     token: &str,
     sans: Vec<SanType>,
 ) -> Result<String, tonic::Status> {
-    let server = meshflow_policies::SpiffeId::new(
-        "cluster.local",
-        "meshflow-system",
-        "meshflow-control-plane",
-    )
-    .unwrap()
-    .dns_name();
+    let server = control_plane_server_name();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(server);
@@ -894,7 +910,7 @@ async fn certify(
         .map(|r| r.into_inner().cert_chain_pem)
 }
 
-fn spiffe_of(chain_pem: &str) -> String {
+pub(crate) fn spiffe_of(chain_pem: &str) -> String {
     let der = rustls_pemfile::certs(&mut chain_pem.as_bytes())
         .next()
         .unwrap()
