@@ -52,17 +52,31 @@ pub struct InboundCtx {
     grpc_status: Option<String>,
     /// Refused for framing or header size (already counted).
     refused: bool,
+    /// The port the request goes to ([`crate::transparent::TARGET_PORT_HEADER`] from a
+    /// verified sidecar) when it is not the app port, and whether the caller spoke HTTP/2.
+    target_port: Option<(u16, bool)>,
 }
 
 /// The inbound `ProxyHttp`.
 pub struct InboundProxy {
     shared: Shared,
+    /// The sidecar's own ports: never a request's target port.
+    own_ports: Vec<u16>,
 }
 
 impl InboundProxy {
     /// A proxy over `shared`.
     pub fn new(shared: Shared) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            own_ports: Vec::new(),
+        }
+    }
+
+    /// The sidecar's own ports (inbound, admin), which no caller may name as its target port.
+    pub fn with_own_ports(mut self, ports: Vec<u16>) -> Self {
+        self.own_ports = ports;
+        self
     }
 }
 
@@ -164,7 +178,7 @@ impl InboundProxy {
             source_ip,
             remote_ip: source_ip,
             host: normalize_host(&host),
-            port: self.shared.app_port,
+            port: ctx.target_port.map_or(self.shared.app_port, |(p, _)| p),
             method: req.method.as_str().to_string(),
             path: path.clone(),
             headers,
@@ -271,6 +285,7 @@ impl ProxyHttp for InboundProxy {
             span: None,
             grpc_status: None,
             refused: false,
+            target_port: None,
         }
     }
 
@@ -323,6 +338,29 @@ impl ProxyHttp for InboundProxy {
             ctx.refused = true;
             return Ok(true);
         }
+        // A captured call names the port its app dialled (transparent proxying); only a
+        // verified sidecar may, and never one of ours.
+        if ctx.peer.is_some() {
+            ctx.target_port = session
+                .req_header()
+                .headers
+                .get(crate::transparent::TARGET_PORT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::transparent::parse_target_port)
+                .filter(|(port, _)| *port != self.shared.app_port);
+            if let Some((port, _)) = ctx.target_port {
+                if self.own_ports.contains(&port) {
+                    session.set_keepalive(None);
+                    session
+                        .respond_error_with_body(
+                            403,
+                            bytes::Bytes::from_static(b"meshflow: not a port of the app\n"),
+                        )
+                        .await?;
+                    return Ok(true);
+                }
+            }
+        }
         // Mesh-owned headers are the sidecar's alone: a client's never reaches authentication,
         // authorization or the app (issue 12, item 2).
         strip_mesh_owned(session.req_header_mut());
@@ -343,9 +381,24 @@ impl ProxyHttp for InboundProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
-        _ctx: &mut Self::CTX,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        // Another port than the app's (a captured call to it): on the address the connection
+        // came in on (the pod IP, like opaque streams), HTTP/2 when the caller spoke it.
+        if let Some((port, h2)) = ctx.target_port {
+            let ip = session
+                .server_addr()
+                .and_then(|a| a.as_inet())
+                .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip());
+            let mut peer = HttpPeer::new((ip, port), false, String::new());
+            if h2 {
+                peer.options.set_http_version(2, 2);
+                peer.options.max_h2_streams = 100;
+            }
+            peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));
+            return Ok(Box::new(peer));
+        }
         let mut peer = HttpPeer::new(("127.0.0.1", self.shared.app_port), false, String::new());
         if matches!(
             self.shared.app_protocol,

@@ -150,6 +150,9 @@ pub struct OutboundCtx {
     connected: bool,
     /// A captured connection to a pod IP: every attempt goes to this endpoint.
     pinned: Option<Endpoint>,
+    /// A captured connection: the port on the destination pod and whether the app spoke
+    /// HTTP/2 (sent as [`crate::transparent::TARGET_PORT_HEADER`]).
+    target_port: Option<(u16, bool)>,
 }
 
 /// Holds an attempt's in-flight counts (balancer and metric) until dropped.
@@ -432,6 +435,7 @@ impl ProxyHttp for OutboundProxy {
             grpc_status: None,
             connected: false,
             pinned: None,
+            target_port: None,
         }
     }
 
@@ -474,6 +478,7 @@ impl ProxyHttp for OutboundProxy {
                     .await;
             };
             ctx.pinned = destination.pinned;
+            ctx.target_port = Some((destination.target_port, session.as_ref().is_http2()));
             destination.service
         } else {
             let authority = authority(session.req_header()).unwrap_or_default();
@@ -768,6 +773,12 @@ impl ProxyHttp for OutboundProxy {
         scrub_forwarded_request(upstream_request);
         upstream_request.remove_header(TIMEOUT_HEADER);
         upstream_request.remove_header(RETRY_DEADLINE_HEADER);
+        // Only this sidecar names the destination port (an app's copy never passes).
+        use crate::transparent::{target_port_value, TARGET_PORT_HEADER};
+        while upstream_request.remove_header(TARGET_PORT_HEADER).is_some() {}
+        if let Some((port, h2)) = ctx.target_port {
+            upstream_request.insert_header(TARGET_PORT_HEADER, target_port_value(port, h2))?;
+        }
         // The next hop's parent is our client span; an invalid incoming one is replaced.
         if let Some(span) = &ctx.span {
             crate::shared::set_trace_headers(upstream_request, &self.shared.tracing, span)?;

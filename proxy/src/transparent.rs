@@ -55,6 +55,35 @@ pub const OPAQUE_ALPN: &[u8] = b"meshflow-opaque";
 /// The first line on an opaque stream: this, the target port, `\n`.
 const PREAMBLE: &str = "meshflow-opaque/1 ";
 
+/// Request header from a client's sidecar to the server's, on requests of captured
+/// connections: the port the app dialled on the destination pod, and `;h2` when the app spoke
+/// HTTP/2 (prior knowledge). The server's inbound forwards to that port (its app port when
+/// absent). Mesh-owned (`x-meshflow-`): removed from what apps send, read only from verified
+/// sidecars.
+pub const TARGET_PORT_HEADER: &str = "x-meshflow-target-port";
+
+/// The [`TARGET_PORT_HEADER`] value for `port` (`h2`: the app spoke HTTP/2).
+pub fn target_port_value(port: u16, h2: bool) -> String {
+    if h2 {
+        format!("{port};h2")
+    } else {
+        port.to_string()
+    }
+}
+
+/// Parses a [`TARGET_PORT_HEADER`] value: (port, HTTP/2).
+pub fn parse_target_port(value: &str) -> Option<(u16, bool)> {
+    let (port, h2) = match value.split_once(';') {
+        Some((port, "h2")) => (port, true),
+        Some(_) => return None,
+        None => (value, false),
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse::<u16>().ok().filter(|p| *p > 0).map(|p| (p, h2))
+}
+
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -652,6 +681,21 @@ spec:
         let view = [tcp_view(&deny)];
         assert!(!authorize(view.iter(), &tcp("cluster.local/ns/shop/sa/other", 7000)).allowed);
         assert!(authorize(view.iter(), &tcp("cluster.local/ns/shop/sa/client", 7000)).allowed);
+    }
+
+    #[test]
+    fn target_port_header() {
+        assert_eq!(
+            parse_target_port(&target_port_value(9090, false)),
+            Some((9090, false))
+        );
+        assert_eq!(
+            parse_target_port(&target_port_value(8080, true)),
+            Some((8080, true))
+        );
+        for bad in ["", "0", "+80", "80;h3", "99999", "80 ", "80;h2;x", "x"] {
+            assert_eq!(parse_target_port(bad), None, "{bad:?}");
+        }
     }
 
     #[tokio::test]

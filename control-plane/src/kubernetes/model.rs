@@ -359,15 +359,13 @@ fn cluster_ips(service: &Service) -> Vec<String> {
 }
 
 /// What the ports of each Service depend on besides the Service: its slices' resolved ports
-/// (for named target ports) and what the pods behind it say about their ports.
+/// (for named target ports) and the ports the pods behind it want opaque.
 #[derive(Default)]
 struct PortFacts {
     /// (namespace, service) → slice port name → port on the pods.
     named: BTreeMap<(String, String), BTreeMap<String, u32>>,
     /// (namespace, service) → target ports some pod behind it wants opaque.
     opaque: BTreeMap<(String, String), BTreeSet<u32>>,
-    /// (namespace, service) → the app ports (`meshflow.io/app-port`) of the pods behind it.
-    app_ports: BTreeMap<(String, String), BTreeSet<u32>>,
 }
 
 fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
@@ -391,23 +389,12 @@ impl PortFacts {
     }
 
     fn backing_pod(&mut self, key: &(String, String), pod: &Pod) {
-        let ports = |text: &str| -> Vec<u32> {
-            text.split(',')
-                .filter_map(|p| p.trim().parse::<u16>().ok())
-                .map(u32::from)
-                .collect()
-        };
         if let Some(list) = annotation(pod, OPAQUE_PORTS_ANNOTATION) {
-            self.opaque
-                .entry(key.clone())
-                .or_default()
-                .extend(ports(list));
-        }
-        if let Some(port) = annotation(pod, meshflow_policies::inject::APP_PORT) {
-            self.app_ports
-                .entry(key.clone())
-                .or_default()
-                .extend(ports(port));
+            let ports = list
+                .split(',')
+                .filter_map(|p| p.trim().parse::<u16>().ok())
+                .map(u32::from);
+            self.opaque.entry(key.clone()).or_default().extend(ports);
         }
     }
 
@@ -416,7 +403,6 @@ impl PortFacts {
     fn service_ports(&self, key: &(String, String), service: &Service) -> Vec<v1::ServicePort> {
         let empty = BTreeSet::new();
         let opaque = self.opaque.get(key).unwrap_or(&empty);
-        let app_ports = self.app_ports.get(key).unwrap_or(&empty);
         let mut out = Vec::new();
         for port in service
             .spec
@@ -453,9 +439,7 @@ impl PortFacts {
                 name,
                 port: number,
                 target_port: target,
-                opaque: declared_tcp
-                    || opaque.contains(&target)
-                    || app_ports.iter().any(|app| *app != target),
+                opaque: declared_tcp || opaque.contains(&target),
             });
         }
         out
@@ -590,21 +574,15 @@ mod tests {
     }
 
     /// Cluster IPs and TCP ports reach the snapshot: a named target port is resolved through
-    /// the slice, and a port is opaque when its name says tcp, when a pod behind it lists it
-    /// in `meshflow.io/opaque-ports`, or when it is not the pods' `meshflow.io/app-port`.
+    /// the slice, and a port is opaque when its name says tcp or a pod behind it lists it in
+    /// `meshflow.io/opaque-ports`.
     #[test]
     fn cluster_ips_and_ports() {
         let mut backend = (*pod("shop", "backend-1", "backend", "10.0.0.1", true)).clone();
-        backend.metadata.annotations.as_mut().unwrap().extend([
-            (
-                meshflow_policies::inject::APP_PORT.to_string(),
-                "8080".to_string(),
-            ),
-            (
-                OPAQUE_PORTS_ANNOTATION.to_string(),
-                "9000, 5432".to_string(),
-            ),
-        ]);
+        backend.metadata.annotations.as_mut().unwrap().insert(
+            OPAQUE_PORTS_ANNOTATION.to_string(),
+            "9000, 5432".to_string(),
+        );
         let backend_service: Arc<Service> = Arc::new(
             serde_json::from_value(serde_json::json!({
                 "metadata": { "name": "backend", "namespace": "shop" },
@@ -658,7 +636,7 @@ mod tests {
             [
                 ("http", 80, 8080, false),
                 ("db", 5432, 5432, true),
-                ("metrics", 9100, 9100, true),
+                ("metrics", 9100, 9100, false),
                 ("tcp-raw", 8081, 8080, true),
             ]
         );
