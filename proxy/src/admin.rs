@@ -1,8 +1,11 @@
-//! The sidecar's admin listener (loopback by default): `/live`, `/ready` (503 until the sidecar
-//! has an SVID and a config), `/metrics` (Prometheus text), `/config_dump` (snapshot version
-//! and contents, JSON), `POST /shutdown` (graceful exit, for Jobs).
+//! The sidecar's admin listener (loopback by default; in an injected pod every address, since
+//! the kubelet probes it): `/live`, `/ready` (503 until the sidecar has an SVID and a config),
+//! `/metrics` (Prometheus text), `/config_dump` (snapshot version and contents, JSON),
+//! `/app-health/<container>/<probe>` (the app's original kubelet probe, see [`app_probes`]) and
+//! `POST /shutdown` (graceful exit, for Jobs; from loopback peers only, others get 403).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,6 +16,7 @@ use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+use crate::app_probes::{self, AppProbes};
 use crate::shared::Shared;
 
 fn respond(
@@ -50,11 +54,24 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
     })
 }
 
+/// What the admin handlers read besides the sidecar's state.
+#[derive(Clone)]
+pub struct AdminContext {
+    /// Notified by `POST /shutdown`.
+    pub shutdown: Arc<Notify>,
+    /// The pod's original probes (`/app-health/…`).
+    pub probes: Arc<AppProbes>,
+}
+
 async fn handle(
     shared: Shared,
-    shutdown: Arc<Notify>,
+    context: AdminContext,
+    peer: SocketAddr,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path().starts_with(app_probes::PREFIX) {
+        return Ok(app_health(&context.probes, &req).await);
+    }
     Ok(match (req.method(), req.uri().path()) {
         (_, "/live") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (_, "/ready") if shared.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
@@ -73,8 +90,16 @@ async fn handle(
             "application/json",
             serde_json::to_vec_pretty(&config_dump(&shared)).unwrap_or_default(),
         ),
+        // The admin port is reachable from the pod's network (kubelet probes): only a process
+        // in the pod (loopback) may end the proxy.
+        (&Method::POST, "/shutdown") if !peer.ip().to_canonical().is_loopback() => respond(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "shutdown is accepted from loopback only\n",
+        ),
         (&Method::POST, "/shutdown") => {
-            shutdown.notify_one();
+            tracing::info!(%peer, "POST /shutdown: draining and exiting");
+            context.shutdown.notify_one();
             respond(StatusCode::OK, "text/plain", "shutting down\n")
         }
         (_, "/shutdown") => respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n"),
@@ -82,16 +107,51 @@ async fn handle(
     })
 }
 
+/// `/app-health/<container>/<probe>`: 200 or 503 as the original probe judges the app, 404 for
+/// a probe the pod did not declare.
+async fn app_health(
+    probes: &AppProbes,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let user_agent = req
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n");
+    }
+    match probes.run(req.uri().path(), user_agent).await {
+        None => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such probe: the pod declares none at this path\n",
+        ),
+        Some(outcome) if outcome.success => respond(
+            StatusCode::OK,
+            "text/plain",
+            format!("{}\n", outcome.message),
+        ),
+        Some(outcome) => {
+            tracing::debug!(path = req.uri().path(), reason = %outcome.message, "app probe failed");
+            respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{}\n", outcome.message),
+            )
+        }
+    }
+}
+
 /// Serves admin requests on `listener` forever.
-pub async fn serve(listener: TcpListener, shared: Shared, shutdown: Arc<Notify>) {
+pub async fn serve(listener: TcpListener, shared: Shared, context: AdminContext) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
-        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        let (shared, context) = (shared.clone(), context.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                handle(shared.clone(), shutdown.clone(), req)
+                handle(shared.clone(), context.clone(), peer, req)
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

@@ -17,6 +17,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod app_probes;
 pub mod balancer;
 pub mod bootstrap;
 pub mod capture;
@@ -91,6 +92,11 @@ pub struct ProxyConfig {
     /// Admin listen address.
     #[arg(long, env = "MESHFLOW_ADMIN", default_value = "127.0.0.1:0")]
     pub admin: SocketAddr,
+    /// The app's original kubelet probes as JSON (an injected pod's `meshflow.io/app-probes`
+    /// annotation, through the downward API), performed against the app when the kubelet asks
+    /// the admin listener for `/app-health/<container>/<probe>`. Empty: none.
+    #[arg(long, env = "MESHFLOW_APP_PROBES", default_value = "")]
+    pub app_probes: String,
     /// How long in-flight requests may finish after SIGTERM, e.g. `5s`.
     #[arg(long, env = "MESHFLOW_DRAIN", default_value = "5s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -233,6 +239,7 @@ struct Background {
     shared: Shared,
     admin: std::sync::Mutex<Option<std::net::TcpListener>>,
     admin_shutdown: Arc<Notify>,
+    app_probes: Arc<app_probes::AppProbes>,
     ready_file: Option<PathBuf>,
     addresses: Vec<(&'static str, SocketAddr)>,
 }
@@ -245,7 +252,10 @@ impl BackgroundService for Background {
             tokio::spawn(admin::serve(
                 listener,
                 self.shared.clone(),
-                self.admin_shutdown.clone(),
+                admin::AdminContext {
+                    shutdown: self.admin_shutdown.clone(),
+                    probes: self.app_probes.clone(),
+                },
             ));
         }
         tokio::spawn(self.client.clone().run_identity());
@@ -300,6 +310,8 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
             config.outbound
         )));
     }
+    let app_probes = app_probes::AppProbes::parse(&config.app_probes)
+        .map_err(|e| cfg(format!("--app-probes (MESHFLOW_APP_PROBES): {e}")))?;
 
     let registry = Registry::new();
     let metrics = metrics::ProxyMetrics::new(&registry).map_err(|e| other(e.to_string()))?;
@@ -461,6 +473,7 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
             shared,
             admin: std::sync::Mutex::new(Some(admin)),
             admin_shutdown: admin_shutdown.clone(),
+            app_probes: Arc::new(app_probes),
             ready_file: config.ready_file.clone(),
             addresses: vec![
                 ("inbound", inbound_port.addr),

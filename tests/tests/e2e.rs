@@ -34,6 +34,8 @@ mod identity;
 mod injection;
 #[path = "../../policies/tests/support/issuer.rs"]
 mod issuer;
+#[path = "e2e/jobs.rs"]
+mod jobs;
 #[path = "e2e/kubernetes.rs"]
 mod kubernetes;
 #[path = "e2e/lifecycle.rs"]
@@ -44,6 +46,8 @@ mod newuser;
 mod observability;
 #[path = "e2e/policy_check_kube.rs"]
 mod policy_check_kube;
+#[path = "e2e/probes.rs"]
+mod probes;
 #[path = "e2e/protocols.rs"]
 mod protocols;
 #[path = "e2e/readme.rs"]
