@@ -151,6 +151,8 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
                 continue;
             }
         };
+        // Answers are one write each; no reason to let Nagle hold them.
+        let _ = stream.set_nodelay(true);
         let (acceptor, webhook) = (acceptor.clone(), webhook.clone());
         tokio::spawn(async move {
             let _permit = permit;

@@ -678,6 +678,7 @@ async fn post(
     body: Vec<u8>,
 ) -> (u16, String, Duration) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let tls = connector
         .connect(name, tcp)
