@@ -73,7 +73,8 @@ impl InboundProxy {
         }
     }
 
-    /// The sidecar's own ports (inbound, admin), which no caller may name as its target port.
+    /// The sidecar's own ports (inbound, outbound, admin), which no caller may name as its
+    /// target port.
     pub fn with_own_ports(mut self, ports: Vec<u16>) -> Self {
         self.own_ports = ports;
         self

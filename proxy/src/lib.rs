@@ -399,9 +399,16 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
 
     // The inbound port is bound plaintext; `InboundAccept` peeks at the first byte and runs
     // the TLS handshake itself, so one port serves STRICT and PERMISSIVE (PeerAuthentication).
+    // The sidecar's own ports are never a caller's target port: forwarding a peer to the
+    // outbound port would let it call out with this workload's identity.
+    let own_ports = vec![
+        inbound_port.addr.port(),
+        outbound_port.addr.port(),
+        admin_addr.port(),
+    ];
     let mut inbound_proxy = pingora_proxy::http_proxy(
         &server.configuration,
-        inbound::InboundProxy::new(shared.clone()),
+        inbound::InboundProxy::new(shared.clone()).with_own_ports(own_ports.clone()),
     );
     inbound_proxy.h2_options = Some(h2.clone());
     // No h2c on plaintext inbound: Pingora's h2c detection waits, without a timeout, for 24
@@ -423,7 +430,7 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         policy: config.outbound_traffic_policy,
         detect_timeout: config.protocol_detect_timeout,
         opaque_ports: config.opaque_ports.clone(),
-        own_ports: vec![inbound_port.addr.port(), admin_addr.port()],
+        own_ports,
     };
     let mut inbound = pingora_core::services::listening::Service::new(
         "meshflow inbound".to_string(),

@@ -10,6 +10,8 @@ mod authn;
 mod authz;
 #[path = "e2e/ca_expiry.rs"]
 mod ca_expiry;
+#[path = "e2e/capture.rs"]
+mod capture;
 #[path = "e2e/chart.rs"]
 mod chart;
 #[path = "e2e/chart_rbac.rs"]
