@@ -1,6 +1,8 @@
 //! The control plane's admin listener: `/live`, `/ready`, `/metrics` (Prometheus text),
 //! `/config_dump` (current mesh state — in Kubernetes mode with the services and endpoints
-//! discovered from the cluster — and the last config error, JSON).
+//! discovered from the cluster — and the last config error, JSON), `/proxies` (the sidecars
+//! connected to this replica with the versions they were sent and accepted, and the current
+//! version, JSON).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,8 @@ pub struct AdminState {
     /// Whether config is being served (Kubernetes mode: after the first complete read of the
     /// cluster); `/ready` answers 503 until then, `/live` always 200.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The sidecars connected to this replica.
+    pub proxies: Arc<crate::proxies::Proxies>,
 }
 
 fn respond(
@@ -88,6 +92,18 @@ async fn handle(
                 StatusCode::OK,
                 "application/json",
                 serde_json::to_vec_pretty(&dump).unwrap_or_default(),
+            )
+        }
+        "/proxies" => {
+            let version = admin.state.current().version;
+            let body = serde_json::json!({
+                "version": version,
+                "proxies": admin.proxies.list(),
+            });
+            respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&body).unwrap_or_default(),
             )
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),

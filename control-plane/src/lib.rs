@@ -9,6 +9,7 @@ pub mod injector;
 pub mod jwks;
 pub mod kubernetes;
 pub mod metrics;
+pub mod proxies;
 pub mod server;
 pub mod state;
 pub mod tokens;
@@ -596,6 +597,7 @@ pub async fn run(
     // `/ready` answers 200 once config is being served: at once from a mesh file, after the
     // first complete read of the cluster in Kubernetes mode.
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(kube_client.is_none()));
+    let proxies = Arc::new(proxies::Proxies::default());
     tokio::spawn(admin::serve(
         admin_listener,
         admin::AdminState {
@@ -604,6 +606,7 @@ pub async fn run(
             last_error,
             settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
             ready: ready.clone(),
+            proxies: proxies.clone(),
         },
     ));
 
@@ -621,6 +624,7 @@ pub async fn run(
         token_review: kube_client
             .clone()
             .map(kubernetes::identity::TokenReviewer::new),
+        proxies,
     };
     let server = Server::builder()
         .tls_config(tls)

@@ -33,6 +33,8 @@ pub struct Services {
     /// Kubernetes mode: `Certify` is authenticated by ServiceAccount tokens reviewed by this
     /// cluster (TokenReview), and endpoints come from the cluster, not from `Hello`.
     pub token_review: Option<Arc<crate::kubernetes::identity::TokenReviewer>>,
+    /// The connected sidecars and the versions they acknowledged (admin `/proxies`).
+    pub proxies: Arc<crate::proxies::Proxies>,
 }
 
 fn unix(t: std::time::SystemTime) -> i64 {
@@ -280,6 +282,7 @@ impl Config for Services {
 
         let (tx, rx) = mpsc::channel(4);
         let services = self.clone();
+        let connection = self.proxies.connect(&workload, &identity.uri());
         tokio::spawn(async move {
             services.metrics.connected_proxies.inc();
             if register {
@@ -287,7 +290,10 @@ impl Config for Services {
                     .state
                     .add_endpoint(&workload, &hello.inbound_address);
             }
-            services.serve_watch(&workload, inbound, tx).await;
+            services
+                .serve_watch(&workload, inbound, tx, &connection)
+                .await;
+            drop(connection);
             if register {
                 services
                     .state
@@ -308,6 +314,7 @@ impl Services {
         workload: &str,
         mut inbound: Streaming<WatchRequest>,
         tx: mpsc::Sender<Result<v1::Snapshot, Status>>,
+        connection: &crate::proxies::Connection,
     ) {
         let mut updates = self.state.subscribe();
         // The version sent last and when, for the push latency observed at its ack.
@@ -326,6 +333,7 @@ impl Services {
                 return;
             }
             in_flight = Some((version, sent));
+            connection.sent(version);
             self.metrics.config_pushes.inc();
             loop {
                 tokio::select! {
@@ -343,6 +351,7 @@ impl Services {
                                 }
                             }
                             self.metrics.config_acks.with_label_values(&[result]).inc();
+                            connection.acked(ack.version, ack.accepted, &ack.reason);
                             if !ack.accepted {
                                 tracing::warn!(%workload, version = ack.version, reason = %ack.reason, "sidecar rejected config");
                             }
