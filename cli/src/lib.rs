@@ -1,6 +1,7 @@
 //! The `meshflow` command's library: the process supervisor shared by `meshflow up`,
 //! `meshflow demo` and the end-to-end tests, and the local-mesh runner.
 
+pub mod check;
 pub mod demo;
 pub mod inject;
 pub mod output;

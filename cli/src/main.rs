@@ -93,6 +93,46 @@ enum Command {
         #[command(flatten)]
         settings: meshflow_policies::inject::InjectSettings,
     },
+    /// Check a Kubernetes installation of meshflow, like `linkerd check`: the Kubernetes API
+    /// and its version, the meshflow CRDs (installed, established, schema of this version),
+    /// the control plane (leader Lease held and renewed, each replica's `/ready`), the
+    /// injection webhook (caBundle, the certificate it serves — valid, not expiring within 7
+    /// days — and a server-side dry-run pod through it), the mesh CA (valid, warning within 30
+    /// days) and the trust bundle ConfigMaps, and every connected sidecar's config version.
+    /// `--pre`: whether `helm install` can run (RBAC) and which CRDs exist already. One line
+    /// per check (√ passed, ‼ warning, × failed with a hint, - skipped); exit code 0 when no
+    /// check failed, 1 when one did, 64 for a usage error.
+    Check {
+        /// Pre-install checks: API, version, the rights `helm install` of the chart needs
+        /// (SelfSubjectAccessReview), CRDs already present.
+        #[arg(long)]
+        pre: bool,
+        /// The control plane's namespace.
+        #[arg(long, short = 'n', default_value = "meshflow-system")]
+        namespace: String,
+        /// The kubeconfig file (default: `KUBECONFIG`, `~/.kube/config`, in a pod the
+        /// in-cluster config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// The kubeconfig context (default: its current context).
+        #[arg(long)]
+        context: Option<String>,
+        /// A control-plane replica's admin address (`http://host:port`, repeatable) — for a
+        /// control plane outside the cluster. Default: the control-plane pods (labels
+        /// `app.kubernetes.io/name=meshflow,app.kubernetes.io/component=control-plane`)
+        /// through the API server's pod proxy.
+        #[arg(long = "control-plane-admin")]
+        control_plane_admin: Vec<String>,
+        /// How long sidecars may take to acknowledge the current config.
+        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+        wait: Duration,
+        /// Bound of each check's API and HTTP calls.
+        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+        timeout: Duration,
+        /// Output: `text` or `json`.
+        #[arg(short = 'o', long, value_enum, default_value_t = CheckOutput::Text)]
+        output: CheckOutput,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -121,6 +161,13 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime_parse)]
         ready_timeout: Duration,
     },
+}
+
+/// `meshflow check -o`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CheckOutput {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -556,10 +603,73 @@ async fn up(
     code
 }
 
+/// `meshflow check`: exit code 0 (no check failed), 1 (a check failed) or 64 (usage).
+async fn check(options: meshflow_cli::check::CheckOptions, output: CheckOutput) -> i32 {
+    let report = meshflow_cli::check::run(&options).await;
+    match output {
+        CheckOutput::Text => meshflow_cli::output::print(&report.render_text()),
+        CheckOutput::Json => meshflow_cli::output::println(
+            &serde_json::to_string_pretty(&report.to_json()).unwrap_or_default(),
+        ),
+    }
+    report.exit_code()
+}
+
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `meshflow check` reports usage errors with 64 (EX_USAGE) like its other failures
+            // to start; the other commands keep clap's 2.
+            let is_check = std::env::args().nth(1).as_deref() == Some("check");
+            let code = match (e.use_stderr(), is_check) {
+                (false, _) => 0,
+                (true, true) => 64,
+                (true, false) => 2,
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
     let code = match cli.command {
+        Command::Check {
+            pre,
+            namespace,
+            kubeconfig,
+            context,
+            control_plane_admin,
+            wait,
+            timeout,
+            output,
+        } => {
+            let mut admins = Vec::new();
+            for given in &control_plane_admin {
+                match meshflow_cli::check::replicas::admin_url(given) {
+                    Ok(url) => admins.push(url),
+                    Err(e) => {
+                        eprintln!("meshflow check: {e}");
+                        std::process::exit(64);
+                    }
+                }
+            }
+            if timeout.is_zero() {
+                eprintln!("meshflow check: --timeout must be more than 0");
+                std::process::exit(64);
+            }
+            let options = meshflow_cli::check::CheckOptions {
+                cluster: meshflow_cli::policy_kube::ClusterOptions {
+                    kubeconfig,
+                    context,
+                },
+                namespace,
+                pre,
+                admins,
+                wait,
+                timeout,
+            };
+            check(options, output).await
+        }
         Command::Policy { command } => policy_check(*command).await,
         Command::Inject {
             files,
