@@ -16,6 +16,8 @@ mod capture;
 mod chart;
 #[path = "e2e/chart_rbac.rs"]
 mod chart_rbac;
+#[path = "e2e/check.rs"]
+mod check;
 #[path = "e2e/cluster.rs"]
 mod cluster;
 #[path = "e2e/collector.rs"]
