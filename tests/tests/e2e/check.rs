@@ -173,6 +173,24 @@ impl Mesh {
             &cluster().kubeconfig,
         );
         let webhook = register_webhook(&config_name, &ns.name, &cp.address("injector"));
+        // Leadership is taken beside serving: wait for it, the check reads the Lease.
+        wait_for(
+            "the control plane to hold its Lease",
+            Duration::from_secs(30),
+            || async {
+                let holder = cluster().kubectl(&[
+                    "get",
+                    "lease",
+                    "meshflow-control-plane",
+                    "-n",
+                    &ns.name,
+                    "-o",
+                    "jsonpath={.spec.holderIdentity}",
+                ]);
+                (String::from_utf8_lossy(&holder.stdout) == "cp-0").then_some(())
+            },
+        )
+        .await;
         Mesh {
             ns,
             dir,
