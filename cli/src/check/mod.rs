@@ -498,8 +498,8 @@ impl Check<'_> {
         }
     }
 
-    /// The CRDs this binary was built with that the cluster has: (name, installed or not,
-    /// schema equal or not), or why they cannot be read.
+    /// Each CRD this binary generates, by name: the cluster's object (`None` when it is not
+    /// installed), or why it could not be read.
     async fn installed_crds(
         &self,
     ) -> Vec<(String, Result<Option<CustomResourceDefinition>, String>)> {
@@ -1324,8 +1324,12 @@ impl Check<'_> {
                     .iter()
                     .filter_map(|p| behind(p, answer.version))
                     .collect();
-                let rejecting = answer.proxies.iter().any(|p| p.rejected.is_some());
-                if late.is_empty() || rejecting || Instant::now() >= deadline {
+                // Only acknowledgements still to come are worth waiting for.
+                let waiting = answer
+                    .proxies
+                    .iter()
+                    .any(|p| replicas::awaiting_ack(p, answer.version));
+                if !waiting || Instant::now() >= deadline {
                     break Ok((answer, late));
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;

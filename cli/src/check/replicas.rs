@@ -196,9 +196,25 @@ pub struct ProxiesAnswer {
     pub proxies: Vec<ProxyEntry>,
 }
 
-/// Why a sidecar is not on `version`, or `None` when it is.
+/// Whether a sidecar refused `version` (or a newer one): it keeps its previous config until
+/// the cause is fixed, so waiting does not help.
+fn refused(entry: &ProxyEntry, version: u64) -> bool {
+    entry
+        .rejected
+        .as_ref()
+        .is_some_and(|r| r.version >= version)
+}
+
+/// Whether a sidecar is not on `version` yet but has not refused it: its acknowledgement may
+/// still come.
+pub fn awaiting_ack(entry: &ProxyEntry, version: u64) -> bool {
+    entry.accepted_version != Some(version) && !refused(entry, version)
+}
+
+/// Why a sidecar is not on `version`, or `None` when it is. (A rejection of an older version
+/// while `version` is in flight counts as in flight.)
 pub fn behind(entry: &ProxyEntry, version: u64) -> Option<String> {
-    if let Some(rejected) = &entry.rejected {
+    if let (true, Some(rejected)) = (refused(entry, version), &entry.rejected) {
         return Some(format!(
             "{} rejected version {}: {} (it runs {})",
             entry.workload,
@@ -259,6 +275,17 @@ mod tests {
             behind(&rejecting, 7).unwrap(),
             "shop/web-1 rejected version 7: bad policy (it runs version 6)"
         );
+        assert!(!awaiting_ack(&rejecting, 7), "a refusal is final");
+        // Version 8 is in flight after the refusal of 7: waiting may help.
+        let mut next = rejecting.clone();
+        next.sent_version = Some(8);
+        assert!(awaiting_ack(&next, 8));
+        assert_eq!(
+            behind(&next, 8).unwrap(),
+            "shop/web-1 runs version 6 (version 8 was sent, no answer yet)"
+        );
+        assert!(!awaiting_ack(&entry(Some(7), Some(7)), 7));
+        assert!(awaiting_ack(&entry(Some(6), Some(7)), 7));
     }
 
     #[test]
