@@ -20,13 +20,10 @@
 //! (`--out`).
 
 #[path = "../tests/e2e/capture.rs"]
-#[allow(dead_code)]
 mod capture;
 #[path = "../tests/e2e/cluster.rs"]
-#[allow(dead_code)]
 mod cluster;
 #[path = "../tests/e2e/common.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::net::SocketAddr;
