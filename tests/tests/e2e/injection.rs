@@ -1159,3 +1159,95 @@ async fn run_injected_proxy(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// README "Install on Kubernetes" meshes `examples/kubernetes/shop.yaml`: `meshflow inject`
+/// injects both of its Deployments (their probes rewritten), keeps every other object, and
+/// the result — in a test namespace instead of `shop` — passes the real API server's
+/// validation (`kubectl apply --dry-run=server`, the AuthorizationPolicy against its CRD).
+#[tokio::test]
+async fn the_readme_example_is_injected_by_meshflow_inject_and_passes_the_apiserver() {
+    apply_crds().await;
+    let ns = TestNamespace::new("example").await;
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes/shop.yaml"),
+    )
+    .unwrap();
+    let out = Command::new(meshflow_cli::supervisor::find_program("meshflow"))
+        .args(["inject", "-f", "-"])
+        .args(proxy_flags(&ns.name))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(example.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "meshflow inject: {stderr}");
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            "injected: Deployment shop/web",
+            "injected: Deployment shop/client"
+        ],
+        "{stderr}"
+    );
+    let documents: Vec<Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| {
+            serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let kinds: Vec<&str> = documents
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ServiceAccount",
+            "Deployment",
+            "Service",
+            "Deployment",
+            "AuthorizationPolicy"
+        ]
+    );
+    let web = &documents[3]["spec"]["template"];
+    assert_eq!(
+        names(&web["spec"]["containers"]),
+        ["meshflow-proxy", "web"],
+        "{web}"
+    );
+    assert_eq!(names(&web["spec"]["initContainers"]), ["meshflow-init"]);
+    assert_eq!(
+        web["spec"]["containers"][1]["readinessProbe"]["httpGet"]["path"],
+        "/app-health/web/readyz"
+    );
+    // The same objects in the test namespace (which exists), through the API server.
+    let manifest: String = documents
+        .iter()
+        .skip(1)
+        .map(|d| {
+            let text = serde_yaml::to_string(d)
+                .unwrap()
+                .replace("namespace: shop", &format!("namespace: {}", ns.name))
+                .replace("/ns/shop/", &format!("/ns/{}/", ns.name));
+            format!("---\n{text}")
+        })
+        .collect();
+    let applied = cluster().kubectl_with_input(
+        &["apply", "--dry-run=server", "-o", "name", "-f", "-"],
+        &manifest,
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&applied.stdout),
+        String::from_utf8_lossy(&applied.stderr),
+    );
+    assert!(applied.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().count(), 6, "{stdout}");
+}
