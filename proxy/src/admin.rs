@@ -1,6 +1,7 @@
 //! The sidecar's admin listener (loopback by default; in an injected pod every address, since
 //! the kubelet probes it): `/live`, `/ready` (503 until the sidecar has an SVID and a config),
-//! `/metrics` (Prometheus text), `/config_dump` (snapshot version and contents, JSON),
+//! `/metrics` (Prometheus text), `/config_dump` (snapshot version and contents, JSON; loopback
+//! peers only: it shows the app's probe headers),
 //! `/app-health/<container>/<probe>` (the app's original kubelet probe, see [`app_probes`]) and
 //! `POST /shutdown` (graceful exit, for Jobs; from loopback peers only, others get 403).
 
@@ -85,6 +86,13 @@ async fn handle(
             let _ = TextEncoder::new().encode(&shared.registry.gather(), &mut buf);
             respond(StatusCode::OK, "text/plain; version=0.0.4", buf)
         }
+        // It shows the app's probes, whose headers may hold credentials: pod-local only, like
+        // Envoy's admin interface.
+        (_, "/config_dump") if !peer.ip().to_canonical().is_loopback() => respond(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "config_dump is served to loopback only\n",
+        ),
         (_, "/config_dump") => respond(
             StatusCode::OK,
             "application/json",
@@ -142,10 +150,29 @@ async fn app_health(
     }
 }
 
-/// Serves admin requests on `listener` forever.
+/// At most this many admin connections at once; more are closed at accept. The port is
+/// reachable from the pod's network in an injected pod, and the kubelet and Prometheus need a
+/// handful.
+const MAX_CONNECTIONS: usize = 128;
+/// A connection that has not sent a whole request head within this is closed.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves admin requests on `listener` forever: at most [`MAX_CONNECTIONS`] at once, each
+/// bounded by [`HEADER_READ_TIMEOUT`] per request head; an accept error (e.g. no file
+/// descriptors left) pauses accepting for 100 ms instead of spinning.
 pub async fn serve(listener: TcpListener, shared: Shared, context: AdminContext) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
             continue;
         };
         let (shared, context) = (shared.clone(), context.clone());
@@ -153,9 +180,15 @@ pub async fn serve(listener: TcpListener, shared: Shared, context: AdminContext)
             let service = hyper::service::service_fn(move |req| {
                 handle(shared.clone(), context.clone(), peer, req)
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }

@@ -151,7 +151,19 @@ pub fn judge_webhook_chain(
             Ok(v) => v,
             Err(e) => return (Outcome::Error, format!("its caBundle: {e}")),
         };
-    let at = now.clamp(info.not_before, info.not_after.saturating_sub(1));
+    if info.not_after <= info.not_before {
+        return (
+            Outcome::Error,
+            format!(
+                "its certificate ({}) has an empty validity period (not before {}, not after {})",
+                info.subject,
+                utc(info.not_before),
+                utc(info.not_after)
+            ),
+        );
+    }
+    // A time inside the validity period (so expiry is judged apart from trust).
+    let at = now.clamp(info.not_before, info.not_after - 1);
     let at = UnixTime::since_unix_epoch(Duration::from_secs(at.max(0).unsigned_abs()));
     if let Err(e) = verifier.verify_server_cert(leaf, intermediates, &name, &[], at) {
         let why = match e {
@@ -373,6 +385,18 @@ mod tests {
             text.contains("expired at") && text.contains("2 days ago"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_certificate_with_an_empty_validity_period_fails_without_a_panic() {
+        let at = now() - DAY;
+        let (bundle, chain) = ca_and_leaf(at, at);
+        let (outcome, text) = judge_webhook_chain(&chain, bundle.as_bytes(), "127.0.0.1", now());
+        assert_eq!(outcome, Outcome::Error);
+        assert!(text.contains("empty validity period"), "{text}");
+        let (bundle, chain) = ca_and_leaf(at, at - DAY);
+        let (outcome, _) = judge_webhook_chain(&chain, bundle.as_bytes(), "127.0.0.1", now());
+        assert_eq!(outcome, Outcome::Error);
     }
 
     #[test]

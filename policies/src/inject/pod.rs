@@ -75,7 +75,7 @@ impl PodOptions {
             if !is_cidr(&cidr) {
                 return Err(error(
                     annotation_field(EXCLUDE_OUTBOUND_CIDRS),
-                    format!("{cidr:?} is not a CIDR (e.g. 10.0.0.0/8)"),
+                    format!("{cidr:?} is not an IPv4 CIDR (e.g. 10.0.0.0/8; IPv6 is not captured)"),
                 ));
             }
             if !cidrs.contains(&cidr) {

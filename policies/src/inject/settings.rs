@@ -241,7 +241,7 @@ impl InjectSettings {
             if !is_cidr(cidr) {
                 return bad(
                     "--proxy-exclude-outbound-cidrs",
-                    format!("{cidr:?} is not a CIDR (e.g. 10.0.0.0/8)"),
+                    format!("{cidr:?} is not an IPv4 CIDR (e.g. 10.0.0.0/8; IPv6 is not captured)"),
                 );
             }
         }
@@ -278,7 +278,9 @@ pub fn is_quantity(s: &str) -> bool {
     valid_number && valid_suffix
 }
 
-/// Whether `s` is `address/prefix` (IPv4 ≤ 32, IPv6 ≤ 128).
+/// Whether `s` is an IPv4 `address/prefix` (prefix ≤ 32), the form `meshflow-proxy init`
+/// takes for `--exclude-outbound-cidrs`. IPv6 is refused: the capture rules are IPv4 only
+/// (an IPv6 exclusion admitted here would stop the pod's init container instead).
 pub fn is_cidr(s: &str) -> bool {
     let Some((address, prefix)) = s.split_once('/') else {
         return false;
@@ -286,9 +288,5 @@ pub fn is_cidr(s: &str) -> bool {
     let Ok(prefix) = prefix.parse::<u8>() else {
         return false;
     };
-    match address.parse::<IpAddr>() {
-        Ok(IpAddr::V4(_)) => prefix <= 32,
-        Ok(IpAddr::V6(_)) => prefix <= 128,
-        Err(_) => false,
-    }
+    matches!(address.parse::<IpAddr>(), Ok(IpAddr::V4(_))) && prefix <= 32
 }

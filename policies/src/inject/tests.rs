@@ -430,7 +430,7 @@ fn annotations_set_resources_and_exclusions_and_bad_values_are_refused_naming_th
         PROXY_MEMORY_LIMIT: "1Gi",
         EXCLUDE_INBOUND_PORTS: "9090, 9901",
         EXCLUDE_OUTBOUND_PORTS: "5432",
-        EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8,fd00::/8",
+        EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8,172.16.0.0/12",
         APP_PORT: "8443",
         APP_PROTOCOL: "h2c",
     });
@@ -459,7 +459,7 @@ fn annotations_set_resources_and_exclusions_and_bad_values_are_refused_naming_th
             "--exclude-outbound-ports",
             "5432",
             "--exclude-outbound-cidrs",
-            "169.254.169.254/32,10.0.0.0/8,fd00::/8"
+            "169.254.169.254/32,10.0.0.0/8,172.16.0.0/12"
         ]
     );
     assert_eq!(init["resources"], proxy["resources"]);
@@ -469,7 +469,9 @@ fn annotations_set_resources_and_exclusions_and_bad_values_are_refused_naming_th
         (PROXY_MEMORY_LIMIT, "1GB", "not a Kubernetes quantity"),
         (EXCLUDE_INBOUND_PORTS, "80,http", "not a port"),
         (EXCLUDE_OUTBOUND_PORTS, "0", "not a port"),
-        (EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/33", "not a CIDR"),
+        (EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/33", "not an IPv4 CIDR"),
+        // `meshflow-proxy init` captures IPv4 only and would refuse it, failing the pod.
+        (EXCLUDE_OUTBOUND_CIDRS, "fd00::/8", "IPv6 is not captured"),
         (APP_PORT, "70000", "not a port"),
         (APP_PROTOCOL, "http3", "not http1, h2c or grpc"),
         (APP_PROBES, "[1]", "not a JSON object"),
@@ -599,13 +601,14 @@ fn quantities_cidrs_and_server_versions() {
     for bad in ["", "m", "1GB", "1.2.3", "lots", "1 Gi", "1e", "."] {
         assert!(!is_quantity(bad), "{bad}");
     }
-    for ok in ["10.0.0.0/8", "0.0.0.0/0", "fd00::/8", "::/0", "1.2.3.4/32"] {
+    for ok in ["10.0.0.0/8", "0.0.0.0/0", "1.2.3.4/32"] {
         assert!(is_cidr(ok), "{ok}");
     }
     for bad in [
         "10.0.0.0",
         "10.0.0.0/33",
-        "fd00::/129",
+        "fd00::/8",
+        "::/0",
         "x/8",
         "10.0.0.0/-1",
     ] {

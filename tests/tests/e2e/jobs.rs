@@ -33,6 +33,16 @@ async fn shutdown_request(
     from: Option<std::net::IpAddr>,
     method: &str,
 ) -> String {
+    admin_request(admin, from, method, "/shutdown").await
+}
+
+/// `method path` on `admin`, from `from` (a local address) when given: the whole answer.
+async fn admin_request(
+    admin: std::net::SocketAddr,
+    from: Option<std::net::IpAddr>,
+    method: &str,
+    path: &str,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = match admin {
         std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4().unwrap(),
@@ -45,7 +55,7 @@ async fn shutdown_request(
     stream
         .write_all(
             format!(
-                "{method} /shutdown HTTP/1.1\r\nHost: {admin}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: {admin}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
             )
             .as_bytes(),
         )
@@ -88,7 +98,18 @@ async fn post_shutdown_from_loopback_ends_the_proxy_within_drain_plus_two_second
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    // /config_dump shows the app's probe headers (credentials, maybe): pod-local only too.
+    let answer = admin_request(
+        std::net::SocketAddr::new(outside, port),
+        Some(outside),
+        "GET",
+        "/config_dump",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let answer = admin_request(loopback, None, "GET", "/config_dump").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let answer = shutdown_request(loopback, None, "GET").await;
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -99,6 +120,29 @@ async fn post_shutdown_from_loopback_ends_the_proxy_within_drain_plus_two_second
             .map(|c| c.child.try_wait().unwrap())
     };
     assert!(matches!(running(&mut t), Some(None)), "the proxy exited");
+    assert_eq!(
+        get_text(&backend.admin.replace("0.0.0.0", "127.0.0.1"), "/live").await,
+        "ok\n"
+    );
+
+    // Bounded: 128 idle connections take every admin slot, the next is closed at once, and
+    // the slots come back when they go.
+    let mut idle = Vec::new();
+    for _ in 0..128 {
+        idle.push(tokio::net::TcpStream::connect(loopback).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(loopback).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut extra, &mut byte),
+    )
+    .await
+    .expect("the connection over the cap is closed, not left waiting");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         get_text(&backend.admin.replace("0.0.0.0", "127.0.0.1"), "/live").await,
         "ok\n"
