@@ -14,7 +14,8 @@
 //! Transparent proxying ([`crate::transparent`]): a TLS connection that negotiated ALPN
 //! `meshflow-opaque` is an opaque TCP stream from another sidecar, not HTTP; a plaintext
 //! connection the capture rules redirected from a port other than the app port is passed to
-//! that port under PERMISSIVE.
+//! that port under PERMISSIVE when AuthorizationPolicy allows it (TCP semantics, no principal;
+//! plaintext HTTP to the app port is authorized per request by the inbound proxy).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,7 +153,8 @@ impl ServerApp for InboundAccept {
             }
         } else if current_mode(&self.shared) == MtlsMode::Permissive {
             self.shared.metrics.plaintext_connections.inc();
-            // Captured on its way to another port than the app's: that port gets it as is.
+            // Captured on its way to another port than the app's: that port gets it as is,
+            // if AuthorizationPolicy allows a connection without a principal from this peer.
             if let (Some(original), Some(local)) = (redirected, local) {
                 if original.port() != self.shared.app_port
                     && !self.transparent.own_ports.contains(&original.port())
@@ -161,6 +163,7 @@ impl ServerApp for InboundAccept {
                         &self.shared,
                         l4,
                         local.ip(),
+                        peer_ip,
                         original.port(),
                     )
                     .await;

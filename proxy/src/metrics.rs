@@ -96,8 +96,9 @@ pub struct ProxyMetrics {
 /// within the detection timeout), `passthrough` (not a mesh destination, ALLOW_ANY),
 /// `registry_only` (refused: not a mesh destination), `no_config`, `unavailable` (opaque, no
 /// endpoint could be reached). Inbound: `opaque` (an opaque mTLS stream forwarded),
-/// `denied` (refused by AuthorizationPolicy or a bad preamble), `passthrough` (plaintext to a
-/// port other than the app port, PERMISSIVE).
+/// `denied` (refused by AuthorizationPolicy — an opaque stream, or PERMISSIVE plaintext to a
+/// port other than the app port — or a bad preamble), `passthrough` (plaintext to a port
+/// other than the app port, PERMISSIVE, allowed).
 pub const TCP_ROUTES: [(&str, &str); 12] = [
     ("outbound", "http1"),
     ("outbound", "h2"),

@@ -26,7 +26,9 @@
 //! match nothing and are ignored in a DENY rule) decide; the bytes go to that port on the
 //! address the connection arrived at (the pod IP, like Istio — a port the app binds on
 //! loopback only is not exposed). Under PERMISSIVE a plaintext connection redirected from a
-//! port other than the app port is passed to that port unchanged ([`inbound_passthrough`]).
+//! port other than the app port is judged by AuthorizationPolicy the same way — no principal,
+//! its source IP and that port — and, when allowed, passed to that port unchanged
+//! ([`inbound_passthrough`]); refused, it is closed and counted as `denied`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -545,27 +547,7 @@ pub async fn serve_inbound_opaque<S>(
         port,
         ..Default::default()
     };
-    let policies: Vec<AuthorizationPolicy> = shared
-        .config
-        .current()
-        .map(|s| s.authorization.iter().map(tcp_view).collect())
-        .unwrap_or_default();
-    let decision = authorize(policies.iter(), &attributes);
-    let policy = decision.policy.clone().unwrap_or_else(|| "none".into());
-    let verdict = if decision.allowed { "allow" } else { "deny" };
-    metrics
-        .authz_decisions
-        .with_label_values(&[verdict, &policy])
-        .inc();
-    tracing::info!(
-        target: "meshflow::access",
-        decision = verdict,
-        policy = %policy,
-        principal = %peer.principal(),
-        port,
-        "authorization (opaque TCP)"
-    );
-    if !decision.allowed {
+    if !authorize_tcp(shared, &attributes, "authorization (opaque TCP)") {
         denied();
         return;
     }
@@ -585,9 +567,70 @@ pub async fn serve_inbound_opaque<S>(
     }
 }
 
-/// PERMISSIVE: a plaintext connection captured on its way to `port` (not the app port) goes
-/// to that port unchanged.
-pub async fn inbound_passthrough(shared: &Shared, mut l4: Box<L4Stream>, local: IpAddr, port: u16) {
+/// Evaluates the workload's AuthorizationPolicies for a TCP connection (their [`tcp_view`]),
+/// counts the decision in `meshflow_authz_decisions_total` and logs it to the access log as
+/// `what`. Returns whether the connection is allowed.
+fn authorize_tcp(shared: &Shared, attributes: &RequestAttributes, what: &str) -> bool {
+    let policies: Vec<AuthorizationPolicy> = shared
+        .config
+        .current()
+        .map(|s| s.authorization.iter().map(tcp_view).collect())
+        .unwrap_or_default();
+    let decision = authorize(policies.iter(), attributes);
+    let policy = decision.policy.clone().unwrap_or_else(|| "none".into());
+    let verdict = if decision.allowed { "allow" } else { "deny" };
+    shared
+        .metrics
+        .authz_decisions
+        .with_label_values(&[verdict, &policy])
+        .inc();
+    tracing::info!(
+        target: "meshflow::access",
+        decision = verdict,
+        policy = %policy,
+        principal = %attributes.principal.as_deref().unwrap_or("-"),
+        source_ip = ?attributes.source_ip,
+        port = attributes.port,
+        "{what}"
+    );
+    decision.allowed
+}
+
+/// The attributes AuthorizationPolicy sees for a plaintext connection (no principal, no
+/// namespace) from `peer_ip` captured on its way to `local`:`port`.
+fn plaintext_attributes(local: IpAddr, peer_ip: Option<IpAddr>, port: u16) -> RequestAttributes {
+    RequestAttributes {
+        principal: None,
+        source_namespace: None,
+        source_ip: peer_ip,
+        remote_ip: peer_ip,
+        destination_ip: Some(local),
+        port,
+        ..Default::default()
+    }
+}
+
+/// PERMISSIVE: a plaintext connection from `peer_ip` captured on its way to `port` (not the
+/// app port) goes to that port unchanged — if AuthorizationPolicy allows it, judged as the
+/// opaque mTLS path judges a stream (Istio's TCP semantics, [`tcp_view`]) with no principal,
+/// the source IP and the original destination port. Refused: closed and counted as
+/// `meshflow_tcp_connections_total{direction="inbound", route="denied"}`.
+pub async fn inbound_passthrough(
+    shared: &Shared,
+    mut l4: Box<L4Stream>,
+    local: IpAddr,
+    peer_ip: Option<IpAddr>,
+    port: u16,
+) {
+    let attributes = plaintext_attributes(local, peer_ip, port);
+    if !authorize_tcp(shared, &attributes, "authorization (plaintext TCP)") {
+        shared
+            .metrics
+            .tcp_connections
+            .with_label_values(&["inbound", "denied"])
+            .inc();
+        return;
+    }
     let target = SocketAddr::new(local, port);
     if let Ok(Ok(mut app)) =
         tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await
@@ -681,6 +724,47 @@ spec:
         let view = [tcp_view(&deny)];
         assert!(!authorize(view.iter(), &tcp("cluster.local/ns/shop/sa/other", 7000)).allowed);
         assert!(authorize(view.iter(), &tcp("cluster.local/ns/shop/sa/client", 7000)).allowed);
+    }
+
+    /// PERMISSIVE plaintext passthrough: judged like an opaque stream without a principal —
+    /// a rule naming principals does not match it, one naming IP blocks or only ports does.
+    #[test]
+    fn plaintext_tcp_is_authorized_without_a_principal() {
+        let local: IpAddr = "10.0.0.2".parse().unwrap();
+        let peer: IpAddr = "10.0.0.3".parse().unwrap();
+        let only_client = policy(
+            "apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: a, namespace: shop }
+spec:
+  action: ALLOW
+  rules:
+  - from: [{ source: { principals: [cluster.local/ns/shop/sa/client] } }]
+    to: [{ operation: { ports: ['9090'] } }]
+",
+        );
+        let view = [tcp_view(&only_client)];
+        let plain = plaintext_attributes(local, Some(peer), 9090);
+        assert_eq!(plain.principal, None);
+        assert_eq!(plain.destination_ip, Some(local));
+        assert!(!authorize(view.iter(), &plain).allowed);
+        assert!(authorize(view.iter(), &tcp("cluster.local/ns/shop/sa/client", 9090)).allowed);
+        let by_ip = policy(
+            "apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: b, namespace: shop }
+spec:
+  action: ALLOW
+  rules:
+  - from: [{ source: { ipBlocks: [10.0.0.3/32] } }]
+    to: [{ operation: { ports: ['9090'] } }]
+",
+        );
+        let view = [tcp_view(&by_ip)];
+        assert!(authorize(view.iter(), &plaintext_attributes(local, Some(peer), 9090)).allowed);
+        assert!(!authorize(view.iter(), &plaintext_attributes(local, Some(peer), 9091)).allowed);
+        let other: IpAddr = "10.0.0.4".parse().unwrap();
+        assert!(!authorize(view.iter(), &plaintext_attributes(local, Some(other), 9090)).allowed);
     }
 
     #[test]

@@ -1166,6 +1166,71 @@ async fn network_namespaces_as_pods() {
         "{b_metrics}"
     );
 
+    // 8b. PERMISSIVE does not bypass AuthorizationPolicy: with a policy allowing only A's
+    // principal (to the line-echo port and the HTTP ports), C's plaintext connection to the
+    // line-echo port is closed (judged as TCP without a principal) and its plaintext request
+    // to the app port gets a 403 (judged per request), while A's captured mTLS connections
+    // still work.
+    let principal = &client_id["spiffe://".len()..];
+    let applied = cluster().kubectl_with_input(
+        &["apply", "-n", &mesh.ns.name, "-f", "-"],
+        &format!(
+            "apiVersion: meshflow.io/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{ name: only-client, namespace: {} }}\n\
+             spec:\n  selector: {{ matchLabels: {{ app: backend }} }}\n  action: ALLOW\n\
+             \x20 rules:\n  - from: [{{ source: {{ principals: [\"{principal}\"] }} }}]\n\
+             \x20   to: [{{ operation: {{ ports: [\"{LINE_ECHO}\", \"{APP}\", \"{EXTRA}\"] }} }}]\n",
+            mesh.ns.name
+        ),
+    );
+    assert!(applied.status.success(), "{applied:?}");
+    let line_echo_b = SocketAddr::new(mesh.b.ip.into(), LINE_ECHO);
+    let refused = wait_for(
+        "the AuthorizationPolicy in force at B",
+        Duration::from_secs(10),
+        || async {
+            let outcome = echo_line(c.ns.connect(line_echo_b).await.ok()?, "plain again").await;
+            outcome.is_err().then_some(outcome)
+        },
+    )
+    .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let before = mesh.metrics(&mesh.b).await;
+    let refused = echo_line(c.ns.connect(line_echo_b).await.unwrap(), "and again").await;
+    assert!(refused.is_err(), "{refused:?}");
+    let after = mesh.metrics(&mesh.b).await;
+    assert_eq!(
+        tcp(&after, "inbound", "denied") - tcp(&before, "inbound", "denied"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        tcp(&after, "inbound", "passthrough"),
+        tcp(&before, "inbound", "passthrough"),
+        "a denied connection was passed through: {after}"
+    );
+    let response = get(c.ns.connect(b_app).await.unwrap(), "backend", "/plain").await;
+    assert_eq!(response.status, 403, "{response:?}");
+    let marker = format!("allowed-{:08x}", rand::random::<u32>());
+    let reply = echo_line(
+        mesh.a
+            .ns
+            .connect(SocketAddr::new(cip.into(), LINE_ECHO))
+            .await
+            .unwrap(),
+        &marker,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply, format!("echo: {marker}"));
+    let response = get(
+        mesh.a.ns.connect(http).await.unwrap(),
+        &cip.to_string(),
+        "/a",
+    )
+    .await;
+    assert_eq!(response.status, 200, "{response:?}");
+
     // 9. REGISTRY_ONLY: the destination outside the mesh is refused (HTTP: 502 naming why;
     // other bytes: closed); mesh services still work.
     mesh.restart_sidecar_a(&["--outbound-traffic-policy", "REGISTRY_ONLY"])
