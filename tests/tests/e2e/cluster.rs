@@ -334,6 +334,10 @@ pub async fn create_node(name: &str) {
 /// exposing `container_ports` (name, port), bound to [`TEST_NODE`]
 /// (`automountServiceAccountToken: false`: nothing could mount it). It stays Pending until
 /// [`set_pod_ready`].
+///
+/// The pod counts as meshed: it carries the annotation injection writes
+/// (`meshflow.io/injected`), so the control plane makes it an endpoint once Ready. A pod
+/// without a sidecar: [`create_unmeshed_pod`].
 pub async fn create_pod(
     ns: &str,
     name: &str,
@@ -341,7 +345,35 @@ pub async fn create_pod(
     service_account: &str,
     container_ports: &[(&str, u16)],
 ) -> Pod {
+    create_pod_with(ns, name, labels, service_account, container_ports, true).await
+}
+
+/// [`create_pod`] for a pod that runs no sidecar (no injection annotation): never an
+/// endpoint, and a Service with only such pods is not meshed.
+pub async fn create_unmeshed_pod(
+    ns: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    service_account: &str,
+    container_ports: &[(&str, u16)],
+) -> Pod {
+    create_pod_with(ns, name, labels, service_account, container_ports, false).await
+}
+
+async fn create_pod_with(
+    ns: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    service_account: &str,
+    container_ports: &[(&str, u16)],
+    meshed: bool,
+) -> Pod {
     create_node(TEST_NODE).await;
+    let annotations = if meshed {
+        json!({ meshflow_policies::inject::INJECTED: meshflow_policies::inject::VERSION })
+    } else {
+        json!({})
+    };
     let labels: serde_json::Map<String, serde_json::Value> = labels
         .iter()
         .map(|(key, value)| ((*key).to_owned(), json!(value)))
@@ -353,7 +385,7 @@ pub async fn create_pod(
     let pod: Pod = object(json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": { "name": name, "namespace": ns, "labels": labels },
+        "metadata": { "name": name, "namespace": ns, "labels": labels, "annotations": annotations },
         "spec": {
             "nodeName": TEST_NODE,
             "serviceAccountName": service_account,
