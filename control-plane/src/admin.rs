@@ -78,6 +78,7 @@ async fn handle(
                         "namespace": s.namespace,
                         "name": s.name,
                         "protocol": s.protocol,
+                        "unmeshed": s.unmeshed,
                         "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
                             "address": e.address,
                             "identity": e.identity,

@@ -61,6 +61,8 @@ impl MeshState {
                     // Local mode has no cluster IPs: services are called by name.
                     cluster_ips: Vec::new(),
                     ports: Vec::new(),
+                    // Every workload of a mesh file runs a sidecar.
+                    unmeshed: false,
                 });
             let Ok(identity) = w.spiffe_id(&spec.trust_domain) else {
                 continue;

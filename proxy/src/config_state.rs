@@ -31,6 +31,10 @@ pub struct ServiceEntry {
     pub endpoints: Vec<Endpoint>,
     /// TCP ports (Kubernetes mode): (port on the cluster IPs, port on the pods, opaque).
     pub ports: Vec<ServicePort>,
+    /// Whether the service's pods run the sidecar (Kubernetes mode: the snapshot's
+    /// `unmeshed`, inverted; always in local mode). Not meshed: known, but captured
+    /// connections to it pass through in plaintext.
+    pub meshed: bool,
 }
 
 /// A service's (name, namespace).
@@ -58,6 +62,9 @@ pub struct Destination {
     pub target_port: u16,
     /// No protocol detection: carried as opaque TCP.
     pub opaque: bool,
+    /// The service is meshed (mTLS to its endpoints); otherwise the connection passes
+    /// through in plaintext to its original destination.
+    pub meshed: bool,
 }
 
 /// A validated snapshot.
@@ -137,7 +144,9 @@ impl ConfigSnapshot {
                 }
             }
             let mut endpoints = Vec::new();
-            for e in &s.endpoints {
+            // An unmeshed service has no sidecar to mTLS to: whatever endpoints it lists are
+            // not used.
+            for e in s.endpoints.iter().filter(|_| !s.unmeshed) {
                 // One bad endpoint must not cost the whole snapshot: skip it, keep the rest.
                 match (
                     e.address.parse::<std::net::SocketAddr>(),
@@ -169,6 +178,7 @@ impl ConfigSnapshot {
                     protocol: s.protocol.clone(),
                     endpoints,
                     ports,
+                    meshed: !s.unmeshed,
                 },
             );
         }
@@ -224,10 +234,11 @@ impl ConfigSnapshot {
         })
     }
 
-    /// The mesh destination of a captured connection whose original destination was `dst`:
-    /// a service's cluster IP and port (its target port on the pods, opaque as the port
-    /// says), or an endpoint's pod IP (exactly that endpoint; opaque unless a port of one of
-    /// its services targets that port and is not opaque). `None`: not in the mesh.
+    /// The registry's destination of a captured connection whose original destination was
+    /// `dst`: a service's cluster IP and port (its target port on the pods, opaque as the port
+    /// says; not `meshed` when the service is not), or an endpoint's pod IP (exactly that
+    /// endpoint; opaque unless a port of one of its services targets that port and is not
+    /// opaque). `None`: not in the registry.
     pub fn destination(&self, dst: SocketAddr) -> Option<Destination> {
         if let Some((service, port)) = self.cluster_ips.get(&(dst.ip(), dst.port())) {
             return Some(Destination {
@@ -235,6 +246,7 @@ impl ConfigSnapshot {
                 pinned: None,
                 target_port: port.target_port,
                 opaque: port.opaque,
+                meshed: self.services.get(service).is_none_or(|s| s.meshed),
             });
         }
         let candidates = self.endpoint_ips.get(&dst.ip())?;
@@ -257,6 +269,8 @@ impl ConfigSnapshot {
             pinned: Some(endpoint.clone()),
             target_port: dst.port(),
             opaque: port.is_none_or(|p| p.opaque),
+            // Only a meshed service has endpoints.
+            meshed: true,
         })
     }
 }
@@ -306,6 +320,7 @@ mod tests {
                     endpoints: vec![endpoint("10.250.0.3:15006"), endpoint("10.250.0.4:15006")],
                     cluster_ips: vec!["10.96.0.10".into(), "not an ip".into()],
                     ports: vec![port(80, 8080, false), port(7000, 7000, true)],
+                    unmeshed: false,
                 },
                 v1::Service {
                     name: "admin".into(),
@@ -314,6 +329,18 @@ mod tests {
                     endpoints: vec![endpoint("10.250.0.3:15006")],
                     cluster_ips: vec![],
                     ports: vec![port(9090, 9090, false)],
+                    unmeshed: false,
+                },
+                // Redis without sidecars; its endpoint (a control plane would send none) is
+                // ignored.
+                v1::Service {
+                    name: "redis".into(),
+                    namespace: "shop".into(),
+                    protocol: "http1".into(),
+                    endpoints: vec![endpoint("10.250.0.7:15006")],
+                    cluster_ips: vec!["10.96.0.20".into()],
+                    ports: vec![port(6379, 6379, false)],
+                    unmeshed: true,
                 },
             ],
             ..Default::default()
@@ -335,9 +362,15 @@ mod tests {
                 service: key("backend"),
                 pinned: None,
                 target_port: 8080,
-                opaque: false
+                opaque: false,
+                meshed: true,
             })
         );
+        // A service without sidecars: known, not meshed; its pods are no mesh endpoints.
+        let redis = at("10.96.0.20:6379").unwrap();
+        assert_eq!((redis.service, redis.meshed), (key("redis"), false));
+        assert!(s.services[&key("redis")].endpoints.is_empty());
+        assert_eq!(at("10.250.0.7:6379"), None);
         assert!(at("10.96.0.10:7000").unwrap().opaque);
         assert_eq!(at("10.96.0.10:81"), None, "not a port of the service");
         assert_eq!(at("10.96.0.11:80"), None, "not a cluster IP");

@@ -94,12 +94,13 @@ pub struct ProxyMetrics {
 /// redirected by the capture rules): `http1`/`h2` (detected, full mesh treatment), `opaque`
 /// (an opaque port), `opaque_detected` (not HTTP), `opaque_timeout` (the client sent nothing
 /// within the detection timeout), `passthrough` (not a mesh destination, ALLOW_ANY),
-/// `registry_only` (refused: not a mesh destination), `no_config`, `unavailable` (opaque, no
-/// endpoint could be reached). Inbound: `opaque` (an opaque mTLS stream forwarded),
-/// `denied` (refused by AuthorizationPolicy — an opaque stream, or PERMISSIVE plaintext to a
+/// `registry_only` (refused: not a mesh destination), `unmeshed` (a known service whose pods
+/// run no sidecar: passed through in plaintext, under either policy), `no_config`,
+/// `unavailable` (opaque, no endpoint could be reached). Inbound: `opaque` (an opaque mTLS
+/// stream forwarded), `denied` (refused by AuthorizationPolicy — an opaque stream, or PERMISSIVE plaintext to a
 /// port other than the app port — or a bad preamble), `passthrough` (plaintext to a port
 /// other than the app port, PERMISSIVE, allowed).
-pub const TCP_ROUTES: [(&str, &str); 12] = [
+pub const TCP_ROUTES: [(&str, &str); 13] = [
     ("outbound", "http1"),
     ("outbound", "h2"),
     ("outbound", "opaque"),
@@ -107,6 +108,7 @@ pub const TCP_ROUTES: [(&str, &str); 12] = [
     ("outbound", "opaque_timeout"),
     ("outbound", "passthrough"),
     ("outbound", "registry_only"),
+    ("outbound", "unmeshed"),
     ("outbound", "no_config"),
     ("outbound", "unavailable"),
     ("inbound", "opaque"),

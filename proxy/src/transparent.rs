@@ -16,6 +16,10 @@
 //!   is opaque: an mTLS connection to an endpoint's inbound port, ALPN [`OPAQUE_ALPN`], the
 //!   server's identity verified exactly as for HTTP, a one-line preamble naming the target
 //!   port, then the bytes both ways;
+//! - a known service that is not meshed (Kubernetes: none of its pods runs the sidecar, or it
+//!   has no pods, like `kubernetes`): passed through unchanged in plaintext to the original
+//!   destination, under `REGISTRY_ONLY` too — it is in the registry (Istio's auto-mTLS;
+//!   counted as `unmeshed`);
 //! - anything else: passed through unchanged (`ALLOW_ANY`, the default; the proxy's own
 //!   connection is not captured again: its UID is excluded) or refused (`REGISTRY_ONLY`:
 //!   an HTTP/1 client gets a 502 with `meshflow-proxy-error: registry-only`, others a close).
@@ -239,20 +243,26 @@ impl OutboundAccept {
         }
     }
 
+    /// The bytes both ways between the client and `dst` itself, unchanged (the sidecar's own
+    /// connection is not captured again: its UID is excluded).
+    async fn pass_through(mut l4: Box<L4Stream>, dst: SocketAddr) {
+        let upstream =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(dst)).await;
+        match upstream {
+            Ok(Ok(mut upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut l4, &mut upstream).await;
+            }
+            Ok(Err(e)) => tracing::debug!(%dst, "passthrough connect failed: {e}"),
+            Err(_) => tracing::debug!(%dst, "passthrough connect timed out"),
+        }
+    }
+
     /// A destination outside the mesh.
     async fn outside(&self, mut l4: Box<L4Stream>, dst: SocketAddr) {
         if self.settings.policy == OutboundTrafficPolicy::AllowAny {
             self.count("passthrough");
-            let upstream =
-                tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(dst)).await;
-            match upstream {
-                Ok(Ok(mut upstream)) => {
-                    let _ = upstream.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut l4, &mut upstream).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%dst, "passthrough connect failed: {e}"),
-                Err(_) => tracing::debug!(%dst, "passthrough connect timed out"),
-            }
+            Self::pass_through(l4, dst).await;
             return;
         }
         self.count("registry_only");
@@ -395,6 +405,12 @@ impl ServerApp for OutboundAccept {
             self.outside(l4, original).await;
             return None;
         };
+        if !dst.meshed {
+            // In the registry, but no sidecar to mTLS to: plaintext, as the app sent it.
+            self.count("unmeshed");
+            Self::pass_through(l4, original).await;
+            return None;
+        }
         let route = if dst.opaque || self.settings.opaque_ports.contains(&original.port()) {
             "opaque"
         } else {

@@ -156,8 +156,9 @@ impl KubeMetrics {
 }
 
 /// Drops what meshflow never reads from every object a reflector keeps (managed fields,
-/// foreign annotations; for pods also containers, volumes and most of the status), so the
-/// stores of a large cluster stay small.
+/// foreign annotations; for pods also volumes, most of the status and all of the containers
+/// but their names — and of init containers only a restartable one's name and restart
+/// policy, which [`model::runs_sidecar`] reads), so the stores of a large cluster stay small.
 fn slim_meta(meta: &mut kube::api::ObjectMeta) {
     meta.managed_fields = None;
     if let Some(annotations) = &mut meta.annotations {
@@ -168,8 +169,23 @@ fn slim_meta(meta: &mut kube::api::ObjectMeta) {
 fn slim_pod(pod: &mut Pod) {
     slim_meta(&mut pod.metadata);
     if let Some(spec) = &mut pod.spec {
-        spec.containers.clear();
-        spec.init_containers = None;
+        use k8s_openapi::api::core::v1::Container;
+        for container in &mut spec.containers {
+            *container = Container {
+                name: std::mem::take(&mut container.name),
+                ..Container::default()
+            };
+        }
+        spec.init_containers = spec.init_containers.take().map(|init| {
+            init.into_iter()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                .map(|c| Container {
+                    name: c.name,
+                    restart_policy: c.restart_policy,
+                    ..Container::default()
+                })
+                .collect()
+        });
         spec.ephemeral_containers = None;
         spec.volumes = None;
         spec.affinity = None;
@@ -1217,6 +1233,53 @@ mod tests {
         for bad in ["", "a in (b)", "a=b c", "=b", "a=b,,", "a>1"] {
             assert!(check_selector(bad).is_err(), "{bad}");
         }
+    }
+
+    /// What the reflector keeps of a pod still tells whether it runs the sidecar.
+    #[test]
+    fn slim_pods_keep_what_says_they_run_the_sidecar() {
+        let pod = |containers: serde_json::Value, init: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "p", "namespace": "shop",
+                              "annotations": { "other.io/x": "y" } },
+                "spec": { "containers": containers, "initContainers": init }
+            }))
+            .unwrap()
+        };
+        let full = |name: &str| serde_json::json!({ "name": name, "image": "i", "args": ["a"], "env": [{ "name": "E", "value": "v" }] });
+        let mut native = pod(
+            serde_json::json!([full("app")]),
+            serde_json::json!([full("meshflow-init"), {
+                "name": "meshflow-proxy", "image": "i", "restartPolicy": "Always" }]),
+        );
+        let mut classic = pod(
+            serde_json::json!([full("meshflow-proxy"), full("app")]),
+            serde_json::json!([full("meshflow-init")]),
+        );
+        let mut plain = pod(serde_json::json!([full("app")]), serde_json::json!([]));
+        for p in [&mut native, &mut classic, &mut plain] {
+            slim_pod(p);
+            let spec = p.spec.as_ref().unwrap();
+            assert!(spec
+                .containers
+                .iter()
+                .all(|c| c.image.is_none() && c.env.is_none()));
+            assert!(p.metadata.annotations.as_ref().unwrap().is_empty());
+        }
+        assert_eq!(
+            native
+                .spec
+                .as_ref()
+                .unwrap()
+                .init_containers
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(model::runs_sidecar(&native));
+        assert!(model::runs_sidecar(&classic));
+        assert!(!model::runs_sidecar(&plain));
     }
 
     #[test]

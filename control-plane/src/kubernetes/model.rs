@@ -2,6 +2,12 @@
 //! per pod (its labels and ServiceAccount), and per Service the endpoints a sidecar balances
 //! over — the ready pods' IPs with the sidecar's inbound port and each pod's expected SPIFFE ID
 //! (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`).
+//!
+//! Only pods that run the meshflow sidecar ([`runs_sidecar`]) are endpoints: mTLS to a pod
+//! without one would reach a port nobody listens on. A Service none of whose pods runs it —
+//! or that has no pods at all, such as `kubernetes` — is still known (its cluster IPs and
+//! ports) but marked `unmeshed`, and sidecars pass captured connections to it through in
+//! plaintext (Istio's auto-mTLS, Linkerd's behaviour).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -100,6 +106,30 @@ pub struct ModelSettings<'a> {
     pub inbound_port: u16,
 }
 
+/// Whether `pod` runs the meshflow sidecar: it carries the annotation injection writes
+/// ([`meshflow_policies::inject::INJECTED`]), or has a container — or a restartable init
+/// container (a native sidecar) — named like the injected proxy
+/// ([`meshflow_policies::inject::PROXY_CONTAINER`]; `meshflow inject` output applied by hand).
+/// A pod on the host network never does (injection skips it; its IP is the node's).
+pub fn runs_sidecar(pod: &Pod) -> bool {
+    use meshflow_policies::inject::{INJECTED, PROXY_CONTAINER};
+    if host_network(pod) {
+        return false;
+    }
+    if annotation(pod, INJECTED).is_some() {
+        return true;
+    }
+    let Some(spec) = &pod.spec else {
+        return false;
+    };
+    spec.containers.iter().any(|c| c.name == PROXY_CONTAINER)
+        || spec
+            .init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == PROXY_CONTAINER && c.restart_policy.as_deref() == Some("Always"))
+}
+
 /// Whether the pod's `Ready` condition is `True` and it has an IP.
 pub fn pod_ready(pod: &Pod) -> bool {
     let Some(status) = &pod.status else {
@@ -175,8 +205,10 @@ fn protocol_name(protocol: AppProtocol) -> &'static str {
 /// Builds the mesh (one workload per pod in a selected namespace, keyed `<namespace>/<pod>`)
 /// and the services with their endpoints, keyed (namespace, name); each endpoint is
 /// `<pod IP>:<inbound port>` (IPv6 in brackets) with the pod's SPIFFE ID. `slices` are
-/// EndpointSlices of either served version, as dynamic objects. Pods on the host network are
-/// never endpoints.
+/// EndpointSlices of either served version, as dynamic objects. Only ready pods that run the
+/// sidecar ([`runs_sidecar`]) are endpoints; pods on the host network never are. A Service is
+/// `unmeshed` when no pod its slices name (ready or not) runs the sidecar — so a meshed
+/// Service whose pods are all NotReady stays meshed, with no endpoints.
 pub fn build(
     settings: &ModelSettings<'_>,
     selected: &(dyn Fn(&str) -> bool + Sync),
@@ -226,6 +258,8 @@ pub fn build(
                 endpoints: Vec::new(),
                 cluster_ips: cluster_ips(service),
                 ports: Vec::new(),
+                // Until a slice names a pod with the sidecar.
+                unmeshed: true,
             },
         );
     }
@@ -253,9 +287,6 @@ pub fn build(
         let service_key = (ns.clone(), service_name.clone());
         ports.slice_ports(&service_key, &parsed.ports);
         for endpoint in parsed.endpoints {
-            if endpoint.conditions.ready == Some(false) {
-                continue;
-            }
             let Some(target) = endpoint.target_ref.filter(|t| t.kind == "Pod") else {
                 continue;
             };
@@ -268,6 +299,15 @@ pub fn build(
             let Some(pod) = by_name.get(&(pod_ns.clone(), target.name.clone())) else {
                 continue;
             };
+            // Without the sidecar a pod is no endpoint (nothing would answer mTLS on its
+            // inbound port); with it, ready or not, it makes the Service meshed.
+            if !runs_sidecar(pod) {
+                continue;
+            }
+            service.unmeshed = false;
+            if endpoint.conditions.ready == Some(false) {
+                continue;
+            }
             // The pod's own Ready condition is newer than the slice: a pod turning NotReady
             // leaves at once, without waiting for the EndpointSlice controller. A pod on the
             // host's network has the node's IP and cannot have a sidecar of its own.
@@ -450,11 +490,13 @@ impl PortFacts {
 mod tests {
     use super::*;
 
+    /// A pod with the sidecar (the annotation injection writes).
     fn pod(ns: &str, name: &str, sa: &str, ip: &str, ready: bool) -> Arc<Pod> {
         Arc::new(
             serde_json::from_value(serde_json::json!({
                 "metadata": { "name": name, "namespace": ns, "labels": { "app": "backend" },
-                              "annotations": { INBOUND_PORT_ANNOTATION: "4143" } },
+                              "annotations": { INBOUND_PORT_ANNOTATION: "4143",
+                                               meshflow_policies::inject::INJECTED: "0.1.0" } },
                 "spec": { "serviceAccountName": sa, "containers": [] },
                 "status": { "podIP": ip, "conditions": [
                     { "type": "Ready", "status": if ready { "True" } else { "False" } } ] }
@@ -645,5 +687,137 @@ mod tests {
         // No pod behind it: nothing says its port is opaque.
         assert_eq!(headless.ports[0].target_port, 80);
         assert!(!headless.ports[0].opaque);
+    }
+
+    /// A pod without the sidecar: no annotations, one app container.
+    fn plain_pod(name: &str, ip: &str, ready: bool) -> Arc<Pod> {
+        let mut pod = (*pod("shop", name, "redis", ip, ready)).clone();
+        pod.metadata.annotations = None;
+        pod.spec.as_mut().unwrap().containers =
+            vec![
+                serde_json::from_value(serde_json::json!({ "name": "redis", "image": "redis" }))
+                    .unwrap(),
+            ];
+        Arc::new(pod)
+    }
+
+    fn service_with_ip(name: &str, ip: &str) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "namespace": "shop" },
+                "spec": { "clusterIP": ip, "ports": [{ "name": "tcp", "port": 6379 }] }
+            }))
+            .unwrap(),
+        )
+    }
+
+    /// The injection annotation, a `meshflow-proxy` container or a restartable
+    /// `meshflow-proxy` init container (a native sidecar) make a pod meshed; nothing else
+    /// does, and never on the host network.
+    #[test]
+    fn which_pods_run_the_sidecar() {
+        let with = |containers: serde_json::Value, init: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "p", "namespace": "shop" },
+                "spec": { "containers": containers, "initContainers": init }
+            }))
+            .unwrap()
+        };
+        let app = serde_json::json!({ "name": "app" });
+        let proxy = serde_json::json!({ "name": "meshflow-proxy" });
+        let native = serde_json::json!({ "name": "meshflow-proxy", "restartPolicy": "Always" });
+        assert!(runs_sidecar(&pod("shop", "a", "a", "10.0.0.1", true)));
+        assert!(!runs_sidecar(&plain_pod("b", "10.0.0.2", true)));
+        assert!(runs_sidecar(&with(
+            serde_json::json!([proxy.clone(), app.clone()]),
+            serde_json::json!([])
+        )));
+        assert!(runs_sidecar(&with(
+            serde_json::json!([app.clone()]),
+            serde_json::json!([native])
+        )));
+        assert!(
+            !runs_sidecar(&with(
+                serde_json::json!([app.clone()]),
+                serde_json::json!([proxy.clone()])
+            )),
+            "an init container that runs to completion is no sidecar"
+        );
+        assert!(!runs_sidecar(&with(
+            serde_json::json!([app]),
+            serde_json::json!([{ "name": "meshflow-init" }])
+        )));
+        let mut host = (*pod("shop", "h", "h", "10.0.0.9", true)).clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(!runs_sidecar(&host));
+    }
+
+    /// Only pods with the sidecar are endpoints; a Service is unmeshed when no pod its slices
+    /// name runs one — Redis without injection, `kubernetes` (its slice names no pods), a
+    /// Service without slices — and meshed as soon as one does, ready or not.
+    #[test]
+    fn services_without_sidecar_pods_are_unmeshed() {
+        let pods = vec![
+            pod("shop", "backend-1", "backend", "10.0.0.1", true),
+            plain_pod("backend-legacy", "10.0.0.2", true),
+            plain_pod("redis-0", "10.0.0.3", true),
+            pod("shop", "worker-1", "worker", "10.0.0.4", false),
+        ];
+        let apiserver_slice: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": { "name": "kubernetes", "namespace": "shop",
+                          "labels": { SERVICE_NAME_LABEL: "kubernetes" } },
+            "ports": [{ "name": "https", "port": 6443 }],
+            "endpoints": [{ "addresses": ["192.168.1.10"], "conditions": { "ready": true } }]
+        }))
+        .unwrap();
+        let (_, services) = build(
+            &ModelSettings {
+                trust_domain: "cluster.local",
+                inbound_port: 15006,
+            },
+            &|_| true,
+            &pods,
+            &[
+                service_with_ip("backend", "10.96.0.10"),
+                service_with_ip("redis", "10.96.0.11"),
+                service_with_ip("kubernetes", "10.96.0.1"),
+                service_with_ip("worker", "10.96.0.12"),
+                service_with_ip("fresh", "10.96.0.13"),
+            ],
+            &[
+                slice("backend", &["backend-1", "backend-legacy"]),
+                slice("redis", &["redis-0"]),
+                Arc::new(apiserver_slice),
+                slice("worker", &["worker-1"]),
+            ],
+        );
+        let get = |name: &str| &services[&("shop".to_string(), name.to_string())];
+        let backend = get("backend");
+        assert!(!backend.unmeshed);
+        let addresses: Vec<_> = backend
+            .endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect();
+        assert_eq!(
+            addresses,
+            ["10.0.0.1:4143"],
+            "the pod without the sidecar is no endpoint"
+        );
+        for name in ["redis", "kubernetes", "fresh"] {
+            let service = get(name);
+            assert!(service.unmeshed, "{name}");
+            assert!(service.endpoints.is_empty(), "{name}");
+            assert_eq!(
+                service.cluster_ips.len(),
+                1,
+                "{name}: still in the registry"
+            );
+            assert_eq!(service.ports.len(), 1, "{name}: its ports too");
+        }
+        let worker = get("worker");
+        assert!(!worker.unmeshed, "meshed with every pod NotReady");
+        assert!(worker.endpoints.is_empty());
     }
 }

@@ -657,6 +657,65 @@ impl Mesh {
         self.wait_for_backend().await;
     }
 
+    /// Makes C a pod of the cluster without a sidecar (Ready, its IP) behind a Service
+    /// `plain` (port [`OUTSIDE`] to C's plain server), and waits until A's sidecar knows the
+    /// Service. Like B's cluster IP, the Service's is routed only inside the test's
+    /// namespaces (no kube-proxy): from A towards C, where it is an address of C's loopback.
+    /// Returns the cluster IP and port.
+    pub async fn unmeshed_service(&self) -> SocketAddr {
+        cluster::create_unmeshed_pod(
+            &self.ns.name,
+            "plain",
+            &[("app", "plain")],
+            "default",
+            &[("http", OUTSIDE)],
+        )
+        .await;
+        cluster::set_pod_ready(&self.ns.name, "plain", &self.c.ip.to_string(), true).await;
+        let service = cluster::create_service(
+            &self.ns.name,
+            "plain",
+            &[("app", "plain")],
+            &[("http", OUTSIDE, OUTSIDE)],
+        )
+        .await;
+        let ip: Ipv4Addr = service
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .expect("a cluster IP")
+            .parse()
+            .unwrap();
+        self.c
+            .ns
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+        self.a.ns.ip(&[
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "via",
+            &self.c.ip.to_string(),
+        ]);
+        wait_for(
+            "A's sidecar to know the plain service",
+            Duration::from_secs(30),
+            || async {
+                let dump: Value =
+                    serde_json::from_str(&self.admin(&self.a, "/config_dump").await.body).ok()?;
+                let service = dump["services"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["name"] == "plain")?
+                    .clone();
+                (service["clusterIPs"][0] == ip.to_string()
+                    && service["ports"].as_array()?.len() == 1
+                    && service["endpoints"].as_array()?.is_empty())
+                .then_some(())
+            },
+        )
+        .await;
+        SocketAddr::new(ip.into(), OUTSIDE)
+    }
+
     /// The SPIFFE ID of a service account of the test's namespace.
     pub fn spiffe_id(&self, sa: &str) -> String {
         format!("spiffe://cluster.local/ns/{}/sa/{sa}", self.ns.name)
@@ -1112,6 +1171,32 @@ async fn network_namespaces_as_pods() {
         "{a_metrics}"
     );
 
+    // 7b. A Service the control plane knows whose pod (C) runs no sidecar: in the registry but
+    // not meshed, so A's call to its cluster IP passes through in plaintext to the cluster IP
+    // (no mTLS to C's port 15006, where nothing listens), counted as `unmeshed`.
+    let plain = mesh.unmeshed_service().await;
+    let response = get(
+        mesh.a.ns.connect(plain).await.unwrap(),
+        &plain.ip().to_string(),
+        "/unmeshed",
+    )
+    .await;
+    assert_eq!(
+        response.status,
+        200,
+        "{response:?}\n{}",
+        mesh.sidecar_a.logs()
+    );
+    assert_eq!(response.json()["service"], "outside", "{response:?}");
+    assert!(response.xfcc().is_empty(), "{response:?}");
+    let a_metrics = mesh.metrics(&mesh.a).await;
+    assert_eq!(tcp(&a_metrics, "outbound", "unmeshed"), 1.0, "{a_metrics}");
+    assert_eq!(
+        tcp(&a_metrics, "outbound", "passthrough"),
+        1.0,
+        "{a_metrics}"
+    );
+
     // 8. A plaintext client in C calling B's app port: captured by B's rules, refused under
     // STRICT (closed, nothing answered) ...
     let b_app = SocketAddr::new(mesh.b.ip.into(), APP);
@@ -1258,12 +1343,23 @@ async fn network_namespaces_as_pods() {
     .await;
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(response.xfcc().len(), 1);
+    // The unmeshed Service is in the registry: still passed through.
+    let response = get(
+        mesh.a.ns.connect(plain).await.unwrap(),
+        &plain.ip().to_string(),
+        "/unmeshed-registry-only",
+    )
+    .await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.json()["service"], "outside", "{response:?}");
+    assert!(response.xfcc().is_empty(), "{response:?}");
     let a_metrics = mesh.metrics(&mesh.a).await;
     assert_eq!(
         tcp(&a_metrics, "outbound", "registry_only"),
         2.0,
         "{a_metrics}"
     );
+    assert_eq!(tcp(&a_metrics, "outbound", "unmeshed"), 1.0, "{a_metrics}");
     assert_eq!(
         tcp(&a_metrics, "outbound", "passthrough"),
         0.0,

@@ -523,9 +523,10 @@ spec:
     );
 }
 
-/// Acceptance 2: a real sidecar connected over Watch shows exactly the ready pods as the
-/// service's endpoints (pod IP, the sidecar's inbound port, the pod's SPIFFE ID); a pod turning
-/// NotReady is gone within 2 s.
+/// Acceptance 2: a real sidecar connected over Watch shows exactly the ready pods with a
+/// sidecar as the service's endpoints (pod IP, the sidecar's inbound port, the pod's SPIFFE
+/// ID) — a ready pod without one is not an endpoint; a pod turning NotReady is gone within
+/// 2 s. A Service whose only pod has no sidecar is known to the control plane but unmeshed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sidecar_sees_exactly_the_ready_pods_as_endpoints() {
     let w = World::new("endpoints").await;
@@ -546,6 +547,19 @@ async fn a_sidecar_sees_exactly_the_ready_pods_as_endpoints() {
         let ready = i < 2; // backend-3 never becomes ready
         cluster::set_pod_ready(&ns, pod, &format!("10.77.0.{}", i + 1), ready).await;
     }
+    // Ready, selected by the Service, but without a sidecar: mTLS to it would reach nothing.
+    cluster::create_unmeshed_pod(
+        &ns,
+        "backend-legacy",
+        &[("app", "backend")],
+        "backend",
+        &[("http", 8080)],
+    )
+    .await;
+    cluster::set_pod_ready(&ns, "backend-legacy", "10.77.0.9", true).await;
+    cluster::create_service(&ns, "redis", &[("app", "redis")], &[("redis", 6379, 6379)]).await;
+    cluster::create_unmeshed_pod(&ns, "redis-0", &[("app", "redis")], "default", &[]).await;
+    cluster::set_pod_ready(&ns, "redis-0", "10.77.2.1", true).await;
     cluster::create_pod(
         &ns,
         "frontend-1",
@@ -568,6 +582,64 @@ async fn a_sidecar_sees_exactly_the_ready_pods_as_endpoints() {
         || async { (endpoints_of(&config_dump(&sidecar).await, "backend") == both).then_some(()) },
     )
     .await;
+    // The control plane has seen the unmeshed pods too once their slices list them ready:
+    // neither is an endpoint, and redis is unmeshed while backend is not.
+    let slice_ready = |service: &'static str, ip: &'static str| {
+        let ns = ns.clone();
+        async move {
+            let slices = cluster().kubectl_ok(&[
+                "get",
+                "endpointslices",
+                "-n",
+                &ns,
+                "-l",
+                &format!("kubernetes.io/service-name={service}"),
+                "-o",
+                "json",
+            ]);
+            let slices: Value = serde_json::from_str(&slices).ok()?;
+            slices["items"]
+                .as_array()?
+                .iter()
+                .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+                .any(|e| e["addresses"][0] == ip && e["conditions"]["ready"] != false)
+                .then_some(())
+        }
+    };
+    wait_for(
+        "backend-legacy ready in backend's EndpointSlice",
+        Duration::from_secs(20),
+        || slice_ready("backend", "10.77.0.9"),
+    )
+    .await;
+    wait_for(
+        "redis-0 ready in redis's EndpointSlice",
+        Duration::from_secs(20),
+        || slice_ready("redis", "10.77.2.1"),
+    )
+    .await;
+    let service_of = |dump: &Value, name: &str| -> Option<Value> {
+        dump["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+    };
+    let dump = wait_for(
+        "the control plane to know redis as unmeshed",
+        Duration::from_secs(20),
+        || async {
+            let dump: Value =
+                serde_json::from_str(&get_text(&cp.address("admin"), "/config_dump").await).ok()?;
+            (service_of(&dump, "redis")?["unmeshed"] == true).then_some(dump)
+        },
+    )
+    .await;
+    let backend = service_of(&dump, "backend").unwrap();
+    assert_eq!(backend["unmeshed"], false, "{backend}");
+    assert_eq!(endpoints_of(&dump, "backend"), both, "{backend}");
+    assert_eq!(endpoints_of(&dump, "redis"), Vec::<String>::new());
+    assert_eq!(endpoints_of(&config_dump(&sidecar).await, "backend"), both);
     let turned = Instant::now();
     cluster::set_pod_ready(&ns, "backend-2", "10.77.0.2", false).await;
     let one = vec![format!("10.77.0.1:15006 {identity}")];
