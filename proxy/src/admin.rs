@@ -50,6 +50,7 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
             "protocol": svc.protocol,
             "endpoints": svc.endpoints.iter().map(|e| serde_json::json!({"address": e.address, "identity": e.identity, "workload": e.workload})).collect::<Vec<_>>(),
             "clusterIPs": svc.cluster_ips,
+            "unmeshed": svc.unmeshed,
             "ports": svc.ports.iter().map(|p| serde_json::json!({"name": p.name, "port": p.port, "targetPort": p.target_port, "opaque": p.opaque})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>()),
     })

@@ -28,8 +28,9 @@
 //! compared. `--dry-run` prints the rules and touches nothing (no root needed).
 //!
 //! The backend: `--iptables auto` (default) uses the one whose `nat` table already has rules
-//! (`iptables-legacy` vs `iptables-nft`; the node's kube-proxy or CNI decided), else the
-//! system's `iptables-restore`. IPv6 is not captured (the outbound listener is IPv4 loopback).
+//! in the pod's namespace (`iptables-legacy` vs `iptables-nft`) — in a fresh pod namespace
+//! neither has, so it is the image's `iptables-restore`; `--iptables legacy|nft` forces one.
+//! IPv6 is not captured (the outbound listener is IPv4 loopback).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
