@@ -2,7 +2,9 @@
 //! every bound a hostile or broken client could push on — TLS handshake time, header read
 //! time, body size ([`MAX_BODY`], 413 before reading when `Content-Length` says so), body
 //! read time and answer time (`--injector-timeout`, 408/503), JSON depth (serde_json refuses
-//! more than 128 levels: 400), and connections served at once ([`MAX_CONNECTIONS`]).
+//! more than 128 levels: 400), connections served at once ([`MAX_CONNECTIONS`], and
+//! [`MAX_CONNECTIONS_PER_PEER`] from one address) and request bodies held at once
+//! ([`BODY_BUDGET`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +26,19 @@ use super::review::{Admission, NamespaceLabels, Reply};
 /// review carries the object twice at most).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 /// Connections served at once; more wait in the accept queue.
-pub const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once from one source address; more are closed at accept. Any pod
+/// can reach the webhook (it has no client authentication: the API server's is not
+/// verifiable here), so one pod holding idle connections must not use up
+/// [`MAX_CONNECTIONS`] and make the API server's calls time out.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
+/// Request bodies held at once, all connections together, bytes: a body reserves its
+/// `Content-Length` (or [`MAX_BODY`] when it has none) before it is read; a request that
+/// cannot reserve within the request's time bound is answered 503.
+pub const BODY_BUDGET: usize = 64 * 1024 * 1024;
+/// The budget's unit: permits are KiB.
+const BUDGET_UNIT: usize = 1024;
+static BODY_BUDGET_PERMITS: Semaphore = Semaphore::const_new(BODY_BUDGET / BUDGET_UNIT);
 /// A TLS handshake, and a request's header section, must arrive within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection's unread input is drained ([`linger`]).
@@ -139,6 +153,7 @@ pub struct Webhook {
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhook: Arc<Webhook>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = Arc::new(PeerConnections::default());
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -151,11 +166,16 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
                 continue;
             }
         };
+        let Some(peer_slot) = per_peer.clone().enter(peer.ip()) else {
+            tracing::debug!(%peer, "injector: too many connections from this address");
+            webhook.metrics.requests.with_label_values(&["error"]).inc();
+            continue;
+        };
         // Answers are one write each; no reason to let Nagle hold them.
         let _ = stream.set_nodelay(true);
         let (acceptor, webhook) = (acceptor.clone(), webhook.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, peer_slot);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -181,6 +201,45 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
                 linger(parts.io.into_inner()).await;
             }
         });
+    }
+}
+
+/// Connections open per source address.
+#[derive(Default)]
+struct PeerConnections {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One counted connection; uncounted when dropped.
+struct PeerSlot {
+    peers: Arc<PeerConnections>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerConnections {
+    /// Counts a connection from `ip`, or `None` when it has [`MAX_CONNECTIONS_PER_PEER`].
+    fn enter(self: Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        drop(open);
+        Some(PeerSlot { peers: self, ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -248,6 +307,21 @@ async fn inject(webhook: &Webhook, req: Request<hyper::body::Incoming>, started:
         // Refused unread: the connection closes after the answer.
         return too_large();
     }
+    let reserve = declared
+        .map_or(MAX_BODY, |n| n as usize)
+        .div_ceil(BUDGET_UNIT)
+        .max(1) as u32;
+    let Ok(Ok(_budget)) =
+        tokio::time::timeout(webhook.timeout, BODY_BUDGET_PERMITS.acquire_many(reserve)).await
+    else {
+        return Reply::error(
+            503,
+            format!(
+                "busy: {} MiB of request bodies are being read already",
+                BODY_BUDGET / (1024 * 1024)
+            ),
+        );
+    };
     let body = match tokio::time::timeout(
         webhook.timeout,
         Limited::new(req.into_body(), MAX_BODY).collect(),
