@@ -7,6 +7,8 @@
 //!   caller's workload only (identified by its SVID).
 #![allow(missing_docs, clippy::all)]
 
+pub mod peer_limit;
+
 /// Generated code for package `meshflow.v1`.
 pub mod v1 {
     tonic::include_proto!("meshflow.v1");

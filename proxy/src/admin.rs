@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -155,14 +155,22 @@ async fn app_health(
 /// reachable from the pod's network in an injected pod, and the kubelet and Prometheus need a
 /// handful.
 const MAX_CONNECTIONS: usize = 128;
-/// A connection that has not sent a whole request head within this is closed.
+/// At most this many from one source address (so one client cannot hold every slot and shut
+/// out the kubelet's probes).
+const MAX_CONNECTIONS_PER_PEER: usize = 16;
+/// A connection that has not sent a whole request head within this (from its first byte on,
+/// and between requests) is closed.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection is closed after this long whatever it does (Prometheus and probes reconnect).
+const MAX_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Serves admin requests on `listener` forever: at most [`MAX_CONNECTIONS`] at once, each
-/// bounded by [`HEADER_READ_TIMEOUT`] per request head; an accept error (e.g. no file
-/// descriptors left) pauses accepting for 100 ms instead of spinning.
+/// Serves admin requests on `listener` forever, HTTP/1.1 only: at most [`MAX_CONNECTIONS`]
+/// at once and [`MAX_CONNECTIONS_PER_PEER`] from one address, each request head within
+/// [`HEADER_READ_TIMEOUT`], each connection at most [`MAX_CONNECTION_AGE`]; an accept error
+/// (e.g. no file descriptors left) pauses accepting for 100 ms instead of spinning.
 pub async fn serve(listener: TcpListener, shared: Shared, context: AdminContext) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = meshflow_api::peer_limit::PeerLimit::new(MAX_CONNECTIONS_PER_PEER);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -176,20 +184,24 @@ pub async fn serve(listener: TcpListener, shared: Shared, context: AdminContext)
             drop(stream);
             continue;
         };
+        let Some(peer_slot) = per_peer.enter(peer.ip()) else {
+            drop(stream);
+            continue;
+        };
         let (shared, context) = (shared.clone(), context.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 handle(shared.clone(), context.clone(), peer, req)
             });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
+            // HTTP/1 only: the header timeout then runs from the first byte (an
+            // auto-detecting server waits for the protocol without one), and no HTTP/2
+            // connection sits idle forever.
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            drop(slot);
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(MAX_CONNECTION_AGE, connection).await;
+            drop((slot, peer_slot));
         });
     }
 }

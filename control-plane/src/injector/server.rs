@@ -153,7 +153,7 @@ pub struct Webhook {
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhook: Arc<Webhook>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_peer = Arc::new(PeerConnections::default());
+    let per_peer = meshflow_api::peer_limit::PeerLimit::new(MAX_CONNECTIONS_PER_PEER);
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -166,7 +166,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
                 continue;
             }
         };
-        let Some(peer_slot) = per_peer.clone().enter(peer.ip()) else {
+        let Some(peer_slot) = per_peer.enter(peer.ip()) else {
             tracing::debug!(%peer, "injector: too many connections from this address");
             webhook.metrics.requests.with_label_values(&["error"]).inc();
             continue;
@@ -201,45 +201,6 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
                 linger(parts.io.into_inner()).await;
             }
         });
-    }
-}
-
-/// Connections open per source address.
-#[derive(Default)]
-struct PeerConnections {
-    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// One counted connection; uncounted when dropped.
-struct PeerSlot {
-    peers: Arc<PeerConnections>,
-    ip: std::net::IpAddr,
-}
-
-impl PeerConnections {
-    /// Counts a connection from `ip`, or `None` when it has [`MAX_CONNECTIONS_PER_PEER`].
-    fn enter(self: Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
-        let ip = ip.to_canonical();
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let count = open.entry(ip).or_insert(0);
-        if *count >= MAX_CONNECTIONS_PER_PEER {
-            return None;
-        }
-        *count += 1;
-        drop(open);
-        Some(PeerSlot { peers: self, ip })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut open = self.peers.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.ip);
-            }
-        }
     }
 }
 

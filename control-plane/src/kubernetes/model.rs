@@ -265,6 +265,10 @@ pub fn build(
     }
     let mut ports = PortFacts::default();
     let mut seen: BTreeSet<(String, String, String)> = BTreeSet::new();
+    // Per Service: whether a slice names a pod with the sidecar (ready or not), and whether it
+    // names a ready pod without one.
+    let mut has_sidecar_pod: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut has_ready_plain_pod: BTreeSet<(String, String)> = BTreeSet::new();
     for slice in slices {
         let Some(ns) = &slice.metadata.namespace else {
             continue;
@@ -300,11 +304,15 @@ pub fn build(
                 continue;
             };
             // Without the sidecar a pod is no endpoint (nothing would answer mTLS on its
-            // inbound port); with it, ready or not, it makes the Service meshed.
+            // inbound port); with it, ready or not, it makes the Service meshed — unless no pod
+            // with the sidecar is ready while one without is (below).
             if !runs_sidecar(pod) {
+                if endpoint.conditions.ready != Some(false) && pod_ready(pod) {
+                    has_ready_plain_pod.insert(service_key.clone());
+                }
                 continue;
             }
-            service.unmeshed = false;
+            has_sidecar_pod.insert(service_key.clone());
             if endpoint.conditions.ready == Some(false) {
                 continue;
             }
@@ -356,6 +364,13 @@ pub fn build(
                 workload: format!("{pod_ns}/{}", target.name),
             });
         }
+    }
+    // Meshed: a pod with the sidecar backs the Service, and none without it is serving while
+    // no sidecar pod is ready — during a rollout onto the mesh (or off it) the ready plain
+    // pods keep serving, in plaintext, until a sidecar pod is ready, as kube-proxy would route.
+    for (key, service) in out.iter_mut() {
+        service.unmeshed = !has_sidecar_pod.contains(key)
+            || (service.endpoints.is_empty() && has_ready_plain_pod.contains(key));
     }
     for service in out.values_mut() {
         service.endpoints.sort_by(|a, b| a.address.cmp(&b.address));
@@ -754,7 +769,8 @@ mod tests {
 
     /// Only pods with the sidecar are endpoints; a Service is unmeshed when no pod its slices
     /// name runs one — Redis without injection, `kubernetes` (its slice names no pods), a
-    /// Service without slices — and meshed as soon as one does, ready or not.
+    /// Service without slices — or when none of its sidecar pods is ready while a pod without
+    /// one is (a rollout onto the mesh); meshed otherwise, also with every pod NotReady.
     #[test]
     fn services_without_sidecar_pods_are_unmeshed() {
         let pods = vec![
@@ -762,6 +778,8 @@ mod tests {
             plain_pod("backend-legacy", "10.0.0.2", true),
             plain_pod("redis-0", "10.0.0.3", true),
             pod("shop", "worker-1", "worker", "10.0.0.4", false),
+            pod("shop", "web-new", "web", "10.0.0.5", false),
+            plain_pod("web-old", "10.0.0.6", true),
         ];
         let apiserver_slice: DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -784,12 +802,14 @@ mod tests {
                 service_with_ip("kubernetes", "10.96.0.1"),
                 service_with_ip("worker", "10.96.0.12"),
                 service_with_ip("fresh", "10.96.0.13"),
+                service_with_ip("web", "10.96.0.14"),
             ],
             &[
                 slice("backend", &["backend-1", "backend-legacy"]),
                 slice("redis", &["redis-0"]),
                 Arc::new(apiserver_slice),
                 slice("worker", &["worker-1"]),
+                slice("web", &["web-new", "web-old"]),
             ],
         );
         let get = |name: &str| &services[&("shop".to_string(), name.to_string())];
@@ -819,5 +839,10 @@ mod tests {
         let worker = get("worker");
         assert!(!worker.unmeshed, "meshed with every pod NotReady");
         assert!(worker.endpoints.is_empty());
+        // A rollout onto the mesh: the first sidecar pod is not ready yet, the old pod without
+        // one is; the old one keeps serving (plaintext) until a sidecar pod is ready.
+        let web = get("web");
+        assert!(web.unmeshed, "no ready sidecar pod, a ready plain one");
+        assert!(web.endpoints.is_empty());
     }
 }

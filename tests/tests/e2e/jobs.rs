@@ -125,28 +125,33 @@ async fn post_shutdown_from_loopback_ends_the_proxy_within_drain_plus_two_second
         "ok\n"
     );
 
-    // Bounded: 128 idle connections take every admin slot, the next is closed at once, and
-    // the slots come back when they go.
+    // Bounded: one address holding idle connections gets 16; the 17th is closed at once, and
+    // another client (the kubelet) is still served meanwhile.
+    let hog: std::net::IpAddr = [127, 0, 0, 2].into();
+    let connect_from = |ip: std::net::IpAddr| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
+        socket.connect(loopback).await.unwrap()
+    };
     let mut idle = Vec::new();
-    for _ in 0..128 {
-        idle.push(tokio::net::TcpStream::connect(loopback).await.unwrap());
+    for _ in 0..16 {
+        idle.push(connect_from(hog).await);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut extra = tokio::net::TcpStream::connect(loopback).await.unwrap();
+    let mut extra = connect_from(hog).await;
     let mut byte = [0u8; 1];
     let read = tokio::time::timeout(
         Duration::from_secs(5),
         tokio::io::AsyncReadExt::read(&mut extra, &mut byte),
     )
     .await
-    .expect("the connection over the cap is closed, not left waiting");
+    .expect("the connection over the per-address cap is closed, not left waiting");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    drop(idle);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         get_text(&backend.admin.replace("0.0.0.0", "127.0.0.1"), "/live").await,
         "ok\n"
     );
+    drop(idle);
 
     // The Job's app finishes its work and exits; then its command ends the proxy.
     t.mesh.supervisor.stop("app-default-backend");
