@@ -232,13 +232,26 @@ pub fn inject(
         }
         None => serde_json::Map::new(),
     };
-    for (index, container) in containers.iter().enumerate() {
-        if container.name == PROXY_CONTAINER {
+    // App containers, and restartable init containers (the app's own native sidecars; only
+    // those may have probes) other than ours.
+    let probed = containers
+        .iter()
+        .enumerate()
+        .map(|(index, c)| ("containers", index, c))
+        .chain(
+            init_containers
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"))
+                .map(|(index, c)| ("initContainers", index, c)),
+        );
+    for (list, index, container) in probed {
+        if container.name == PROXY_CONTAINER || container.name == INIT_CONTAINER {
             continue;
         }
-        for rewritten in probes::rewrite(container, index, settings.admin_port)? {
+        for rewritten in probes::rewrite(container, list, index, settings.admin_port)? {
             ops.push(replace(
-                ["spec", "containers", &index.to_string(), rewritten.field],
+                ["spec", list, &index.to_string(), rewritten.field],
                 serde_json::to_value(&rewritten.probe).expect("a probe serializes"),
             ));
             app_probes.insert(rewritten.path, rewritten.original);

@@ -22,9 +22,12 @@ pub(super) struct Rewritten {
     pub original: Value,
 }
 
-/// The probes of `container` (at `spec.containers[index]`) that need rewriting.
+/// The probes of `container` (at `spec.<list>[index]`, `list` being `containers` or, for a
+/// restartable init container — the app's own native sidecar — `initContainers`) that need
+/// rewriting.
 pub(super) fn rewrite(
     container: &Container,
+    list: &str,
     index: usize,
     admin_port: u16,
 ) -> Result<Vec<Rewritten>, InjectError> {
@@ -38,7 +41,7 @@ pub(super) fn rewrite(
         if probe.exec.is_some() || is_rewritten(probe, admin_port) {
             continue;
         }
-        let at = |handler: &str| format!("spec.containers[{index}].{field}.{handler}.port");
+        let at = |handler: &str| format!("spec.{list}[{index}].{field}.{handler}.port");
         let original = if let Some(http) = &probe.http_get {
             let mut http = http.clone();
             http.port = IntOrString::Int(resolve_port(container, &http.port, &at("httpGet"))?);

@@ -264,6 +264,42 @@ fn probes_point_at_the_admin_port_and_the_originals_are_kept_in_the_annotation()
     );
 }
 
+/// The app's own native sidecar (a restartable init container) may have probes; they are
+/// rewritten like an app container's, at their index among the pod's init containers, before
+/// the proxy's containers are put in front.
+#[test]
+fn probes_of_the_apps_restartable_init_containers_are_rewritten_too() {
+    let mut doc = json_of(&web());
+    doc["spec"]["initContainers"] = json!([
+        { "name": "setup", "image": "setup:1" },
+        { "name": "logs", "image": "logs:1", "restartPolicy": "Always",
+          "ports": [{ "name": "metrics", "containerPort": 9000 }],
+          "readinessProbe": { "httpGet": { "path": "/ok", "port": "metrics" } } }
+    ]);
+    let settings = InjectSettings {
+        native_sidecar: NativeSidecar::Always,
+        ..InjectSettings::default()
+    };
+    let injected = inject(&pod(doc), &enabled(), &settings, false).unwrap();
+    let out = json_of(&injected.pod);
+    let logs = container(&out["spec"]["initContainers"], "logs");
+    assert_eq!(
+        logs["readinessProbe"],
+        json!({ "httpGet": { "path": "/app-health/logs/readyz", "port": 15020, "scheme": "HTTP" } })
+    );
+    assert!(container(&out["spec"]["initContainers"], "setup")["readinessProbe"].is_null());
+    let originals: Value =
+        serde_json::from_str(out["metadata"]["annotations"][APP_PROBES].as_str().unwrap()).unwrap();
+    assert_eq!(
+        originals["/app-health/logs/readyz"],
+        json!({ "httpGet": { "path": "/ok", "port": 9000, "scheme": "HTTP" }, "timeoutSeconds": 1 })
+    );
+    assert!(originals["/app-health/app/livez"].is_object());
+    // Injecting the injected pod changes nothing.
+    let again = inject(&injected.pod, &enabled(), &settings, false).unwrap();
+    assert_eq!(json_of(&again.pod), out);
+}
+
 #[test]
 fn original_http_probes_carry_the_api_servers_defaults() {
     // The webhook sees a defaulted pod, `meshflow inject` the manifest: same annotation.
