@@ -9,14 +9,20 @@
 //! `timeoutSeconds`. The admin port is plaintext and never captured, so STRICT mTLS on the app's
 //! ports cannot fail a probe.
 //!
-//! - **HTTP(S)**: `GET` of the original `path` on `host` (default 127.0.0.1) and `port`, with the
+//! - **HTTP(S)**: `GET` of the original `path` on `host` (default: the pod IP, as the kubelet
+//!   probes it — `POD_IP`, which injection sets from the downward API — else 127.0.0.1) and
+//!   `port`, with the
 //!   original `httpHeaders` (a `Host` header sets the request's host) plus the kubelet's
 //!   defaults (`User-Agent: kube-probe/…`, `Accept: */*`, `Connection: close`); a status from
 //!   200 to 399 is a success (a redirect is not followed: 3xx succeeds). HTTPS does not verify
 //!   the app's certificate, as the kubelet does not.
-//! - **gRPC**: `grpc.health.v1.Health/Check` with the original `service` (plaintext HTTP/2);
+//! - **gRPC**: `grpc.health.v1.Health/Check` with the original `service` (plaintext HTTP/2, to
+//!   the same default host);
 //!   success is `SERVING`.
-//! - **TCP**: a connection to `host` (default 127.0.0.1) and `port`.
+//! - **TCP**: a connection to `host` (the same default) and `port`.
+//!
+//! The proxy's own connections are never captured, so probing the pod IP reaches the app
+//! directly; an app bound to loopback only fails, as it would fail the kubelet's probe.
 //!
 //! Only the declared paths are served (anything else under `/app-health/` is 404): the admin
 //! listener is no proxy to arbitrary ports. Concurrent requests for one path share one probe of
@@ -294,7 +300,7 @@ async fn perform(handler: &Handler, user_agent: &str, timeout: Duration) -> Outc
                 headers,
             } => http_probe(*https, host.as_deref(), *port, path, headers, user_agent).await,
             Handler::Tcp { host, port } => {
-                let host = host.as_deref().unwrap_or("127.0.0.1");
+                let host = host.as_deref().unwrap_or(default_host());
                 match TcpStream::connect((host, *port)).await {
                     Ok(_) => Outcome::ok(format!("TCP probe succeeded: {host}:{port} accepts")),
                     Err(e) => Outcome::failed(format!("dial tcp {host}:{port}: {e}")),
@@ -308,6 +314,18 @@ async fn perform(handler: &Handler, user_agent: &str, timeout: Duration) -> Outc
         .unwrap_or_else(|_| {
             Outcome::failed(format!("probe timed out after {}s", timeout.as_secs()))
         })
+}
+
+/// Where a probe without a `host` goes: the pod IP (`POD_IP`, from the downward API in an
+/// injected pod) like the kubelet's probe, else 127.0.0.1 (a sidecar outside Kubernetes).
+fn default_host() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        std::env::var("POD_IP")
+            .ok()
+            .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+            .map_or_else(|| "127.0.0.1".to_string(), |ip| ip.to_string())
+    })
 }
 
 /// `host:port`, bracketing an IPv6 address.
@@ -327,7 +345,7 @@ async fn http_probe(
     headers: &[(HeaderName, HeaderValue)],
     user_agent: &str,
 ) -> Outcome {
-    let connect_host = host.unwrap_or("127.0.0.1");
+    let connect_host = host.unwrap_or(default_host());
     let url = format!(
         "{}://{}{path}",
         if https { "https" } else { "http" },
@@ -499,7 +517,7 @@ fn serving_status(status: i32) -> &'static str {
 }
 
 async fn grpc_probe(port: u16, service: &str, timeout: Duration) -> Outcome {
-    let target = format!("127.0.0.1:{port}");
+    let target = authority(default_host(), port);
     let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{target}")) {
         Ok(e) => e.connect_timeout(timeout).timeout(timeout),
         Err(e) => return Outcome::failed(format!("gRPC probe of {target}: {e}")),
