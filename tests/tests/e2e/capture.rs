@@ -41,6 +41,9 @@ pub const ADMIN: u16 = 15020;
 pub const APP: u16 = 8080;
 pub const EXTRA: u16 = 8081;
 pub const LINE_ECHO: u16 = 7000;
+/// A port of B bound to its pod IP only: its TCP probe passes only when the proxy probes the
+/// pod IP (as the kubelet does), not 127.0.0.1.
+pub const POD_IP_ONLY: u16 = 7001;
 pub const OUTSIDE: u16 = 9000;
 
 /// Whether the test can run: network namespaces and iptables need root. Prints why not.
@@ -553,6 +556,9 @@ impl Mesh {
         tokio::spawn(line_echo(
             b.ns.listen(SocketAddr::new([0, 0, 0, 0].into(), LINE_ECHO)),
         ));
+        tokio::spawn(line_echo(
+            b.ns.listen(SocketAddr::new(b.ip.into(), POD_IP_ONLY)),
+        ));
 
         // Capture in A and B, then their sidecars.
         for pod in [&a, &b] {
@@ -566,7 +572,19 @@ impl Mesh {
             cp_address,
             trust_bundle: &trust_bundle,
         };
-        let sidecar_b = spec.start(&b, "backend", "backend", &token_b, &[]);
+        // B's original probes, as injection hands them over (meshflow.io/app-probes): a TCP
+        // probe without a host, of a port bound to the pod IP only.
+        let probes = json!({
+            "/app-health/app/readyz": { "tcpSocket": { "port": POD_IP_ONLY }, "timeoutSeconds": 1 }
+        })
+        .to_string();
+        let sidecar_b = spec.start(
+            &b,
+            "backend",
+            "backend",
+            &token_b,
+            &["--app-probes", &probes],
+        );
         let detect = format!("{}ms", options.detect_timeout.as_millis());
         let sidecar_a = spec.start(
             &a,
@@ -787,6 +805,8 @@ impl SidecarSpec<'_> {
             .args(["--admin", &format!("0.0.0.0:{ADMIN}")])
             .args(["--advertise", &format!("{}:{INBOUND}", net.ip)])
             .args(["--drain", "1s"])
+            // As injection sets it from the downward API.
+            .env("POD_IP", net.ip.to_string())
             .arg("--ready-file")
             .arg(&ready)
             .args(extra);
@@ -1017,6 +1037,11 @@ async fn network_namespaces_as_pods() {
         1.0,
         "{a_metrics}"
     );
+
+    // 1b. B's rewritten probe, asked on its admin port as the kubelet would: performed
+    // against the pod IP (the port is bound there only), answered 200.
+    let probe = mesh.admin(&mesh.b, "/app-health/app/readyz").await;
+    assert_eq!(probe.status, 200, "{probe:?}");
 
     // 2. HTTP/2 with prior knowledge to the cluster IP.
     let stream = mesh.a.ns.connect(http).await.unwrap();
