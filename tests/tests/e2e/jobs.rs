@@ -10,21 +10,33 @@ use meshflow_cli::up::LocalMesh;
 
 use crate::common::*;
 
-/// A local address other than loopback (the one the default route leaves from), so a
-/// connection from it is a non-loopback peer of this host's own listener.
+/// A local address other than loopback (the one the default route leaves from, else any
+/// interface's), so a connection from it is a non-loopback peer of this host's own listener.
 fn non_loopback_address() -> std::net::IpAddr {
+    let usable = |ip: &std::net::IpAddr| !ip.is_loopback() && !ip.is_unspecified();
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
     // No packet is sent: connecting a UDP socket only picks the route and source address.
-    socket
+    let routed = socket
         .connect("192.0.2.254:9")
         .or_else(|_| socket.connect("10.255.255.254:9"))
-        .expect("a route to a non-loopback address");
-    let ip = socket.local_addr().unwrap().ip();
-    assert!(
-        !ip.is_loopback() && !ip.is_unspecified(),
-        "this host has no non-loopback address to test from ({ip})"
-    );
-    ip
+        .ok()
+        .and_then(|()| socket.local_addr().ok())
+        .map(|a| a.ip())
+        .filter(usable);
+    // A host without a default route still has its interfaces' addresses.
+    let any_interface = || {
+        nix::ifaddrs::getifaddrs()
+            .ok()?
+            .filter_map(|i| {
+                i.address?
+                    .as_sockaddr_in()
+                    .map(|a| std::net::IpAddr::V4(a.ip()))
+            })
+            .find(usable)
+    };
+    routed.or_else(any_interface).unwrap_or_else(|| {
+        panic!("this host has no IPv4 address other than loopback to test a remote peer from")
+    })
 }
 
 /// `method /shutdown` on `admin`, from `from` (a local address) when given.
