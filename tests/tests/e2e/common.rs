@@ -506,3 +506,30 @@ pub async fn promtool_check(admin: &str, text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Opens `cap` idle connections to `addr` from the local address `from` and checks that one
+/// more from there is closed at once (a per-address connection cap). Returns the idle ones:
+/// dropping them frees their slots.
+pub async fn fill_per_address_cap(
+    addr: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    cap: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let connect = || async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+        socket.connect(addr).await.unwrap()
+    };
+    let mut idle = Vec::new();
+    for _ in 0..cap {
+        idle.push(connect().await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = connect().await;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut byte))
+        .await
+        .unwrap_or_else(|_| panic!("connection {} from {from} was left waiting", cap + 1));
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    idle
+}

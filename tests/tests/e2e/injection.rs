@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use meshflow_policies::inject::json_patch;
 
 use crate::cluster::{cluster, wait_for, TestNamespace, TEST_LABEL};
-use crate::common::{install_crypto, metric, metrics};
+use crate::common::{fill_per_address_cap, install_crypto, metric, metrics};
 
 /// The proxy image the tests inject (never pulled: there is no kubelet).
 const PROXY_IMAGE: &str = "meshflow.invalid/proxy:test";
@@ -826,23 +826,7 @@ async fn hostile_admission_reviews_are_refused_within_a_second_and_the_next_is_s
 
     // A pod holding idle connections (any pod can reach the webhook) gets at most 16; the
     // 17th is closed at once, and the API server's next review is still served.
-    let hog: std::net::IpAddr = [127, 0, 0, 2].into();
-    let connect_from = |ip: std::net::IpAddr| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
-        socket.connect(addr).await.unwrap()
-    };
-    let mut idle = Vec::new();
-    for _ in 0..16 {
-        idle.push(connect_from(hog).await);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut extra = connect_from(hog).await;
-    let mut byte = [0u8; 1];
-    let read = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut byte))
-        .await
-        .expect("the 17th connection from one address is closed at once");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let idle = fill_per_address_cap(addr, [127, 0, 0, 2].into(), 16).await;
     let (status, text, took) = post(addr, &tls, review(&ns.name, &web_pod(&ns.name))).await;
     eprintln!("a normal review beside 16 idle connections: {status} in {took:?}");
     assert_eq!(status, 200, "{text}");

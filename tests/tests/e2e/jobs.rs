@@ -139,26 +139,7 @@ async fn post_shutdown_from_loopback_ends_the_proxy_within_drain_plus_two_second
 
     // Bounded: one address holding idle connections gets 16; the 17th is closed at once, and
     // another client (the kubelet) is still served meanwhile.
-    let hog: std::net::IpAddr = [127, 0, 0, 2].into();
-    let connect_from = |ip: std::net::IpAddr| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
-        socket.connect(loopback).await.unwrap()
-    };
-    let mut idle = Vec::new();
-    for _ in 0..16 {
-        idle.push(connect_from(hog).await);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut extra = connect_from(hog).await;
-    let mut byte = [0u8; 1];
-    let read = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read(&mut extra, &mut byte),
-    )
-    .await
-    .expect("the connection over the per-address cap is closed, not left waiting");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let idle = fill_per_address_cap(loopback, [127, 0, 0, 2].into(), 16).await;
     assert_eq!(
         get_text(&backend.admin.replace("0.0.0.0", "127.0.0.1"), "/live").await,
         "ok\n"
