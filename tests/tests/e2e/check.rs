@@ -23,8 +23,9 @@ use meshflow_api::Bootstrap;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use serde_json::{json, Value};
 
-use crate::cluster::{self, cluster, wait_for, TestNamespace, SA_ISSUER, TEST_LABEL};
+use crate::cluster::{self, cluster, wait_for, TestNamespace, SA_ISSUER};
 use crate::common::install_crypto;
+use crate::injection::{register_webhook, WebhookConfiguration};
 use crate::kubernetes::{control_plane_server_name, spawn_with, Proc};
 
 /// The check's categories in the order it prints them (post-install).
@@ -100,21 +101,6 @@ async fn apply_crds() {
     ]);
 }
 
-/// The test's MutatingWebhookConfiguration; deleted when dropped.
-struct Webhook(String);
-
-impl Drop for Webhook {
-    fn drop(&mut self) {
-        let _ = cluster().kubectl(&[
-            "delete",
-            "mutatingwebhookconfiguration",
-            &self.0,
-            "--ignore-not-found",
-            "--wait=false",
-        ]);
-    }
-}
-
 /// One test's mesh: its namespace (labelled `meshflow.io/inject=enabled`), a Kubernetes-mode
 /// control plane with the injector on 127.0.0.1, and the webhook configuration
 /// `meshflow-injector-<namespace>` pointing at it (the control plane sets its caBundle).
@@ -122,7 +108,7 @@ struct Mesh {
     ns: TestNamespace,
     dir: tempfile::TempDir,
     cp: Proc,
-    webhook: Webhook,
+    webhook: WebhookConfiguration,
 }
 
 impl Mesh {
@@ -172,7 +158,7 @@ impl Mesh {
             &args,
             &cluster().kubeconfig,
         );
-        let webhook = register_webhook(&config_name, &ns.name, &cp.address("injector"));
+        let webhook = register_webhook(&config_name, &ns.name, cp.address("injector"));
         // Leadership is taken beside serving: wait for it, the check reads the Lease.
         wait_for(
             "the control plane to hold its Lease",
@@ -286,40 +272,6 @@ impl Mesh {
             ),
         )
     }
-}
-
-/// Registers `https://<injector>/inject` for pod creations in namespaces labelled
-/// `meshflow.io/inject: enabled` and `meshflow.io/test: <scope>` — the chart's webhook, scoped
-/// to the test — without a caBundle (the control plane sets it).
-fn register_webhook(name: &str, scope: &str, injector: &str) -> Webhook {
-    let configuration = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": { "name": name },
-        "webhooks": [{
-            "name": "inject.meshflow.io",
-            "clientConfig": { "url": format!("https://{injector}/inject") },
-            "rules": [{
-                "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                "resources": ["pods"], "scope": "Namespaced",
-            }],
-            "namespaceSelector": { "matchLabels": {
-                "meshflow.io/inject": "enabled", TEST_LABEL: scope,
-            }},
-            "objectSelector": { "matchExpressions": [{
-                "key": "meshflow.io/inject", "operator": "NotIn", "values": ["disabled"],
-            }]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1", "v1beta1"],
-            "timeoutSeconds": 10,
-            "failurePolicy": "Fail",
-            "reinvocationPolicy": "IfNeeded",
-        }],
-    });
-    let guard = Webhook(name.to_string());
-    let out = cluster().kubectl_with_input(&["apply", "-f", "-"], &configuration.to_string());
-    assert!(out.status.success(), "register the webhook: {out:?}");
-    guard
 }
 
 /// An injected pod `web-1` (ServiceAccount `web`) made Running, and a real sidecar for it — a

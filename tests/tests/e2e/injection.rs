@@ -55,7 +55,8 @@ impl Drop for ControlPlane {
 }
 
 /// A cluster-scoped MutatingWebhookConfiguration of this test; deleted when dropped.
-struct WebhookConfiguration(String);
+/// A MutatingWebhookConfiguration of a test, deleted when dropped.
+pub(crate) struct WebhookConfiguration(pub(crate) String);
 
 impl Drop for WebhookConfiguration {
     fn drop(&mut self) {
@@ -186,10 +187,10 @@ fn label(ns: &str, labels: &[&str]) {
 /// Registers the webhook `https://<injector>/inject` for pod creations in namespaces labelled
 /// `meshflow.io/inject: enabled` *and* `meshflow.io/test: <scope>` — the chart's webhook plus
 /// the test scope — without a caBundle: the control plane (`--injector-webhook-config`) sets it.
-fn register_webhook(
+pub(crate) fn register_webhook(
     name: &str,
     scope: &str,
-    injector: std::net::SocketAddr,
+    injector: impl std::fmt::Display,
 ) -> WebhookConfiguration {
     let configuration = json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -216,7 +217,8 @@ fn register_webhook(
         }],
     });
     let guard = WebhookConfiguration(name.to_string());
-    cluster().kubectl_with_input(&["apply", "-f", "-"], &configuration.to_string());
+    let out = cluster().kubectl_with_input(&["apply", "-f", "-"], &configuration.to_string());
+    assert!(out.status.success(), "register the webhook: {out:?}");
     guard
 }
 
