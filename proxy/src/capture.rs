@@ -18,7 +18,7 @@
 //! ```
 //!
 //! A redirected connection keeps its original destination in conntrack; the proxy reads it
-//! with `SO_ORIGINAL_DST` (see [`crate::transparent`]).
+//! with `SO_ORIGINAL_DST` (see [`crate::outbound::transparent`]).
 //!
 //! Applied with `iptables-restore --noflush` — one atomic transaction, nothing outside the
 //! `MESHFLOW_*` chains touched. Declaring a chain flushes it (also with `--noflush`), so the

@@ -2,7 +2,7 @@
 //!
 //! - Inbound listener: TLS 1.3 only, client certificate required (SPIFFE X.509-SVID from the
 //!   mesh CA, exactly one URI SAN in the trust domain); plaintext on the same port only under
-//!   PeerAuthentication PERMISSIVE ([`inbound_accept`]). Checks JWTs (RequestAuthentication) and
+//!   PeerAuthentication PERMISSIVE ([`inbound::accept`]). Checks JWTs (RequestAuthentication) and
 //!   AuthorizationPolicy, then forwards to the app on 127.0.0.1 with one XFCC header from the
 //!   verified peer.
 //! - Outbound listener (127.0.0.1): routes by authority to a mesh service, originates mTLS over
@@ -10,32 +10,30 @@
 //! - Admin listener: `/ready`, `/live`, `/metrics`, `/config_dump`, `POST /shutdown`.
 //! - Traffic capture: `meshflow-proxy init` installs the pod's iptables rules ([`capture`]);
 //!   connections they redirect to the outbound listener are proxied transparently by their
-//!   original destination ([`transparent`]).
+//!   original destination ([`outbound::transparent`]).
 //!
-//! The Pingora `ProxyHttp` impls ([`inbound`], [`outbound`]) are thin adapters over pure
-//! functions ([`http_hygiene`], [`routing`]).
+//! Folders by layer: [`inbound`] (accept, admission, forwarding to the app), [`outbound`]
+//! (compiled routes, balancing, retries, transparent capture), [`identity`] (SVID, trust
+//! bundle, TLS verification), [`config`] (bootstrap, control-plane client, snapshots), [`http`]
+//! (request hygiene shared by both directions), [`telemetry`] (metrics, access log). The Pingora
+//! `ProxyHttp` impls are thin adapters over pure functions (here and in `meshflow_policies`).
 
-pub mod access_log;
 pub mod admin;
 pub mod app_probes;
-pub mod balancer;
-pub mod bootstrap;
 pub mod capture;
-pub mod config_state;
-pub mod cp_client;
-pub mod http_hygiene;
+pub mod config;
+pub mod http;
 pub mod identity;
 pub mod inbound;
-pub mod inbound_accept;
-pub mod listener_common;
-pub mod metrics;
 pub mod outbound;
-pub mod plan;
-pub mod resilience;
-pub mod routing;
 pub mod shared;
-pub mod transparent;
+pub mod telemetry;
 pub mod wait_ready;
+
+use crate::config::{bootstrap, client as cp_client};
+use crate::inbound::accept as inbound_accept;
+use crate::outbound::transparent;
+use crate::telemetry::{access_log, metrics};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -349,7 +347,7 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         tracing,
         metered_services: Arc::default(),
         identity: identity_state.clone(),
-        config: Arc::new(config_state::ConfigState::default()),
+        config: Arc::new(config::ConfigState::default()),
         metrics: metrics.clone(),
         registry,
         workload: bootstrap.workload.clone(),

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use meshflow_policies::AppProtocol;
 use prometheus::Registry;
 
-use crate::config_state::ConfigState;
+use crate::config::ConfigState;
 use crate::identity::IdentityState;
-use crate::metrics::ProxyMetrics;
+use crate::telemetry::metrics::ProxyMetrics;
 
 /// Everything a request handler may read. Cheap to clone (all `Arc`s).
 #[derive(Clone)]
@@ -36,17 +36,17 @@ pub struct Shared {
     /// The effective settings, shown at `/config_dump`.
     pub settings: Arc<serde_json::Value>,
     /// Retry budgets per destination service.
-    pub budgets: Arc<crate::plan::Budgets>,
+    pub budgets: Arc<crate::outbound::plan::Budgets>,
     /// Endpoint statistics (latency, in-flight, ejection).
-    pub balancer: Arc<crate::balancer::Balancer>,
+    pub balancer: Arc<crate::outbound::balancer::Balancer>,
     /// Outstanding requests per destination service (for `maxPendingRequests`).
-    pub outstanding: Arc<crate::plan::Outstanding>,
+    pub outstanding: Arc<crate::outbound::plan::Outstanding>,
     /// The structured access log, when enabled.
-    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    pub access_log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
     /// Span creation, propagation and OTLP export.
     pub tracing: meshflow_telemetry::Tracing,
     /// Destination services whose zero-valued series exist (see
-    /// [`crate::metrics::ProxyMetrics::init_service`]): only services this sidecar called.
+    /// [`crate::telemetry::metrics::ProxyMetrics::init_service`]): only services this sidecar called.
     pub metered_services: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
@@ -82,10 +82,20 @@ pub fn set_trace_headers(
     span: &meshflow_telemetry::Span,
 ) -> pingora_error::Result<()> {
     use meshflow_telemetry::SpanTrait as _;
+    let context = span.span_context();
     while request.remove_header("traceparent").is_some() {}
     while request.remove_header("tracestate").is_some() {}
-    for (name, value) in meshflow_telemetry::headers_for(span.span_context()) {
-        request.insert_header(name, value)?;
+    request.insert_header(
+        "traceparent",
+        meshflow_telemetry::traceparent(
+            context.trace_id(),
+            context.span_id(),
+            context.is_sampled(),
+        ),
+    )?;
+    let state = context.trace_state().header();
+    if !state.is_empty() {
+        request.insert_header("tracestate", state)?;
     }
     if tracing.accepts_b3() {
         for name in meshflow_telemetry::B3_HEADERS {
@@ -94,6 +104,22 @@ pub fn set_trace_headers(
         request.insert_header("b3", meshflow_telemetry::b3_header_for(span.span_context()))?;
     }
     Ok(())
+}
+
+/// The span name for `method` (OpenTelemetry HTTP semantic conventions: the method), without
+/// allocating for the methods of RFC 9110 §9.3.
+pub fn method_span_name(method: &http::Method) -> std::borrow::Cow<'static, str> {
+    use std::borrow::Cow;
+    match *method {
+        http::Method::GET => Cow::Borrowed("GET"),
+        http::Method::POST => Cow::Borrowed("POST"),
+        http::Method::PUT => Cow::Borrowed("PUT"),
+        http::Method::DELETE => Cow::Borrowed("DELETE"),
+        http::Method::HEAD => Cow::Borrowed("HEAD"),
+        http::Method::PATCH => Cow::Borrowed("PATCH"),
+        http::Method::OPTIONS => Cow::Borrowed("OPTIONS"),
+        _ => Cow::Owned(method.as_str().to_string()),
+    }
 }
 
 /// Marks `span` failed when the response is an error: HTTP status at or above
@@ -106,6 +132,9 @@ pub fn finish_span(
     error_from: u16,
 ) {
     use meshflow_telemetry::SpanTrait as _;
+    if !span.is_recording() {
+        return;
+    }
     span.set_attribute(opentelemetry::KeyValue::new(
         "http.response.status_code",
         i64::from(status),

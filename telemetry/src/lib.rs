@@ -15,7 +15,9 @@
 //!   `k8s.namespace.name` = namespace, `service.instance.id` = SPIFFE ID when known.
 //!
 //! Span ids are always generated (also without an exporter), so trace context propagates
-//! whether or not spans are exported.
+//! whether or not spans are exported. Without an exporter a span is only its context
+//! ([`Span::Unrecorded`]): no SDK span, no attributes, no allocation beyond the ids — tracing
+//! that exports nothing costs (almost) nothing per request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +35,79 @@ use opentelemetry_sdk::Resource;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
 pub use opentelemetry::trace::{Span as SpanTrait, Status};
-pub use opentelemetry_sdk::trace::Span;
+
+/// A span from [`Tracing::start`]: recorded by the SDK when an exporter exists, otherwise only
+/// its context (ids and sampled flag, for propagation). Setters on an unrecorded span do
+/// nothing.
+#[derive(Debug)]
+pub enum Span {
+    /// An SDK span (exported when sampled and ended).
+    Recorded(opentelemetry_sdk::trace::Span),
+    /// Only the context: nothing is recorded or exported.
+    Unrecorded(SpanContext),
+}
+
+impl SpanTrait for Span {
+    fn add_event_with_timestamp<T>(
+        &mut self,
+        name: T,
+        timestamp: std::time::SystemTime,
+        attributes: Vec<KeyValue>,
+    ) where
+        T: Into<std::borrow::Cow<'static, str>>,
+    {
+        if let Span::Recorded(s) = self {
+            s.add_event_with_timestamp(name, timestamp, attributes);
+        }
+    }
+
+    fn span_context(&self) -> &SpanContext {
+        match self {
+            Span::Recorded(s) => s.span_context(),
+            Span::Unrecorded(cx) => cx,
+        }
+    }
+
+    fn is_recording(&self) -> bool {
+        match self {
+            Span::Recorded(s) => s.is_recording(),
+            Span::Unrecorded(_) => false,
+        }
+    }
+
+    fn set_attribute(&mut self, attribute: KeyValue) {
+        if let Span::Recorded(s) = self {
+            s.set_attribute(attribute);
+        }
+    }
+
+    fn set_status(&mut self, status: Status) {
+        if let Span::Recorded(s) = self {
+            s.set_status(status);
+        }
+    }
+
+    fn update_name<T>(&mut self, new_name: T)
+    where
+        T: Into<std::borrow::Cow<'static, str>>,
+    {
+        if let Span::Recorded(s) = self {
+            s.update_name(new_name);
+        }
+    }
+
+    fn add_link(&mut self, span_context: SpanContext, attributes: Vec<KeyValue>) {
+        if let Span::Recorded(s) = self {
+            s.add_link(span_context, attributes);
+        }
+    }
+
+    fn end_with_timestamp(&mut self, timestamp: std::time::SystemTime) {
+        if let Span::Recorded(s) = self {
+            s.end_with_timestamp(timestamp);
+        }
+    }
+}
 
 /// Spans queued for export at most; more are dropped and counted.
 pub const QUEUE_CAPACITY: usize = 4096;
@@ -337,6 +411,13 @@ impl Tracing {
     /// The trace context in `headers`: a valid W3C `traceparent` (+ `tracestate`), else B3
     /// when accepted, else none (the next span is a root).
     pub fn extract(&self, headers: &http::HeaderMap) -> Context {
+        // The common case of a request that starts a trace here: nothing to parse.
+        if !headers.contains_key("traceparent")
+            && (self.b3.is_none()
+                || B3_HEADERS.iter().all(|name| !headers.contains_key(*name)))
+        {
+            return Context::new();
+        }
         let cx = TraceContextPropagator::new().extract(&W3cExtract::new(headers));
         if cx.span().span_context().is_valid() {
             return cx;
@@ -364,18 +445,55 @@ impl Tracing {
     }
 
     /// Starts a span named `name` of `kind` under `parent` (see [`Tracing::extract`]).
+    /// `attributes` is called only when the span is recorded (an exporter exists). Sampling is
+    /// OpenTelemetry's `ParentBased(TraceIdRatioBased)` either way, so the sampled flag sent
+    /// to the next hop does not depend on whether this process exports.
     pub fn start(
         &self,
         name: impl Into<std::borrow::Cow<'static, str>>,
         kind: SpanKind,
         parent: &Context,
-        attributes: Vec<KeyValue>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Span {
-        self.tracer.build_with_context(
-            SpanBuilder::from_name(name)
-                .with_kind(kind)
-                .with_attributes(attributes),
-            parent,
+        if self.flush.is_none() {
+            return Span::Unrecorded(self.unrecorded(parent));
+        }
+        Span::Recorded(
+            self.tracer.build_with_context(
+                SpanBuilder::from_name(name)
+                    .with_kind(kind)
+                    .with_attributes(attributes()),
+                parent,
+            ),
+        )
+    }
+
+    /// A new span's context under `parent` without the SDK: the parent's trace id, flags and
+    /// trace state with a new span id, or a new root sampled with the configured ratio.
+    fn unrecorded(&self, parent: &Context) -> SpanContext {
+        use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+        let parent = parent.span();
+        let parent = parent.span_context();
+        if parent.is_valid() {
+            return SpanContext::new(
+                parent.trace_id(),
+                RandomIdGenerator::default().new_span_id(),
+                parent.trace_flags() & TraceFlags::SAMPLED,
+                false,
+                parent.trace_state().clone(),
+            );
+        }
+        let (trace_id, span_id, sampled) = new_root(self.ratio);
+        SpanContext::new(
+            trace_id,
+            span_id,
+            if sampled {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            },
+            false,
+            TraceState::default(),
         )
     }
 
@@ -702,7 +820,7 @@ mod tests {
             "GET",
             SpanKind::Server,
             &t.extract(&headers(&[("traceparent", parent)])),
-            vec![],
+            Vec::new,
         );
         let sc = span.span_context();
         assert_eq!(
@@ -732,7 +850,7 @@ mod tests {
                 "GET",
                 SpanKind::Server,
                 &t.extract(&headers(&[("traceparent", bad)])),
-                vec![],
+                Vec::new,
             );
             let sc = span.span_context();
             assert!(sc.is_valid(), "{bad}");
@@ -757,7 +875,7 @@ mod tests {
             "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7".parse().unwrap(),
         );
         h.append("tracestate", "vendor=x".parse().unwrap());
-        let span = t.start("GET", SpanKind::Server, &t.extract(&h), vec![]);
+        let span = t.start("GET", SpanKind::Server, &t.extract(&h), Vec::new);
         let out = headers_for(span.span_context());
         let state = out
             .iter()
@@ -780,7 +898,7 @@ mod tests {
                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             )]);
             h.insert("tracestate", bad.parse().unwrap());
-            let span = t.start("GET", SpanKind::Server, &t.extract(&h), vec![]);
+            let span = t.start("GET", SpanKind::Server, &t.extract(&h), Vec::new);
             let out = headers_for(span.span_context());
             assert_eq!(out.len(), 1, "{bad}: {out:?}");
             assert!(out[0].1.contains("0af7651916cd43dd8448eb211c80319c"));
@@ -791,7 +909,7 @@ mod tests {
                 "traceparent",
                 &format!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}"),
             )]);
-            let span = t.start("GET", SpanKind::Server, &t.extract(&h), vec![]);
+            let span = t.start("GET", SpanKind::Server, &t.extract(&h), Vec::new);
             assert_eq!(
                 span.span_context().trace_id().to_string(),
                 "0af7651916cd43dd8448eb211c80319c",
@@ -810,7 +928,7 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        let span = t.start("GET", SpanKind::Server, &t.extract(&two), vec![]);
+        let span = t.start("GET", SpanKind::Server, &t.extract(&two), Vec::new);
         assert!(!span
             .span_context()
             .trace_id()
@@ -872,7 +990,7 @@ mod tests {
             "GET",
             SpanKind::Server,
             &t.extract(&headers(&[("traceparent", unsampled)])),
-            vec![],
+            Vec::new,
         );
         assert!(!span.span_context().is_sampled());
         assert!(headers_for(span.span_context())[0].1.ends_with("-00"));
@@ -951,7 +1069,7 @@ mod tests {
             &registry,
         )
         .unwrap();
-        t.start("GET", SpanKind::Client, &Context::new(), vec![])
+        t.start("GET", SpanKind::Client, &Context::new(), Vec::new)
             .end();
         let failed = || {
             registry
@@ -975,7 +1093,7 @@ mod tests {
         }
         assert_eq!(failed(), 1.0);
         // A flush answers once the queue is empty (here: the export failed again at once).
-        t.start("GET", SpanKind::Client, &Context::new(), vec![])
+        t.start("GET", SpanKind::Client, &Context::new(), Vec::new)
             .end();
         assert!(t.flush(Duration::from_secs(20)), "flush did not finish");
         assert_eq!(failed(), 2.0, "the flush exported the queued span");

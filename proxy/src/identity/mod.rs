@@ -21,7 +21,7 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
 
-use crate::metrics::ProxyMetrics;
+use crate::telemetry::metrics::ProxyMetrics;
 
 /// Errors building identity material.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,9 @@
 //! The config snapshot in force, converted from the control plane's proto into lookup tables.
 //! The last good snapshot stays in force while the control plane is away or sends a bad one.
 
+pub mod bootstrap;
+pub mod client;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use meshflow_policies::traffic::{LoadBalancerPolicy, OutlierDetection};
 
-use crate::config_state::Endpoint;
+use crate::config::Endpoint;
 
 /// How fast old latency observations fade (peak-EWMA decay time).
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);

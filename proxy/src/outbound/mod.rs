@@ -1,14 +1,21 @@
 //! The outbound listener (Pingora adapter): requests from the local app (127.0.0.1 only) are
 //! routed by authority to a mesh service, sent to one of its endpoints over mTLS (HTTP/2), and
 //! the server must prove the destination's expected identity. A connection the capture rules
-//! redirected here ([`crate::transparent`]) is routed by its original destination instead (a
+//! redirected here ([`crate::outbound::transparent`]) is routed by its original destination instead (a
 //! service's cluster IP, or one endpoint's pod IP); everything after routing is the same.
 //!
 //! Resilience: the destination's TrafficPolicy (or the defaults) becomes an [`AttemptPlan`];
-//! the decisions come from [`crate::resilience`]. Retries are Pingora retries: a retryable
+//! the decisions come from [`crate::outbound::resilience`]. Retries are Pingora retries: a retryable
 //! response is turned into a retryable error in `upstream_response_filter` (nothing has been
 //! sent downstream yet), Pingora replays the buffered request body (64 KiB), and
 //! `upstream_peer` waits the backoff and picks another endpoint when there is one.
+
+pub mod balancer;
+pub mod plan;
+pub mod resilience;
+pub mod route;
+pub mod routing;
+pub mod transparent;
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -22,16 +29,16 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::balancer::{Balancer, EndpointStats, Health, InFlight};
-use crate::config_state::Endpoint;
-use crate::listener_common::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
-use crate::metrics::Traffic;
-use crate::plan::{AttemptPlan, OutstandingSlot};
-use crate::resilience::{
+use crate::outbound::balancer::{Balancer, EndpointStats, Health, InFlight};
+use crate::config::Endpoint;
+use crate::http::listener::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
+use crate::telemetry::metrics::Traffic;
+use crate::outbound::plan::{AttemptPlan, OutstandingSlot};
+use crate::outbound::resilience::{
     backoff_delay, format_grpc_timeout, is_idempotent, matches_retry_on, parse_grpc_pushback,
     parse_grpc_timeout, parse_retry_after, pushback_wait, AttemptOutcome, Pushback, RetryBudget,
 };
-use crate::routing::parse_authority;
+use crate::outbound::routing::parse_authority;
 use crate::shared::Shared;
 use meshflow_policies::SpiffeId;
 use meshflow_telemetry::SpanTrait as _;
@@ -151,7 +158,7 @@ pub struct OutboundCtx {
     /// A captured connection to a pod IP: every attempt goes to this endpoint.
     pinned: Option<Endpoint>,
     /// A captured connection: the port on the destination pod and whether the app spoke
-    /// HTTP/2 (sent as [`crate::transparent::TARGET_PORT_HEADER`]).
+    /// HTTP/2 (sent as [`crate::outbound::transparent::TARGET_PORT_HEADER`]).
     target_port: Option<(u16, bool)>,
 }
 
@@ -444,13 +451,15 @@ impl ProxyHttp for OutboundProxy {
             let req = session.req_header();
             let parent = self.shared.tracing.extract(&req.headers);
             ctx.span = Some(self.shared.tracing.start(
-                req.method.as_str().to_string(),
+                crate::shared::method_span_name(&req.method),
                 SpanKind::Client,
                 &parent,
-                vec![
-                    KeyValue::new("http.request.method", req.method.as_str().to_string()),
-                    KeyValue::new("meshflow.direction", "outbound"),
-                ],
+                || {
+                    vec![
+                        KeyValue::new("http.request.method", req.method.as_str().to_string()),
+                        KeyValue::new("meshflow.direction", "outbound"),
+                    ]
+                },
             ));
         }
         if refuse_bad_request(session, &self.shared, "outbound").await? {
@@ -466,7 +475,7 @@ impl ProxyHttp for OutboundProxy {
         let redirected = session
             .digest()
             .and_then(|d| d.socket_digest.as_ref())
-            .and_then(|d| crate::transparent::redirected_destination(d));
+            .and_then(|d| crate::outbound::transparent::redirected_destination(d));
         let key = if let Some(original) = redirected {
             let Some(destination) = snapshot.destination(original) else {
                 return self
@@ -774,7 +783,7 @@ impl ProxyHttp for OutboundProxy {
         upstream_request.remove_header(TIMEOUT_HEADER);
         upstream_request.remove_header(RETRY_DEADLINE_HEADER);
         // Only this sidecar names the destination port (an app's copy never passes).
-        use crate::transparent::{target_port_value, TARGET_PORT_HEADER};
+        use crate::outbound::transparent::{target_port_value, TARGET_PORT_HEADER};
         while upstream_request.remove_header(TARGET_PORT_HEADER).is_some() {}
         if let Some((port, h2)) = ctx.target_port {
             upstream_request.insert_header(TARGET_PORT_HEADER, target_port_value(port, h2))?;
@@ -1033,11 +1042,14 @@ impl ProxyHttp for OutboundProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let trace_id = ctx
-            .span
+        // Only the access log wants the trace id as text; only a recorded span attributes.
+        let trace_id = self
+            .shared
+            .access_log
             .as_ref()
+            .and(ctx.span.as_ref())
             .map(|s| s.span_context().trace_id().to_string());
-        if let Some(span) = ctx.span.as_mut() {
+        if let Some(span) = ctx.span.as_mut().filter(|s| s.is_recording()) {
             span.set_attribute(KeyValue::new(
                 "url.path",
                 session.req_header().uri.path().to_string(),

@@ -11,7 +11,7 @@ use meshflow_policies::traffic::{
     TrafficPolicy, DEFAULT_CONNECT, DEFAULT_STREAM_IDLE,
 };
 
-use crate::resilience::{RetryBudget, DEFAULT_RETRY_ON};
+use crate::outbound::resilience::{RetryBudget, DEFAULT_RETRY_ON};
 
 /// Concrete resilience settings for one request.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,6 +4,8 @@
 //! given one XFCC from the verified peer (none for plaintext), and forwarded to the app on
 //! 127.0.0.1.
 
+pub mod accept;
+
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -13,9 +15,9 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::http_hygiene::{xfcc_value, XFCC};
+use crate::http::hygiene::{xfcc_value, XFCC};
 use crate::identity::PeerIdentity;
-use crate::listener_common::{
+use crate::http::listener::{
     refuse_bad_request, respond_to_failure, scrub_forwarded_request, strip_mesh_owned,
 };
 use crate::shared::Shared;
@@ -28,7 +30,7 @@ use meshflow_telemetry::SpanTrait as _;
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
 
-use crate::metrics::Traffic;
+use crate::telemetry::metrics::Traffic;
 
 /// Per-request state.
 pub struct InboundCtx {
@@ -52,7 +54,7 @@ pub struct InboundCtx {
     grpc_status: Option<String>,
     /// Refused for framing or header size (already counted).
     refused: bool,
-    /// The port the request goes to ([`crate::transparent::TARGET_PORT_HEADER`] from a
+    /// The port the request goes to ([`crate::outbound::transparent::TARGET_PORT_HEADER`] from a
     /// verified sidecar) when it is not the app port, and whether the caller spoke HTTP/2.
     target_port: Option<(u16, bool)>,
 }
@@ -248,17 +250,32 @@ impl InboundProxy {
                 .with_label_values(&["audit", audited])
                 .inc();
         }
-        tracing::info!(
-            target: "meshflow::access",
-            decision = verdict,
-            policy = %policy,
-            rule = ?decision.rule,
-            audited = ?decision.audited,
-            principal = %attributes.principal.as_deref().unwrap_or("-"),
-            method = %attributes.method,
-            path = %path,
-            "authorization"
-        );
+        // Denials are logged (rare, and what an operator looks for); an allowed request is
+        // not, at info: the JSON access log (`--access-log`) is the per-request record.
+        if decision.allowed {
+            tracing::debug!(
+                target: "meshflow::access",
+                decision = verdict,
+                policy = %policy,
+                rule = ?decision.rule,
+                principal = %attributes.principal.as_deref().unwrap_or("-"),
+                method = %attributes.method,
+                path = %path,
+                "authorization"
+            );
+        } else {
+            tracing::info!(
+                target: "meshflow::access",
+                decision = verdict,
+                policy = %policy,
+                rule = ?decision.rule,
+                audited = ?decision.audited,
+                principal = %attributes.principal.as_deref().unwrap_or("-"),
+                method = %attributes.method,
+                path = %path,
+                "authorization"
+            );
+        }
         if !decision.allowed {
             session
                 .respond_error_with_body(403, bytes::Bytes::from_static(b"RBAC: access denied\n"))
@@ -295,7 +312,7 @@ impl ProxyHttp for InboundProxy {
             Ok(Some(peer)) => Some(peer),
             // Plaintext: only while the mode is PERMISSIVE (it may have changed since accept).
             Ok(None)
-                if crate::inbound_accept::current_mode(&self.shared) == MtlsMode::Permissive =>
+                if crate::inbound::accept::current_mode(&self.shared) == MtlsMode::Permissive =>
             {
                 None
             }
@@ -320,18 +337,22 @@ impl ProxyHttp for InboundProxy {
         {
             let req = session.req_header();
             let parent = self.shared.tracing.extract(&req.headers);
-            let mut attributes = vec![
-                KeyValue::new("http.request.method", req.method.as_str().to_string()),
-                KeyValue::new("meshflow.direction", "inbound"),
-            ];
-            if let Some(peer) = &ctx.peer {
-                attributes.push(KeyValue::new("meshflow.peer.principal", peer.principal()));
-            }
+            let peer = &ctx.peer;
             ctx.span = Some(self.shared.tracing.start(
-                req.method.as_str().to_string(),
+                crate::shared::method_span_name(&req.method),
                 SpanKind::Server,
                 &parent,
-                attributes,
+                || {
+                    let mut attributes = vec![
+                        KeyValue::new("http.request.method", req.method.as_str().to_string()),
+                        KeyValue::new("meshflow.direction", "inbound"),
+                    ];
+                    if let Some(peer) = peer {
+                        attributes
+                            .push(KeyValue::new("meshflow.peer.principal", peer.principal()));
+                    }
+                    attributes
+                },
             ));
         }
         if refuse_bad_request(session, &self.shared, "inbound").await? {
@@ -345,9 +366,9 @@ impl ProxyHttp for InboundProxy {
             ctx.target_port = session
                 .req_header()
                 .headers
-                .get(crate::transparent::TARGET_PORT_HEADER)
+                .get(crate::outbound::transparent::TARGET_PORT_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(crate::transparent::parse_target_port)
+                .and_then(crate::outbound::transparent::parse_target_port)
                 .filter(|(port, _)| *port != self.shared.app_port);
             if let Some((port, _)) = ctx.target_port {
                 if self.own_ports.contains(&port) {
@@ -376,7 +397,7 @@ impl ProxyHttp for InboundProxy {
         _ctx: &mut Self::CTX,
     ) -> Result<()> {
         // One last-chunk to an HTTP/1.1 app, whatever frame ended the body (issue 12, item 1).
-        crate::http_hygiene::drop_empty_final_chunk(body, end_of_stream);
+        crate::http::hygiene::drop_empty_final_chunk(body, end_of_stream);
         Ok(())
     }
 
@@ -505,11 +526,14 @@ impl ProxyHttp for InboundProxy {
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let trace_id = ctx
-            .span
+        // Only the access log wants the trace id as text; only a recorded span attributes.
+        let trace_id = self
+            .shared
+            .access_log
             .as_ref()
+            .and(ctx.span.as_ref())
             .map(|s| s.span_context().trace_id().to_string());
-        if let Some(span) = ctx.span.as_mut() {
+        if let Some(span) = ctx.span.as_mut().filter(|s| s.is_recording()) {
             if let Some(path) = &ctx.normalized_path {
                 span.set_attribute(KeyValue::new("url.path", path.clone()));
             }

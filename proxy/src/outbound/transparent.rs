@@ -24,7 +24,7 @@
 //!   connection is not captured again: its UID is excluded) or refused (`REGISTRY_ONLY`:
 //!   an HTTP/1 client gets a 502 with `meshflow-proxy-error: registry-only`, others a close).
 //!
-//! **Inbound.** [`crate::inbound_accept::InboundAccept`] hands a TLS connection that
+//! **Inbound.** [`crate::inbound::accept::InboundAccept`] hands a TLS connection that
 //! negotiated [`OPAQUE_ALPN`] to [`serve_inbound_opaque`]: the verified peer, the preamble's
 //! port and AuthorizationPolicy (Istio's TCP semantics: HTTP-only fields make an ALLOW rule
 //! match nothing and are ignored in a DENY rule) decide; the bytes go to that port on the
@@ -50,7 +50,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config_state::{ConfigSnapshot, Destination, Endpoint};
+use crate::config::{ConfigSnapshot, Destination, Endpoint};
 use crate::identity::PeerIdentity;
 use crate::outbound::OutboundProxy;
 use crate::shared::Shared;
@@ -540,7 +540,7 @@ pub async fn serve_inbound_opaque<S>(
         return;
     };
     let Ok(Some(port)) = tokio::time::timeout(
-        crate::inbound_accept::FIRST_BYTES_TIMEOUT,
+        crate::inbound::accept::FIRST_BYTES_TIMEOUT,
         read_preamble(&mut tls),
     )
     .await

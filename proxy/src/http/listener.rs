@@ -1,12 +1,12 @@
 //! Request checks both listeners apply before anything else (framing, header size), as thin
-//! Pingora glue over [`crate::http_hygiene`].
+//! Pingora glue over [`crate::http::hygiene`].
 
 use bytes::Bytes;
 use pingora_error::{Error, ErrorSource, ErrorType};
 use pingora_http::RequestHeader;
 use pingora_proxy::{FailToProxy, Session};
 
-use crate::http_hygiene::{
+use crate::http::hygiene::{
     check_request_framing, header_section_size, hop_by_hop_to_remove, mesh_owned_names,
     PROXY_SET_HEADERS,
 };
@@ -27,7 +27,7 @@ pub async fn refuse_bad_request(
             match raw_framing_headers(&h1.get_headers_raw_bytes()) {
                 Some(raw) => check_request_framing(&raw),
                 // Fail closed: a head we cannot re-read is not forwarded.
-                None => Err(crate::http_hygiene::FramingError::BadTransferEncoding),
+                None => Err(crate::http::hygiene::FramingError::BadTransferEncoding),
             }
         }
         _ => check_request_framing(headers),

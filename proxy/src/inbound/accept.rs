@@ -11,7 +11,7 @@
 //! The mode is read per connection (and again per request by the inbound proxy), so a
 //! PeerAuthentication change applies without rebinding the port.
 //!
-//! Transparent proxying ([`crate::transparent`]): a TLS connection that negotiated ALPN
+//! Transparent proxying ([`crate::outbound::transparent`]): a TLS connection that negotiated ALPN
 //! `meshflow-opaque` is an opaque TCP stream from another sidecar, not HTTP; a plaintext
 //! connection the capture rules redirected from a port other than the app port is passed to
 //! that port under PERMISSIVE when AuthorizationPolicy allows it (TCP semantics, no principal;
@@ -31,7 +31,7 @@ use pingora_proxy::HttpProxy;
 
 use crate::inbound::InboundProxy;
 use crate::shared::Shared;
-use crate::transparent::{TransparentSettings, OPAQUE_ALPN};
+use crate::outbound::transparent::{TransparentSettings, OPAQUE_ALPN};
 
 /// How long a new connection may take to send its first byte and finish a TLS handshake.
 pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,7 +115,7 @@ impl ServerApp for InboundAccept {
             .and_then(|d| d.local_addr().and_then(|a| a.as_inet().copied()));
         let redirected = digest
             .as_ref()
-            .and_then(|d| crate::transparent::redirected_destination(d));
+            .and_then(|d| crate::outbound::transparent::redirected_destination(d));
         let peer_ip = digest
             .as_ref()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().map(|a| a.ip())));
@@ -132,7 +132,7 @@ impl ServerApp for InboundAccept {
                     let opaque = matches!(tls.selected_alpn_proto(),
                         Some(ALPN::Custom(ref c)) if c.protocol() == OPAQUE_ALPN);
                     if let (true, Some(local)) = (opaque, local) {
-                        crate::transparent::serve_inbound_opaque(
+                        crate::outbound::transparent::serve_inbound_opaque(
                             tls,
                             &self.shared,
                             &self.transparent,
@@ -159,7 +159,7 @@ impl ServerApp for InboundAccept {
                 if original.port() != self.shared.app_port
                     && !self.transparent.own_ports.contains(&original.port())
                 {
-                    crate::transparent::inbound_passthrough(
+                    crate::outbound::transparent::inbound_passthrough(
                         &self.shared,
                         l4,
                         local.ip(),

@@ -14,7 +14,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, Mutex};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config_state::ConfigSnapshot;
+use crate::config::ConfigSnapshot;
 use crate::identity::Svid;
 use crate::shared::Shared;
 

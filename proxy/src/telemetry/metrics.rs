@@ -37,7 +37,7 @@ pub struct ProxyMetrics {
     /// `error`.
     pub renewals: IntCounterVec,
     /// `meshflow_identity_renewal_failures_total{reason}`: failed SVID requests by reason
-    /// ([`crate::cp_client::RENEWAL_FAILURE_REASONS`]: issuer_expired,
+    /// ([`crate::config::client::RENEWAL_FAILURE_REASONS`]: issuer_expired,
     /// control_plane_unreachable, tls, rejected, control_plane_error, bad_response, local).
     pub renewal_failures: IntCounterVec,
     /// `meshflow_config_version` of the snapshot in force.
@@ -86,7 +86,7 @@ pub struct ProxyMetrics {
     /// Trailers-Only headers or from trailers after messages (`0`–`16`, else `invalid`).
     pub grpc_responses: IntCounterVec,
     /// `meshflow_tcp_connections_total{direction, route}`: connections of traffic capture
-    /// ([`crate::transparent`]) by what became of them ([`TCP_ROUTES`]).
+    /// ([`crate::outbound::transparent`]) by what became of them ([`TCP_ROUTES`]).
     pub tcp_connections: IntCounterVec,
 }
 
@@ -471,7 +471,7 @@ impl ProxyMetrics {
         for result in ["ok", "error"] {
             m.renewals.with_label_values(&[result]);
         }
-        for reason in crate::cp_client::RENEWAL_FAILURE_REASONS {
+        for reason in crate::config::client::RENEWAL_FAILURE_REASONS {
             m.renewal_failures.with_label_values(&[reason]);
         }
         for result in ["accepted", "rejected"] {
