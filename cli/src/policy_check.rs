@@ -6,12 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use meshflow_policies::authn::{Authenticator, AuthnOutcome, MtlsMode};
-use meshflow_policies::authz::{authorize, RequestAttributes};
+use meshflow_policies::admission::{admit, Admission, InboundPolicies, InboundRequest, Peer};
+use meshflow_policies::authn::Authenticator;
 use meshflow_policies::documents::PolicySet;
-use meshflow_policies::headers::{admitted_headers, xfcc_value};
+use meshflow_policies::headers::xfcc_value;
 use meshflow_policies::mesh::MeshFile;
-use meshflow_policies::path::{normalize_host, normalize_path};
 
 /// The workload whose inbound sidecar judges the request: its namespace and labels select the
 /// policies. Every mode (`-d`, `--control-plane`, `--kubernetes`) resolves one and hands it,
@@ -86,17 +85,60 @@ impl Verdict {
     }
 }
 
-/// Judges `request` to `target` against `set` in the order the sidecar does: transport (mTLS
-/// mode), path normalization, JWT, authorization. Returns the verdict and AUDIT policies that
-/// matched. The one evaluation every mode of `meshflow policy check` uses.
+/// Judges `request` to `target` against `set` with the sidecar's own admission function
+/// ([`meshflow_policies::admission::admit`]: transport (mTLS mode), path normalization, JWT,
+/// authorization). Returns the verdict and AUDIT policies that matched. The one evaluation every
+/// mode of `meshflow policy check` uses.
 pub fn check(set: &PolicySet, target: &Target, request: &CheckRequest) -> (Verdict, Vec<String>) {
     let principal = request
         .principal
         .as_deref()
         .map(|p| p.trim_start_matches("spiffe://").to_string());
-    if principal.is_none() {
-        let (mode, policy) = set.mtls_mode_for(&target.namespace, &target.labels, request.port);
-        if mode != MtlsMode::Permissive {
+    let (raw_path, query) = request
+        .path
+        .split_once('?')
+        .unwrap_or((request.path.as_str(), ""));
+    let source_namespace = principal
+        .as_deref()
+        .and_then(|p| p.split('/').nth(2))
+        .unwrap_or_default()
+        .to_string();
+    // The XFCC the sidecar sets for a verified caller.
+    let xfcc = principal.as_deref().map(|p| match &target.spiffe_id {
+        Some(own) => xfcc_value(own, &format!("spiffe://{p}")),
+        None => format!("URI=spiffe://{p}"),
+    });
+    let peer = match (&principal, &xfcc) {
+        (Some(principal), Some(xfcc)) => Some(Peer {
+            principal,
+            namespace: &source_namespace,
+            xfcc,
+        }),
+        _ => None,
+    };
+    let headers = || request.headers.clone();
+    let inbound = InboundRequest {
+        peer,
+        method: &request.method,
+        path: raw_path,
+        query,
+        // The sidecar answers 400 to a fragment anywhere in the request target.
+        target_has_fragment: request.path.contains('#'),
+        host: &request.host,
+        port: request.port,
+        source_ip: request.source_ip,
+        headers: &headers,
+    };
+    let (mode, mtls_policy) = set.mtls_mode_for(&target.namespace, &target.labels, request.port);
+    let authenticator =
+        Authenticator::new(set.request_authentication_for(&target.namespace, &target.labels));
+    let policies = InboundPolicies {
+        mtls: (mode, mtls_policy.as_deref()),
+        authenticator: &authenticator,
+        authorization: set.authorization_for(&target.namespace, &target.labels),
+    };
+    let decided = match admit(&inbound, &policies) {
+        Admission::PlaintextRefused { policy } => {
             let by = policy.map_or("(the default)".to_string(), |p| format!("by {p}"));
             return (
                 Verdict::PlaintextRefused(format!(
@@ -105,19 +147,7 @@ pub fn check(set: &PolicySet, target: &Target, request: &CheckRequest) -> (Verdi
                 Vec::new(),
             );
         }
-    }
-    let (raw_path, query) = request
-        .path
-        .split_once('?')
-        .unwrap_or((request.path.as_str(), ""));
-    // The sidecar answers 400 to a fragment anywhere in the request target.
-    let normalized = match if request.path.contains('#') {
-        Err(meshflow_policies::path::PathError::Fragment)
-    } else {
-        normalize_path(raw_path)
-    } {
-        Ok(p) => p,
-        Err(e) => {
+        Admission::BadPath(e) => {
             return (
                 Verdict::Reject(format!(
                     "({e}): the sidecar answers before any policy is consulted"
@@ -125,43 +155,12 @@ pub fn check(set: &PolicySet, target: &Target, request: &CheckRequest) -> (Verdi
                 Vec::new(),
             )
         }
-    };
-    let source_namespace = principal
-        .as_deref()
-        .and_then(|p| p.split('/').nth(2))
-        .map(str::to_string);
-    // What the sidecar admits: no client-sent mesh-owned header, its own XFCC for a verified
-    // caller.
-    let xfcc = principal.as_deref().map(|p| match &target.spiffe_id {
-        Some(own) => xfcc_value(own, &format!("spiffe://{p}")),
-        None => format!("URI=spiffe://{p}"),
-    });
-    let headers = admitted_headers(&request.headers, xfcc);
-    let mut attributes = RequestAttributes {
-        principal,
-        source_namespace,
-        source_ip: request.source_ip,
-        remote_ip: request.source_ip,
-        host: normalize_host(&request.host),
-        port: request.port,
-        method: request.method.clone(),
-        path: normalized.clone(),
-        headers: headers.clone(),
-        ..Default::default()
-    };
-    let authenticator =
-        Authenticator::new(set.request_authentication_for(&target.namespace, &target.labels));
-    match authenticator.authenticate(&headers, query) {
-        AuthnOutcome::Anonymous => {}
-        AuthnOutcome::Authenticated(identity) => identity.apply_to(&mut attributes),
-        AuthnOutcome::Rejected(e) => {
+        Admission::Unauthenticated(e) => {
             return (Verdict::Unauthenticated(format!("({e})")), Vec::new());
         }
-    }
-    let decision = authorize(
-        set.authorization_for(&target.namespace, &target.labels),
-        &attributes,
-    );
+        Admission::Decided(decided) => decided,
+    };
+    let decision = decided.decision;
     let by = match (&decision.policy, decision.rule) {
         (Some(p), Some(r)) => format!("by {p} rule {r}"),
         (None, _) if decision.allowed => "(no ALLOW policy selects the workload)".to_string(),
@@ -172,12 +171,12 @@ pub fn check(set: &PolicySet, target: &Target, request: &CheckRequest) -> (Verdi
     } else {
         format!("?{query}")
     };
-    let who = attributes
+    let who = decided
         .request_principal
         .as_deref()
         .map(|p| format!("; request principal {p}"))
         .unwrap_or_default();
-    let text = format!("{by}; normalized path {normalized}{query}{who}");
+    let text = format!("{by}; normalized path {}{query}{who}", decided.path);
     let verdict = if decision.allowed {
         Verdict::Allow(text)
     } else {

@@ -4,6 +4,7 @@
 //! Errors carry the file, the field path and the line of the offending YAML so an operator can
 //! fix a file without guessing (see [`load::LoadError`]).
 
+pub mod admission;
 pub mod authn;
 pub mod authz;
 #[cfg(feature = "kubernetes")]

@@ -346,6 +346,7 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
     let shared = Shared {
         tracing,
         metered_services: Arc::default(),
+        inbound_series: Arc::default(),
         identity: identity_state.clone(),
         config: Arc::new(config::ConfigState::default()),
         metrics: metrics.clone(),
@@ -382,6 +383,11 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
 
     let conf = ServerConf {
         threads: config.threads.max(1),
+        // One single-threaded runtime per worker thread (Pingora's no-steal runtime): a
+        // connection stays on the thread that accepted it, so a request never pays the
+        // work-stealing scheduler's cross-thread synchronization (measured in bench/mesh-compare;
+        // see docs/ARCHITECTURE.md "Sidecar performance").
+        work_stealing: false,
         // Pingora's default grace period is 300 s; ours is the configured drain (whole
         // seconds, rounded up).
         grace_period_seconds: Some(config.drain.as_secs_f64().ceil() as u64),

@@ -45,6 +45,12 @@ pub struct Shared {
     pub access_log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
     /// Span creation, propagation and OTLP export.
     pub tracing: meshflow_telemetry::Tracing,
+    /// Inbound request series by peer SPIFFE ID (looked up once per connection).
+    pub inbound_series: Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<String, Arc<crate::telemetry::metrics::TrafficSeries>>,
+        >,
+    >,
     /// Destination services whose zero-valued series exist (see
     /// [`crate::telemetry::metrics::ProxyMetrics::init_service`]): only services this sidecar called.
     pub metered_services: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -61,6 +67,32 @@ impl Shared {
             self.metrics.init_service(service);
             seen.insert(service.to_string());
         }
+    }
+
+    /// The inbound request series of the peer `uri` (made with `traffic` the first time).
+    pub fn inbound_series<'t>(
+        &self,
+        uri: &str,
+        traffic: impl FnOnce() -> crate::telemetry::metrics::Traffic<'t>,
+    ) -> Arc<crate::telemetry::metrics::TrafficSeries> {
+        let mut map = self
+            .inbound_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(series) = map.get(uri) {
+            return series.clone();
+        }
+        let series = Arc::new(crate::telemetry::metrics::TrafficSeries::new(
+            &self.metrics,
+            &traffic(),
+        ));
+        map.insert(uri.to_string(), series.clone());
+        series
+    }
+
+    /// The workload's name (`workload` without its namespace).
+    pub fn workload_name(&self) -> &str {
+        self.workload.rsplit('/').next().unwrap_or("unknown")
     }
 
     /// True once the sidecar has an SVID and a config snapshot.

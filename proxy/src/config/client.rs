@@ -363,7 +363,10 @@ impl ControlPlaneClient {
                         .map_err(|e| e.to_string())
                 });
             let ack = match result {
-                Ok(snapshot) => {
+                Ok(mut snapshot) => {
+                    snapshot.routes = std::sync::Arc::new(
+                        crate::outbound::route::RouteTable::compile(&snapshot, &self.shared),
+                    );
                     self.shared.metrics.config_version.set(version as i64);
                     self.shared.metrics.config_last_update.set(
                         std::time::SystemTime::now()

@@ -95,6 +95,10 @@ pub struct ConfigSnapshot {
     pub endpoint_ips: HashMap<IpAddr, Vec<(ServiceKey, Endpoint)>>,
     /// The proto as received (for `/config_dump`).
     pub raw: v1::Snapshot,
+    /// The outbound routes compiled from this snapshot (empty until
+    /// [`crate::outbound::route::RouteTable::compile`] fills it, before the snapshot is put in
+    /// force).
+    pub routes: Arc<crate::outbound::route::RouteTable>,
 }
 
 /// Why a snapshot was rejected (the previous one stays in force).
@@ -234,6 +238,7 @@ impl ConfigSnapshot {
             cluster_ips,
             endpoint_ips,
             raw,
+            routes: Arc::default(),
         })
     }
 

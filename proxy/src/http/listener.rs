@@ -99,7 +99,9 @@ pub fn scrub_forwarded_request(request: &mut RequestHeader) {
         request.remove_header(&name);
     }
     for name in PROXY_SET_HEADERS {
-        while request.remove_header(*name).is_some() {}
+        if request.headers.contains_key(*name) {
+            while request.remove_header(*name).is_some() {}
+        }
     }
     // Pingora drops `te` on the way upstream; gRPC requires `te: trailers` (gRPC over HTTP/2).
     let grpc = request

@@ -3,7 +3,7 @@
 //! (a certificate resolver, a rotating client-certificate verifier, and Pingora's
 //! handshake-complete callback that records the peer's SPIFFE ID).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -489,6 +489,48 @@ pub struct PeerIdentity {
     /// The peer's SPIFFE ID; `None` when it sent no certificate (the connection is closed
     /// before any request is forwarded).
     pub spiffe_id: Option<SpiffeId>,
+    /// The same peer with what every request on the connection needs, derived once.
+    pub verified: Option<Arc<VerifiedPeer>>,
+}
+
+impl PeerIdentity {
+    /// A connection whose client presented `spiffe_id` (verified), or none.
+    pub fn new(spiffe_id: Option<SpiffeId>) -> Self {
+        Self {
+            verified: spiffe_id.clone().map(|id| Arc::new(VerifiedPeer::new(id))),
+            spiffe_id,
+        }
+    }
+}
+
+/// A verified mTLS peer of one inbound connection, with the strings and handles its requests
+/// use computed once per connection instead of once per request.
+#[derive(Debug)]
+pub struct VerifiedPeer {
+    /// The SPIFFE ID from the client certificate.
+    pub spiffe_id: SpiffeId,
+    /// Istio principal `td/ns/<ns>/sa/<sa>`.
+    pub principal: String,
+    /// `spiffe://…`.
+    pub uri: String,
+    /// The XFCC value the inbound listener sets (it names this sidecar's identity too, so it
+    /// is filled on the first request).
+    pub xfcc: OnceLock<String>,
+    /// The inbound request series of this peer (filled on the first request).
+    pub series: OnceLock<Arc<crate::telemetry::metrics::TrafficSeries>>,
+}
+
+impl VerifiedPeer {
+    /// The peer `spiffe_id`.
+    pub fn new(spiffe_id: SpiffeId) -> Self {
+        Self {
+            principal: spiffe_id.principal(),
+            uri: spiffe_id.uri(),
+            spiffe_id,
+            xfcc: OnceLock::new(),
+            series: OnceLock::new(),
+        }
+    }
 }
 
 /// Pingora handshake callbacks for the inbound listener.
@@ -508,7 +550,7 @@ impl HandshakeCallbacks {
             .tls_handshake_errors
             .with_label_values(&["inbound", reason])
             .inc();
-        Some(Arc::new(PeerIdentity { spiffe_id: None }))
+        Some(Arc::new(PeerIdentity::new(None)))
     }
 }
 
@@ -539,9 +581,7 @@ impl TlsAccept for HandshakeCallbacks {
                 let metrics = &self.identity.metrics;
                 metrics.tls_handshakes.with_label_values(&["inbound"]).inc();
                 metrics.connections.with_label_values(&["inbound"]).inc();
-                Some(Arc::new(PeerIdentity {
-                    spiffe_id: Some(id),
-                }))
+                Some(Arc::new(PeerIdentity::new(Some(id))))
             }
             Err((reason, _)) => self.refuse(reason),
         }

@@ -30,8 +30,8 @@ use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 
 use crate::inbound::InboundProxy;
-use crate::shared::Shared;
 use crate::outbound::transparent::{TransparentSettings, OPAQUE_ALPN};
+use crate::shared::Shared;
 
 /// How long a new connection may take to send its first byte and finish a TLS handshake.
 pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);

@@ -6,6 +6,8 @@
 
 pub mod accept;
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -16,21 +18,21 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::http::hygiene::{xfcc_value, XFCC};
-use crate::identity::PeerIdentity;
 use crate::http::listener::{
     refuse_bad_request, respond_to_failure, scrub_forwarded_request, strip_mesh_owned,
 };
+use crate::identity::{PeerIdentity, VerifiedPeer};
 use crate::shared::Shared;
-use meshflow_policies::authn::{AuthnOutcome, MtlsMode};
-use meshflow_policies::authz::{authorize, RequestAttributes};
-use meshflow_policies::headers::admitted_headers;
-use meshflow_policies::path::{normalize_host, normalize_path, PathError};
-use meshflow_policies::SpiffeId;
+use meshflow_policies::admission::{
+    admit, transport_allowed, Admission, InboundPolicies, InboundRequest, Peer,
+};
+use meshflow_policies::authn::{Authenticator, MtlsMode};
 use meshflow_telemetry::SpanTrait as _;
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
+use prometheus::IntCounter;
 
-use crate::telemetry::metrics::Traffic;
+use crate::telemetry::metrics::{Traffic, TrafficSeries};
 
 /// Per-request state.
 pub struct InboundCtx {
@@ -38,7 +40,7 @@ pub struct InboundCtx {
     /// Whether the request passed the transport checks (mTLS, or plaintext under PERMISSIVE).
     admitted: bool,
     /// The verified peer; `None` for plaintext (PERMISSIVE).
-    peer: Option<SpiffeId>,
+    peer: Option<Arc<VerifiedPeer>>,
     /// Token headers to remove before forwarding (RequestAuthentication,
     /// `forwardOriginalToken: false`).
     strip_headers: Vec<String>,
@@ -64,6 +66,10 @@ pub struct InboundProxy {
     shared: Shared,
     /// The sidecar's own ports: never a request's target port.
     own_ports: Vec<u16>,
+    /// `meshflow_authz_decisions_total{decision="allow", policy="none"}`, the common case.
+    allow_none: OnceLock<IntCounter>,
+    /// The request series of plaintext (PERMISSIVE) callers.
+    plaintext_series: OnceLock<TrafficSeries>,
 }
 
 impl InboundProxy {
@@ -72,6 +78,8 @@ impl InboundProxy {
         Self {
             shared,
             own_ports: Vec::new(),
+            allow_none: OnceLock::new(),
+            plaintext_series: OnceLock::new(),
         }
     }
 
@@ -85,21 +93,21 @@ impl InboundProxy {
 
 /// How the connection reached us: `Ok(Some(peer))` for verified mTLS, `Ok(None)` for
 /// plaintext, `Err(())` for TLS whose client identity was refused at the handshake.
-fn transport_peer(session: &Session) -> Result<Option<SpiffeId>, ()> {
+fn transport_peer(session: &Session) -> Result<Option<Arc<VerifiedPeer>>, ()> {
     match session.digest().and_then(|d| d.ssl_digest.as_ref()) {
         None => Ok(None),
         Some(_) => peer_identity(session).map(Some).ok_or(()),
     }
 }
 
-fn peer_identity(session: &Session) -> Option<SpiffeId> {
+fn peer_identity(session: &Session) -> Option<Arc<VerifiedPeer>> {
     let ext = session
         .digest()?
         .ssl_digest
         .as_ref()?
         .extension
         .get::<PeerIdentity>()?;
-    ext.spiffe_id.clone()
+    ext.verified.clone()
 }
 
 /// Whether the raw HTTP/1.1 request target carries a fragment (`#`), which the URI parser
@@ -116,19 +124,147 @@ fn raw_target_has_fragment(session: &Session) -> bool {
 }
 
 impl InboundProxy {
+    fn allowed_by_default(&self) -> &IntCounter {
+        self.allow_none.get_or_init(|| {
+            self.shared
+                .metrics
+                .authz_decisions
+                .with_label_values(&["allow", "none"])
+        })
+    }
+
+    /// The XFCC value for `peer` (`By=<own>;URI=<peer>`), made on the connection's first
+    /// request.
+    fn xfcc_for<'p>(&self, peer: &'p VerifiedPeer) -> &'p str {
+        // (The own identity is fixed for the process: rotation renews the key, not the ID.)
+        peer.xfcc.get_or_init(|| {
+            let own = self
+                .shared
+                .identity
+                .svid
+                .load()
+                .as_ref()
+                .map(|s| s.spiffe_id.uri())
+                .unwrap_or_default();
+            xfcc_value(&own, &peer.uri)
+        })
+    }
+
+    /// The request series of `peer` (plaintext: `None`), resolved once per peer identity.
+    fn series_for<'a>(&'a self, peer: Option<&'a VerifiedPeer>) -> &'a TrafficSeries {
+        let service = self.shared.workload_name();
+        match peer {
+            None => self.plaintext_series.get_or_init(|| {
+                TrafficSeries::new(
+                    &self.shared.metrics,
+                    &Traffic {
+                        direction: "inbound",
+                        source_workload: "unknown",
+                        source_namespace: "unknown",
+                        destination_workload: service,
+                        destination_namespace: &self.shared.namespace,
+                        principal: "",
+                        service,
+                    },
+                )
+            }),
+            Some(p) => p.series.get_or_init(|| {
+                self.shared.inbound_series(&p.uri, || Traffic {
+                    direction: "inbound",
+                    source_workload: p.spiffe_id.service_account(),
+                    source_namespace: p.spiffe_id.namespace(),
+                    destination_workload: service,
+                    destination_namespace: &self.shared.namespace,
+                    principal: &p.principal,
+                    service,
+                })
+            }),
+        }
+    }
+
     /// Normalizes the path, evaluates the workload's AuthorizationPolicies and answers 400/403
     /// itself when the request must not reach the app. Returns `true` when it answered.
     async fn authorize(&self, session: &mut Session, ctx: &mut InboundCtx) -> Result<bool> {
         let metrics = &self.shared.metrics;
+        let snapshot = self.shared.config.current();
         let req = session.req_header();
-        let normalized = if raw_target_has_fragment(session) {
-            Err(PathError::Fragment)
-        } else {
-            normalize_path(req.uri.path())
+        let host = req
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or_default();
+        let xfcc = ctx.peer.as_ref().map(|p| self.xfcc_for(p));
+        let peer = ctx.peer.as_ref().zip(xfcc).map(|(p, xfcc)| Peer {
+            principal: &p.principal,
+            namespace: p.spiffe_id.namespace(),
+            xfcc,
+        });
+        // Client-sent mesh-owned headers were removed in `request_filter`; `admit` adds the
+        // XFCC `upstream_request_filter` sets (none for plaintext).
+        let headers = || {
+            let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (name, value) in &req.headers {
+                map.entry(name.as_str().to_string())
+                    .or_default()
+                    .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+            }
+            map
         };
-        let path = match normalized {
-            Ok(path) => path,
-            Err(e) => {
+        let source_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let query = req.uri.query();
+        let request = InboundRequest {
+            peer,
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            query: query.unwrap_or(""),
+            target_has_fragment: raw_target_has_fragment(session),
+            host,
+            port: ctx.target_port.map_or(self.shared.app_port, |(p, _)| p),
+            source_ip,
+            headers: &headers,
+        };
+        let no_authenticator;
+        let (authenticator, authorization, mtls) = match &snapshot {
+            Some(s) => (
+                s.authenticator.as_ref(),
+                s.authorization.as_slice(),
+                (s.mtls_mode, s.mtls_policy.as_deref()),
+            ),
+            None => {
+                no_authenticator = Authenticator::default();
+                (&no_authenticator, &[][..], (MtlsMode::Strict, None))
+            }
+        };
+        let admission = admit(
+            &request,
+            &InboundPolicies {
+                mtls,
+                authenticator,
+                authorization: authorization.iter(),
+            },
+        );
+        let decided = match admission {
+            Admission::Decided(decided) => decided,
+            Admission::PlaintextRefused { .. } => {
+                // Checked at accept and in `request_filter` already; the mode may just have
+                // changed: close without forwarding.
+                session.set_keepalive(None);
+                let mut e = Error::explain(
+                    ErrorType::ConnectionClosed,
+                    "plaintext request while the mTLS mode is STRICT",
+                );
+                e.esource = ErrorSource::Downstream;
+                return Err(e);
+            }
+            Admission::BadPath(e) => {
                 metrics
                     .rejected_requests
                     .with_label_values(&["inbound", "path"])
@@ -139,127 +275,66 @@ impl InboundProxy {
                     .await?;
                 return Ok(true);
             }
-        };
-        let host = req
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
-        let mut headers: std::collections::BTreeMap<String, Vec<String>> =
-            std::collections::BTreeMap::new();
-        for (name, value) in &req.headers {
-            headers
-                .entry(name.as_str().to_string())
-                .or_default()
-                .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
-        }
-        let peer = ctx.peer.as_ref();
-        // Client-sent mesh-owned headers were removed in `request_filter`; the XFCC judged is
-        // the one `upstream_request_filter` sets (none for plaintext).
-        let own = self
-            .shared
-            .identity
-            .svid
-            .load()
-            .as_ref()
-            .map(|s| s.spiffe_id.uri())
-            .unwrap_or_default();
-        let headers = admitted_headers(&headers, peer.map(|p| xfcc_value(&own, &p.uri())));
-        let source_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let attributes = RequestAttributes {
-            principal: peer.map(SpiffeId::principal),
-            source_namespace: peer.map(|p| p.namespace().to_string()),
-            source_ip,
-            remote_ip: source_ip,
-            host: normalize_host(&host),
-            port: ctx.target_port.map_or(self.shared.app_port, |(p, _)| p),
-            method: req.method.as_str().to_string(),
-            path: path.clone(),
-            headers,
-            ..Default::default()
-        };
-        let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-        let snapshot = self.shared.config.current();
-        let mut attributes = attributes;
-        if let Some(snapshot) = &snapshot {
-            if !snapshot.authenticator.is_empty() {
-                match snapshot
-                    .authenticator
-                    .authenticate(&attributes.headers, req.uri.query().unwrap_or(""))
-                {
-                    AuthnOutcome::Anonymous => {}
-                    AuthnOutcome::Authenticated(identity) => {
-                        metrics.jwt_authentications.with_label_values(&["ok"]).inc();
-                        identity.apply_to(&mut attributes);
-                        ctx.strip_headers = identity.strip_headers;
-                    }
-                    AuthnOutcome::Rejected(e) => {
-                        metrics
-                            .jwt_authentications
-                            .with_label_values(&[e.reason()])
-                            .inc();
-                        tracing::info!(
-                            target: "meshflow::access",
-                            decision = "unauthenticated",
-                            reason = e.reason(),
-                            principal = %attributes.principal.as_deref().unwrap_or("-"),
-                            method = %attributes.method,
-                            path = %path,
-                            "request authentication"
-                        );
-                        let mut resp = pingora_http::ResponseHeader::build(401, Some(2))?;
-                        resp.insert_header(
-                            http::header::WWW_AUTHENTICATE,
-                            "Bearer realm=\"meshflow\", error=\"invalid_token\"",
-                        )?;
-                        let body = bytes::Bytes::from(format!("{e}\n"));
-                        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-                        session.set_keepalive(None);
-                        session.write_response_header(Box::new(resp), false).await?;
-                        session.write_response_body(Some(body), true).await?;
-                        return Ok(true);
-                    }
-                }
+            Admission::Unauthenticated(e) => {
+                metrics
+                    .jwt_authentications
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                tracing::info!(
+                    target: "meshflow::access",
+                    decision = "unauthenticated",
+                    reason = e.reason(),
+                    principal = %ctx.peer.as_ref().map_or("-", |p| p.principal.as_str()),
+                    method = %req.method,
+                    path = %req.uri.path(),
+                    "request authentication"
+                );
+                let mut resp = pingora_http::ResponseHeader::build(401, Some(2))?;
+                resp.insert_header(
+                    http::header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"meshflow\", error=\"invalid_token\"",
+                )?;
+                let body = bytes::Bytes::from(format!("{e}\n"));
+                resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+                session.set_keepalive(None);
+                session.write_response_header(Box::new(resp), false).await?;
+                session.write_response_body(Some(body), true).await?;
+                return Ok(true);
             }
+        };
+        if decided.request_principal.is_some() {
+            metrics.jwt_authentications.with_label_values(&["ok"]).inc();
         }
-        let policies = snapshot
-            .as_ref()
-            .map(|s| s.authorization.as_slice())
-            .unwrap_or_default();
-        let decision = authorize(policies.iter(), &attributes);
-        let policy = decision.policy.clone().unwrap_or_else(|| "none".into());
+        ctx.strip_headers = decided.strip_headers;
+        let decision = decided.decision;
+        let path = decided.path;
         let verdict = if decision.allowed { "allow" } else { "deny" };
-        ctx.normalized_path = Some(path.clone());
-        ctx.authz = Some((verdict, policy.clone()));
-        metrics
-            .authz_decisions
-            .with_label_values(&[verdict, &policy])
-            .inc();
+        let policy_label = decision.policy.as_deref().unwrap_or("none");
+        match (decision.allowed, &decision.policy) {
+            (true, None) => self.allowed_by_default().inc(),
+            _ => metrics
+                .authz_decisions
+                .with_label_values(&[verdict, policy_label])
+                .inc(),
+        }
         for audited in &decision.audited {
             metrics
                 .authz_decisions
                 .with_label_values(&["audit", audited])
                 .inc();
         }
+        let principal = ctx.peer.as_ref().map_or("-", |p| p.principal.as_str());
+        let method = req.method.as_str();
         // Denials are logged (rare, and what an operator looks for); an allowed request is
         // not, at info: the JSON access log (`--access-log`) is the per-request record.
         if decision.allowed {
             tracing::debug!(
                 target: "meshflow::access",
                 decision = verdict,
-                policy = %policy,
+                policy = %policy_label,
                 rule = ?decision.rule,
-                principal = %attributes.principal.as_deref().unwrap_or("-"),
-                method = %attributes.method,
+                principal = %principal,
+                method = %method,
                 path = %path,
                 "authorization"
             );
@@ -267,22 +342,35 @@ impl InboundProxy {
             tracing::info!(
                 target: "meshflow::access",
                 decision = verdict,
-                policy = %policy,
+                policy = %policy_label,
                 rule = ?decision.rule,
                 audited = ?decision.audited,
-                principal = %attributes.principal.as_deref().unwrap_or("-"),
-                method = %attributes.method,
+                principal = %principal,
+                method = %method,
                 path = %path,
                 "authorization"
             );
         }
+        ctx.authz = Some((verdict, policy_label.to_string()));
+        ctx.normalized_path = Some(path);
         if !decision.allowed {
             session
                 .respond_error_with_body(403, bytes::Bytes::from_static(b"RBAC: access denied\n"))
                 .await?;
             return Ok(true);
         }
-        ctx.forwarded_target = Some(format!("{path}{query}"));
+        // Forward exactly the normalized path (and the query as received).
+        let req = session.req_header();
+        if let Some(path) = ctx
+            .normalized_path
+            .as_deref()
+            .filter(|p| *p != req.uri.path())
+        {
+            ctx.forwarded_target = Some(match req.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            });
+        }
         Ok(false)
     }
 }
@@ -312,7 +400,7 @@ impl ProxyHttp for InboundProxy {
             Ok(Some(peer)) => Some(peer),
             // Plaintext: only while the mode is PERMISSIVE (it may have changed since accept).
             Ok(None)
-                if crate::inbound::accept::current_mode(&self.shared) == MtlsMode::Permissive =>
+                if transport_allowed(true, crate::inbound::accept::current_mode(&self.shared)) =>
             {
                 None
             }
@@ -348,8 +436,10 @@ impl ProxyHttp for InboundProxy {
                         KeyValue::new("meshflow.direction", "inbound"),
                     ];
                     if let Some(peer) = peer {
-                        attributes
-                            .push(KeyValue::new("meshflow.peer.principal", peer.principal()));
+                        attributes.push(KeyValue::new(
+                            "meshflow.peer.principal",
+                            peer.principal.clone(),
+                        ));
                     }
                     attributes
                 },
@@ -443,17 +533,9 @@ impl ProxyHttp for InboundProxy {
         for name in &ctx.strip_headers {
             while upstream_request.remove_header(name.as_str()).is_some() {}
         }
-        let own = self
-            .shared
-            .identity
-            .svid
-            .load()
-            .as_ref()
-            .map(|s| s.spiffe_id.uri())
-            .unwrap_or_default();
         // Plaintext (PERMISSIVE) requests have no verified peer and get no XFCC.
         if let Some(peer) = &ctx.peer {
-            upstream_request.insert_header(XFCC, xfcc_value(&own, &peer.uri()))?;
+            upstream_request.insert_header(XFCC, self.xfcc_for(peer))?;
         }
         // Only the coordinator's sidecar has a secret: it tells the workflow API that this
         // request (and its XFCC) came through here. Client copies were scrubbed above.
@@ -550,7 +632,7 @@ impl ProxyHttp for InboundProxy {
                 "traceId": trace_id,
                 "direction": "inbound",
                 "workload": self.shared.workload,
-                "peer": ctx.peer.as_ref().map(|p| p.uri()),
+                "peer": ctx.peer.as_ref().map(|p| p.uri.as_str()),
                 "method": req.method.as_str(),
                 "authority": req.uri.authority().map(|a| a.to_string()).or_else(|| header("host").map(str::to_string)),
                 "path": ctx.normalized_path,
@@ -563,22 +645,7 @@ impl ProxyHttp for InboundProxy {
         if ctx.refused {
             return;
         }
-        let service = self.shared.workload.rsplit('/').next().unwrap_or("unknown");
-        let principal = ctx
-            .peer
-            .as_ref()
-            .map(SpiffeId::principal)
-            .unwrap_or_default();
-        self.shared.metrics.record_request(
-            &Traffic {
-                direction: "inbound",
-                source_workload: ctx.peer.as_ref().map_or("unknown", |p| p.service_account()),
-                source_namespace: ctx.peer.as_ref().map_or("unknown", |p| p.namespace()),
-                destination_workload: service,
-                destination_namespace: &self.shared.namespace,
-                principal: &principal,
-                service,
-            },
+        self.series_for(ctx.peer.as_deref()).record(
             status,
             ctx.grpc_status.as_deref().unwrap_or(""),
             ctx.start.elapsed().as_secs_f64(),

@@ -148,20 +148,55 @@ impl Balancer {
         max_ejected_percent: u32,
         max_in_flight: Option<u32>,
         now: Instant,
-        mut random: impl FnMut() -> f64,
+        random: impl FnMut() -> f64,
     ) -> Option<(&'a Endpoint, Arc<EndpointStats>)> {
         let all: Vec<(&Endpoint, Arc<EndpointStats>)> = endpoints
             .iter()
             .map(|e| (e, self.stats(&e.address)))
             .collect();
+        let chosen = self.pick_by(
+            &all,
+            |(e, s)| (e.address.as_str(), s),
+            policy,
+            |address| avoid.iter().any(|a| a == address),
+            max_ejected_percent,
+            max_in_flight,
+            now,
+            random,
+        )?;
+        Some((chosen.0, chosen.1.clone()))
+    }
+
+    /// [`Balancer::pick`] over any items that name an address and carry their statistics (the
+    /// compiled routes' endpoints): no lookup and, for a single endpoint, no allocation.
+    /// `avoided` says whether an address was tried already.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pick_by<'a, T>(
+        &self,
+        items: &'a [T],
+        parts: impl Fn(&T) -> (&str, &EndpointStats),
+        policy: LoadBalancerPolicy,
+        avoided: impl Fn(&str) -> bool,
+        max_ejected_percent: u32,
+        max_in_flight: Option<u32>,
+        now: Instant,
+        mut random: impl FnMut() -> f64,
+    ) -> Option<&'a T> {
+        let at_limit = |s: &EndpointStats| max_in_flight.is_some_and(|max| s.in_flight() >= max);
+        if let [only] = items {
+            // The general rules for one endpoint: its ejection is honoured only at 100 %.
+            let (_, stats) = parts(only);
+            let honoured = max_ejected_percent >= 100 && stats.ejected_until(now).is_some();
+            return (!honoured && !at_limit(stats)).then_some(only);
+        }
         // Honour at most max_ejected_percent of the endpoints' ejections (those ejected until
         // latest); beyond that, ejected endpoints take traffic again rather than overload the rest.
-        let allowed = all.len() * max_ejected_percent as usize / 100;
-        let mut ejected: Vec<(&str, Instant)> = all
+        let allowed = items.len() * max_ejected_percent as usize / 100;
+        let mut ejected: Vec<(&str, Instant)> = items
             .iter()
-            .filter_map(|(e, s)| {
-                s.ejected_until(now)
-                    .map(|until| (e.address.as_str(), until))
+            .filter_map(|item| {
+                let (address, stats) = parts(item);
+                stats.ejected_until(now).map(|until| (address, until))
             })
             .collect();
         ejected.sort_by_key(|(_, until)| *until);
@@ -171,13 +206,14 @@ impl Balancer {
             .take(allowed)
             .map(|(a, _)| *a)
             .collect();
-        let usable = |avoid_tried: bool| -> Vec<&(&Endpoint, Arc<EndpointStats>)> {
-            all.iter()
-                .filter(|(e, s)| {
-                    let ejected_now = honoured.contains(&e.address.as_str());
-                    let avoided = avoid_tried && avoid.contains(&e.address);
-                    let at_limit = max_in_flight.is_some_and(|max| s.in_flight() >= max);
-                    !(ejected_now || avoided || at_limit)
+        let usable = |avoid_tried: bool| -> Vec<&T> {
+            items
+                .iter()
+                .filter(|item| {
+                    let (address, stats) = parts(item);
+                    let ejected_now = honoured.contains(&address);
+                    let avoid = avoid_tried && avoided(address);
+                    !(ejected_now || avoid || at_limit(stats))
                 })
                 .collect()
         };
@@ -198,9 +234,10 @@ impl Balancer {
                     b += 1;
                 }
                 let (x, y) = (candidates[a], candidates[b]);
+                let (xs, ys) = (parts(x).1, parts(y).1);
                 let better = match policy {
-                    LoadBalancerPolicy::LeastRequest => x.1.in_flight() <= y.1.in_flight(),
-                    _ => x.1.cost() <= y.1.cost(),
+                    LoadBalancerPolicy::LeastRequest => xs.in_flight() <= ys.in_flight(),
+                    _ => xs.cost() <= ys.cost(),
                 };
                 if better {
                     x
@@ -209,7 +246,7 @@ impl Balancer {
                 }
             }
         };
-        Some((chosen.0, chosen.1.clone()))
+        Some(chosen)
     }
 
     /// Starts an attempt on `stats` (in-flight +1 until the guard drops).

@@ -29,18 +29,16 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::outbound::balancer::{Balancer, EndpointStats, Health, InFlight};
-use crate::config::Endpoint;
 use crate::http::listener::{refuse_bad_request, respond_to_failure, scrub_forwarded_request};
-use crate::telemetry::metrics::Traffic;
+use crate::outbound::balancer::{Balancer, EndpointStats, Health, InFlight};
 use crate::outbound::plan::{AttemptPlan, OutstandingSlot};
 use crate::outbound::resilience::{
     backoff_delay, format_grpc_timeout, is_idempotent, matches_retry_on, parse_grpc_pushback,
     parse_grpc_timeout, parse_retry_after, pushback_wait, AttemptOutcome, Pushback, RetryBudget,
 };
-use crate::outbound::routing::parse_authority;
+use crate::outbound::route::{RouteEndpoint, ServiceRoute};
+use crate::outbound::routing::{parse_authority, with_service};
 use crate::shared::Shared;
-use meshflow_policies::SpiffeId;
 use meshflow_telemetry::SpanTrait as _;
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
@@ -73,6 +71,9 @@ fn deadline_header(
     headers: &http::HeaderMap,
     name: &str,
 ) -> std::result::Result<Option<Duration>, String> {
+    if !headers.contains_key(name) {
+        return Ok(None);
+    }
     let values: Vec<&str> = headers
         .get_all(name)
         .iter()
@@ -119,15 +120,16 @@ async fn respond_proxy_error(
 /// Per-request state.
 pub struct OutboundCtx {
     start: Instant,
-    /// `<name>.<namespace>` of the destination, once routed (a bounded label: only services
+    /// The destination's compiled route, once routed (its label is bounded: only services
     /// that exist in the snapshot).
-    service: Option<String>,
-    endpoint: Option<Endpoint>,
+    route: Option<Arc<ServiceRoute>>,
+    /// The current (or last) attempt's endpoint.
+    endpoint: Option<Arc<RouteEndpoint>>,
     /// Endpoints tried so far (a retry prefers another).
-    tried: Vec<String>,
+    tried: Vec<Arc<RouteEndpoint>>,
     /// Attempts started.
     attempts: u32,
-    plan: AttemptPlan,
+    plan: Arc<AttemptPlan>,
     budget: Option<Arc<RetryBudget>>,
     /// No attempt starts after this; until response headers only.
     deadline: Option<Instant>,
@@ -156,10 +158,18 @@ pub struct OutboundCtx {
     /// Some attempt got a connection to an endpoint: the request may have reached it.
     connected: bool,
     /// A captured connection to a pod IP: every attempt goes to this endpoint.
-    pinned: Option<Endpoint>,
+    pinned: Option<Arc<RouteEndpoint>>,
     /// A captured connection: the port on the destination pod and whether the app spoke
     /// HTTP/2 (sent as [`crate::outbound::transparent::TARGET_PORT_HEADER`]).
     target_port: Option<(u16, bool)>,
+}
+
+/// The plan of a request not routed yet (shared, never changed).
+fn default_plan() -> Arc<AttemptPlan> {
+    static DEFAULT: std::sync::OnceLock<Arc<AttemptPlan>> = std::sync::OnceLock::new();
+    DEFAULT
+        .get_or_init(|| Arc::new(AttemptPlan::default()))
+        .clone()
 }
 
 /// Holds an attempt's in-flight counts (balancer and metric) until dropped.
@@ -188,14 +198,13 @@ impl OutboundProxy {
 
 /// The request's authority: absolute-form target host (RFC 9112 §3.2.2) or `:authority`, else
 /// `Host`.
-fn authority(req: &RequestHeader) -> Option<String> {
+fn authority(req: &RequestHeader) -> Option<&str> {
     if let Some(a) = req.uri.authority() {
-        return Some(a.as_str().to_string());
+        return Some(a.as_str());
     }
     req.headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
 }
 
 fn header_str<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
@@ -264,7 +273,7 @@ impl OutboundProxy {
     }
 
     fn service_label<'a>(&self, ctx: &'a OutboundCtx) -> &'a str {
-        ctx.service.as_deref().unwrap_or("unknown")
+        ctx.route.as_deref().map_or("unknown", |r| &r.label)
     }
 
     /// Decides whether the attempt that ended with `outcome` is retried; on yes records the wait
@@ -371,7 +380,7 @@ impl OutboundProxy {
             let endpoint = ctx
                 .endpoint
                 .as_ref()
-                .map(|e| e.address.clone())
+                .map(|e| e.endpoint.address.clone())
                 .unwrap_or_default();
             tracing::warn!(%service, %endpoint, "endpoint ejected after consecutive failures");
         }
@@ -421,11 +430,11 @@ impl ProxyHttp for OutboundProxy {
     fn new_ctx(&self) -> Self::CTX {
         OutboundCtx {
             start: Instant::now(),
-            service: None,
+            route: None,
             endpoint: None,
             tried: Vec::new(),
             attempts: 0,
-            plan: AttemptPlan::default(),
+            plan: default_plan(),
             budget: None,
             deadline: None,
             retry_deadline: None,
@@ -476,8 +485,12 @@ impl ProxyHttp for OutboundProxy {
             .digest()
             .and_then(|d| d.socket_digest.as_ref())
             .and_then(|d| crate::outbound::transparent::redirected_destination(d));
-        let key = if let Some(original) = redirected {
-            let Some(destination) = snapshot.destination(original) else {
+        let route = if let Some(original) = redirected {
+            let destination = snapshot.destination(original);
+            let route = destination
+                .as_ref()
+                .and_then(|d| snapshot.routes.get(&d.service.0, &d.service.1));
+            let (Some(destination), Some(route)) = (&destination, route) else {
                 return self
                     .reject(
                         session,
@@ -486,58 +499,64 @@ impl ProxyHttp for OutboundProxy {
                     )
                     .await;
             };
-            ctx.pinned = destination.pinned;
+            ctx.pinned = destination.pinned.as_ref().and_then(|pinned| {
+                route
+                    .endpoint_at(&pinned.address)
+                    .cloned()
+                    .or_else(|| RouteEndpoint::new(pinned, &self.shared).map(Arc::new))
+            });
             ctx.target_port = Some((destination.target_port, session.as_ref().is_http2()));
-            destination.service
+            route.clone()
         } else {
             let authority = authority(session.req_header()).unwrap_or_default();
-            let Some(name) = parse_authority(&authority, &self.shared.namespace) else {
-                let shown: String = authority.chars().take(128).collect();
-                return self
-                    .reject(
-                        session,
-                        "unknown_service",
-                        format!("{shown:?} is not a mesh service (use <service>.<namespace>)"),
-                    )
-                    .await;
-            };
-            (name.name, name.namespace)
+            match with_service(authority, &self.shared.namespace, |name, namespace| {
+                snapshot.routes.get(name, namespace).cloned()
+            }) {
+                Some(Some(route)) => route,
+                Some(None) => {
+                    let name = parse_authority(authority, &self.shared.namespace)
+                        .map(|n| format!("{}.{}", n.name, n.namespace))
+                        .unwrap_or_default();
+                    return self
+                        .reject(
+                            session,
+                            "unknown_service",
+                            format!("unknown service {name}"),
+                        )
+                        .await;
+                }
+                None => {
+                    let shown: String = authority.chars().take(128).collect();
+                    return self
+                        .reject(
+                            session,
+                            "unknown_service",
+                            format!("{shown:?} is not a mesh service (use <service>.<namespace>)"),
+                        )
+                        .await;
+                }
+            }
         };
-        let Some(service) = snapshot.services.get(&key) else {
-            return self
-                .reject(
-                    session,
-                    "unknown_service",
-                    format!("unknown service {}.{}", key.0, key.1),
-                )
-                .await;
-        };
-        if service.endpoints.is_empty() {
+        if route.endpoints.is_empty() {
             return self
                 .reject(
                     session,
                     "no_endpoint",
-                    format!("service {}.{} has no ready endpoint", key.0, key.1),
+                    format!("service {} has no ready endpoint", route.label),
                 )
                 .await;
         }
-        let service_label = format!("{}.{}", key.0, key.1);
-        self.shared.init_service_metrics(&service_label);
+        // The service's zero-valued series exist from its first request on.
+        route.attempts(&self.shared);
 
         let now = Instant::now();
         let req = session.req_header();
-        let method = req.method.as_str().to_string();
-        let path = req.uri.path().to_string();
+        let method = req.method.as_str();
         let headers = &req.headers;
-        let plan = AttemptPlan::resolve(
-            snapshot.traffic.get(&key).map(|p| p.as_ref()),
-            &method,
-            &path,
-            |n| header_str(headers, n),
-        );
+        let plan = route.plan(method, req.uri.path(), |n| header_str(headers, n));
         ctx.grpc = header_str(headers, "content-type")
             .is_some_and(|ct| ct.starts_with("application/grpc"));
-        ctx.replay_safe = is_idempotent(&method)
+        ctx.replay_safe = is_idempotent(method)
             || headers.contains_key("idempotency-key")
             || plan.retry_non_idempotent;
         // A deadline header the app sent but we cannot read is the app's bug: say so (400)
@@ -571,24 +590,34 @@ impl ProxyHttp for OutboundProxy {
         // A deadline too far to represent is no deadline (never a panic on a client's number).
         ctx.deadline = limit.and_then(|d| now.checked_add(d));
         ctx.retry_deadline = retry_ms.and_then(|d| now.checked_add(d));
-        ctx.budget = Some(self.shared.budgets.get(&service_label, plan.budget, now));
+        ctx.budget = Some(if plan.budget == route.budget_settings {
+            route.budget.clone()
+        } else {
+            // A route of the policy with its own budget settings.
+            self.shared.budgets.get(&route.label, plan.budget, now)
+        });
         ctx.plan = plan;
-        ctx.service = Some(service_label.clone());
-        session.req_header_mut().remove_header(TIMEOUT_HEADER);
-        session
-            .req_header_mut()
-            .remove_header(RETRY_DEADLINE_HEADER);
-        let metrics = &self.shared.metrics;
-        match self
-            .shared
-            .outstanding
-            .try_acquire(&service_label, ctx.plan.pool.max_pending_requests)
+        ctx.route = Some(route.clone());
+        let service_label: &str = &route.label;
+        if headers.contains_key(TIMEOUT_HEADER) {
+            session.req_header_mut().remove_header(TIMEOUT_HEADER);
+        }
+        if session
+            .req_header()
+            .headers
+            .contains_key(RETRY_DEADLINE_HEADER)
         {
+            session
+                .req_header_mut()
+                .remove_header(RETRY_DEADLINE_HEADER);
+        }
+        let metrics = &self.shared.metrics;
+        match OutstandingSlot::acquire(&route.outstanding, ctx.plan.pool.max_pending_requests) {
             Some(slot) => ctx.outstanding = Some(slot),
             None => {
                 metrics
                     .pool_overflow
-                    .with_label_values(&[&service_label, "max_pending_requests"])
+                    .with_label_values(&[service_label, "max_pending_requests"])
                     .inc();
                 session.set_keepalive(None);
                 respond_proxy_error(
@@ -610,7 +639,7 @@ impl ProxyHttp for OutboundProxy {
             {
                 metrics
                     .fault_injections
-                    .with_label_values(&[&service_label, "delay"])
+                    .with_label_values(&[service_label, "delay"])
                     .inc();
                 tokio::time::sleep(delay.duration.get()).await;
             }
@@ -620,7 +649,7 @@ impl ProxyHttp for OutboundProxy {
             {
                 metrics
                     .fault_injections
-                    .with_label_values(&[&service_label, "abort"])
+                    .with_label_values(&[service_label, "abort"])
                     .inc();
                 session
                     .respond_error_with_body(
@@ -670,55 +699,58 @@ impl ProxyHttp for OutboundProxy {
                 "request deadline passed before the next attempt",
             ));
         }
-        let snapshot = self
-            .shared
-            .config
-            .current()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no config"))?;
-        let service = ctx.service.as_deref().unwrap_or_default();
-        let (name, namespace) = service.split_once('.').unwrap_or((service, ""));
-        let entry = snapshot
-            .services
-            .get(&(name.to_string(), namespace.to_string()))
-            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "service has no endpoint"))?;
+        let Some(mut route) = ctx.route.clone() else {
+            return Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "service has no endpoint",
+            ));
+        };
+        // A retry goes to the endpoints of the snapshot in force now (they may have changed
+        // since the request started).
+        if ctx.attempts > 0 && ctx.pinned.is_none() {
+            if let Some(current) = self.shared.config.current() {
+                if let Some(newer) = current.routes.get(&route.name, &route.namespace) {
+                    if !Arc::ptr_eq(newer, &route) {
+                        route = newer.clone();
+                        ctx.route = Some(route.clone());
+                    }
+                }
+            }
+        }
         let max_ejected = ctx.plan.outlier.map_or(100, |o| o.max_ejected_percent);
         let endpoints = match &ctx.pinned {
             Some(endpoint) => std::slice::from_ref(endpoint),
-            None => entry.endpoints.as_slice(),
+            None => route.endpoints.as_slice(),
         };
-        let picked = self.shared.balancer.pick(
+        let tried = &ctx.tried;
+        let picked = self.shared.balancer.pick_by(
             endpoints,
+            |e| (e.endpoint.address.as_str(), &e.stats),
             ctx.plan.load_balancer,
-            &ctx.tried,
+            |address| tried.iter().any(|t| t.endpoint.address == address),
             max_ejected,
             ctx.plan.pool.max_requests_per_endpoint,
             now,
             rand::random::<f64>,
         );
-        let Some((endpoint, stats)) = picked else {
-            let service = self.service_label(ctx).to_string();
+        let Some(endpoint) = picked.cloned() else {
             self.shared
                 .metrics
                 .pool_overflow
-                .with_label_values(&[&service, "max_requests_per_endpoint"])
+                .with_label_values(&[&*route.label, "max_requests_per_endpoint"])
                 .inc();
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
                 "every endpoint is at its request limit",
             ));
         };
-        let endpoint = endpoint.clone();
-        let gauge = self
-            .shared
-            .metrics
-            .endpoint_in_flight
-            .with_label_values(&[self.service_label(ctx), &endpoint.address]);
+        let gauge = endpoint.in_flight_gauge(&route, &self.shared).clone();
         gauge.inc();
         ctx.in_flight = Some(AttemptGuard {
-            _in_flight: Balancer::start(&stats),
+            _in_flight: Balancer::start(&endpoint.stats),
             gauge,
         });
-        ctx.attempt_stats = Some(stats);
+        ctx.attempt_stats = Some(endpoint.stats.clone());
         let svid = self
             .shared
             .identity
@@ -728,11 +760,7 @@ impl ProxyHttp for OutboundProxy {
         let bundle = self.shared.identity.bundle.load_full();
         // SNI = the expected identity's DNS SAN: Pingora's rustls connector then verifies the
         // server's chain and that it is exactly that identity.
-        let mut peer = HttpPeer::new(
-            endpoint.address.as_str(),
-            true,
-            endpoint.identity.dns_name(),
-        );
+        let mut peer = HttpPeer::new(endpoint.address, true, endpoint.server_name.clone());
         peer.client_cert_key = Some(svid.cert_key.clone());
         peer.options.ca = Some(bundle.pingora_ca.clone());
         peer.options.alpn = ALPN::H2;
@@ -758,18 +786,13 @@ impl ProxyHttp for OutboundProxy {
         bundle.version.hash(&mut hasher);
         svid.serial_hex.hash(&mut hasher);
         peer.group_key = hasher.finish();
-        ctx.tried.push(endpoint.address.clone());
+        ctx.tried.push(endpoint.clone());
         ctx.endpoint = Some(endpoint);
         ctx.attempts += 1;
         ctx.attempt_started = Some(now);
         // A status belongs to the attempt that produced it.
         ctx.grpc_status = None;
-        let service = self.service_label(ctx).to_string();
-        self.shared
-            .metrics
-            .attempts
-            .with_label_values(&[&service])
-            .inc();
+        route.attempts(&self.shared).inc();
         Ok(Box::new(peer))
     }
 
@@ -967,7 +990,7 @@ impl ProxyHttp for OutboundProxy {
             let expected = ctx
                 .endpoint
                 .as_ref()
-                .map(|ep| ep.identity.uri())
+                .map(|ep| ep.endpoint.identity.uri())
                 .unwrap_or_default();
             tracing::warn!(
                 endpoint = %peer.address(),
@@ -1054,14 +1077,17 @@ impl ProxyHttp for OutboundProxy {
                 "url.path",
                 session.req_header().uri.path().to_string(),
             ));
-            if let Some(service) = &ctx.service {
-                span.set_attribute(KeyValue::new("meshflow.service", service.clone()));
+            if let Some(route) = &ctx.route {
+                span.set_attribute(KeyValue::new("meshflow.service", route.label.to_string()));
             }
             if let Some(endpoint) = &ctx.endpoint {
-                span.set_attribute(KeyValue::new("server.address", endpoint.address.clone()));
+                span.set_attribute(KeyValue::new(
+                    "server.address",
+                    endpoint.endpoint.address.clone(),
+                ));
                 span.set_attribute(KeyValue::new(
                     "meshflow.peer.principal",
-                    endpoint.identity.principal(),
+                    endpoint.endpoint.identity.principal(),
                 ));
             }
             span.set_attribute(KeyValue::new(
@@ -1070,7 +1096,7 @@ impl ProxyHttp for OutboundProxy {
             ));
             crate::shared::finish_span(span, status, ctx.grpc_status.as_deref(), 400);
         }
-        let Some(service) = ctx.service.as_deref() else {
+        let Some(route) = ctx.route.clone() else {
             return;
         };
         if let Some(log) = &self.shared.access_log {
@@ -1080,33 +1106,24 @@ impl ProxyHttp for OutboundProxy {
                 "traceId": trace_id,
                 "direction": "outbound",
                 "workload": self.shared.workload,
-                "service": service,
+                "service": &*route.label,
                 "method": req.method.as_str(),
                 "authority": req.uri.authority().map(|a| a.to_string()).or_else(|| header("host").map(str::to_string)),
                 "path": req.uri.path(),
                 "status": status,
                 "durationMs": ctx.start.elapsed().as_secs_f64() * 1000.0,
-                "endpoint": ctx.endpoint.as_ref().map(|e| e.address.clone()),
-                "peer": ctx.endpoint.as_ref().map(|e| e.identity.uri()),
+                "endpoint": ctx.endpoint.as_ref().map(|e| e.endpoint.address.clone()),
+                "peer": ctx.endpoint.as_ref().map(|e| e.endpoint.identity.uri()),
                 "retries": ctx.attempts.saturating_sub(1),
                 "timedOut": ctx.timed_out,
             }));
         }
-        let source = self.shared.workload.rsplit('/').next().unwrap_or("unknown");
-        let destination = ctx.endpoint.as_ref().map(|e| &e.identity);
-        let principal = destination.map(SpiffeId::principal).unwrap_or_default();
         // Before an endpoint was chosen, the service names the destination.
-        let (service_name, service_namespace) = service.split_once('.').unwrap_or((service, ""));
-        self.shared.metrics.record_request(
-            &Traffic {
-                direction: "outbound",
-                source_workload: source,
-                source_namespace: &self.shared.namespace,
-                destination_workload: destination.map_or(service_name, |d| d.service_account()),
-                destination_namespace: destination.map_or(service_namespace, |d| d.namespace()),
-                principal: &principal,
-                service,
-            },
+        let series = match &ctx.endpoint {
+            Some(endpoint) => endpoint.series(&route, &self.shared),
+            None => route.unrouted_series(&self.shared),
+        };
+        series.record(
             status,
             ctx.grpc_status.as_deref().unwrap_or(""),
             ctx.start.elapsed().as_secs_f64(),

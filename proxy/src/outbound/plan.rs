@@ -141,6 +141,21 @@ pub struct Outstanding {
 /// One outstanding request; released when dropped.
 pub struct OutstandingSlot(Arc<std::sync::atomic::AtomicU32>);
 
+impl OutstandingSlot {
+    /// Takes a slot on `counter` unless `limit` requests are already outstanding.
+    pub fn acquire(
+        counter: &Arc<std::sync::atomic::AtomicU32>,
+        limit: Option<u32>,
+    ) -> Option<Self> {
+        let previous = counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if limit.is_some_and(|max| previous >= max) {
+            counter.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(counter.clone()))
+    }
+}
+
 impl Drop for OutstandingSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
@@ -148,18 +163,16 @@ impl Drop for OutstandingSlot {
 }
 
 impl Outstanding {
+    /// The counter of `service` (created on first use; kept for the process's life, so a new
+    /// snapshot's route counts on from the old one's).
+    pub fn counter(&self, service: &str) -> Arc<std::sync::atomic::AtomicU32> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(service.to_string()).or_default().clone()
+    }
+
     /// Takes a slot for `service` unless `limit` requests are already outstanding.
     pub fn try_acquire(&self, service: &str, limit: Option<u32>) -> Option<OutstandingSlot> {
-        let counter = {
-            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(service.to_string()).or_default().clone()
-        };
-        let previous = counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        if limit.is_some_and(|max| previous >= max) {
-            counter.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            return None;
-        }
-        Some(OutstandingSlot(counter))
+        OutstandingSlot::acquire(&self.counter(service), limit)
     }
 }
 

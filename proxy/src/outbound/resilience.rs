@@ -204,6 +204,15 @@ pub struct RetryBudget {
     inner: Mutex<BudgetWindow>,
 }
 
+impl std::fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("ratio", &self.ratio)
+            .field("min_per_second", &self.min_per_second)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Length of the budget window.
 pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 const BUCKETS: usize = 10;

@@ -18,6 +18,19 @@ pub struct ServiceName {
 /// `own_namespace` applies to a bare `<service>`. Returns `None` for anything else (IP
 /// literals, other domains), which the outbound listener answers with 503.
 pub fn parse_authority(authority: &str, own_namespace: &str) -> Option<ServiceName> {
+    with_service(authority, own_namespace, |name, namespace| ServiceName {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+    })
+}
+
+/// [`parse_authority`] without allocating (unless the authority has upper-case letters): calls
+/// `found(name, namespace)` with borrowed strings.
+pub fn with_service<R>(
+    authority: &str,
+    own_namespace: &str,
+    found: impl FnOnce(&str, &str) -> R,
+) -> Option<R> {
     let host = authority.trim();
     // Strip a port; IPv6 literals (`[...]`) are never mesh services.
     if host.starts_with('[') {
@@ -28,30 +41,34 @@ pub fn parse_authority(authority: &str, own_namespace: &str) -> Option<ServiceNa
         Some(_) => return None,
         None => host,
     };
-    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase().into()
+    } else {
+        host.into()
+    };
     if host.is_empty() {
         return None;
     }
-    let labels: Vec<&str> = host.split('.').collect();
-    if labels
-        .iter()
+    if host
+        .split('.')
         .any(|l| l.is_empty() || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
     {
         return None;
     }
-    let (name, namespace) = match labels.as_slice() {
-        [name] => (*name, own_namespace),
-        [name, namespace] => (*name, *namespace),
-        [name, namespace, "svc", ..] => (*name, *namespace),
+    let mut labels = host.split('.');
+    let name = labels.next()?;
+    let (namespace, svc) = (labels.next(), labels.next());
+    let namespace = match (namespace, svc) {
+        (None, _) => own_namespace,
+        (Some(namespace), None) => namespace,
+        (Some(namespace), Some("svc")) => namespace,
         _ => return None,
     };
     if name.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(ServiceName {
-        name: name.to_string(),
-        namespace: namespace.to_string(),
-    })
+    Some(found(name, namespace))
 }
 
 #[cfg(test)]

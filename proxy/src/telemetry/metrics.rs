@@ -139,6 +139,96 @@ pub struct Traffic<'a> {
     pub service: &'a str,
 }
 
+/// The `meshflow_requests_total` and `meshflow_request_duration_seconds` series of one fixed
+/// [`Traffic`] label set, resolved once (when a route is compiled or a peer first seen) so a
+/// request only touches atomics: the duration histogram is one handle; the counter depends on
+/// the status, so each (status, gRPC status) seen gets its handle once and is found again by a
+/// short scan under a read lock (a handful of statuses per series in practice).
+pub struct TrafficSeries {
+    requests: IntCounterVec,
+    /// direction, source workload, source namespace, destination workload, destination
+    /// namespace, principal, service.
+    labels: [String; 7],
+    by_status: std::sync::RwLock<Vec<(u16, String, IntCounter)>>,
+    duration: prometheus::Histogram,
+}
+
+impl std::fmt::Debug for TrafficSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrafficSeries")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrafficSeries {
+    /// The series of `traffic` on `metrics`.
+    pub fn new(metrics: &ProxyMetrics, traffic: &Traffic<'_>) -> Self {
+        let t = traffic;
+        Self {
+            requests: metrics.requests.clone(),
+            labels: [
+                t.direction,
+                t.source_workload,
+                t.source_namespace,
+                t.destination_workload,
+                t.destination_namespace,
+                t.principal,
+                t.service,
+            ]
+            .map(str::to_string),
+            by_status: std::sync::RwLock::new(Vec::new()),
+            duration: metrics.request_duration.with_label_values(&[
+                t.direction,
+                t.source_workload,
+                t.source_namespace,
+                t.destination_workload,
+                t.destination_namespace,
+                t.service,
+            ]),
+        }
+    }
+
+    /// Counts one finished request with HTTP `status` (0: none sent) and `grpc_status` (a
+    /// bounded label or empty), and observes its duration in seconds.
+    pub fn record(&self, status: u16, grpc_status: &str, seconds: f64) {
+        self.duration.observe(seconds);
+        {
+            let seen = self.by_status.read().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, counter)) = seen
+                .iter()
+                .find(|(s, g, _)| *s == status && g == grpc_status)
+            {
+                counter.inc();
+                return;
+            }
+        }
+        let [d, sw, sn, dw, dn, p, svc] = &self.labels;
+        let counter = self.requests.with_label_values(&[
+            d,
+            sw,
+            sn,
+            dw,
+            dn,
+            p,
+            svc,
+            &status.to_string(),
+            grpc_status,
+        ]);
+        counter.inc();
+        let mut seen = self.by_status.write().unwrap_or_else(|e| e.into_inner());
+        // Bounded: statuses are 0 or 100–599 and gRPC labels 18 values, but a misbehaving app
+        // could cycle through many; past 64 the slow path is simply taken every time.
+        if seen.len() < 64
+            && !seen
+                .iter()
+                .any(|(s, g, _)| *s == status && g == grpc_status)
+        {
+            seen.push((status, grpc_status.to_string(), counter));
+        }
+    }
+}
+
 impl ProxyMetrics {
     /// Counts one finished request and observes its duration (seconds).
     pub fn record_request(&self, t: &Traffic<'_>, status: u16, grpc_status: &str, seconds: f64) {
