@@ -22,6 +22,7 @@ pub mod admin;
 pub mod app_probes;
 pub mod capture;
 pub mod config;
+pub mod control_plane;
 pub mod http;
 pub mod identity;
 pub mod inbound;
@@ -30,7 +31,8 @@ pub mod shared;
 pub mod telemetry;
 pub mod wait_ready;
 
-use crate::config::{bootstrap, client as cp_client};
+use crate::config::bootstrap;
+use crate::control_plane as cp_client;
 use crate::inbound::accept as inbound_accept;
 use crate::outbound::transparent;
 use crate::telemetry::{access_log, metrics};
@@ -358,9 +360,6 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         app_auth_secret: bootstrap.app_auth_secret.as_deref().map(Arc::from),
         max_header_bytes: config.max_header_bytes,
         settings: Arc::new(serde_json::to_value(&config).unwrap_or_default()),
-        budgets: Arc::default(),
-        balancer: Arc::default(),
-        outstanding: Arc::default(),
         access_log: match &config.access_log {
             Some(target) => Some(Arc::new(
                 access_log::AccessLog::open(target)
@@ -449,9 +448,10 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
 
     // The outbound port: explicit requests as always, and connections the capture rules
     // redirected (`transparent`), through the same `OutboundProxy`.
+    let outbound_state = Arc::new(outbound::OutboundState::default());
     let mut h2c_proxy = pingora_proxy::http_proxy(
         &server.configuration,
-        outbound::OutboundProxy::new(shared.clone()),
+        outbound::OutboundProxy::new(shared.clone(), outbound_state.clone()),
     );
     let mut options = HttpServerOptions::default();
     options.h2c = true;
@@ -459,7 +459,7 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
     h2c_proxy.h2_options = Some(h2.clone());
     let mut http1_proxy = pingora_proxy::http_proxy(
         &server.configuration,
-        outbound::OutboundProxy::new(shared.clone()),
+        outbound::OutboundProxy::new(shared.clone(), outbound_state.clone()),
     );
     http1_proxy.h2_options = Some(h2);
     let mut outbound = pingora_core::services::listening::Service::new(
@@ -475,8 +475,12 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
 
     let admin_shutdown = Arc::new(Notify::new());
     let advertised = config.advertise.unwrap_or(inbound_port.addr);
-    let client =
-        cp_client::ControlPlaneClient::new(bootstrap, shared.clone(), advertised.to_string());
+    let client = cp_client::ControlPlaneClient::new(
+        bootstrap,
+        shared.clone(),
+        outbound_state,
+        advertised.to_string(),
+    );
     let background = background_service(
         "control plane client",
         Background {

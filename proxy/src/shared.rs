@@ -35,12 +35,6 @@ pub struct Shared {
     pub max_header_bytes: usize,
     /// The effective settings, shown at `/config_dump`.
     pub settings: Arc<serde_json::Value>,
-    /// Retry budgets per destination service.
-    pub budgets: Arc<crate::outbound::plan::Budgets>,
-    /// Endpoint statistics (latency, in-flight, ejection).
-    pub balancer: Arc<crate::outbound::balancer::Balancer>,
-    /// Outstanding requests per destination service (for `maxPendingRequests`).
-    pub outstanding: Arc<crate::outbound::plan::Outstanding>,
     /// The structured access log, when enabled.
     pub access_log: Option<Arc<crate::telemetry::access_log::AccessLog>>,
     /// Span creation, propagation and OTLP export.
@@ -57,6 +51,52 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A sidecar's shared state without listeners or a control plane — a fresh registry,
+    /// `bundle_pem` as the trust bundle, no SVID and no config yet, tracing that exports
+    /// nothing — for tools and benchmarks that drive the request path's parts directly
+    /// (`proxy/benches/hot_path.rs`). `workload` is `<namespace>/<name>`.
+    ///
+    /// # Errors
+    /// An unusable bundle, or metrics that cannot be registered.
+    pub fn standalone(workload: &str, bundle_pem: &str) -> Result<Self, String> {
+        let (namespace, name) = workload.split_once('/').unwrap_or(("default", workload));
+        let registry = Registry::new();
+        let metrics = ProxyMetrics::new(&registry).map_err(|e| e.to_string())?;
+        let bundle =
+            crate::identity::TrustBundle::from_pem(bundle_pem).map_err(|e| e.to_string())?;
+        let identity = IdentityState::new(bundle, "cluster.local", metrics.clone())
+            .map_err(|e| e.to_string())?;
+        let tracing = meshflow_telemetry::Tracing::new(
+            &meshflow_telemetry::TraceSettings {
+                otlp_endpoint: None,
+                sampling_ratio: 1.0,
+                accept_b3: false,
+                service_name: name.to_string(),
+                namespace: namespace.to_string(),
+                instance: None,
+            },
+            &registry,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self {
+            identity,
+            config: Arc::default(),
+            metrics,
+            registry,
+            workload: workload.to_string(),
+            namespace: namespace.to_string(),
+            app_port: 8080,
+            app_protocol: AppProtocol::Http1,
+            app_auth_secret: None,
+            max_header_bytes: 64 * 1024,
+            settings: Arc::default(),
+            access_log: None,
+            tracing,
+            inbound_series: Arc::default(),
+            metered_services: Arc::default(),
+        })
+    }
+
     /// Creates `service`'s zero-valued per-service series the first time it is called.
     pub fn init_service_metrics(&self, service: &str) {
         let mut seen = self

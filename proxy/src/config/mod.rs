@@ -2,7 +2,6 @@
 //! The last good snapshot stays in force while the control plane is away or sends a bad one.
 
 pub mod bootstrap;
-pub mod client;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -95,10 +94,6 @@ pub struct ConfigSnapshot {
     pub endpoint_ips: HashMap<IpAddr, Vec<(ServiceKey, Endpoint)>>,
     /// The proto as received (for `/config_dump`).
     pub raw: v1::Snapshot,
-    /// The outbound routes compiled from this snapshot (empty until
-    /// [`crate::outbound::route::RouteTable::compile`] fills it, before the snapshot is put in
-    /// force).
-    pub routes: Arc<crate::outbound::route::RouteTable>,
 }
 
 /// Why a snapshot was rejected (the previous one stays in force).
@@ -238,7 +233,6 @@ impl ConfigSnapshot {
             cluster_ips,
             endpoint_ips,
             raw,
-            routes: Arc::default(),
         })
     }
 
@@ -296,8 +290,8 @@ impl ConfigState {
     }
 
     /// Puts `snapshot` in force.
-    pub fn set(&self, snapshot: ConfigSnapshot) {
-        self.current.store(Some(Arc::new(snapshot)));
+    pub fn set(&self, snapshot: Arc<ConfigSnapshot>) {
+        self.current.store(Some(snapshot));
     }
 }
 

@@ -18,7 +18,6 @@
 //! plaintext HTTP to the app port is authorized per request by the inbound proxy).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use meshflow_policies::authn::MtlsMode;
@@ -33,8 +32,7 @@ use crate::inbound::InboundProxy;
 use crate::outbound::transparent::{TransparentSettings, OPAQUE_ALPN};
 use crate::shared::Shared;
 
-/// How long a new connection may take to send its first byte and finish a TLS handshake.
-pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::outbound::transparent::FIRST_BYTES_TIMEOUT;
 
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;

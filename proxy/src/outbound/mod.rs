@@ -184,15 +184,40 @@ impl Drop for AttemptGuard {
     }
 }
 
+/// The outbound side's own state: the compiled routes in force and what must outlive a
+/// snapshot (endpoint statistics, retry budgets, pending counts). Shared by the outbound
+/// listener (both of its HTTP proxies) and the control-plane client, which compiles each
+/// snapshot into routes.
+#[derive(Default)]
+pub struct OutboundState {
+    /// The routes in force, with the snapshot they came from (swapped atomically).
+    pub routes: arc_swap::ArcSwap<route::RouteTable>,
+    /// Retry budgets per destination service (and budget settings).
+    pub budgets: plan::Budgets,
+    /// Endpoint statistics (latency, in-flight, ejection) by address.
+    pub balancer: Balancer,
+    /// Outstanding requests per destination service (for `maxPendingRequests`).
+    pub outstanding: plan::Outstanding,
+}
+
+impl OutboundState {
+    /// Compiles `snapshot` and puts its routes in force.
+    pub fn apply(&self, snapshot: Arc<crate::config::ConfigSnapshot>) {
+        self.routes
+            .store(Arc::new(route::RouteTable::compile(snapshot, self)));
+    }
+}
+
 /// The outbound `ProxyHttp`.
 pub struct OutboundProxy {
     shared: Shared,
+    state: Arc<OutboundState>,
 }
 
 impl OutboundProxy {
-    /// A proxy over `shared`.
-    pub fn new(shared: Shared) -> Self {
-        Self { shared }
+    /// A proxy over `shared` and the outbound `state`.
+    pub fn new(shared: Shared, state: Arc<OutboundState>) -> Self {
+        Self { shared, state }
     }
 }
 
@@ -474,7 +499,8 @@ impl ProxyHttp for OutboundProxy {
         if refuse_bad_request(session, &self.shared, "outbound").await? {
             return Ok(true);
         }
-        let Some(snapshot) = self.shared.config.current() else {
+        let routes = self.state.routes.load_full();
+        let Some(snapshot) = routes.snapshot.as_deref() else {
             return self
                 .reject(session, "no_config", "sidecar has no config yet".into())
                 .await;
@@ -489,7 +515,7 @@ impl ProxyHttp for OutboundProxy {
             let destination = snapshot.destination(original);
             let route = destination
                 .as_ref()
-                .and_then(|d| snapshot.routes.get(&d.service.0, &d.service.1));
+                .and_then(|d| routes.get(&d.service.0, &d.service.1));
             let (Some(destination), Some(route)) = (&destination, route) else {
                 return self
                     .reject(
@@ -503,14 +529,14 @@ impl ProxyHttp for OutboundProxy {
                 route
                     .endpoint_at(&pinned.address)
                     .cloned()
-                    .or_else(|| RouteEndpoint::new(pinned, &self.shared).map(Arc::new))
+                    .or_else(|| RouteEndpoint::new(pinned, &self.state).map(Arc::new))
             });
             ctx.target_port = Some((destination.target_port, session.as_ref().is_http2()));
             route.clone()
         } else {
             let authority = authority(session.req_header()).unwrap_or_default();
             match with_service(authority, &self.shared.namespace, |name, namespace| {
-                snapshot.routes.get(name, namespace).cloned()
+                routes.get(name, namespace).cloned()
             }) {
                 Some(Some(route)) => route,
                 Some(None) => {
@@ -594,7 +620,7 @@ impl ProxyHttp for OutboundProxy {
             route.budget.clone()
         } else {
             // A route of the policy with its own budget settings.
-            self.shared.budgets.get(&route.label, plan.budget, now)
+            self.state.budgets.get(&route.label, plan.budget, now)
         });
         ctx.plan = plan;
         ctx.route = Some(route.clone());
@@ -708,12 +734,11 @@ impl ProxyHttp for OutboundProxy {
         // A retry goes to the endpoints of the snapshot in force now (they may have changed
         // since the request started).
         if ctx.attempts > 0 && ctx.pinned.is_none() {
-            if let Some(current) = self.shared.config.current() {
-                if let Some(newer) = current.routes.get(&route.name, &route.namespace) {
-                    if !Arc::ptr_eq(newer, &route) {
-                        route = newer.clone();
-                        ctx.route = Some(route.clone());
-                    }
+            let current = self.state.routes.load();
+            if let Some(newer) = current.get(&route.name, &route.namespace) {
+                if !Arc::ptr_eq(newer, &route) {
+                    route = newer.clone();
+                    ctx.route = Some(route.clone());
                 }
             }
         }
@@ -723,7 +748,7 @@ impl ProxyHttp for OutboundProxy {
             None => route.endpoints.as_slice(),
         };
         let tried = &ctx.tried;
-        let picked = self.shared.balancer.pick_by(
+        let picked = self.state.balancer.pick_by(
             endpoints,
             |e| (e.endpoint.address.as_str(), &e.stats),
             ctx.plan.load_balancer,

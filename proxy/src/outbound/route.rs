@@ -8,9 +8,9 @@
 //! process-wide lock, no allocated key, no per-request label hashing.
 //!
 //! State that must outlive a snapshot (endpoint latency and ejection, retry budgets, pending
-//! counts, metric series) lives in [`crate::shared::Shared`]'s registries, keyed by address or
-//! service, and is looked up here at compile time, so a config push neither resets a budget
-//! nor forgets an ejected endpoint.
+//! counts) lives in [`OutboundState`]'s registries, keyed by address or service, and is looked
+//! up here at compile time, so a config push neither resets a budget nor forgets an ejected
+//! endpoint.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,20 +25,25 @@ use prometheus::{IntCounter, IntGauge};
 use super::balancer::EndpointStats;
 use super::plan::AttemptPlan;
 use super::resilience::RetryBudget;
+use super::OutboundState;
 use crate::config::{ConfigSnapshot, Endpoint};
 use crate::shared::Shared;
 use crate::telemetry::metrics::{Traffic, TrafficSeries};
 
 /// Every destination service of one snapshot, by namespace then name (looked up with borrowed
-/// strings).
+/// strings), with the snapshot they were compiled from (so a request sees one consistent
+/// version of both).
 #[derive(Debug, Default)]
 pub struct RouteTable {
+    /// The snapshot compiled (`None` before the first one arrives).
+    pub snapshot: Option<Arc<ConfigSnapshot>>,
     by_namespace: HashMap<String, HashMap<String, Arc<ServiceRoute>>>,
 }
 
 impl RouteTable {
-    /// Compiles `snapshot`'s services for the sidecar described by `shared`.
-    pub fn compile(snapshot: &ConfigSnapshot, shared: &Shared) -> Self {
+    /// Compiles `snapshot`'s services, keeping the long-lived per-endpoint and per-service
+    /// state in `state`.
+    pub fn compile(snapshot: Arc<ConfigSnapshot>, state: &OutboundState) -> Self {
         let now = Instant::now();
         let mut by_namespace: HashMap<String, HashMap<String, Arc<ServiceRoute>>> = HashMap::new();
         for ((name, namespace), entry) in &snapshot.services {
@@ -60,15 +65,15 @@ impl RouteTable {
             let endpoints = entry
                 .endpoints
                 .iter()
-                .filter_map(|e| RouteEndpoint::new(e, shared))
+                .filter_map(|e| RouteEndpoint::new(e, state))
                 .map(Arc::new)
                 .collect();
             let route = ServiceRoute {
                 name: name.clone(),
                 namespace: namespace.clone(),
-                budget: shared.budgets.get(&label, budget_settings, now),
+                budget: state.budgets.get(&label, budget_settings, now),
                 budget_settings,
-                outstanding: shared.outstanding.counter(&label),
+                outstanding: state.outstanding.counter(&label),
                 label,
                 policy,
                 fixed_plan,
@@ -81,7 +86,10 @@ impl RouteTable {
                 .or_default()
                 .insert(name.clone(), Arc::new(route));
         }
-        Self { by_namespace }
+        Self {
+            snapshot: Some(snapshot),
+            by_namespace,
+        }
     }
 
     /// The route of service `name` in `namespace`.
@@ -210,11 +218,11 @@ pub struct RouteEndpoint {
 impl RouteEndpoint {
     /// Compiles `endpoint`; `None` when its address does not parse (the snapshot already
     /// skips those).
-    pub fn new(endpoint: &Endpoint, shared: &Shared) -> Option<Self> {
+    pub fn new(endpoint: &Endpoint, state: &OutboundState) -> Option<Self> {
         Some(Self {
             address: endpoint.address.parse().ok()?,
             server_name: endpoint.identity.dns_name(),
-            stats: shared.balancer.stats(&endpoint.address),
+            stats: state.balancer.stats(&endpoint.address),
             endpoint: endpoint.clone(),
             in_flight: OnceLock::new(),
             series: OnceLock::new(),

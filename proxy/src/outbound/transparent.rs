@@ -55,6 +55,9 @@ use crate::identity::PeerIdentity;
 use crate::outbound::OutboundProxy;
 use crate::shared::Shared;
 
+/// How long a new connection may take to send its first byte and finish a TLS handshake.
+pub const FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The ALPN protocol of an opaque TCP stream between sidecars.
 pub const OPAQUE_ALPN: &[u8] = b"meshflow-opaque";
 
@@ -539,11 +542,7 @@ pub async fn serve_inbound_opaque<S>(
     else {
         return;
     };
-    let Ok(Some(port)) = tokio::time::timeout(
-        crate::inbound::accept::FIRST_BYTES_TIMEOUT,
-        read_preamble(&mut tls),
-    )
-    .await
+    let Ok(Some(port)) = tokio::time::timeout(FIRST_BYTES_TIMEOUT, read_preamble(&mut tls)).await
     else {
         denied();
         tracing::info!(peer = %peer.uri(), "opaque stream without a valid preamble");

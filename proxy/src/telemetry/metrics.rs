@@ -37,7 +37,7 @@ pub struct ProxyMetrics {
     /// `error`.
     pub renewals: IntCounterVec,
     /// `meshflow_identity_renewal_failures_total{reason}`: failed SVID requests by reason
-    /// ([`crate::config::client::RENEWAL_FAILURE_REASONS`]: issuer_expired,
+    /// ([`RENEWAL_FAILURE_REASONS`]: issuer_expired,
     /// control_plane_unreachable, tls, rejected, control_plane_error, bad_response, local).
     pub renewal_failures: IntCounterVec,
     /// `meshflow_config_version` of the snapshot in force.
@@ -89,6 +89,30 @@ pub struct ProxyMetrics {
     /// ([`crate::outbound::transparent`]) by what became of them ([`TCP_ROUTES`]).
     pub tcp_connections: IntCounterVec,
 }
+
+/// Reasons an SVID request (the first Certify or a renewal) fails, the label values of
+/// `meshflow_identity_renewal_failures_total{reason}`:
+///
+/// - `issuer_expired`: the mesh CA has expired — the control plane answered
+///   `FAILED_PRECONDITION`, or the TLS handshake to it failed on an expired certificate while
+///   the CA above this sidecar's SVID is past its NotAfter. Nothing can be issued until the
+///   control plane gets a new CA.
+/// - `control_plane_unreachable`: no connection (refused, timed out, `UNAVAILABLE`).
+/// - `tls`: any other TLS failure to the control plane (unknown CA, wrong name, its
+///   certificate expired under a valid CA).
+/// - `rejected`: the control plane refused the request (token, workload, CSR).
+/// - `control_plane_error`: the control plane failed otherwise (`INTERNAL`, …).
+/// - `bad_response`: the issued material is unusable or names another identity.
+/// - `local`: the key, CSR or endpoint could not be prepared here.
+pub const RENEWAL_FAILURE_REASONS: &[&str] = &[
+    "issuer_expired",
+    "control_plane_unreachable",
+    "tls",
+    "rejected",
+    "control_plane_error",
+    "bad_response",
+    "local",
+];
 
 /// The `(direction, route)` values of `meshflow_tcp_connections_total`. Outbound (connections
 /// redirected by the capture rules): `http1`/`h2` (detected, full mesh treatment), `opaque`
@@ -561,7 +585,7 @@ impl ProxyMetrics {
         for result in ["ok", "error"] {
             m.renewals.with_label_values(&[result]);
         }
-        for reason in crate::config::client::RENEWAL_FAILURE_REASONS {
+        for reason in RENEWAL_FAILURE_REASONS {
             m.renewal_failures.with_label_values(&[reason]);
         }
         for result in ["accepted", "rejected"] {

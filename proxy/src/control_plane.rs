@@ -23,29 +23,7 @@ pub const MIN_CSR_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest reconnect backoff.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Reasons an SVID request (the first Certify or a renewal) fails, the label values of
-/// `meshflow_identity_renewal_failures_total{reason}`:
-///
-/// - `issuer_expired`: the mesh CA has expired — the control plane answered
-///   `FAILED_PRECONDITION`, or the TLS handshake to it failed on an expired certificate while
-///   the CA above this sidecar's SVID is past its NotAfter. Nothing can be issued until the
-///   control plane gets a new CA.
-/// - `control_plane_unreachable`: no connection (refused, timed out, `UNAVAILABLE`).
-/// - `tls`: any other TLS failure to the control plane (unknown CA, wrong name, its
-///   certificate expired under a valid CA).
-/// - `rejected`: the control plane refused the request (token, workload, CSR).
-/// - `control_plane_error`: the control plane failed otherwise (`INTERNAL`, …).
-/// - `bad_response`: the issued material is unusable or names another identity.
-/// - `local`: the key, CSR or endpoint could not be prepared here.
-pub const RENEWAL_FAILURE_REASONS: &[&str] = &[
-    "issuer_expired",
-    "control_plane_unreachable",
-    "tls",
-    "rejected",
-    "control_plane_error",
-    "bad_response",
-    "local",
-];
+pub use crate::telemetry::metrics::RENEWAL_FAILURE_REASONS;
 
 /// A failed SVID request: the reason (one of [`RENEWAL_FAILURE_REASONS`]) and the error.
 #[derive(Debug)]
@@ -123,6 +101,7 @@ pub fn classify_status(status: &tonic::Status, ca_expired: bool) -> &'static str
 pub struct ControlPlaneClient {
     bootstrap: Bootstrap,
     shared: Shared,
+    outbound: Arc<crate::outbound::OutboundState>,
     inbound_address: String,
     last_csr: Mutex<Option<Instant>>,
 }
@@ -151,10 +130,16 @@ impl ControlPlaneClient {
     pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 
     /// A client for `bootstrap`; `inbound_address` is registered as this workload's endpoint.
-    pub fn new(bootstrap: Bootstrap, shared: Shared, inbound_address: String) -> Arc<Self> {
+    pub fn new(
+        bootstrap: Bootstrap,
+        shared: Shared,
+        outbound: Arc<crate::outbound::OutboundState>,
+        inbound_address: String,
+    ) -> Arc<Self> {
         Arc::new(Self {
             bootstrap,
             shared,
+            outbound,
             inbound_address,
             last_csr: Mutex::new(None),
         })
@@ -363,10 +348,11 @@ impl ControlPlaneClient {
                         .map_err(|e| e.to_string())
                 });
             let ack = match result {
-                Ok(mut snapshot) => {
-                    snapshot.routes = std::sync::Arc::new(
-                        crate::outbound::route::RouteTable::compile(&snapshot, &self.shared),
-                    );
+                Ok(snapshot) => {
+                    // Routes first (the outbound path reads them with their own snapshot),
+                    // then the snapshot the inbound path and readiness read.
+                    let snapshot = Arc::new(snapshot);
+                    self.outbound.apply(snapshot.clone());
                     self.shared.metrics.config_version.set(version as i64);
                     self.shared.metrics.config_last_update.set(
                         std::time::SystemTime::now()
