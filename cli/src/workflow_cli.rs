@@ -44,11 +44,22 @@ pub enum WorkflowCommand {
         /// The signal's JSON payload.
         #[arg(long, default_value = "null")]
         payload: String,
+        /// Wait for the run to end, at most this long (e.g. `30s`; `--wait` alone: 60 s, the
+        /// most the coordinator waits), and print its output. Exit code: 0 Completed, 3 ended
+        /// otherwise (Failed, Compensated, …), 2 still running when the wait elapsed, 1 an
+        /// error. Without `--id` an id is generated here, so a wait cut by a lost connection
+        /// can be resumed with the same `--id` (it attaches; nothing starts twice).
+        #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
     },
     /// Show a run: status, steps, attempts, what it waits on.
     Get {
         /// Run id.
         id: String,
+        /// Wait for the run to end, at most this long (e.g. `30s`); exit codes as for
+        /// `start --wait`.
+        #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
     },
     /// List runs, newest first.
     List {
@@ -411,6 +422,8 @@ fn utc(ms: u64) -> String {
 pub async fn run(args: ApiArgs, command: WorkflowCommand) -> i32 {
     match run_inner(&args, command).await {
         Ok(()) => 0,
+        // A run's status as the exit code: already printed.
+        Err((code, message)) if message.is_empty() => code,
         Err((code, message)) => {
             eprintln!("meshflow workflow: {message}");
             code
@@ -476,14 +489,39 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
             input,
             signal,
             payload,
+            wait,
         } => {
             let workflow = qualified_workflow(&workflow);
             let mut body = json!({"workflow": workflow, "input": parse_json("--input", &input).map_err(usage)?});
-            if let Some(id) = id {
+            // Waiting, the id is chosen here: a caller who loses the connection knows which
+            // run to attach to again.
+            let id = match (id, wait) {
+                (Some(id), _) => Some(id),
+                (None, Some(_)) => Some(generated_run_id()),
+                (None, None) => None,
+            };
+            if let Some(id) = &id {
                 body["runId"] = json!(id);
             }
             if let Some(name) = signal {
                 body["signal"] = json!({"name": name, "payload": parse_json("--payload", &payload).map_err(usage)?});
+            }
+            if let Some(wait) = wait {
+                let id = id.unwrap_or_default();
+                let result = client
+                    .call(
+                        Method::POST,
+                        &format!("/v1/runs?wait={}ms", wait.as_millis()),
+                        Some(body.to_string().into_bytes()),
+                        "application/json",
+                    )
+                    .await;
+                return finish_wait(
+                    &client,
+                    json_out,
+                    result,
+                    &format!("meshflow workflow start {workflow} --id {id} --wait"),
+                );
             }
             let (status, value) = client
                 .call(
@@ -510,7 +548,26 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
                 }),
             )
         }
-        WorkflowCommand::Get { id } => {
+        WorkflowCommand::Get {
+            id,
+            wait: Some(wait),
+        } => {
+            let result = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/runs/{id}?wait={}ms", wait.as_millis()),
+                    None,
+                    "",
+                )
+                .await;
+            return finish_wait(
+                &client,
+                json_out,
+                result,
+                &format!("meshflow workflow get {id} --wait"),
+            );
+        }
+        WorkflowCommand::Get { id, wait: None } => {
             let (status, value) = client
                 .call(Method::GET, &format!("/v1/runs/{id}"), None, "")
                 .await
@@ -622,6 +679,65 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
         crate::output::print(&human(&value));
     }
     Ok(())
+}
+
+/// A run id made by the CLI (same form as the coordinator's: 32 hex digits).
+fn generated_run_id() -> String {
+    use rand::Rng as _;
+    let mut rng = rand::thread_rng();
+    (0..16)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
+}
+
+/// Prints what a `--wait` answer says and turns the run's status into the exit code (see
+/// `start --wait`). `resume` is the command that attaches again after a lost connection.
+fn finish_wait(
+    client: &Client,
+    json_out: bool,
+    result: Result<(u16, Value), String>,
+    resume: &str,
+) -> Result<(), (i32, String)> {
+    let (status, value) = result.map_err(|e| {
+        (
+            1,
+            format!("{e}\nThe run may still be going; `{resume}` waits for it again (it does not start another)."),
+        )
+    })?;
+    if status >= 400 {
+        return Err((1, client.error(status, &value)));
+    }
+    // POST answers {runId, status, output, error, run}; GET answers the run view.
+    let run_status = value["status"].as_str().unwrap_or_default().to_string();
+    let id = s(&value["runId"]);
+    if json_out {
+        crate::output::println(&serde_json::to_string_pretty(&value).unwrap_or_default());
+    } else if status == 202 {
+        crate::output::print(&format!(
+            "run {id} is still {run_status} (the wait elapsed); `{resume}` waits again\n"
+        ));
+    } else {
+        let (output, error) = match value.get("run") {
+            Some(_) => (&value["output"], &value["error"]),
+            None => (&value["state"]["output"], &value["state"]["error"]),
+        };
+        let mut text = format!("run {id} {run_status}\n");
+        if !output.is_null() {
+            text.push_str(&format!(
+                "{}\n",
+                serde_json::to_string_pretty(output).unwrap_or_default()
+            ));
+        }
+        if let Some(error) = error.as_str() {
+            text.push_str(&format!("error: {error}\n"));
+        }
+        crate::output::print(&text);
+    }
+    match (status, run_status.as_str()) {
+        (202, _) => Err((2, String::new())),
+        (_, "Completed") => Ok(()),
+        _ => Err((3, String::new())),
+    }
 }
 
 /// `cancel`, `terminate`, `retry`.

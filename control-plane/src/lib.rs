@@ -138,6 +138,10 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "MESHFLOW_WORKFLOW_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub workflow_lease: Duration,
+    /// Callers that may wait for runs at once (`?wait=` on starting or reading a run); one
+    /// more is answered 429 and counted.
+    #[arg(long, env = "MESHFLOW_WORKFLOW_MAX_WAITERS", default_value_t = workflow::coordinator::MAX_WAITERS)]
+    pub workflow_max_waiters: usize,
     /// OTLP/gRPC trace collector for workflow run spans, e.g. `http://127.0.0.1:4317`.
     /// Default: no export.
     #[arg(long, env = "MESHFLOW_OTLP_ENDPOINT")]
@@ -254,6 +258,7 @@ async fn start_coordinator(
             lease: config.workflow_lease,
             tracing: tracer.clone(),
             trace_sampling: config.trace_sampling,
+            max_waiters: config.workflow_max_waiters,
         },
         metrics,
     );

@@ -70,3 +70,5 @@ mod traces;
 mod workflow;
 #[path = "e2e/workflow_guards.rs"]
 mod workflow_guards;
+#[path = "e2e/workflow_wait.rs"]
+mod workflow_wait;

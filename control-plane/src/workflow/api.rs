@@ -6,6 +6,8 @@
 //! | `GET /v1/workflows` | latest version of each definition |
 //! | `GET /v1/workflows/{ns}/{name}` | latest definition |
 //! | `POST /v1/runs` | `{workflow, runId?, input?, signal?: {name, payload}}` → 201 created, 200 existing |
+//! | `POST /v1/runs?wait=30s` | the same, then answers when the run is terminal: `{runId, created, status, output, error, run}` with 201/200; 202 with the same shape when the wait elapses first. With an existing `runId` it attaches to that run (nothing new starts), so a caller whose connection broke retries with the same id. Waits are cut to 60 s; more than 1,024 waiting callers → 429 (`meshflow_workflow_wait_rejected_total`) |
+//! | `GET /v1/runs/{id}?wait=30s` | the run view when terminal (200), or as it is when the wait elapses (202) |
 //! | `GET /v1/runs?workflow=&status=&limit=` | runs, newest first |
 //! | `GET /v1/runs/{id}` | status, steps with attempts, outputs, errors, what it waits on |
 //! | `GET /v1/runs/{id}/history` | the events |
@@ -24,7 +26,7 @@
 //!   verified identity and is refused here.
 //!
 //! An XFCC header alone proves nothing: any local process can send one to the loopback port.
-//! Errors are JSON `{error}` with 400, 401, 404, 409 or 500.
+//! Errors are JSON `{error}` with 400, 401, 404, 409, 429 or 500.
 
 use std::sync::Arc;
 
@@ -37,7 +39,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::coordinator::{Coordinator, CoordinatorError};
+use super::coordinator::{Coordinator, CoordinatorError, WaitOutcome};
 use super::engine::Input;
 
 /// API state.
@@ -71,6 +73,7 @@ impl IntoResponse for CoordinatorError {
                 super::store::StoreError::Conflict(_) | super::store::StoreError::Fenced(_),
             ) => StatusCode::CONFLICT,
             CoordinatorError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            CoordinatorError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
         };
         error(status, self)
     }
@@ -265,10 +268,57 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Resp
         .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("body: {e}"))))
 }
 
-async fn start(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+/// `?wait=<duration>` (humantime: `30s`, `500ms`, `2m`) on starting or reading a run.
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait: Option<String>,
+}
+
+impl WaitQuery {
+    /// The wait asked for (`None`: answer at once).
+    fn duration(&self) -> Result<Option<std::time::Duration>, Box<Response>> {
+        match self.wait.as_deref() {
+            None | Some("") => Ok(None),
+            Some(text) => humantime::parse_duration(text).map(Some).map_err(|e| {
+                Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("wait={text:?}: not a duration (e.g. 30s, 500ms): {e}"),
+                ))
+            }),
+        }
+    }
+}
+
+/// The run as a waiting caller gets it: its status, output and error at the top, then the
+/// whole view.
+fn waited(view: &super::coordinator::RunView) -> Value {
+    json!({
+        "runId": view.run_id,
+        "status": view.status,
+        "output": view.state.output,
+        "error": view.state.error,
+        "run": view,
+    })
+}
+
+async fn start(
+    State(s): State<ApiState>,
+    Query(q): Query<WaitQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let wait = match q.duration() {
+        Ok(wait) => wait,
+        Err(response) => return *response,
+    };
     let req: StartRequest = match json_body(&body) {
         Ok(r) => r,
         Err(r) => return *r,
+    };
+    // A waiter's place first: when too many wait, nothing starts.
+    let slot = match wait.map(|_| s.coordinator.reserve_waiter()).transpose() {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
     };
     let signal = req.signal.map(|s| (s.name, s.payload));
     match s
@@ -292,7 +342,24 @@ async fn start(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> Re
             } else {
                 StatusCode::OK
             };
-            (status, Json(json!({"runId": run_id, "created": created}))).into_response()
+            let (Some(wait), Some(slot)) = (wait, &slot) else {
+                return (status, Json(json!({"runId": run_id, "created": created})))
+                    .into_response();
+            };
+            // Started (or attached to the existing run of that id): answer when it ends.
+            match s.coordinator.wait_in(slot, &run_id, wait).await {
+                Ok(WaitOutcome::Finished(view)) => {
+                    let mut body = waited(&view);
+                    body["created"] = json!(created);
+                    (status, Json(body)).into_response()
+                }
+                Ok(WaitOutcome::Elapsed(view)) => {
+                    let mut body = waited(&view);
+                    body["created"] = json!(created);
+                    (StatusCode::ACCEPTED, Json(body)).into_response()
+                }
+                Err(e) => e.into_response(),
+            }
         }
         Err(e) => e.into_response(),
     }
@@ -339,10 +406,22 @@ async fn list_runs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Res
     }
 }
 
-async fn get_run(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
-    match s.coordinator.get(&id).await {
-        Ok(view) => Json(view).into_response(),
-        Err(e) => e.into_response(),
+async fn get_run(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Response {
+    match q.duration() {
+        Err(response) => *response,
+        Ok(None) => match s.coordinator.get(&id).await {
+            Ok(view) => Json(view).into_response(),
+            Err(e) => e.into_response(),
+        },
+        Ok(Some(wait)) => match s.coordinator.wait(&id, wait).await {
+            Ok(WaitOutcome::Finished(view)) => Json(view).into_response(),
+            Ok(WaitOutcome::Elapsed(view)) => (StatusCode::ACCEPTED, Json(view)).into_response(),
+            Err(e) => e.into_response(),
+        },
     }
 }
 

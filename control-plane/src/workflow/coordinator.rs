@@ -33,6 +33,42 @@ pub enum CoordinatorError {
     /// 500 (a store conflict is 409).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// 429: a bounded resource is full (the `?wait` waiters); try again later.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// Longest wait a caller may ask for with `?wait=` (Temporal's long poll is a minute too):
+/// a longer one is cut to this, and the answer is then 202 with the run as it is.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Default of [`CoordinatorSettings::max_waiters`]: callers waiting for runs at once, at most;
+/// one more is answered 429 and counted in `meshflow_workflow_wait_rejected_total`.
+pub const MAX_WAITERS: usize = 1024;
+
+/// A waiter re-reads its run at least this often: a run finished by another coordinator
+/// replica sends this one no notification.
+const WAIT_POLL: Duration = Duration::from_millis(500);
+
+/// What [`Coordinator::wait`] saw.
+#[derive(Debug)]
+pub enum WaitOutcome {
+    /// The run is terminal (its output or error is in the view).
+    Finished(RunView),
+    /// The wait elapsed first; the run as it is now.
+    Elapsed(RunView),
+}
+
+/// One waiter's place ([`Coordinator::reserve_waiter`]), counted until dropped.
+pub struct WaiterSlot<'a>(&'a Coordinator);
+
+impl Drop for WaiterSlot<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiters
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.metrics.waiters.dec();
+    }
 }
 
 /// Unix ms now.
@@ -95,6 +131,8 @@ pub struct CoordinatorSettings {
     pub tracing: meshflow_telemetry::Tracing,
     /// Probability (0.0–1.0) that a run started without a client trace is sampled.
     pub trace_sampling: f64,
+    /// Callers waiting for runs at once, at most ([`MAX_WAITERS`] by default).
+    pub max_waiters: usize,
 }
 
 /// How much longer than an attempt's deadline the call itself stays open. The attempt's
@@ -145,6 +183,10 @@ pub struct Coordinator {
     sidecar_up: tokio::sync::OnceCell<()>,
     /// The store's clock minus ours, ms ([`Coordinator::sync_clock`]).
     clock_offset_ms: std::sync::atomic::AtomicI64,
+    /// Run ids as they become terminal here (for `?wait`).
+    finished: tokio::sync::broadcast::Sender<String>,
+    /// Callers waiting now.
+    waiters: std::sync::atomic::AtomicUsize,
 }
 
 /// A run as the API shows it.
@@ -188,6 +230,8 @@ impl Coordinator {
             owned: Mutex::default(),
             sidecar_up: tokio::sync::OnceCell::new(),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            finished: tokio::sync::broadcast::channel(1024).0,
+            waiters: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -430,6 +474,88 @@ impl Coordinator {
             events: row.seq,
             state,
         })
+    }
+
+    /// Waits until run `run_id` is terminal, at most `wait` (cut to [`MAX_WAIT`]). Woken by
+    /// this coordinator's own commits, and re-reads the run every 500 ms for transitions
+    /// another replica commits.
+    ///
+    /// # Errors
+    /// 404 for an unknown run; [`CoordinatorError::Busy`] when
+    /// [`CoordinatorSettings::max_waiters`] callers wait already; store errors.
+    pub async fn wait(
+        &self,
+        run_id: &str,
+        wait: Duration,
+    ) -> Result<WaitOutcome, CoordinatorError> {
+        let slot = self.reserve_waiter()?;
+        self.wait_in(&slot, run_id, wait).await
+    }
+
+    /// Takes a waiter's place, before starting a run a caller will wait for (so a refusal
+    /// starts nothing).
+    ///
+    /// # Errors
+    /// [`CoordinatorError::Busy`] when [`CoordinatorSettings::max_waiters`] callers wait.
+    pub fn reserve_waiter(&self) -> Result<WaiterSlot<'_>, CoordinatorError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .waiters
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.settings.max_waiters).then_some(n + 1)
+            })
+            .is_err()
+        {
+            self.metrics.wait_rejected.inc();
+            return Err(CoordinatorError::Busy(format!(
+                "{} callers are waiting for runs already; retry later or read the run without wait",
+                self.settings.max_waiters
+            )));
+        }
+        self.metrics.waiters.inc();
+        Ok(WaiterSlot(self))
+    }
+
+    /// [`Coordinator::wait`] in a place taken with [`Coordinator::reserve_waiter`].
+    ///
+    /// # Errors
+    /// 404 for an unknown run; store errors.
+    pub async fn wait_in(
+        &self,
+        _slot: &WaiterSlot<'_>,
+        run_id: &str,
+        wait: Duration,
+    ) -> Result<WaitOutcome, CoordinatorError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        // Subscribed before each read: a run finishing between the read and the wait is seen.
+        let mut finished = self.finished.subscribe();
+        loop {
+            let view = self.get(run_id).await?;
+            if view.state.status.is_terminal() {
+                return Ok(WaitOutcome::Finished(view));
+            }
+            let poll = tokio::time::Instant::now() + WAIT_POLL;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let view = self.get(run_id).await?;
+                        return Ok(if view.state.status.is_terminal() {
+                            WaitOutcome::Finished(view)
+                        } else {
+                            WaitOutcome::Elapsed(view)
+                        });
+                    }
+                    _ = tokio::time::sleep_until(poll) => break,
+                    got = finished.recv() => match got {
+                        Ok(id) if id == run_id => break,
+                        Ok(_) => continue,
+                        // Missed some: read the run again.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
+        }
     }
 
     /// The store (for listing and history).
@@ -739,6 +865,10 @@ impl Coordinator {
                 .runs_finished
                 .with_label_values(&[&wf.id(), state.status.as_str()])
                 .inc();
+        }
+        if state.status.is_terminal() {
+            // Committed: waiters may read it now (nobody listening is fine).
+            let _ = self.finished.send(run_id.to_string());
         }
         self.after_commit(run_id, &state, &wf);
         if operator && !was_terminal && state.status == RunStatus::HistoryLimitExceeded {

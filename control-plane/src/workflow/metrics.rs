@@ -25,6 +25,11 @@ pub struct WorkflowMetrics {
     /// `meshflow_workflow_fenced_writes_total`: commits rejected because another coordinator
     /// took the run over.
     pub fenced_writes: prometheus::IntCounter,
+    /// `meshflow_workflow_waiters`: callers waiting for a run (`?wait=`) now.
+    pub waiters: IntGauge,
+    /// `meshflow_workflow_wait_rejected_total`: `?wait=` requests refused with 429 because
+    /// [`super::coordinator::MAX_WAITERS`] callers were waiting.
+    pub wait_rejected: prometheus::IntCounter,
 }
 
 impl WorkflowMetrics {
@@ -85,8 +90,18 @@ impl WorkflowMetrics {
                 "meshflow_workflow_fenced_writes_total",
                 "Workflow commits rejected because another coordinator took the run over.",
             )?,
+            waiters: IntGauge::new(
+                "meshflow_workflow_waiters",
+                "Callers waiting for a run to finish (?wait=) now.",
+            )?,
+            wait_rejected: prometheus::IntCounter::new(
+                "meshflow_workflow_wait_rejected_total",
+                "?wait= requests refused with 429: too many callers were waiting.",
+            )?,
         };
         registry.register(Box::new(m.fenced_writes.clone()))?;
+        registry.register(Box::new(m.waiters.clone()))?;
+        registry.register(Box::new(m.wait_rejected.clone()))?;
         registry.register(Box::new(m.runs_started.clone()))?;
         registry.register(Box::new(m.runs_finished.clone()))?;
         registry.register(Box::new(m.step_attempts.clone()))?;
