@@ -44,12 +44,12 @@ pub enum WorkflowCommand {
         /// The signal's JSON payload.
         #[arg(long, default_value = "null")]
         payload: String,
-        /// Wait for the run to end, at most this long (e.g. `30s`; `--wait` alone: 60 s, the
-        /// most the coordinator waits), and print its output. Exit code: 0 Completed, 3 ended
-        /// otherwise (Failed, Compensated, …), 2 still running when the wait elapsed, 1 an
-        /// error. Without `--id` an id is generated here, so a wait cut by a lost connection
-        /// can be resumed with the same `--id` (it attaches; nothing starts twice).
-        #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_parser = humantime::parse_duration)]
+        /// Wait for the run to end, at most this long (e.g. `30s`; the coordinator waits 60 s
+        /// at most), and print its output. Exit code: 0 Completed, 3 ended otherwise (Failed,
+        /// Compensated, …), 4 still running when the wait elapsed, 1 an error (64 bad
+        /// arguments). Without `--id` an id is generated here, so a wait cut by a lost
+        /// connection can be resumed (`meshflow workflow get <id> --wait …`).
+        #[arg(long, value_parser = humantime::parse_duration)]
         wait: Option<std::time::Duration>,
     },
     /// Show a run: status, steps, attempts, what it waits on.
@@ -58,7 +58,7 @@ pub enum WorkflowCommand {
         id: String,
         /// Wait for the run to end, at most this long (e.g. `30s`); exit codes as for
         /// `start --wait`.
-        #[arg(long, num_args = 0..=1, default_missing_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = humantime::parse_duration)]
         wait: Option<std::time::Duration>,
     },
     /// List runs, newest first.
@@ -223,6 +223,26 @@ impl Client {
         let status = response.status().as_u16();
         let value = response.json::<Value>().await.unwrap_or(Value::Null);
         Ok((status, value))
+    }
+
+    /// [`Client::call`] for a `?wait=` request: bounded by the wait (at most the coordinator's
+    /// 60 s) plus 15 s, so a connection that went silent cannot hang the CLI.
+    async fn call_waiting(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        wait: std::time::Duration,
+    ) -> Result<(u16, Value), String> {
+        let limit =
+            wait.min(std::time::Duration::from_secs(60)) + std::time::Duration::from_secs(15);
+        match tokio::time::timeout(limit, self.call(method, path, body, "application/json")).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "no answer from the workflow API at {} within {limit:?}",
+                self.base
+            )),
+        }
     }
 
     /// The message for an error answer, with a hint at what to fix where the answer shows it.
@@ -509,18 +529,21 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
             if let Some(wait) = wait {
                 let id = id.unwrap_or_default();
                 let result = client
-                    .call(
+                    .call_waiting(
                         Method::POST,
                         &format!("/v1/runs?wait={}ms", wait.as_millis()),
                         Some(body.to_string().into_bytes()),
-                        "application/json",
+                        wait,
                     )
                     .await;
                 return finish_wait(
                     &client,
                     json_out,
                     result,
-                    &format!("meshflow workflow start {workflow} --id {id} --wait"),
+                    &format!("meshflow workflow get {id} --wait 60s"),
+                    Some(&format!(
+                        "if that answers 404 the run never started: repeat this command with --id {id}"
+                    )),
                 );
             }
             let (status, value) = client
@@ -553,18 +576,19 @@ async fn run_inner(args: &ApiArgs, command: WorkflowCommand) -> Result<(), (i32,
             wait: Some(wait),
         } => {
             let result = client
-                .call(
+                .call_waiting(
                     Method::GET,
                     &format!("/v1/runs/{id}?wait={}ms", wait.as_millis()),
                     None,
-                    "",
+                    wait,
                 )
                 .await;
             return finish_wait(
                 &client,
                 json_out,
                 result,
-                &format!("meshflow workflow get {id} --wait"),
+                &format!("meshflow workflow get {id} --wait 60s"),
+                None,
             );
         }
         WorkflowCommand::Get { id, wait: None } => {
@@ -697,11 +721,15 @@ fn finish_wait(
     json_out: bool,
     result: Result<(u16, Value), String>,
     resume: &str,
+    never_started: Option<&str>,
 ) -> Result<(), (i32, String)> {
     let (status, value) = result.map_err(|e| {
         (
             1,
-            format!("{e}\nThe run may still be going; `{resume}` waits for it again (it does not start another)."),
+            format!(
+                "{e}\nThe run may still be going: `{resume}` waits for it again (it does not start another){}.",
+                never_started.map(|h| format!("; {h}")).unwrap_or_default()
+            ),
         )
     })?;
     if status >= 400 {
@@ -734,7 +762,7 @@ fn finish_wait(
         crate::output::print(&text);
     }
     match (status, run_status.as_str()) {
-        (202, _) => Err((2, String::new())),
+        (202, _) => Err((4, String::new())),
         (_, "Completed") => Ok(()),
         _ => Err((3, String::new())),
     }

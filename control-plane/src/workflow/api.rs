@@ -6,7 +6,7 @@
 //! | `GET /v1/workflows` | latest version of each definition |
 //! | `GET /v1/workflows/{ns}/{name}` | latest definition |
 //! | `POST /v1/runs` | `{workflow, runId?, input?, signal?: {name, payload}}` → 201 created, 200 existing |
-//! | `POST /v1/runs?wait=30s` | the same, then answers when the run is terminal: `{runId, created, status, output, error, run}` with 201/200; 202 with the same shape when the wait elapses first. With an existing `runId` it attaches to that run (nothing new starts), so a caller whose connection broke retries with the same id. Waits are cut to 60 s; more than 1,024 waiting callers → 429 (`meshflow_workflow_wait_rejected_total`) |
+//! | `POST /v1/runs?wait=30s` | the same, then answers when the run is terminal: `{runId, created, status, output, error, run}` with 201/200; 202 with the same shape when the wait elapses first. With an existing `runId` it attaches to that run (nothing new starts), so a caller whose connection broke retries with the same id. Waits are cut to 60 s; more than `--workflow-max-waiters` (default 1,024) waiting callers → 429 with `Retry-After`, refused before anything starts (`meshflow_workflow_wait_rejected_total`); an error after the run started still carries its `runId` |
 //! | `GET /v1/runs/{id}?wait=30s` | the run view when terminal (200), or as it is when the wait elapses (202) |
 //! | `GET /v1/runs?workflow=&status=&limit=` | runs, newest first |
 //! | `GET /v1/runs/{id}` | status, steps with attempts, outputs, errors, what it waits on |
@@ -31,6 +31,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -63,9 +64,10 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(json!({"error": message.to_string()}))).into_response()
 }
 
-impl IntoResponse for CoordinatorError {
-    fn into_response(self) -> Response {
-        let status = match &self {
+impl CoordinatorError {
+    /// The HTTP status of this error.
+    fn status(&self) -> StatusCode {
+        match self {
             CoordinatorError::NotFound(_) => StatusCode::NOT_FOUND,
             CoordinatorError::Invalid(_) => StatusCode::BAD_REQUEST,
             CoordinatorError::Conflict(_) => StatusCode::CONFLICT,
@@ -74,8 +76,22 @@ impl IntoResponse for CoordinatorError {
             ) => StatusCode::CONFLICT,
             CoordinatorError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             CoordinatorError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-        };
-        error(status, self)
+        }
+    }
+}
+
+impl IntoResponse for CoordinatorError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = error(status, self);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // RFC 9110 §10.2.3: a waiter's place frees within a minute at most.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
@@ -301,12 +317,23 @@ fn waited(view: &super::coordinator::RunView) -> Value {
     })
 }
 
+/// The `?wait=` query, or the JSON 400 for a query string that does not parse (axum's own
+/// rejection is plain text; every error of this API is `{error}`).
+fn wait_query(q: Result<Query<WaitQuery>, QueryRejection>) -> Result<WaitQuery, Box<Response>> {
+    q.map(|Query(q)| q)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("query: {e}"))))
+}
+
 async fn start(
     State(s): State<ApiState>,
-    Query(q): Query<WaitQuery>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let q = match wait_query(q) {
+        Ok(q) => q,
+        Err(response) => return *response,
+    };
     let wait = match q.duration() {
         Ok(wait) => wait,
         Err(response) => return *response,
@@ -358,7 +385,15 @@ async fn start(
                     body["created"] = json!(created);
                     (StatusCode::ACCEPTED, Json(body)).into_response()
                 }
-                Err(e) => e.into_response(),
+                // The run exists: the caller needs its id to wait again (GET ?wait=).
+                Err(e) => {
+                    let status = e.status();
+                    (
+                        status,
+                        Json(json!({"error": e.to_string(), "runId": run_id, "created": created})),
+                    )
+                        .into_response()
+                }
             }
         }
         Err(e) => e.into_response(),
@@ -409,8 +444,12 @@ async fn list_runs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Res
 async fn get_run(
     State(s): State<ApiState>,
     Path(id): Path<String>,
-    Query(q): Query<WaitQuery>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Response {
+    let q = match wait_query(q) {
+        Ok(q) => q,
+        Err(response) => return *response,
+    };
     match q.duration() {
         Err(response) => *response,
         Ok(None) => match s.coordinator.get(&id).await {

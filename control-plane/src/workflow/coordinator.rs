@@ -46,9 +46,16 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// one more is answered 429 and counted in `meshflow_workflow_wait_rejected_total`.
 pub const MAX_WAITERS: usize = 1024;
 
-/// A waiter re-reads its run at least this often: a run finished by another coordinator
-/// replica sends this one no notification.
-const WAIT_POLL: Duration = Duration::from_millis(500);
+/// A waiter re-reads its run's status at least this often (plus up to 250 ms of jitter): a run
+/// finished by another coordinator replica sends this one no notification.
+const WAIT_POLL: Duration = Duration::from_millis(1000);
+
+/// Whether a stored status name is a terminal one.
+fn is_terminal_status(status: &str) -> bool {
+    RunStatus::ALL
+        .iter()
+        .any(|s| s.as_str() == status && s.is_terminal())
+}
 
 /// What [`Coordinator::wait`] saw.
 #[derive(Debug)]
@@ -477,8 +484,8 @@ impl Coordinator {
     }
 
     /// Waits until run `run_id` is terminal, at most `wait` (cut to [`MAX_WAIT`]). Woken by
-    /// this coordinator's own commits, and re-reads the run every 500 ms for transitions
-    /// another replica commits.
+    /// this coordinator's own commits, and re-reads the run's status about every second for
+    /// transitions another replica commits.
     ///
     /// # Errors
     /// 404 for an unknown run; [`CoordinatorError::Busy`] when
@@ -527,33 +534,54 @@ impl Coordinator {
         wait: Duration,
     ) -> Result<WaitOutcome, CoordinatorError> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
-        // Subscribed before each read: a run finishing between the read and the wait is seen.
+        // Subscribed before the first read: a run finishing between a read and the wait is
+        // seen.
         let mut finished = self.finished.subscribe();
+        let mut notified = true;
+        let view = self.get(run_id).await?;
+        if view.state.status.is_terminal() {
+            return Ok(WaitOutcome::Finished(view));
+        }
         loop {
-            let view = self.get(run_id).await?;
-            if view.state.status.is_terminal() {
-                return Ok(WaitOutcome::Finished(view));
-            }
-            let poll = tokio::time::Instant::now() + WAIT_POLL;
-            loop {
+            // Re-reads between notifications look at the status column only (no decoding of
+            // the run), spread by jitter so many waiters do not read in step.
+            let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+            let poll = tokio::time::Instant::now() + WAIT_POLL + jitter;
+            let woken = loop {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => {
-                        let view = self.get(run_id).await?;
-                        return Ok(if view.state.status.is_terminal() {
-                            WaitOutcome::Finished(view)
-                        } else {
-                            WaitOutcome::Elapsed(view)
-                        });
-                    }
-                    _ = tokio::time::sleep_until(poll) => break,
-                    got = finished.recv() => match got {
-                        Ok(id) if id == run_id => break,
+                    _ = tokio::time::sleep_until(deadline) => break false,
+                    _ = tokio::time::sleep_until(poll) => break true,
+                    got = finished.recv(), if notified => match got {
+                        Ok(id) if id == run_id => break true,
                         Ok(_) => continue,
                         // Missed some: read the run again.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break true,
+                        // (The sender lives as long as the coordinator.) Polling only.
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            notified = false;
+                            continue;
+                        }
                     },
                 }
+            };
+            if !woken {
+                let view = self.get(run_id).await?;
+                return Ok(if view.state.status.is_terminal() {
+                    WaitOutcome::Finished(view)
+                } else {
+                    WaitOutcome::Elapsed(view)
+                });
+            }
+            match self.store.run(run_id).await {
+                Ok(Some(row)) if is_terminal_status(&row.status) => {
+                    return Ok(WaitOutcome::Finished(self.get(run_id).await?));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(CoordinatorError::NotFound(format!("run {run_id}")));
+                }
+                // A failed re-read does not end the wait: the next one may succeed.
+                Err(e) => tracing::warn!(run = run_id, error = %e, "re-reading a waited-for run"),
             }
         }
     }

@@ -28,7 +28,7 @@ pub struct WorkflowMetrics {
     /// `meshflow_workflow_waiters`: callers waiting for a run (`?wait=`) now.
     pub waiters: IntGauge,
     /// `meshflow_workflow_wait_rejected_total`: `?wait=` requests refused with 429 because
-    /// [`super::coordinator::MAX_WAITERS`] callers were waiting.
+    /// `--workflow-max-waiters` callers were waiting.
     pub wait_rejected: prometheus::IntCounter,
 }
 

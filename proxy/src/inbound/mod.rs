@@ -110,6 +110,17 @@ fn peer_identity(session: &Session) -> Option<Arc<VerifiedPeer>> {
     ext.verified.clone()
 }
 
+/// Whether `raw` (a request target as on the wire) is exactly `path` followed by `?query`.
+fn is_target(raw: &[u8], path: &str, query: Option<&str>) -> bool {
+    let Some(rest) = raw.strip_prefix(path.as_bytes()) else {
+        return false;
+    };
+    match query {
+        None => rest.is_empty(),
+        Some(q) => rest.first() == Some(&b'?') && &rest[1..] == q.as_bytes(),
+    }
+}
+
 /// Whether the raw HTTP/1.1 request target carries a fragment (`#`), which the URI parser
 /// would silently drop.
 fn raw_target_has_fragment(session: &Session) -> bool {
@@ -359,17 +370,19 @@ impl InboundProxy {
                 .await?;
             return Ok(true);
         }
-        // Forward exactly the normalized path (and the query as received).
+        // Forward exactly the normalized path (and the query as received). Compared with the
+        // target as it would go on the wire (`raw_path`: Pingora writes those bytes, not the
+        // URI), so a target the URI only stands in for — `?x=1`, `admin/x`, absolute-form —
+        // is replaced by what was judged.
         let req = session.req_header();
-        if let Some(path) = ctx
-            .normalized_path
-            .as_deref()
-            .filter(|p| *p != req.uri.path())
-        {
-            ctx.forwarded_target = Some(match req.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            });
+        if let Some(path) = ctx.normalized_path.as_deref() {
+            let query = req.uri.query();
+            if !is_target(req.raw_path(), path, query) {
+                ctx.forwarded_target = Some(match query {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_string(),
+                });
+            }
         }
         Ok(false)
     }
@@ -549,16 +562,24 @@ impl ProxyHttp for InboundProxy {
         // Forward exactly what was authorized.
         tracing::debug!(uri = %upstream_request.uri, target = ?ctx.forwarded_target, "inbound upstream request");
         if let Some(target) = &ctx.forwarded_target {
-            let current = upstream_request.uri.path_and_query().map(|p| p.as_str());
-            if current != Some(target.as_str()) {
+            if upstream_request.raw_path() != target.as_bytes() {
                 // Replace only the path and query: an HTTP/2 request keeps scheme and authority.
+                // What cannot be expressed is refused, never forwarded as received.
                 let mut parts = upstream_request.uri.clone().into_parts();
-                if let Ok(path_and_query) = target.parse() {
-                    parts.path_and_query = Some(path_and_query);
-                    if let Ok(uri) = http::Uri::from_parts(parts) {
-                        upstream_request.set_uri(uri);
-                    }
-                }
+                let uri = target
+                    .parse()
+                    .ok()
+                    .and_then(|path_and_query| {
+                        parts.path_and_query = Some(path_and_query);
+                        http::Uri::from_parts(parts).ok()
+                    })
+                    .ok_or_else(|| {
+                        Error::explain(
+                            ErrorType::HTTPStatus(400),
+                            "the normalized request target cannot be forwarded",
+                        )
+                    })?;
+                upstream_request.set_uri(uri);
             }
         }
         Ok(())
@@ -650,5 +671,27 @@ impl ProxyHttp for InboundProxy {
             ctx.grpc_status.as_deref().unwrap_or(""),
             ctx.start.elapsed().as_secs_f64(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_target;
+
+    /// The forwarded target is rewritten unless the wire bytes are exactly what was judged:
+    /// path plus `?query`.
+    #[test]
+    fn targets_that_need_rewriting() {
+        assert!(is_target(b"/a/b", "/a/b", None));
+        assert!(is_target(b"/a?x=1", "/a", Some("x=1")));
+        assert!(!is_target(b"?x=1", "/", Some("x=1")), "query-only target");
+        assert!(!is_target(b"admin/secret", "/", None), "not origin-form");
+        assert!(!is_target(b"http://h/a", "/a", None), "absolute-form");
+        assert!(!is_target(b"/a/../b", "/b", None));
+        assert!(
+            !is_target(b"/a", "/a", Some("")),
+            "an empty query is still a `?`"
+        );
+        assert!(!is_target(b"/a?", "/a", None));
     }
 }

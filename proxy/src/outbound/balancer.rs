@@ -129,6 +129,14 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// Forgets the statistics nothing else holds (no compiled route, no attempt in flight).
+    pub fn retain_live(&self) {
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, stats| Arc::strong_count(stats) > 1);
+    }
+
     /// The statistics of `address`.
     pub fn stats(&self, address: &str) -> Arc<EndpointStats> {
         let mut map = self.stats.lock().unwrap_or_else(|e| e.into_inner());

@@ -201,10 +201,15 @@ pub struct OutboundState {
 }
 
 impl OutboundState {
-    /// Compiles `snapshot` and puts its routes in force.
+    /// Compiles `snapshot` and puts its routes in force, then forgets the state of endpoints
+    /// and services no route and no request in flight holds any more (pods come and go: the
+    /// registries must not grow for ever).
     pub fn apply(&self, snapshot: Arc<crate::config::ConfigSnapshot>) {
         self.routes
             .store(Arc::new(route::RouteTable::compile(snapshot, self)));
+        self.balancer.retain_live();
+        self.budgets.retain_live();
+        self.outstanding.retain_live();
     }
 }
 
@@ -525,12 +530,23 @@ impl ProxyHttp for OutboundProxy {
                     )
                     .await;
             };
-            ctx.pinned = destination.pinned.as_ref().and_then(|pinned| {
-                route
+            if let Some(pinned) = &destination.pinned {
+                // The pod the app dialled, and only that one (never fall back to the service).
+                let Some(endpoint) = route
                     .endpoint_at(&pinned.address)
                     .cloned()
                     .or_else(|| RouteEndpoint::new(pinned, &self.state).map(Arc::new))
-            });
+                else {
+                    return self
+                        .reject(
+                            session,
+                            "no_endpoint",
+                            format!("{original} is not a usable endpoint"),
+                        )
+                        .await;
+                };
+                ctx.pinned = Some(endpoint);
+            }
             ctx.target_port = Some((destination.target_port, session.as_ref().is_http2()));
             route.clone()
         } else {
@@ -731,14 +747,22 @@ impl ProxyHttp for OutboundProxy {
                 "service has no endpoint",
             ));
         };
-        // A retry goes to the endpoints of the snapshot in force now (they may have changed
-        // since the request started).
-        if ctx.attempts > 0 && ctx.pinned.is_none() {
+        // Every attempt goes to the endpoints of the snapshot in force now (they may have
+        // changed since the request started, e.g. during a backoff or an injected delay); a
+        // service gone from it has no endpoint.
+        if ctx.pinned.is_none() {
             let current = self.state.routes.load();
-            if let Some(newer) = current.get(&route.name, &route.namespace) {
-                if !Arc::ptr_eq(newer, &route) {
+            match current.get(&route.name, &route.namespace) {
+                Some(newer) if !Arc::ptr_eq(newer, &route) => {
                     route = newer.clone();
                     ctx.route = Some(route.clone());
+                }
+                Some(_) => {}
+                None => {
+                    return Err(Error::explain(
+                        ErrorType::ConnectNoRoute,
+                        "service has no endpoint",
+                    ))
                 }
             }
         }

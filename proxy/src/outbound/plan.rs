@@ -116,6 +116,14 @@ pub struct Budgets {
 }
 
 impl Budgets {
+    /// Forgets the budgets nothing else holds (no compiled route, no request in flight).
+    pub fn retain_live(&self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, budget| Arc::strong_count(budget) > 1);
+    }
+
     /// The budget for `service` with `settings`, created on first use.
     pub fn get(&self, service: &str, settings: Budget, now: Instant) -> Arc<RetryBudget> {
         let key = format!("{service}|{}|{}", settings.ratio, settings.min_per_second);
@@ -163,6 +171,14 @@ impl Drop for OutstandingSlot {
 }
 
 impl Outstanding {
+    /// Forgets the counters nothing else holds (no compiled route, no request in flight).
+    pub fn retain_live(&self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, counter| Arc::strong_count(counter) > 1);
+    }
+
     /// The counter of `service` (created on first use; kept for the process's life, so a new
     /// snapshot's route counts on from the old one's).
     pub fn counter(&self, service: &str) -> Arc<std::sync::atomic::AtomicU32> {

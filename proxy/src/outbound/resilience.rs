@@ -218,26 +218,30 @@ pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 const BUCKETS: usize = 10;
 
 struct BudgetWindow {
-    origin: Instant,
+    /// The start of second 0: the first request or retry counted (a budget made when a route
+    /// is compiled starts its seconds with its traffic, not with the config push).
+    origin: Option<Instant>,
     /// (second index, requests, retries) per bucket.
     buckets: [(u64, u64, u64); BUCKETS],
 }
 
 impl RetryBudget {
-    /// A budget starting at `now`.
-    pub fn new(ratio: f64, min_per_second: u32, now: Instant) -> Self {
+    /// A budget; its window starts with the first request or retry counted (`_now` is kept
+    /// for callers that make budgets on first use).
+    pub fn new(ratio: f64, min_per_second: u32, _now: Instant) -> Self {
         Self {
             ratio,
             min_per_second,
             inner: Mutex::new(BudgetWindow {
-                origin: now,
+                origin: None,
                 buckets: [(u64::MAX, 0, 0); BUCKETS],
             }),
         }
     }
 
     fn bucket(window: &mut BudgetWindow, now: Instant) -> &mut (u64, u64, u64) {
-        let second = now.saturating_duration_since(window.origin).as_secs();
+        let origin = *window.origin.get_or_insert(now);
+        let second = now.saturating_duration_since(origin).as_secs();
         let slot = &mut window.buckets[(second % BUCKETS as u64) as usize];
         if slot.0 != second {
             *slot = (second, 0, 0);
@@ -246,7 +250,10 @@ impl RetryBudget {
     }
 
     fn totals(window: &BudgetWindow, now: Instant) -> (u64, u64) {
-        let second = now.saturating_duration_since(window.origin).as_secs();
+        let Some(origin) = window.origin else {
+            return (0, 0);
+        };
+        let second = now.saturating_duration_since(origin).as_secs();
         window
             .buckets
             .iter()

@@ -254,33 +254,6 @@ impl TrafficSeries {
 }
 
 impl ProxyMetrics {
-    /// Counts one finished request and observes its duration (seconds).
-    pub fn record_request(&self, t: &Traffic<'_>, status: u16, grpc_status: &str, seconds: f64) {
-        self.requests
-            .with_label_values(&[
-                t.direction,
-                t.source_workload,
-                t.source_namespace,
-                t.destination_workload,
-                t.destination_namespace,
-                t.principal,
-                t.service,
-                &status.to_string(),
-                grpc_status,
-            ])
-            .inc();
-        self.request_duration
-            .with_label_values(&[
-                t.direction,
-                t.source_workload,
-                t.source_namespace,
-                t.destination_workload,
-                t.destination_namespace,
-                t.service,
-            ])
-            .observe(seconds);
-    }
-
     /// Creates the zero-valued series of `service`'s bounded per-service counters (timeouts
     /// by kind, retry budget, ejections, request limits, injected faults), so dashboards and
     /// `rate()` see 0 rather than no data before the first event. `service` is
