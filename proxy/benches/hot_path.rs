@@ -88,7 +88,7 @@ fn outbound_route(c: &mut Criterion) {
                     "/",
                     header,
                 );
-                let budget = state.budgets.get(&label, plan.budget, now);
+                let budget = state.budgets.get(&label, plan.budget);
                 budget.record_request(now);
                 let slot = state.outstanding.try_acquire(&label, None);
                 let (endpoint, stats) = state

@@ -54,12 +54,9 @@ pub async fn refuse_bad_request(
         .rejected_requests
         .with_label_values(&[direction, reason])
         .inc();
-    shared.metrics.count_refused(
-        direction,
-        shared.workload.rsplit('/').next().unwrap_or("unknown"),
-        &shared.namespace,
-        status,
-    );
+    shared
+        .metrics
+        .count_refused(direction, shared.workload_name(), &shared.namespace, status);
     tracing::debug!(direction, reason, "refused request: {message}");
     // The framing of the rest of the connection cannot be trusted: never reuse it.
     session.set_keepalive(None);

@@ -288,7 +288,7 @@ impl OutboundProxy {
             .inc();
         self.shared.metrics.count_refused(
             "outbound",
-            self.shared.workload.rsplit('/').next().unwrap_or("unknown"),
+            self.shared.workload_name(),
             &self.shared.namespace,
             503,
         );
@@ -636,7 +636,7 @@ impl ProxyHttp for OutboundProxy {
             route.budget.clone()
         } else {
             // A route of the policy with its own budget settings.
-            self.state.budgets.get(&route.label, plan.budget, now)
+            self.state.budgets.get(&route.label, plan.budget)
         });
         ctx.plan = plan;
         ctx.route = Some(route.clone());

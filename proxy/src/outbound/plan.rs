@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meshflow_policies::traffic::{
     Backoff, Budget, ConnectionPool, FaultInjection, LoadBalancerPolicy, OutlierDetection, RetryOn,
@@ -125,17 +125,11 @@ impl Budgets {
     }
 
     /// The budget for `service` with `settings`, created on first use.
-    pub fn get(&self, service: &str, settings: Budget, now: Instant) -> Arc<RetryBudget> {
+    pub fn get(&self, service: &str, settings: Budget) -> Arc<RetryBudget> {
         let key = format!("{service}|{}|{}", settings.ratio, settings.min_per_second);
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key)
-            .or_insert_with(|| {
-                Arc::new(RetryBudget::new(
-                    settings.ratio,
-                    settings.min_per_second,
-                    now,
-                ))
-            })
+            .or_insert_with(|| Arc::new(RetryBudget::new(settings.ratio, settings.min_per_second)))
             .clone()
     }
 }

@@ -226,9 +226,8 @@ struct BudgetWindow {
 }
 
 impl RetryBudget {
-    /// A budget; its window starts with the first request or retry counted (`_now` is kept
-    /// for callers that make budgets on first use).
-    pub fn new(ratio: f64, min_per_second: u32, _now: Instant) -> Self {
+    /// A budget; its window starts with the first request or retry counted.
+    pub fn new(ratio: f64, min_per_second: u32) -> Self {
         Self {
             ratio,
             min_per_second,
@@ -404,7 +403,7 @@ mod tests {
     #[test]
     fn budget_allows_ratio_plus_minimum_over_the_window() {
         let start = Instant::now();
-        let budget = RetryBudget::new(0.2, 10, start);
+        let budget = RetryBudget::new(0.2, 10);
         // 200 req/s for 10 s against an always-failing upstream: each request wants a retry.
         let mut retries = 0u64;
         let mut refused = 0u64;

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use meshflow_policies::traffic::Budget;
 use meshflow_policies::TrafficPolicy;
@@ -44,7 +43,6 @@ impl RouteTable {
     /// Compiles `snapshot`'s services, keeping the long-lived per-endpoint and per-service
     /// state in `state`.
     pub fn compile(snapshot: Arc<ConfigSnapshot>, state: &OutboundState) -> Self {
-        let now = Instant::now();
         let mut by_namespace: HashMap<String, HashMap<String, Arc<ServiceRoute>>> = HashMap::new();
         for ((name, namespace), entry) in &snapshot.services {
             let label: Arc<str> = Arc::from(format!("{name}.{namespace}"));
@@ -71,7 +69,7 @@ impl RouteTable {
             let route = ServiceRoute {
                 name: name.clone(),
                 namespace: namespace.clone(),
-                budget: state.budgets.get(&label, budget_settings, now),
+                budget: state.budgets.get(&label, budget_settings),
                 budget_settings,
                 outstanding: state.outstanding.counter(&label),
                 label,
@@ -95,16 +93,6 @@ impl RouteTable {
     /// The route of service `name` in `namespace`.
     pub fn get(&self, name: &str, namespace: &str) -> Option<&Arc<ServiceRoute>> {
         self.by_namespace.get(namespace)?.get(name)
-    }
-
-    /// Number of routes.
-    pub fn len(&self) -> usize {
-        self.by_namespace.values().map(HashMap::len).sum()
-    }
-
-    /// Whether there is no route.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
