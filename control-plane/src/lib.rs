@@ -125,6 +125,10 @@ pub struct ControlPlaneConfig {
     /// `<state-dir>/workflows.db`.
     #[arg(long, env = "MESHFLOW_WORKFLOW_STORE")]
     pub workflow_store: Option<String>,
+    /// Group commit: the most run writes (starts and step transitions of different runs) one
+    /// store transaction — one fsync — carries. 1: every write its own transaction.
+    #[arg(long, env = "MESHFLOW_WORKFLOW_COMMIT_BATCH", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workflow_commit_batch: u32,
     /// How long finished runs are kept (e.g. `7d`).
     #[arg(long, env = "MESHFLOW_WORKFLOW_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -218,10 +222,16 @@ async fn start_coordinator(
             config.state_dir.join("workflows.db").display()
         )
     });
-    let store = workflow::store::SqlStore::open(&url)
-        .await
-        .map_err(|e| StartError::Config(format!("workflow store {url}: {e}")))?;
     let metrics = workflow::metrics::WorkflowMetrics::new(registry).map_err(other)?;
+    let store = workflow::store::SqlStore::open_with(
+        &url,
+        workflow::store::StoreOptions {
+            commit_batch: config.workflow_commit_batch as usize,
+            batch_sizes: Some(metrics.store_transaction_writes.clone()),
+        },
+    )
+    .await
+    .map_err(|e| StartError::Config(format!("workflow store {url}: {e}")))?;
     let node = match &config.workflow_node {
         Some(node) => node.clone(),
         None => {

@@ -30,6 +30,10 @@ pub struct WorkflowMetrics {
     /// `meshflow_workflow_wait_rejected_total`: `?wait=` requests refused with 429 because
     /// `--workflow-max-waiters` callers were waiting.
     pub wait_rejected: prometheus::IntCounter,
+    /// `meshflow_workflow_store_transaction_writes`: run writes (creates and commits) per
+    /// store transaction (group commit); its count is the number of write transactions, each
+    /// one fsync.
+    pub store_transaction_writes: Histogram,
 }
 
 impl WorkflowMetrics {
@@ -98,10 +102,18 @@ impl WorkflowMetrics {
                 "meshflow_workflow_wait_rejected_total",
                 "?wait= requests refused with 429: too many callers were waiting.",
             )?,
+            store_transaction_writes: Histogram::with_opts(
+                HistogramOpts::new(
+                    "meshflow_workflow_store_transaction_writes",
+                    "Run writes (creates and commits) per workflow store transaction (group commit).",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+            )?,
         };
         registry.register(Box::new(m.fenced_writes.clone()))?;
         registry.register(Box::new(m.waiters.clone()))?;
         registry.register(Box::new(m.wait_rejected.clone()))?;
+        registry.register(Box::new(m.store_transaction_writes.clone()))?;
         registry.register(Box::new(m.runs_started.clone()))?;
         registry.register(Box::new(m.runs_finished.clone()))?;
         registry.register(Box::new(m.step_attempts.clone()))?;

@@ -155,3 +155,121 @@ async fn store_conformance_postgres() {
     let store = SqlStore::open(&pg.url).await.unwrap();
     conformance(&store).await;
 }
+
+/// Group commit: while another connection holds the database's write lock, `n` good writes,
+/// stale commits and repeated creates of the same runs queue up and are then written in shared
+/// transactions. Each good write applies, each stale one is refused alone (its events never
+/// appear), each repeated create is a no-op, and the writes really were grouped.
+async fn grouped_writes(
+    url: &str,
+    lock: impl AsyncFnOnce() -> Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()>>,
+) {
+    use meshflow_control_plane::workflow::store::StoreOptions;
+    use std::sync::Arc;
+    let sizes = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+    let store = Arc::new(
+        SqlStore::open_with(
+            url,
+            StoreOptions {
+                commit_batch: 64,
+                batch_sizes: Some(sizes.clone()),
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let n = 12;
+    let new_run = |i: usize| NewRun {
+        run_id: format!("g{i:02}"),
+        workflow: "ns/g".into(),
+        version: 1,
+        commit: commit(&format!("g{i:02}"), 0, &["start"], "Running", 1),
+    };
+    for i in 0..n {
+        assert!(store.create_run(&new_run(i)).await.unwrap());
+    }
+    let release = lock().await;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let s = store.clone();
+        let good = commit(&format!("g{i:02}"), 1, &["good"], "Running", 2);
+        tasks.push(tokio::spawn(async move {
+            ("good", s.commit(&good).await.map(|_| true))
+        }));
+        let s = store.clone();
+        let stale = commit(&format!("g{i:02}"), 0, &["stale"], "Failed", 2);
+        tasks.push(tokio::spawn(async move {
+            ("stale", s.commit(&stale).await.map(|_| true))
+        }));
+        let (s, again) = (store.clone(), new_run(i));
+        tasks.push(tokio::spawn(async move {
+            ("again", s.create_run(&again).await)
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    release().await;
+    for task in tasks {
+        match task.await.unwrap() {
+            ("good", outcome) => assert!(outcome.unwrap()),
+            ("stale", outcome) => assert!(
+                matches!(outcome, Err(StoreError::Conflict(_))),
+                "a stale commit is refused: {outcome:?}"
+            ),
+            (_, outcome) => assert!(!outcome.unwrap(), "a repeated create is a no-op"),
+        }
+    }
+    for i in 0..n {
+        let id = format!("g{i:02}");
+        assert_eq!(store.history(&id).await.unwrap(), ["start", "good"], "{id}");
+        let row = store.run(&id).await.unwrap().unwrap();
+        assert_eq!((row.seq, row.status.as_str()), (2, "Running"), "{id}");
+    }
+    assert!(
+        sizes.get_sample_sum() > sizes.get_sample_count() as f64,
+        "some transaction carried more than one write: {} writes in {} transactions",
+        sizes.get_sample_sum(),
+        sizes.get_sample_count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grouped_writes_are_isolated_from_each_other_sqlite() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("wf.db").display());
+    let lock_url = url.clone();
+    grouped_writes(&url, async move || {
+        let mut c = sqlx::SqliteConnection::connect(&lock_url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        Box::new(move || {
+            Box::pin(async move {
+                sqlx::query("COMMIT").execute(&mut c).await.unwrap();
+            }) as futures::future::BoxFuture<'static, ()>
+        }) as Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()>>
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grouped_writes_are_isolated_from_each_other_postgres() {
+    use sqlx::Connection;
+    let pg = Postgres::start();
+    let lock_url = pg.url.clone();
+    grouped_writes(&pg.url, async move || {
+        let mut c = sqlx::PgConnection::connect(&lock_url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+        sqlx::query("LOCK TABLE wf_runs IN EXCLUSIVE MODE")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        Box::new(move || {
+            Box::pin(async move {
+                sqlx::query("COMMIT").execute(&mut c).await.unwrap();
+            }) as futures::future::BoxFuture<'static, ()>
+        }) as Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()>>
+    })
+    .await;
+}
