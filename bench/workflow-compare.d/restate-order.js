@@ -3,6 +3,14 @@
 // POST to a meshflow-shop service with the Idempotency-Key `<invocation id>/<step>`.
 //   node restate-order.js <inventory URL> <payment URL> <shipping URL>
 // Prints `LISTENING <port>` once its HTTP/2 endpoint listens (port chosen by the kernel).
+// The SDK calls Promise.withResolvers (Node.js 22); the standard polyfill on Node.js 20.
+if (!Promise.withResolvers) {
+  Promise.withResolvers = function withResolvers() {
+    let resolve, reject;
+    const promise = new this((res, rej) => { resolve = res; reject = rej; });
+    return { promise, resolve, reject };
+  };
+}
 const http2 = require("node:http2");
 const restate = require("@restatedev/restate-sdk");
 

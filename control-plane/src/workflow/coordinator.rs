@@ -185,6 +185,11 @@ pub struct Coordinator {
     settings: CoordinatorSettings,
     /// Runs this coordinator holds, with their fencing tokens.
     owned: Mutex<HashMap<String, u64>>,
+    /// The state this coordinator last committed for each run it drives (not terminal): the
+    /// next input starts from it instead of reading and decoding the run again. The store's
+    /// event-count guard keeps it honest: a commit from an entry that is no longer current
+    /// (another coordinator wrote the run) is refused, and the entry dropped.
+    current: Mutex<HashMap<String, CurrentRun>>,
     /// Set once the outbound sidecar accepted a connection: nothing is dispatched and no timer
     /// fires before (an attempt sent into a sidecar that is not up yet is an attempt wasted).
     sidecar_up: tokio::sync::OnceCell<()>,
@@ -194,6 +199,15 @@ pub struct Coordinator {
     finished: tokio::sync::broadcast::Sender<String>,
     /// Callers waiting now.
     waiters: std::sync::atomic::AtomicUsize,
+}
+
+/// A run's last committed state, kept by the coordinator driving it.
+struct CurrentRun {
+    /// Events in its history (the store's guard for the next commit).
+    seq: u64,
+    workflow: String,
+    version: u32,
+    state: RunState,
 }
 
 /// A run as the API shows it.
@@ -235,6 +249,7 @@ impl Coordinator {
             failpoint: Failpoint::from_env(),
             settings,
             owned: Mutex::default(),
+            current: Mutex::default(),
             sidecar_up: tokio::sync::OnceCell::new(),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             finished: tokio::sync::broadcast::channel(1024).0,
@@ -401,6 +416,15 @@ impl Coordinator {
                 .with_label_values(&[&wf.id()])
                 .inc();
             self.after_commit(&run_id, &state, &wf);
+            self.keep_current(
+                &run_id,
+                CurrentRun {
+                    seq: events.len() as u64,
+                    workflow: wf.id(),
+                    version: row.version,
+                    state,
+                },
+            );
         } else {
             // Same id, another workflow or input: not the same start (409).
             if let Some(existing) = self.store.run(&run_id).await? {
@@ -686,6 +710,11 @@ impl Coordinator {
             .map(|(id, _)| id.clone())
             .collect();
         *owned = held.into_iter().collect();
+        // A run taken over (or lost) may have been written by another coordinator meanwhile.
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| owned.contains_key(id) && !new.contains(id));
         Ok(new)
     }
 
@@ -827,20 +856,51 @@ impl Coordinator {
     /// Applies `input` to a run: decide, commit, then act.
     async fn handle(self: &Arc<Self>, run_id: &str, input: Input) -> Result<(), CoordinatorError> {
         let lock = self.lock_for(run_id);
-        let _guard = lock.lock().await;
-        let row = self
-            .store
-            .run(run_id)
-            .await?
-            .ok_or_else(|| CoordinatorError::NotFound(format!("run {run_id}")))?;
-        let wf = self.definition(&row.workflow, row.version).await?;
-        let state: RunState = serde_json::from_str(&row.state)
-            .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        let guard = lock.lock().await;
+        let result = self.handle_locked(run_id, input).await;
+        drop(guard);
+        self.forget_lock(run_id, lock);
+        result
+    }
+
+    /// [`Coordinator::handle`] under the run's lock.
+    async fn handle_locked(
+        self: &Arc<Self>,
+        run_id: &str,
+        input: Input,
+    ) -> Result<(), CoordinatorError> {
+        let current = self.take_current(run_id);
+        let current = match current {
+            Some(current) => current,
+            None => {
+                let row = self
+                    .store
+                    .run(run_id)
+                    .await?
+                    .ok_or_else(|| CoordinatorError::NotFound(format!("run {run_id}")))?;
+                let state: RunState = serde_json::from_str(&row.state)
+                    .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+                CurrentRun {
+                    seq: row.seq,
+                    workflow: row.workflow,
+                    version: row.version,
+                    state,
+                }
+            }
+        };
+        let wf = self.definition(&current.workflow, current.version).await?;
         // Decided on the state read under the run's lock: an operator input that would be
         // dropped is refused, never acknowledged.
-        if let Some(why) = engine::refusal(&state, &input) {
+        if let Some(why) = engine::refusal(&current.state, &input) {
+            self.keep_current(run_id, current);
             return Err(CoordinatorError::Conflict(format!("run {run_id}: {why}")));
         }
+        let CurrentRun {
+            seq,
+            workflow,
+            version,
+            state,
+        } = current;
         let now = self.now();
         let operator = matches!(input, Input::Signal { .. } | Input::Cancel | Input::Retry);
         // `when` conditions and templates are evaluated here: on a blocking thread.
@@ -858,6 +918,15 @@ impl Coordinator {
             .await?
         };
         if events.is_empty() {
+            self.keep_current(
+                run_id,
+                CurrentRun {
+                    seq,
+                    workflow,
+                    version,
+                    state,
+                },
+            );
             return Ok(());
         }
         let was_terminal = state.status.is_terminal();
@@ -866,7 +935,7 @@ impl Coordinator {
             self.observe(&wf, &state, e, now);
         }
         let limit = u64::from(wf.history_limit());
-        if state.events * 5 >= limit * 4 && (row.seq * 5) < limit * 4 {
+        if state.events * 5 >= limit * 4 && (seq * 5) < limit * 4 {
             tracing::warn!(
                 run = run_id,
                 events = state.events,
@@ -874,7 +943,7 @@ impl Coordinator {
                 "run history is at 80 % of its limit"
             );
         }
-        let mut commit = self.commit_of(run_id, row.seq, &events, &state, &wf, now);
+        let mut commit = self.commit_of(run_id, seq, &events, &state, &wf, now);
         commit.owner = Some(self.owner_of(run_id).await?);
         if let Err(e) = self.store.commit(&commit).await {
             if matches!(e, StoreError::Fenced(_)) {
@@ -904,7 +973,43 @@ impl Coordinator {
                 "run {run_id} reached its history limit and ended; the input was not applied"
             )));
         }
+        self.keep_current(
+            run_id,
+            CurrentRun {
+                seq: seq + events.len() as u64,
+                workflow,
+                version,
+                state,
+            },
+        );
         Ok(())
+    }
+
+    fn take_current(&self, run_id: &str) -> Option<CurrentRun> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(run_id)
+    }
+
+    /// Keeps `current` for the next input to `run_id`, unless the run is terminal (its next
+    /// inputs are rare operator commands: they read the store).
+    fn keep_current(&self, run_id: &str, current: CurrentRun) {
+        if !current.state.status.is_terminal() {
+            self.current
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(run_id.to_string(), current);
+        }
+    }
+
+    /// Drops the run's lock from the map when nobody else holds or waits for it (the map's
+    /// copy and `lock` are the only ones left), so the map holds only runs being handled.
+    fn forget_lock(&self, run_id: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(run_id);
+        }
     }
 
     fn observe(&self, wf: &Workflow, state: &RunState, event: &Event, now: u64) {
@@ -955,7 +1060,7 @@ impl Coordinator {
     }
 
     /// After a commit: send new outbox entries, wake the timer loop.
-    fn after_commit(self: &Arc<Self>, run_id: &str, state: &RunState, _wf: &Workflow) {
+    fn after_commit(self: &Arc<Self>, run_id: &str, state: &RunState, wf: &Workflow) {
         if state.status == RunStatus::Compensating {
             self.failpoint.hit("during-compensation");
         }
@@ -964,12 +1069,25 @@ impl Coordinator {
             self.failpoint.hit("after-commit-before-dispatch");
         }
         for d in dispatches {
-            self.spawn_dispatch(run_id.to_string(), d, state.traceparent.clone());
+            self.spawn_dispatch(
+                run_id.to_string(),
+                d,
+                state.traceparent.clone(),
+                Some(wf.max_payload_bytes()),
+            );
         }
         self.timers_changed.notify_one();
     }
 
-    fn spawn_dispatch(self: &Arc<Self>, run_id: String, d: Dispatch, traceparent: String) {
+    /// Sends `d` in a task of its own and records its outcome; `max_payload` is the run's
+    /// definition's limit (read from the store when `None`).
+    fn spawn_dispatch(
+        self: &Arc<Self>,
+        run_id: String,
+        d: Dispatch,
+        traceparent: String,
+        max_payload: Option<u64>,
+    ) {
         let key = (run_id.clone(), d.key());
         if !self
             .sending
@@ -982,12 +1100,15 @@ impl Coordinator {
         let this = self.clone();
         tokio::spawn(async move {
             this.wait_for_sidecar().await;
-            let limit = match this.store.run(&run_id).await {
-                Ok(Some(row)) => this
-                    .definition(&row.workflow, row.version)
-                    .await
-                    .map_or(1 << 20, |wf| wf.max_payload_bytes()),
-                _ => 1 << 20,
+            let limit = match max_payload {
+                Some(limit) => limit,
+                None => match this.store.run(&run_id).await {
+                    Ok(Some(row)) => this
+                        .definition(&row.workflow, row.version)
+                        .await
+                        .map_or(1 << 20, |wf| wf.max_payload_bytes()),
+                    _ => 1 << 20,
+                },
             };
             let outcome = this.call(&run_id, &d, &traceparent, limit).await;
             if let Some(outcome) = outcome {
@@ -1215,7 +1336,7 @@ impl Coordinator {
                 None => continue,
             };
             // Already dispatched by the commit above unless the deadline did not move.
-            self.spawn_dispatch(entry.run_id, d, traceparent);
+            self.spawn_dispatch(entry.run_id, d, traceparent, None);
             n += 1;
         }
         Ok(n)
