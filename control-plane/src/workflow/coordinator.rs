@@ -180,6 +180,9 @@ pub struct Coordinator {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     sending: Mutex<HashSet<(String, String)>>,
     timers_changed: Notify,
+    /// When the timer loop looks at the timers next, Unix ms (0 while it is looking): a commit
+    /// wakes it only for a timer due before that, not on every commit.
+    timers_planned_ms: std::sync::atomic::AtomicU64,
     metrics: WorkflowMetrics,
     failpoint: Failpoint,
     settings: CoordinatorSettings,
@@ -245,6 +248,7 @@ impl Coordinator {
             locks: Mutex::default(),
             sending: Mutex::default(),
             timers_changed: Notify::new(),
+            timers_planned_ms: std::sync::atomic::AtomicU64::new(0),
             metrics,
             failpoint: Failpoint::from_env(),
             settings,
@@ -390,6 +394,7 @@ impl Coordinator {
             events.push(e);
         }
         let mut commit = self.commit_of(&run_id, 0, &events, &state, &wf, now);
+        let earliest_timer = commit.timers.iter().map(|t| t.2).min();
         commit.owner = Some(Owner {
             node: self.settings.node.clone(),
             fence: 1,
@@ -415,7 +420,7 @@ impl Coordinator {
                 .runs_started
                 .with_label_values(&[&wf.id()])
                 .inc();
-            self.after_commit(&run_id, &state, &wf);
+            self.after_commit(&run_id, &state, &wf, earliest_timer);
             self.keep_current(
                 &run_id,
                 CurrentRun {
@@ -944,6 +949,7 @@ impl Coordinator {
             );
         }
         let mut commit = self.commit_of(run_id, seq, &events, &state, &wf, now);
+        let earliest_timer = commit.timers.iter().map(|t| t.2).min();
         commit.owner = Some(self.owner_of(run_id).await?);
         if let Err(e) = self.store.commit(&commit).await {
             if matches!(e, StoreError::Fenced(_)) {
@@ -967,7 +973,7 @@ impl Coordinator {
             // Committed: waiters may read it now (nobody listening is fine).
             let _ = self.finished.send(run_id.to_string());
         }
-        self.after_commit(run_id, &state, &wf);
+        self.after_commit(run_id, &state, &wf, earliest_timer);
         if operator && !was_terminal && state.status == RunStatus::HistoryLimitExceeded {
             return Err(CoordinatorError::Conflict(format!(
                 "run {run_id} reached its history limit and ended; the input was not applied"
@@ -1059,8 +1065,15 @@ impl Coordinator {
         }
     }
 
-    /// After a commit: send new outbox entries, wake the timer loop.
-    fn after_commit(self: &Arc<Self>, run_id: &str, state: &RunState, wf: &Workflow) {
+    /// After a commit: send new outbox entries, wake the timer loop if the commit's earliest
+    /// timer (`earliest_timer`, Unix ms) is due before the loop would look again.
+    fn after_commit(
+        self: &Arc<Self>,
+        run_id: &str,
+        state: &RunState,
+        wf: &Workflow,
+        earliest_timer: Option<u64>,
+    ) {
         if state.status == RunStatus::Compensating {
             self.failpoint.hit("during-compensation");
         }
@@ -1076,7 +1089,12 @@ impl Coordinator {
                 Some(wf.max_payload_bytes()),
             );
         }
-        self.timers_changed.notify_one();
+        let planned = self
+            .timers_planned_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if earliest_timer.is_some_and(|due| due < planned) {
+            self.timers_changed.notify_one();
+        }
     }
 
     /// Sends `d` in a task of its own and records its outcome; `max_payload` is the run's
@@ -1349,6 +1367,9 @@ impl Coordinator {
         self.wait_for_sidecar().await;
         let mut last_gauges = 0;
         loop {
+            // Looking now: every commit until the next plan wakes the loop again.
+            self.timers_planned_ms
+                .store(0, std::sync::atomic::Ordering::SeqCst);
             let now = self.now();
             if now >= last_gauges + 1000 {
                 last_gauges = now;
@@ -1392,6 +1413,12 @@ impl Coordinator {
             let wait = next.map_or(Duration::from_secs(1), |due| {
                 Duration::from_millis(due.saturating_sub(self.now()).clamp(5, 1000))
             });
+            // A commit that read 0 above has already notified (a stored permit: the wait below
+            // ends at once); one that reads this plan wakes the loop only for an earlier timer.
+            self.timers_planned_ms.store(
+                self.now() + wait.as_millis() as u64,
+                std::sync::atomic::Ordering::SeqCst,
+            );
             let _ = tokio::time::timeout(wait, self.timers_changed.notified()).await;
         }
     }
