@@ -148,6 +148,8 @@ struct Phase {
     errors: u64,
     seconds: f64,
     latencies_ms: Vec<f64>,
+    /// meshflow: (store transactions, run writes) per run in this phase.
+    store: Option<(f64, f64)>,
 }
 
 impl Phase {
@@ -167,6 +169,8 @@ impl Phase {
             "seconds": self.seconds, "runs_per_s": self.runs_per_s(),
             "p50_ms": self.percentile(0.50), "p90_ms": self.percentile(0.90),
             "p99_ms": self.percentile(0.99), "max_ms": self.percentile(1.0),
+            "store_transactions_per_run": self.store.map(|s| s.0),
+            "store_writes_per_run": self.store.map(|s| s.1),
         })
     }
 }
@@ -216,6 +220,7 @@ async fn closed_loop(
         errors: 0,
         seconds: 0.0,
         latencies_ms: Vec::new(),
+        store: None,
     };
     for task in tasks {
         let (latencies, errors) = task.await.unwrap();
@@ -228,31 +233,65 @@ async fn closed_loop(
     phase
 }
 
-/// Warm-up, sequential, 16 and 64 concurrent.
-async fn load_phases(engine: Arc<dyn Engine>) -> Vec<Phase> {
+/// (write transactions, run writes) of a meshflow control plane so far, from its
+/// `meshflow_workflow_store_transaction_writes` histogram.
+async fn store_writes(admin: &str) -> (f64, f64) {
+    let text = common::metrics(admin).await;
+    (
+        common::metric(
+            &text,
+            "meshflow_workflow_store_transaction_writes_count",
+            &[],
+        ),
+        common::metric(&text, "meshflow_workflow_store_transaction_writes_sum", &[]),
+    )
+}
+
+/// Warm-up, sequential, 16 and 64 concurrent; with a meshflow control plane's admin address,
+/// also its store transactions and run writes per run in each phase.
+async fn load_phases(engine: Arc<dyn Engine>, admin: Option<&str>) -> Vec<Phase> {
     let sequential = env_or("SEQUENTIAL_RUNS", 300u64);
     let seconds = Duration::from_secs(env_or("LOOP_SECONDS", 15u64));
     let warm = closed_loop(engine.clone(), 4, Some(30), Duration::ZERO, 0).await;
     if warm.errors > 0 {
         eprintln!("  warm-up: {} errors", warm.errors);
     }
-    let mut phases =
-        vec![closed_loop(engine.clone(), 1, Some(sequential), Duration::ZERO, 1_000).await];
-    let mut n = 100_000;
-    for concurrency in [16, 64] {
-        phases.push(closed_loop(engine.clone(), concurrency, None, seconds, n).await);
-        n += 1_000_000;
-    }
-    for p in &phases {
+    let mut phases = Vec::new();
+    for (i, concurrency) in [1, 16, 64].into_iter().enumerate() {
+        let before = match admin {
+            Some(a) => Some(store_writes(a).await),
+            None => None,
+        };
+        let mut p = if concurrency == 1 {
+            closed_loop(engine.clone(), 1, Some(sequential), Duration::ZERO, 1_000).await
+        } else {
+            closed_loop(
+                engine.clone(),
+                concurrency,
+                None,
+                seconds,
+                1_000_000 * i as u64,
+            )
+            .await
+        };
+        if let (Some(a), Some((tx0, w0))) = (admin, before) {
+            let (tx1, w1) = store_writes(a).await;
+            let runs = (p.runs + p.errors).max(1) as f64;
+            p.store = Some(((tx1 - tx0) / runs, (w1 - w0) / runs));
+        }
         println!(
-            "  c{:<3} {:>6} runs {:>4} errors {:>8.1} runs/s  p50 {:>7.1} ms  p99 {:>7.1} ms",
+            "  c{:<3} {:>6} runs {:>4} errors {:>8.1} runs/s  p50 {:>7.1} ms  p99 {:>7.1} ms{}",
             p.concurrency,
             p.runs,
             p.errors,
             p.runs_per_s(),
             p.percentile(0.5),
-            p.percentile(0.99)
+            p.percentile(0.99),
+            p.store.map_or(String::new(), |(tx, w)| format!(
+                "  {tx:.2} transactions (fsyncs) and {w:.2} run writes per run"
+            ))
         );
+        phases.push(p);
     }
     phases
 }
@@ -303,7 +342,7 @@ async fn bench_meshflow(store: &str, pg: Option<&common::Postgres>) -> Value {
             .unwrap(),
         tag: format!("bench-{store}"),
     });
-    let phases = load_phases(engine).await;
+    let phases = load_phases(engine, Some(&t.mesh.control_plane_admin)).await;
 
     // Crash check: CRASH_RUNS started (not waited for), the charge step slow; kill -9 of the
     // control plane (the coordinator runs in it) once every run is at least in its charge.
@@ -552,7 +591,7 @@ async fn bench_restate(restate_dir: &Path) -> Value {
         ingress: ingress.clone(),
         http: http.clone(),
     });
-    let phases = load_phases(engine).await;
+    let phases = load_phases(engine, None).await;
 
     // Crash check: CRASH_RUNS sent (not waited for), then kill -9 of restate-server, a new one
     // on the same data, and an attach to every invocation.

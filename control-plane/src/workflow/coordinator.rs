@@ -412,24 +412,28 @@ impl Coordinator {
         if created {
             // A run can finish in its creating commit (every step skipped, a template error).
             super::trace::record_committed(&self.settings.tracing, &run_id, &state, &events);
-            self.owned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(run_id.clone(), 1);
+            if !state.status.is_terminal() {
+                self.owned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(run_id.clone(), 1);
+            }
             self.metrics
                 .runs_started
                 .with_label_values(&[&wf.id()])
                 .inc();
-            self.after_commit(&run_id, &state, &wf, earliest_timer);
+            // Kept before anything is dispatched: a result handled before this line would
+            // otherwise be overwritten by this older state (start holds no run lock).
             self.keep_current(
                 &run_id,
                 CurrentRun {
                     seq: events.len() as u64,
                     workflow: wf.id(),
                     version: row.version,
-                    state,
+                    state: state.clone(),
                 },
             );
+            self.after_commit(&run_id, &state, &wf, earliest_timer);
         } else {
             // Same id, another workflow or input: not the same start (409).
             if let Some(existing) = self.store.run(&run_id).await? {
@@ -709,18 +713,24 @@ impl Coordinator {
             .acquire(&self.settings.node, self.now(), self.lease_until(), 100_000)
             .await?;
         let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
-        let new: Vec<String> = held
+        let new: HashSet<String> = held
             .iter()
             .filter(|(id, fence)| owned.get(id).is_none_or(|f| f != fence))
             .map(|(id, _)| id.clone())
             .collect();
-        *owned = held.into_iter().collect();
-        // A run taken over (or lost) may have been written by another coordinator meanwhile.
+        // Merged, not replaced: a run missing from `held` may only have been skipped because a
+        // commit had its row locked (PostgreSQL's SKIP LOCKED), or created after the query
+        // read the table. Replacing dropped such runs, and their next commit went out with
+        // token 0 and was fenced (a 10 s stall until the attempt's timer retried it, under
+        // load). A run really lost to another coordinator is refused by the store at its next
+        // commit (owner and token checked there), and forgotten then.
+        owned.extend(held);
+        // A run taken over may have been written by another coordinator meanwhile.
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|id, _| owned.contains_key(id) && !new.contains(id));
-        Ok(new)
+            .retain(|id, _| !new.contains(id));
+        Ok(new.into_iter().collect())
     }
 
     /// Renews leases every third of the lease until the process ends. Runs taken over from
@@ -970,6 +980,11 @@ impl Coordinator {
                 .inc();
         }
         if state.status.is_terminal() {
+            // Finished: no lease to keep (`acquire` only takes unfinished runs).
+            self.owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(run_id);
             // Committed: waiters may read it now (nobody listening is fine).
             let _ = self.finished.send(run_id.to_string());
         }
@@ -1000,12 +1015,19 @@ impl Coordinator {
 
     /// Keeps `current` for the next input to `run_id`, unless the run is terminal (its next
     /// inputs are rare operator commands: they read the store).
+    /// An entry already there with a longer history (kept by an input handled meanwhile: a
+    /// start holds no run lock) stays.
     fn keep_current(&self, run_id: &str, current: CurrentRun) {
-        if !current.state.status.is_terminal() {
-            self.current
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(run_id.to_string(), current);
+        if current.state.status.is_terminal() {
+            return;
+        }
+        let mut map = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(run_id) {
+            Some(kept) if kept.seq >= current.seq => {}
+            Some(kept) => *kept = current,
+            None => {
+                map.insert(run_id.to_string(), current);
+            }
         }
     }
 

@@ -220,8 +220,10 @@ const TERMINAL: &str = "('Completed','Failed','Compensated','CompensationFailed'
 /// **Group commit.** Run writes ([`WorkflowStore::create_run`], [`WorkflowStore::commit`])
 /// from concurrent runs are queued to writer tasks that put whatever is waiting (up to
 /// [`StoreOptions::commit_batch`]) into one transaction — one WAL fsync on SQLite, one on
-/// PostgreSQL — each write inside its own savepoint, so a write that conflicts or is fenced is
-/// rolled back alone and the others commit. A caller's future resolves only after the shared
+/// PostgreSQL. Each write's guard (the run's event count and fencing token, or the insert of a
+/// new run) runs first and changes nothing when it refuses, so a write that conflicts or is
+/// fenced is refused alone and the others commit; the changes of all the others then go in five
+/// multi-row statements. A caller's future resolves only after the shared
 /// transaction committed (durable) or failed (then its write did not happen), so "fsynced
 /// before any effect is dispatched" holds per write. Nothing waits for a batch to fill: a write
 /// that finds the writer idle goes at once, alone.
@@ -388,44 +390,126 @@ fn definition_row(row: &AnyRow) -> StoreResult<DefinitionRow> {
     })
 }
 
-/// Writes the events, outbox and timers of `commit` inside `tx`.
+/// A value bound into a multi-row statement.
+enum Param<'a> {
+    Text(&'a str),
+    Int(i64),
+}
+
+/// Rows per multi-row statement (4 columns at most: far below SQLite's and PostgreSQL's
+/// parameter limits).
+const ROWS_PER_STATEMENT: usize = 250;
+
+/// `INSERT INTO <head> VALUES (…), (…)` for `rows` (each `columns` wide), in statements of at
+/// most [`ROWS_PER_STATEMENT`] rows.
+async fn insert_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    head: &str,
+    columns: usize,
+    rows: &[Vec<Param<'_>>],
+) -> StoreResult<()> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = format!("INSERT INTO {head} VALUES ");
+        for (r, _) in chunk.iter().enumerate() {
+            if r > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..columns {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${}", r * columns + c + 1));
+            }
+            sql.push(')');
+        }
+        let mut query = sqlx::query(&sql);
+        for row in chunk {
+            for value in row {
+                query = match value {
+                    Param::Text(t) => query.bind(*t),
+                    Param::Int(i) => query.bind(*i),
+                };
+            }
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// `DELETE FROM <table> WHERE run_id IN (…)` for `runs`, in statements of at most
+/// [`ROWS_PER_STATEMENT`] ids.
+async fn delete_runs_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    table: &str,
+    runs: &[&str],
+) -> StoreResult<()> {
+    for chunk in runs.chunks(ROWS_PER_STATEMENT) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "DELETE FROM {table} WHERE run_id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for run in chunk {
+            query = query.bind(*run);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Writes the events, outboxes and timer sets of `commits` (whose guards passed) inside `tx`:
+/// five multi-row statements for the whole group, whatever its size (one per event, outbox
+/// entry and timer would be ~8 statements per write, each a round trip to SQLite's worker
+/// thread or to PostgreSQL).
 async fn write_changes(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    commit: &Commit,
+    commits: &[&Commit],
 ) -> StoreResult<()> {
-    for (i, event) in commit.events.iter().enumerate() {
-        sqlx::query("INSERT INTO wf_events (run_id, seq, event) VALUES ($1, $2, $3)")
-            .bind(&commit.run_id)
-            .bind((commit.expected_seq + i as u64 + 1) as i64)
-            .bind(event)
-            .execute(&mut **tx)
-            .await?;
-    }
-    sqlx::query("DELETE FROM wf_outbox WHERE run_id = $1")
-        .bind(&commit.run_id)
-        .execute(&mut **tx)
-        .await?;
-    for (key, dispatch) in &commit.outbox {
-        sqlx::query("INSERT INTO wf_outbox (run_id, key, dispatch) VALUES ($1, $2, $3)")
-            .bind(&commit.run_id)
-            .bind(key)
-            .bind(dispatch)
-            .execute(&mut **tx)
-            .await?;
-    }
-    sqlx::query("DELETE FROM wf_timers WHERE run_id = $1")
-        .bind(&commit.run_id)
-        .execute(&mut **tx)
-        .await?;
-    for (key, timer, due) in &commit.timers {
-        sqlx::query("INSERT INTO wf_timers (run_id, key, timer, due_ms) VALUES ($1, $2, $3, $4)")
-            .bind(&commit.run_id)
-            .bind(key)
-            .bind(timer)
-            .bind(*due as i64)
-            .execute(&mut **tx)
-            .await?;
-    }
+    let events: Vec<Vec<Param<'_>>> = commits
+        .iter()
+        .flat_map(|c| {
+            c.events.iter().enumerate().map(|(i, event)| {
+                vec![
+                    Param::Text(&c.run_id),
+                    Param::Int((c.expected_seq + i as u64 + 1) as i64),
+                    Param::Text(event),
+                ]
+            })
+        })
+        .collect();
+    insert_rows(tx, "wf_events (run_id, seq, event)", 3, &events).await?;
+    let runs: Vec<&str> = commits.iter().map(|c| c.run_id.as_str()).collect();
+    delete_runs_rows(tx, "wf_outbox", &runs).await?;
+    let outbox: Vec<Vec<Param<'_>>> = commits
+        .iter()
+        .flat_map(|c| {
+            c.outbox.iter().map(|(key, dispatch)| {
+                vec![
+                    Param::Text(&c.run_id),
+                    Param::Text(key),
+                    Param::Text(dispatch),
+                ]
+            })
+        })
+        .collect();
+    insert_rows(tx, "wf_outbox (run_id, key, dispatch)", 3, &outbox).await?;
+    delete_runs_rows(tx, "wf_timers", &runs).await?;
+    let timers: Vec<Vec<Param<'_>>> = commits
+        .iter()
+        .flat_map(|c| {
+            c.timers.iter().map(|(key, timer, due)| {
+                vec![
+                    Param::Text(&c.run_id),
+                    Param::Text(key),
+                    Param::Text(timer),
+                    Param::Int(*due as i64),
+                ]
+            })
+        })
+        .collect();
+    insert_rows(tx, "wf_timers (run_id, key, timer, due_ms)", 4, &timers).await?;
     Ok(())
 }
 
@@ -465,74 +549,76 @@ async fn write_loop(
     }
 }
 
-/// Writes `writes` in one transaction (alone: without a savepoint); one outcome per write.
+/// Writes `writes` in one transaction; one outcome per write. Each write's guard (the insert
+/// of a new run, or the event-count and fencing check of a commit) runs first and changes
+/// nothing when it refuses; then the changes of every write whose guard passed go in a few
+/// multi-row statements, and the transaction commits. A database error fails the whole group
+/// (nothing of it is written; PostgreSQL could not continue the transaction anyway).
 async fn write_group(pool: &AnyPool, writes: &[QueuedWrite]) -> Vec<StoreResult<bool>> {
-    let group_error = |e: &dyn std::fmt::Display| {
-        (0..writes.len())
-            .map(|_| {
-                Err(StoreError::Group {
-                    writes: writes.len(),
-                    message: e.to_string(),
-                })
+    let n = writes.len();
+    // Every write that was to apply fails with `e`; refused ones keep their outcome.
+    let fail = |outcomes: Vec<StoreResult<bool>>, e: sqlx::Error| -> Vec<StoreResult<bool>> {
+        if n == 1 {
+            return vec![Err(e.into())];
+        }
+        let message = e.to_string();
+        outcomes
+            .into_iter()
+            .chain(std::iter::repeat_with(|| Ok(true)))
+            .take(n)
+            .map(|o| match o {
+                Ok(true) => Err(StoreError::Group {
+                    writes: n,
+                    message: message.clone(),
+                }),
+                refused => refused,
             })
-            .collect::<Vec<_>>()
+            .collect()
     };
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
-        Err(e) if writes.len() == 1 => return vec![Err(e.into())],
-        Err(e) => return group_error(&e),
+        Err(e) => return fail(Vec::new(), e),
     };
-    if let [only] = writes {
-        let outcome = apply_write(&mut tx, &only.write).await;
-        if matches!(outcome, Ok(true)) {
-            if let Err(e) = tx.commit().await {
-                return vec![Err(e.into())];
-            }
-        }
-        return vec![outcome];
-    }
-    let mut outcomes = Vec::with_capacity(writes.len());
+    let mut outcomes = Vec::with_capacity(n);
     for queued in writes {
-        if let Err(e) = sqlx::query("SAVEPOINT run_write").execute(&mut *tx).await {
-            return group_error(&e);
-        }
-        let outcome = apply_write(&mut tx, &queued.write).await;
-        // Nothing of a write that does not apply stays (a create that found its run wrote
-        // nothing either); ROLLBACK TO keeps the savepoint, RELEASE then drops it.
-        let ends: &[&str] = if matches!(outcome, Ok(true)) {
-            &["RELEASE SAVEPOINT run_write"]
-        } else {
-            &[
-                "ROLLBACK TO SAVEPOINT run_write",
-                "RELEASE SAVEPOINT run_write",
-            ]
-        };
-        for end in ends {
-            if let Err(e) = sqlx::query(end).execute(&mut *tx).await {
-                return group_error(&e);
+        match guard_write(&mut tx, &queued.write).await {
+            Err(StoreError::Db(e)) => {
+                drop(tx);
+                return fail(Vec::new(), e);
             }
+            outcome => outcomes.push(outcome),
         }
-        outcomes.push(outcome);
+    }
+    let applied: Vec<&Commit> = writes
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| matches!(o, Ok(true)))
+        .map(|(q, _)| match &q.write {
+            RunWrite::Create(run) => &run.commit,
+            RunWrite::Commit(commit) => commit,
+        })
+        .collect();
+    if applied.is_empty() {
+        return outcomes;
+    }
+    if let Err(e) = write_changes(&mut tx, &applied).await {
+        drop(tx);
+        return match e {
+            StoreError::Db(e) => fail(outcomes, e),
+            other => fail(outcomes, sqlx::Error::Protocol(other.to_string())),
+        };
     }
     if let Err(e) = tx.commit().await {
-        let message = e.to_string();
-        return outcomes
-            .into_iter()
-            .map(|o| match o {
-                Ok(_) => Err(StoreError::Group {
-                    writes: writes.len(),
-                    message: message.clone(),
-                }),
-                failed => failed,
-            })
-            .collect();
+        return fail(outcomes, e);
     }
     outcomes
 }
 
-/// One run write inside `tx`: `Ok(true)` when it applies (the caller commits), `Ok(false)`
-/// for a create whose run id exists (nothing written), an error otherwise (nothing to keep).
-async fn apply_write(
+/// One run write's guard inside `tx`: `Ok(true)` when the write applies (a new run's row
+/// inserted, or a commit's run row updated; the caller writes its changes), `Ok(false)` for a
+/// create whose run id exists, `Conflict`/`Fenced` for a refused commit — the refusals change
+/// nothing.
+async fn guard_write(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     write: &RunWrite,
 ) -> StoreResult<bool> {
@@ -556,11 +642,7 @@ async fn apply_write(
                 .execute(&mut **tx)
                 .await?
                 .rows_affected();
-            if inserted == 0 {
-                return Ok(false);
-            }
-            write_changes(tx, &run.commit).await?;
-            Ok(true)
+            Ok(inserted > 0)
         }
         RunWrite::Commit(commit) => {
             let (node, fence) = match &commit.owner {
@@ -596,7 +678,6 @@ async fn apply_write(
                 }
                 return Err(StoreError::Conflict(commit.run_id.clone()));
             }
-            write_changes(tx, commit).await?;
             Ok(true)
         }
     }
