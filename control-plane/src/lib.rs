@@ -13,7 +13,8 @@ pub mod proxies;
 pub mod server;
 pub mod state;
 pub mod tokens;
-pub mod workflow;
+/// The workflow coordinator (crate `meshflow-coordinator`), run inside this binary.
+pub use meshflow_coordinator as workflow;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -228,6 +229,7 @@ async fn start_coordinator(
         workflow::store::StoreOptions {
             commit_batch: config.workflow_commit_batch as usize,
             batch_sizes: Some(metrics.store_transaction_writes.clone()),
+            ..Default::default()
         },
     )
     .await

@@ -173,6 +173,7 @@ async fn grouped_writes(
             StoreOptions {
                 commit_batch: 64,
                 batch_sizes: Some(sizes.clone()),
+                ..Default::default()
             },
         )
         .await
@@ -272,4 +273,11 @@ async fn grouped_writes_are_isolated_from_each_other_postgres() {
         }) as Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()>>
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_conformance_memory() {
+    // The in-memory store (tests, reference) keeps the same contract as SQLite and PostgreSQL.
+    let store = meshflow_control_plane::workflow::memory::MemoryStore::new();
+    conformance(&store).await;
 }

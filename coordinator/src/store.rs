@@ -242,6 +242,9 @@ pub struct StoreOptions {
     /// Observes the number of run writes in each transaction (its count is the number of
     /// write transactions), e.g. `meshflow_workflow_store_transaction_writes`.
     pub batch_sizes: Option<prometheus::Histogram>,
+    /// Writer tasks (transactions in flight at once); `None`: 1 on SQLite (one writer at a
+    /// time anyway), 2 on PostgreSQL (one transaction fills while the other commits).
+    pub writers: Option<usize>,
 }
 
 impl Default for StoreOptions {
@@ -249,6 +252,7 @@ impl Default for StoreOptions {
         Self {
             commit_batch: 64,
             batch_sizes: None,
+            writers: None,
         }
     }
 }
@@ -285,9 +289,8 @@ impl SqlStore {
         Self::open_with(url, StoreOptions::default()).await
     }
 
-    /// [`SqlStore::open`] with [`StoreOptions`] (group commit size, batch metric). Spawns the
-    /// writer tasks on the current Tokio runtime: one on SQLite (one writer at a time anyway),
-    /// four on PostgreSQL (several transactions in flight, each grouping what waits).
+    /// [`SqlStore::open`] with [`StoreOptions`] (group commit size, writers, batch metric).
+    /// Spawns the writer tasks on the current Tokio runtime.
     ///
     /// # Errors
     /// The database error.
@@ -327,7 +330,8 @@ impl SqlStore {
         };
         store.migrate().await?;
         let queue = Arc::new(tokio::sync::Mutex::new(queue));
-        for _ in 0..if sqlite { 1 } else { 4 } {
+        let writers = options.writers.unwrap_or(if sqlite { 1 } else { 2 }).max(1);
+        for _ in 0..writers {
             tokio::spawn(write_loop(
                 pool.clone(),
                 queue.clone(),
@@ -917,7 +921,7 @@ impl WorkflowStore for SqlStore {
         if !self.postgres {
             return Ok(None);
         }
-        let local_ms = || super::coordinator::now_ms() as i64;
+        let local_ms = || crate::coordinator::now_ms() as i64;
         let mut conn = self.pool.acquire().await?;
         let mut best: Option<(i64, u64)> = None;
         for _ in 0..3 {

@@ -40,8 +40,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::coordinator::{Coordinator, CoordinatorError, WaitOutcome};
-use super::engine::Input;
+use crate::coordinator::{Coordinator, CoordinatorError, WaitOutcome};
+use crate::engine::Input;
 
 /// API state.
 #[derive(Clone)]
@@ -72,7 +72,7 @@ impl CoordinatorError {
             CoordinatorError::Invalid(_) => StatusCode::BAD_REQUEST,
             CoordinatorError::Conflict(_) => StatusCode::CONFLICT,
             CoordinatorError::Store(
-                super::store::StoreError::Conflict(_) | super::store::StoreError::Fenced(_),
+                crate::store::StoreError::Conflict(_) | crate::store::StoreError::Fenced(_),
             ) => StatusCode::CONFLICT,
             CoordinatorError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             CoordinatorError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -307,7 +307,7 @@ impl WaitQuery {
 
 /// The run as a waiting caller gets it: its status, output and error at the top, then the
 /// whole view.
-fn waited(view: &super::coordinator::RunView) -> Value {
+fn waited(view: &crate::coordinator::RunView) -> Value {
     json!({
         "runId": view.run_id,
         "status": view.status,
@@ -412,14 +412,14 @@ async fn list_runs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Res
     // A status that no run can have is a mistake to report, not an empty list; any case.
     let status = match q.status.as_deref().filter(|v| !v.is_empty()) {
         None => None,
-        Some(given) => match super::engine::RunStatus::ALL
+        Some(given) => match crate::engine::RunStatus::ALL
             .iter()
             .map(|s| s.as_str())
             .find(|name| name.eq_ignore_ascii_case(given))
         {
             Some(name) => Some(name),
             None => {
-                let known: Vec<&str> = super::engine::RunStatus::ALL
+                let known: Vec<&str> = crate::engine::RunStatus::ALL
                     .iter()
                     .map(|s| s.as_str())
                     .collect();

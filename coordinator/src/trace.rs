@@ -20,7 +20,7 @@ use meshflow_telemetry::{derived_span_id, parse_traceparent, traceparent, Tracin
 use opentelemetry::trace::{SpanId, SpanKind};
 use opentelemetry::KeyValue;
 
-use super::engine::{Event, RunState};
+use crate::engine::{Event, RunState};
 
 /// The run's root span id.
 pub fn root_span_id(run_id: &str) -> SpanId {

@@ -5,7 +5,7 @@ use std::path::Path;
 use meshflow_policies::workflow::Workflow;
 use serde_json::{json, Value};
 
-use super::engine::*;
+use crate::engine::*;
 
 const ORDER: &str = r#"apiVersion: meshflow.io/v1alpha1
 kind: Workflow

@@ -14,9 +14,9 @@ use meshflow_policies::workflow::Workflow;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::engine::{self, AttemptOutcome, Dispatch, Event, Input, RunState, RunStatus, Timer};
-use super::metrics::WorkflowMetrics;
-use super::store::{Commit, NewRun, Owner, StoreError, WorkflowStore};
+use crate::engine::{self, AttemptOutcome, Dispatch, Event, Input, RunState, RunStatus, Timer};
+use crate::metrics::WorkflowMetrics;
+use crate::store::{Commit, NewRun, Owner, StoreError, WorkflowStore};
 
 /// Errors the API maps to HTTP statuses.
 #[derive(Debug, thiserror::Error)]
@@ -356,7 +356,7 @@ impl Coordinator {
             workflow: wf.id(),
             version: row.version,
             input,
-            traceparent: super::trace::run_traceparent(
+            traceparent: crate::trace::run_traceparent(
                 &run_id,
                 client_traceparent,
                 self.settings.trace_sampling,
@@ -411,7 +411,7 @@ impl Coordinator {
             .await?;
         if created {
             // A run can finish in its creating commit (every step skipped, a template error).
-            super::trace::record_committed(&self.settings.tracing, &run_id, &state, &events);
+            crate::trace::record_committed(&self.settings.tracing, &run_id, &state, &events);
             if !state.status.is_terminal() {
                 self.owned
                     .lock()
@@ -972,7 +972,7 @@ impl Coordinator {
             }
             return Err(e.into());
         }
-        super::trace::record_committed(&self.settings.tracing, run_id, &state, &events);
+        crate::trace::record_committed(&self.settings.tracing, run_id, &state, &events);
         if !was_terminal && state.status.is_terminal() {
             self.metrics
                 .runs_finished
@@ -1238,14 +1238,14 @@ impl Coordinator {
             .header("idempotency-key", key)
             .header(
                 "traceparent",
-                super::trace::attempt_traceparent(
+                crate::trace::attempt_traceparent(
                     traceparent,
                     run_id,
                     &d.step,
                     d.attempt,
                     d.compensation,
                 )
-                .unwrap_or_else(|| super::trace::run_traceparent(run_id, None, 0.0)),
+                .unwrap_or_else(|| crate::trace::run_traceparent(run_id, None, 0.0)),
             )
             .header("meshflow-run-id", run_id)
             .header("meshflow-coordinator", &self.settings.node)
