@@ -21,4 +21,6 @@ pub mod store;
 pub mod trace;
 
 #[cfg(test)]
+mod coordinator_tests;
+#[cfg(test)]
 mod engine_tests;
