@@ -180,8 +180,9 @@ pub struct Coordinator {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     sending: Mutex<HashSet<(String, String)>>,
     timers_changed: Notify,
-    /// When the timer loop looks at the timers next, Unix ms (0 while it is looking): a commit
-    /// wakes it only for a timer due before that, not on every commit.
+    /// When the timer loop looks at the timers next, Unix ms (`u64::MAX` while it is looking,
+    /// and before it first looks): a commit wakes it only for a timer due before that, not on
+    /// every commit.
     timers_planned_ms: std::sync::atomic::AtomicU64,
     metrics: WorkflowMetrics,
     failpoint: Failpoint,
@@ -248,7 +249,7 @@ impl Coordinator {
             locks: Mutex::default(),
             sending: Mutex::default(),
             timers_changed: Notify::new(),
-            timers_planned_ms: std::sync::atomic::AtomicU64::new(0),
+            timers_planned_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
             metrics,
             failpoint: Failpoint::from_env(),
             settings,
@@ -320,7 +321,28 @@ impl Coordinator {
     ///
     /// # Errors
     /// Unknown workflow (404), invalid run id (400), store errors.
+    ///
+    /// Cancel-safe: the work runs in a task of its own, so a caller that goes away (an HTTP
+    /// client disconnecting) cannot leave a committed start undispatched.
     pub async fn start(
+        self: &Arc<Self>,
+        workflow: &str,
+        run_id: Option<String>,
+        input: Value,
+        signal: Option<(String, Value)>,
+        client_traceparent: Option<&str>,
+    ) -> Result<(String, bool), CoordinatorError> {
+        let (this, workflow) = (self.clone(), workflow.to_string());
+        let traceparent = client_traceparent.map(str::to_string);
+        join(tokio::spawn(async move {
+            this.start_here(&workflow, run_id, input, signal, traceparent.as_deref())
+                .await
+        }))
+        .await
+    }
+
+    /// [`Coordinator::start`] in the caller's task.
+    async fn start_here(
         self: &Arc<Self>,
         workflow: &str,
         run_id: Option<String>,
@@ -400,6 +422,10 @@ impl Coordinator {
             fence: 1,
             lease_until_ms: self.lease_until(),
         });
+        // Under the run's lock: an input for the new run (a cancel through the API) waits
+        // until the start has kept its state and registered its lease.
+        let lock = self.lock_for(&run_id);
+        let guard = lock.lock().await;
         let created = self
             .store
             .create_run(&NewRun {
@@ -408,7 +434,15 @@ impl Coordinator {
                 version: row.version,
                 commit,
             })
-            .await?;
+            .await;
+        let created = match created {
+            Ok(created) => created,
+            Err(e) => {
+                drop(guard);
+                self.forget_lock(&run_id, lock);
+                return Err(e.into());
+            }
+        };
         if created {
             // A run can finish in its creating commit (every step skipped, a template error).
             crate::trace::record_committed(&self.settings.tracing, &run_id, &state, &events);
@@ -422,8 +456,8 @@ impl Coordinator {
                 .runs_started
                 .with_label_values(&[&wf.id()])
                 .inc();
-            // Kept before anything is dispatched: a result handled before this line would
-            // otherwise be overwritten by this older state (start holds no run lock).
+            // A new run: whatever was kept under this id (a purged run's) is gone.
+            self.take_current(&run_id);
             self.keep_current(
                 &run_id,
                 CurrentRun {
@@ -434,7 +468,10 @@ impl Coordinator {
                 },
             );
             self.after_commit(&run_id, &state, &wf, earliest_timer);
-        } else {
+        }
+        drop(guard);
+        self.forget_lock(&run_id, lock);
+        if !created {
             // Same id, another workflow or input: not the same start (409).
             if let Some(existing) = self.store.run(&run_id).await? {
                 let same_input = serde_json::from_str::<RunState>(&existing.state)
@@ -459,6 +496,20 @@ impl Coordinator {
     /// # Errors
     /// 404 for an unknown run; store errors.
     pub async fn send(
+        self: &Arc<Self>,
+        run_id: &str,
+        input: Input,
+    ) -> Result<(), CoordinatorError> {
+        // Cancel-safe like `start`: a committed input is always acted on.
+        let (this, run_id) = (self.clone(), run_id.to_string());
+        join(tokio::spawn(
+            async move { this.send_here(&run_id, input).await },
+        ))
+        .await
+    }
+
+    /// [`Coordinator::send`] in the caller's task.
+    async fn send_here(
         self: &Arc<Self>,
         run_id: &str,
         input: Input,
@@ -723,13 +774,18 @@ impl Coordinator {
         // read the table. Replacing dropped such runs, and their next commit went out with
         // token 0 and was fenced (a 10 s stall until the attempt's timer retried it, under
         // load). A run really lost to another coordinator is refused by the store at its next
-        // commit (owner and token checked there), and forgotten then.
-        owned.extend(held);
-        // A run taken over may have been written by another coordinator meanwhile.
+        // commit (owner and token checked there) and forgotten then; until then its entry
+        // only costs memory (its timers are not ours: the store filters them by owner).
+        let held_now: HashSet<&String> = held.iter().map(|(id, _)| id).collect();
+        // A run taken over, or not renewed now (lost to another coordinator, or only skipped
+        // while a commit held its row), may be written elsewhere: its next input reads the
+        // store (one read for a skipped run).
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|id, _| !new.contains(id));
+            .retain(|id, _| held_now.contains(id) && !new.contains(id));
+        drop(held_now);
+        owned.extend(held);
         Ok(new.into_iter().collect())
     }
 
@@ -885,6 +941,7 @@ impl Coordinator {
         input: Input,
     ) -> Result<(), CoordinatorError> {
         let current = self.take_current(run_id);
+        let from_store = current.is_none();
         let current = match current {
             Some(current) => current,
             None => {
@@ -933,6 +990,21 @@ impl Coordinator {
             .await?
         };
         if events.is_empty() {
+            if from_store && !state.status.is_terminal() {
+                // Nothing to decide on the stored state: perhaps this input was already
+                // committed by a write whose answer was lost (a failed group retried, a lost
+                // commit acknowledgement). Its calls are sent now rather than at their
+                // deadline (`sending` skips any already on their way; the idempotency key
+                // makes a repeat harmless).
+                for d in state.dispatches() {
+                    self.spawn_dispatch(
+                        run_id.to_string(),
+                        d,
+                        state.traceparent.clone(),
+                        Some(wf.max_payload_bytes()),
+                    );
+                }
+            }
             self.keep_current(
                 run_id,
                 CurrentRun {
@@ -1014,9 +1086,8 @@ impl Coordinator {
     }
 
     /// Keeps `current` for the next input to `run_id`, unless the run is terminal (its next
-    /// inputs are rare operator commands: they read the store).
-    /// An entry already there with a longer history (kept by an input handled meanwhile: a
-    /// start holds no run lock) stays.
+    /// inputs are rare operator commands: they read the store). Callers hold the run's lock;
+    /// still, an entry already there with a longer history is never replaced by an older one.
     fn keep_current(&self, run_id: &str, current: CurrentRun) {
         if current.state.status.is_terminal() {
             return;
@@ -1035,7 +1106,10 @@ impl Coordinator {
     /// copy and `lock` are the only ones left), so the map holds only runs being handled.
     fn forget_lock(&self, run_id: &str, lock: Arc<tokio::sync::Mutex<()>>) {
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-        if Arc::strong_count(&lock) == 2 {
+        // Dropped under the map's lock, so of two callers finishing together the later one
+        // sees only the map's copy left.
+        drop(lock);
+        if locks.get(run_id).is_some_and(|l| Arc::strong_count(l) == 1) {
             locks.remove(run_id);
         }
     }
@@ -1389,9 +1463,10 @@ impl Coordinator {
         self.wait_for_sidecar().await;
         let mut last_gauges = 0;
         loop {
-            // Looking now: every commit until the next plan wakes the loop again.
+            // Looking now: every commit until the next plan wakes the loop again (its timer
+            // may be written after the query below read the table).
             self.timers_planned_ms
-                .store(0, std::sync::atomic::Ordering::SeqCst);
+                .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
             let now = self.now();
             if now >= last_gauges + 1000 {
                 last_gauges = now;
@@ -1435,7 +1510,7 @@ impl Coordinator {
             let wait = next.map_or(Duration::from_secs(1), |due| {
                 Duration::from_millis(due.saturating_sub(self.now()).clamp(5, 1000))
             });
-            // A commit that read 0 above has already notified (a stored permit: the wait below
+            // A commit that read u64::MAX above has notified (a stored permit: the wait below
             // ends at once); one that reads this plan wakes the loop only for an earlier timer.
             self.timers_planned_ms.store(
                 self.now() + wait.as_millis() as u64,
@@ -1499,6 +1574,19 @@ pub fn new_run_id() -> String {
 /// [`engine::decide`] — on a blocking thread, so the async I/O threads (the API, `/ready`,
 /// the CA and config server in the same process) keep answering meanwhile. A panic in `work`
 /// is resumed here.
+/// The outcome of a task running coordinator work; a panic goes on in the caller.
+async fn join<T>(
+    task: tokio::task::JoinHandle<Result<T, CoordinatorError>>,
+) -> Result<T, CoordinatorError> {
+    match task.await {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(CoordinatorError::Conflict(format!(
+            "the coordinator is shutting down: {e}"
+        ))),
+    }
+}
+
 async fn off_runtime<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, CoordinatorError> {

@@ -49,8 +49,10 @@ struct Tables {
 }
 
 impl Tables {
+    /// Whether `run_id` passes the `node` filter (`None` or empty: every run, as in SQL).
     fn owned_by(&self, run_id: &str, node: Option<&str>) -> bool {
-        node.is_none_or(|n| self.runs.get(run_id).is_some_and(|r| r.owner == n))
+        node.filter(|n| !n.is_empty())
+            .is_none_or(|n| self.runs.get(run_id).is_some_and(|r| r.owner == n))
     }
 
     /// Appends the events and replaces the outbox and timers of `commit`'s run.
@@ -177,6 +179,9 @@ impl WorkflowStore for MemoryStore {
         }
         if run.row.seq != commit.expected_seq {
             return Err(StoreError::Conflict(commit.run_id.clone()));
+        }
+        if let Some(o) = &commit.owner {
+            run.lease_until_ms = run.lease_until_ms.max(o.lease_until_ms);
         }
         run.row.seq = commit.expected_seq + commit.events.len() as u64;
         run.row.state = commit.state.clone();

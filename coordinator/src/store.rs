@@ -546,7 +546,23 @@ async fn write_loop(
         // Rows locked in one order (PostgreSQL): two transactions never wait on each other
         // in a cycle.
         writes.sort_by(|a, b| a.write.run_id().cmp(b.write.run_id()));
-        let outcomes = write_group(&pool, &writes).await;
+        let mut outcomes = write_group(&pool, &writes).await;
+        if writes.len() > 1
+            && outcomes
+                .iter()
+                .any(|o| matches!(o, Err(StoreError::Group { .. })))
+        {
+            // One bad write must not fail its neighbours: each again, alone.
+            for (i, queued) in writes.iter().enumerate() {
+                if matches!(outcomes[i], Err(StoreError::Group { .. })) {
+                    if let Some(alone) =
+                        write_group(&pool, std::slice::from_ref(queued)).await.pop()
+                    {
+                        outcomes[i] = alone;
+                    }
+                }
+            }
+        }
         for (queued, outcome) in writes.into_iter().zip(outcomes) {
             let _ = queued.done.send(outcome);
         }
@@ -560,22 +576,20 @@ async fn write_loop(
 /// (nothing of it is written; PostgreSQL could not continue the transaction anyway).
 async fn write_group(pool: &AnyPool, writes: &[QueuedWrite]) -> Vec<StoreResult<bool>> {
     let n = writes.len();
-    // Every write that was to apply fails with `e`; refused ones keep their outcome.
-    let fail = |outcomes: Vec<StoreResult<bool>>, e: sqlx::Error| -> Vec<StoreResult<bool>> {
+    // The transaction is gone: every write fails with `e`, also those whose guard refused or
+    // found their run — what a rolled-back transaction saw proves nothing (a run "found" may
+    // have been this group's own insert).
+    let fail = |_outcomes: Vec<StoreResult<bool>>, e: sqlx::Error| -> Vec<StoreResult<bool>> {
         if n == 1 {
             return vec![Err(e.into())];
         }
         let message = e.to_string();
-        outcomes
-            .into_iter()
-            .chain(std::iter::repeat_with(|| Ok(true)))
-            .take(n)
-            .map(|o| match o {
-                Ok(true) => Err(StoreError::Group {
+        (0..n)
+            .map(|_| {
+                Err(StoreError::Group {
                     writes: n,
                     message: message.clone(),
-                }),
-                refused => refused,
+                })
             })
             .collect()
     };
@@ -655,7 +669,14 @@ async fn guard_write(
             };
             // With an owner, the write also needs the run's current owner and fencing token:
             // a coordinator that lost its lease can never commit.
-            let updated = sqlx::query("UPDATE wf_runs SET seq = $1, state = $2, status = $3, updated_ms = $4 WHERE run_id = $5 AND seq = $6 AND ($7 = -1 OR (owner = $8 AND fence = $7))")
+            // A commit by the owner also extends its lease (never shortens it): a run whose row
+            // is busy with commits may be skipped by a renewal (SKIP LOCKED), and must not
+            // expire for it.
+            let lease = commit
+                .owner
+                .as_ref()
+                .map_or(-1, |o| o.lease_until_ms as i64);
+            let updated = sqlx::query("UPDATE wf_runs SET seq = $1, state = $2, status = $3, updated_ms = $4, lease_until = CASE WHEN $9 > lease_until THEN $9 ELSE lease_until END WHERE run_id = $5 AND seq = $6 AND ($7 = -1 OR (owner = $8 AND fence = $7))")
                 .bind((commit.expected_seq + commit.events.len() as u64) as i64)
                 .bind(&commit.state)
                 .bind(&commit.status)
@@ -664,6 +685,7 @@ async fn guard_write(
                 .bind(commit.expected_seq as i64)
                 .bind(fence)
                 .bind(&node)
+                .bind(lease)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected();
