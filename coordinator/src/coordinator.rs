@@ -46,6 +46,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// one more is answered 429 and counted in `meshflow_workflow_wait_rejected_total`.
 pub const MAX_WAITERS: usize = 1024;
 
+/// The timer loop looks at the timers at least this often, ms.
+const TIMER_LOOK_MAX_MS: u64 = 1000;
+
 /// A waiter re-reads its run's status at least this often (plus up to 250 ms of jitter): a run
 /// finished by another coordinator replica sends this one no notification.
 const WAIT_POLL: Duration = Duration::from_millis(1000);
@@ -180,9 +183,9 @@ pub struct Coordinator {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     sending: Mutex<HashSet<(String, String)>>,
     timers_changed: Notify,
-    /// When the timer loop looks at the timers next, Unix ms (`u64::MAX` while it is looking,
-    /// and before it first looks): a commit wakes it only for a timer due before that, not on
-    /// every commit.
+    /// When the timer loop looks at the timers next, Unix ms (while it is looking: 2 s after
+    /// the look began; `u64::MAX` before its first look): a commit wakes it only for a timer
+    /// due before that, not on every commit.
     timers_planned_ms: std::sync::atomic::AtomicU64,
     metrics: WorkflowMetrics,
     failpoint: Failpoint,
@@ -1463,10 +1466,15 @@ impl Coordinator {
         self.wait_for_sidecar().await;
         let mut last_gauges = 0;
         loop {
-            // Looking now: every commit until the next plan wakes the loop again (its timer
-            // may be written after the query below read the table).
-            self.timers_planned_ms
-                .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+            // Looking now. A timer committed after the query below read the table is missed
+            // by this look, and the next look comes at most 1 s after this one's plan: so a
+            // commit now wakes the loop again for a timer due within 2 s (a backoff, a short
+            // sleep), not for one due later (an attempt's deadline) — waking it for every
+            // commit kept it looking without pause at thousands of commits per second.
+            self.timers_planned_ms.store(
+                self.now() + 2 * TIMER_LOOK_MAX_MS,
+                std::sync::atomic::Ordering::SeqCst,
+            );
             let now = self.now();
             if now >= last_gauges + 1000 {
                 last_gauges = now;
@@ -1507,10 +1515,10 @@ impl Coordinator {
                 .await
                 .ok()
                 .flatten();
-            let wait = next.map_or(Duration::from_secs(1), |due| {
-                Duration::from_millis(due.saturating_sub(self.now()).clamp(5, 1000))
+            let wait = next.map_or(Duration::from_millis(TIMER_LOOK_MAX_MS), |due| {
+                Duration::from_millis(due.saturating_sub(self.now()).clamp(5, TIMER_LOOK_MAX_MS))
             });
-            // A commit that read u64::MAX above has notified (a stored permit: the wait below
+            // A commit that read the value above and notified left a permit (the wait below
             // ends at once); one that reads this plan wakes the loop only for an earlier timer.
             self.timers_planned_ms.store(
                 self.now() + wait.as_millis() as u64,
