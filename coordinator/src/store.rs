@@ -411,7 +411,7 @@ async fn insert_rows(
     head: &str,
     columns: usize,
     rows: &[Vec<Param<'_>>],
-) -> StoreResult<()> {
+) -> Result<(), sqlx::Error> {
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut sql = format!("INSERT INTO {head} VALUES ");
         for (r, _) in chunk.iter().enumerate() {
@@ -447,7 +447,7 @@ async fn delete_runs_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     table: &str,
     runs: &[&str],
-) -> StoreResult<()> {
+) -> Result<(), sqlx::Error> {
     for chunk in runs.chunks(ROWS_PER_STATEMENT) {
         let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
@@ -470,7 +470,7 @@ async fn delete_runs_rows(
 async fn write_changes(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     commits: &[&Commit],
-) -> StoreResult<()> {
+) -> Result<(), sqlx::Error> {
     let events: Vec<Vec<Param<'_>>> = commits
         .iter()
         .flat_map(|c| {
@@ -579,7 +579,7 @@ async fn write_group(pool: &AnyPool, writes: &[QueuedWrite]) -> Vec<StoreResult<
     // The transaction is gone: every write fails with `e`, also those whose guard refused or
     // found their run — what a rolled-back transaction saw proves nothing (a run "found" may
     // have been this group's own insert).
-    let fail = |_outcomes: Vec<StoreResult<bool>>, e: sqlx::Error| -> Vec<StoreResult<bool>> {
+    let fail = |e: sqlx::Error| -> Vec<StoreResult<bool>> {
         if n == 1 {
             return vec![Err(e.into())];
         }
@@ -595,14 +595,14 @@ async fn write_group(pool: &AnyPool, writes: &[QueuedWrite]) -> Vec<StoreResult<
     };
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
-        Err(e) => return fail(Vec::new(), e),
+        Err(e) => return fail(e),
     };
     let mut outcomes = Vec::with_capacity(n);
     for queued in writes {
         match guard_write(&mut tx, &queued.write).await {
             Err(StoreError::Db(e)) => {
                 drop(tx);
-                return fail(Vec::new(), e);
+                return fail(e);
             }
             outcome => outcomes.push(outcome),
         }
@@ -621,13 +621,10 @@ async fn write_group(pool: &AnyPool, writes: &[QueuedWrite]) -> Vec<StoreResult<
     }
     if let Err(e) = write_changes(&mut tx, &applied).await {
         drop(tx);
-        return match e {
-            StoreError::Db(e) => fail(outcomes, e),
-            other => fail(outcomes, sqlx::Error::Protocol(other.to_string())),
-        };
+        return fail(e);
     }
     if let Err(e) = tx.commit().await {
-        return fail(outcomes, e);
+        return fail(e);
     }
     outcomes
 }
