@@ -47,7 +47,7 @@ use meshflow_api::ReadyFile;
 use meshflow_policies::{AppProtocol, SpiffeId};
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::listeners::TcpSocketOptions;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -207,6 +207,14 @@ fn reserve(addr: SocketAddr) -> std::io::Result<PortReservation> {
         addr,
     })
 }
+
+/// Read buffer (bytes) of each connection accepted on the outbound port, under the HTTP/1
+/// parser. Pingora's default is 64 KiB, allocated zeroed (so resident) per connection: an
+/// app's pool of 64 keep-alive connections then held 4 MiB of read buffers in the outbound
+/// sidecar. Request heads fit in 4 KiB (Pingora's own head buffer starts at 4 KiB and grows);
+/// larger reads (bodies) bypass a buffer this small. The inbound port keeps the default:
+/// few connections (one per peer sidecar), each multiplexing many HTTP/2 streams under TLS.
+const OUTBOUND_READ_BUFFER: usize = 4096;
 
 fn reuseport() -> TcpSocketOptions {
     let mut options = TcpSocketOptions::default();
@@ -471,7 +479,11 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
             transparent_settings,
         ),
     );
-    outbound.add_tcp_with_settings(&outbound_port.addr.to_string(), reuseport());
+    outbound.add_listener(
+        ListenerConfig::tcp(outbound_port.addr.to_string())
+            .tcp_socket_options(reuseport())
+            .l4_buffer(L4BufferSettings::default().read(OUTBOUND_READ_BUFFER)),
+    );
 
     let admin_shutdown = Arc::new(Notify::new());
     let advertised = config.advertise.unwrap_or(inbound_port.addr);
