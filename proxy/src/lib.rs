@@ -101,8 +101,12 @@ pub struct ProxyConfig {
     #[arg(long, env = "MESHFLOW_DRAIN", default_value = "5s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
-    /// Worker threads per listener.
-    #[arg(long, env = "MESHFLOW_THREADS", default_value_t = 2)]
+    /// Worker threads per listener (inbound and outbound each). One, like Linkerd's proxy: a
+    /// sidecar shares its pod's and node's cores with the app, and on a busy node a second
+    /// thread adds wake-ups rather than throughput (ARCHITECTURE "Sidecar performance").
+    /// Injection sets it from the proxy's CPU limit (`meshflow.io/proxy-cpu-limit`, cores
+    /// rounded up).
+    #[arg(long, env = "MESHFLOW_THREADS", default_value_t = 1)]
     pub threads: usize,
     /// HTTP/2 max concurrent streams per connection (RFC 9113 §6.5.2).
     #[arg(

@@ -144,6 +144,16 @@ impl PodOptions {
         })
     }
 
+    /// `MESHFLOW_THREADS` for the proxy: the CPU limit in whole cores, rounded up (Linkerd's
+    /// `proxy-cpu-limit` → worker count), or `None` without a limit (the proxy's default, one
+    /// worker per listener).
+    pub(super) fn worker_threads(&self) -> Option<u64> {
+        (!self.cpu_limit.is_empty())
+            .then(|| cpu_cores(&self.cpu_limit))
+            .flatten()
+            .map(|cores| (cores.ceil() as u64).max(1))
+    }
+
     pub(super) fn resources(&self) -> Value {
         let quantities = |pairs: [(&str, &String); 2]| -> serde_json::Map<String, Value> {
             pairs
@@ -163,6 +173,29 @@ impl PodOptions {
         }
         Value::Object(out)
     }
+}
+
+/// Cores in a CPU quantity that [`is_quantity`] accepted (`1`, `1500m`, `2.5`, `1e3m`);
+/// `None` for one that is not a number of cores (negative, or too large to mean anything).
+pub(super) fn cpu_cores(quantity: &str) -> Option<f64> {
+    let digits_end = quantity
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(quantity.len());
+    let (number, suffix) = quantity.split_at(digits_end);
+    let number: f64 = number.parse().ok()?;
+    let scale = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        exponent => 10f64.powi(exponent.get(1..)?.parse::<i32>().ok()?),
+    };
+    Some(number * scale).filter(|cores| cores.is_finite() && *cores > 0.0 && *cores <= 1024.0)
 }
 
 pub(super) fn wanted_volumes() -> Vec<Value> {
@@ -252,6 +285,11 @@ pub(super) fn proxy_container(
             { "name": TRUST_BUNDLE_VOLUME, "mountPath": TRUST_BUNDLE_DIR, "readOnly": true },
         ],
     });
+    if let Some(threads) = options.worker_threads() {
+        if let Some(vars) = container["env"].as_array_mut() {
+            vars.push(env("MESHFLOW_THREADS", threads));
+        }
+    }
     if native {
         container["restartPolicy"] = json!("Always");
         // The kubelet starts the next container only after this succeeds; two minutes.

@@ -109,6 +109,12 @@ fn classic_injection_puts_the_proxy_first_and_holds_the_app_until_it_is_ready() 
         proxy["resources"],
         json!({ "requests": { "cpu": "100m", "memory": "64Mi" }, "limits": { "memory": "256Mi" } })
     );
+    // No CPU limit: the proxy's own default worker count (one per listener).
+    assert!(proxy["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["name"] != "MESHFLOW_THREADS"));
     // The bootstrap, from env.
     for (name, field) in [
         ("POD_NAME", "metadata.name"),
@@ -480,6 +486,8 @@ fn annotations_set_resources_and_exclusions_and_bad_values_are_refused_naming_th
     );
     assert_eq!(env_value(proxy, "MESHFLOW_APP_PORT")["value"], "8443");
     assert_eq!(env_value(proxy, "MESHFLOW_APP_PROTOCOL")["value"], "h2c");
+    // A CPU limit of one core: one worker thread per listener, said explicitly.
+    assert_eq!(env_value(proxy, "MESHFLOW_THREADS")["value"], "1");
     let init = container(&out["spec"]["initContainers"], INIT_CONTAINER);
     let args: Vec<&str> = init["args"]
         .as_array()
@@ -636,6 +644,22 @@ fn quantities_cidrs_and_server_versions() {
     }
     for bad in ["", "m", "1GB", "1.2.3", "lots", "1 Gi", "1e", "."] {
         assert!(!is_quantity(bad), "{bad}");
+    }
+    // CPU limits in cores, as the proxy's worker count is derived from them.
+    for (quantity, cores) in [
+        ("1", 1.0),
+        ("1500m", 1.5),
+        ("250m", 0.25),
+        ("2.5", 2.5),
+        ("2e0", 2.0),
+        ("1E-2", 0.01),
+        ("+4", 4.0),
+    ] {
+        let got = pod::cpu_cores(quantity).unwrap_or_else(|| panic!("{quantity}"));
+        assert!((got - cores).abs() < 1e-9, "{quantity}: {got}");
+    }
+    for nonsense in ["-1", "0", "64Gi", "1e9"] {
+        assert_eq!(pod::cpu_cores(nonsense), None, "{nonsense}");
     }
     for ok in ["10.0.0.0/8", "0.0.0.0/0", "1.2.3.4/32"] {
         assert!(is_cidr(ok), "{ok}");
