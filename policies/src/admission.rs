@@ -5,8 +5,8 @@
 //!
 //! Pure and over borrowed request data: nothing is copied unless a policy needs it. With no
 //! RequestAuthentication and no AuthorizationPolicy selecting the workload (Istio's "allow
-//! all"), only the path is normalized; the header map and the attribute set are built only when
-//! a JWT rule or a policy will read them.
+//! all"), only the path is normalized and no attribute is built; the header map (a copy of
+//! every header) is built only when a JWT rule or a `request.headers[…]` condition reads it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -47,8 +47,8 @@ pub struct InboundRequest<'a> {
     pub port: u16,
     /// The peer's IP address.
     pub source_ip: Option<IpAddr>,
-    /// The request's headers (lower-case names), called only when a JWT rule or a policy
-    /// needs them. Mesh-owned headers in it are dropped ([`crate::headers`]) and the peer's
+    /// The request's headers (lower-case names), called only when a JWT rule or a policy's
+    /// `request.headers[…]` condition needs them. Mesh-owned headers in it are dropped ([`crate::headers`]) and the peer's
     /// XFCC added before anything reads them.
     pub headers: &'a (dyn Fn() -> BTreeMap<String, Vec<String>> + Sync),
 }
@@ -135,10 +135,22 @@ where
             strip_headers: Vec::new(),
         });
     }
-    let headers = admitted_headers(
-        &(request.headers)(),
-        request.peer.map(|p| p.xfcc.to_string()),
-    );
+    // The header map is a copy of every header: only a JWT rule (it looks for the token) or a
+    // `request.headers[…]` condition reads it. Without one, an empty map decides the same.
+    let reads_headers = !policies.authenticator.is_empty()
+        || policies
+            .authorization
+            .clone()
+            .into_iter()
+            .any(AuthorizationPolicy::reads_request_headers);
+    let headers = if reads_headers {
+        admitted_headers(
+            &(request.headers)(),
+            request.peer.map(|p| p.xfcc.to_string()),
+        )
+    } else {
+        BTreeMap::new()
+    };
     let mut strip_headers = Vec::new();
     let mut attributes = RequestAttributes {
         principal: request.peer.map(|p| p.principal.to_string()),
@@ -240,6 +252,56 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Policies that read no header decide without the header map being built: an ALLOW on
+    /// the peer's principal and a DENY on a path, both decided, the headers never called.
+    #[test]
+    fn policies_without_header_conditions_never_build_the_header_map() {
+        let none = Authenticator::default();
+        let no_headers = || panic!("no policy reads the headers");
+        let set = [
+            policy(
+                "apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: deny-admin, namespace: default }
+spec:
+  action: DENY
+  rules:
+    - to: [{ operation: { paths: [/admin*], ports: ['8080'] } }]
+",
+            ),
+            policy(
+                "apiVersion: meshflow.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: frontend, namespace: default }
+spec:
+  action: ALLOW
+  rules:
+    - from: [{ source: { principals: [cluster.local/ns/default/sa/frontend] } }]
+      when: [{ key: source.namespace, values: [default] }]
+",
+            ),
+        ];
+        assert!(set.iter().all(|p| !p.reads_request_headers()));
+        let policies = InboundPolicies {
+            mtls: (MtlsMode::Strict, None),
+            authenticator: &none,
+            authorization: set.iter(),
+        };
+        let decided = |path| match admit(&request(Some(PEER), path, &no_headers), &policies) {
+            Admission::Decided(d) => d,
+            other => panic!("{other:?}"),
+        };
+        let allowed = decided("/reports");
+        assert!(allowed.decision.allowed);
+        assert_eq!(allowed.decision.policy.as_deref(), Some("default/frontend"));
+        let denied = decided("/admin/keys");
+        assert!(!denied.decision.allowed);
+        assert_eq!(
+            denied.decision.policy.as_deref(),
+            Some("default/deny-admin")
+        );
     }
 
     /// A policy sees the sidecar's XFCC, never a client's copy, and the normalized path.

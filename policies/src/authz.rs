@@ -331,9 +331,9 @@ fn ip_any(blocks: &Option<Vec<String>>, ip: Option<IpAddr>) -> Option<bool> {
         .map(|bs| ip.is_some_and(|ip| bs.iter().any(|b| ip_in(b, ip))))
 }
 
-/// All `Some(false)` fail; `None` (field absent) passes.
-fn all(checks: &[Option<bool>]) -> bool {
-    checks.iter().all(|c| c.unwrap_or(true))
+/// `Some(false)` fails; `None` (field absent) passes.
+fn pass(check: Option<bool>) -> bool {
+    check.unwrap_or(true)
 }
 
 fn not(v: Option<bool>) -> Option<bool> {
@@ -342,38 +342,36 @@ fn not(v: Option<bool>) -> Option<bool> {
 
 impl Source {
     fn matches(&self, r: &RequestAttributes) -> bool {
-        all(&[
-            any(&self.principals, r.principal.as_deref(), string_matches),
-            not(any(
-                &self.not_principals,
-                r.principal.as_deref(),
-                string_matches,
-            )),
-            any(
-                &self.request_principals,
-                r.request_principal.as_deref(),
-                string_matches,
-            ),
-            not(any(
-                &self.not_request_principals,
-                r.request_principal.as_deref(),
-                string_matches,
-            )),
-            any(
-                &self.namespaces,
-                r.source_namespace.as_deref(),
-                string_matches,
-            ),
-            not(any(
-                &self.not_namespaces,
-                r.source_namespace.as_deref(),
-                string_matches,
-            )),
-            ip_any(&self.ip_blocks, r.source_ip),
-            not(ip_any(&self.not_ip_blocks, r.source_ip)),
-            ip_any(&self.remote_ip_blocks, r.remote_ip),
-            not(ip_any(&self.not_remote_ip_blocks, r.remote_ip)),
-        ])
+        // Short-circuits: the first field that fails ends the check (most requests fail a
+        // policy on its first field, the principal).
+        pass(any(
+            &self.principals,
+            r.principal.as_deref(),
+            string_matches,
+        )) && pass(not(any(
+            &self.not_principals,
+            r.principal.as_deref(),
+            string_matches,
+        ))) && pass(any(
+            &self.request_principals,
+            r.request_principal.as_deref(),
+            string_matches,
+        )) && pass(not(any(
+            &self.not_request_principals,
+            r.request_principal.as_deref(),
+            string_matches,
+        ))) && pass(any(
+            &self.namespaces,
+            r.source_namespace.as_deref(),
+            string_matches,
+        )) && pass(not(any(
+            &self.not_namespaces,
+            r.source_namespace.as_deref(),
+            string_matches,
+        ))) && pass(ip_any(&self.ip_blocks, r.source_ip))
+            && pass(not(ip_any(&self.not_ip_blocks, r.source_ip)))
+            && pass(ip_any(&self.remote_ip_blocks, r.remote_ip))
+            && pass(not(ip_any(&self.not_remote_ip_blocks, r.remote_ip)))
     }
 }
 
@@ -383,17 +381,15 @@ fn host_matches(pattern: &str, host: &str) -> bool {
 
 impl Operation {
     fn matches(&self, r: &RequestAttributes) -> bool {
-        let port = r.port.to_string();
-        all(&[
-            any(&self.hosts, Some(&r.host), host_matches),
-            not(any(&self.not_hosts, Some(&r.host), host_matches)),
-            any(&self.ports, Some(&port), string_matches),
-            not(any(&self.not_ports, Some(&port), string_matches)),
-            any(&self.methods, Some(&r.method), string_matches),
-            not(any(&self.not_methods, Some(&r.method), string_matches)),
-            any(&self.paths, Some(&r.path), path_matches),
-            not(any(&self.not_paths, Some(&r.path), path_matches)),
-        ])
+        let port = (self.ports.is_some() || self.not_ports.is_some()).then(|| r.port.to_string());
+        pass(any(&self.hosts, Some(&r.host), host_matches))
+            && pass(not(any(&self.not_hosts, Some(&r.host), host_matches)))
+            && pass(any(&self.ports, port.as_deref(), string_matches))
+            && pass(not(any(&self.not_ports, port.as_deref(), string_matches)))
+            && pass(any(&self.methods, Some(&r.method), string_matches))
+            && pass(not(any(&self.not_methods, Some(&r.method), string_matches)))
+            && pass(any(&self.paths, Some(&r.path), path_matches))
+            && pass(not(any(&self.not_paths, Some(&r.path), path_matches)))
     }
 }
 
@@ -493,6 +489,17 @@ impl Rule {
 }
 
 impl AuthorizationPolicy {
+    /// Whether a `when` condition of this policy reads a request header
+    /// (`request.headers[…]`): only then does inbound admission build the request's header map.
+    pub fn reads_request_headers(&self) -> bool {
+        self.spec
+            .rules
+            .iter()
+            .flatten()
+            .flat_map(|rule| rule.when.iter().flatten())
+            .any(|condition| bracketed(&condition.key, "request.headers").is_some())
+    }
+
     /// `namespace/name`.
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace(), self.metadata.name)
