@@ -220,7 +220,8 @@ ROLES[B]="outbound=$PID_EOUT;inbound=$PID_EIN"
 ROLES[C]="outbound=$(descendants "$PID_NOUT" | xargs);inbound=$(descendants "$PID_NIN" | xargs)"
 UPSTREAM_PIDS=$(descendants "$PID_UP" | xargs)
 # D = meshflow with the same worker-thread count as the other proxies; E (optional) = a second
-# meshflow pair at its own default settings. Each: outbound address, Host header, PIDs.
+# meshflow pair (another build, or another thread count: MESHFLOW_DEFAULT_*). Each: outbound
+# address, Host header, PIDs.
 add_meshflow() { # scenario outbound host pids description
   local sc=$1 out=$2 host=$3 pids=$4 desc=$5 r="" i=0 role p
   SCENARIOS="$SCENARIOS $sc"
@@ -239,7 +240,7 @@ if [[ -n ${MESHFLOW_OUTBOUND:-} ]]; then
   add_meshflow D "$MESHFLOW_OUTBOUND" "${MESHFLOW_HOST:-}" "${MESHFLOW_PIDS:-}" "${MESHFLOW_DESC:-meshflow pair}"
 fi
 if [[ -n ${MESHFLOW_DEFAULT_OUTBOUND:-} ]]; then
-  add_meshflow E "$MESHFLOW_DEFAULT_OUTBOUND" "${MESHFLOW_HOST:-}" "${MESHFLOW_DEFAULT_PIDS:-}" "${MESHFLOW_DEFAULT_DESC:-meshflow pair (defaults)}"
+  add_meshflow E "$MESHFLOW_DEFAULT_OUTBOUND" "${MESHFLOW_HOST:-}" "${MESHFLOW_DEFAULT_PIDS:-}" "${MESHFLOW_DEFAULT_DESC:-meshflow pair E}"
 fi
 
 ALL_PIDS=$(for s in $SCENARIOS; do tr ';' '\n' <<<"${ROLES[$s]}" | sed 's/^[^=]*=//'; done | xargs -n1 | sort -un | xargs)

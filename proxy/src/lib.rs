@@ -392,8 +392,19 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
         .map_err(|e| other(e.to_string()))?;
     let admin_addr = admin.local_addr().map_err(|e| other(e.to_string()))?;
 
+    // Never more workers than CPUs this process may use (the cgroup quota counts): extra
+    // threads only add wake-ups (Linkerd caps its proxy's cores the same way).
+    let usable_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = config.threads.clamp(1, usable_cpus);
+    if threads != config.threads {
+        tracing::warn!(
+            requested = config.threads,
+            threads,
+            "worker threads per listener capped at the usable CPUs"
+        );
+    }
     let conf = ServerConf {
-        threads: config.threads.max(1),
+        threads,
         // One single-threaded runtime per worker thread (Pingora's no-steal runtime): a
         // connection stays on the thread that accepted it, so a request never pays the
         // work-stealing scheduler's cross-thread synchronization (measured in bench/mesh-compare;

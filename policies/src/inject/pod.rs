@@ -145,13 +145,13 @@ impl PodOptions {
     }
 
     /// `MESHFLOW_THREADS` for the proxy: the CPU limit in whole cores, rounded up (Linkerd's
-    /// `proxy-cpu-limit` → worker count), or `None` without a limit (the proxy's default, one
-    /// worker per listener).
+    /// `proxy-cpu-limit` → worker count; the proxy also caps it at the CPUs it can use), or
+    /// `None` without a usable limit (the proxy's default, one worker per listener).
     pub(super) fn worker_threads(&self) -> Option<u64> {
         (!self.cpu_limit.is_empty())
-            .then(|| cpu_cores(&self.cpu_limit))
+            .then(|| cpu_millicores(&self.cpu_limit))
             .flatten()
-            .map(|cores| (cores.ceil() as u64).max(1))
+            .map(|millicores| millicores.div_ceil(1000).max(1))
     }
 
     pub(super) fn resources(&self) -> Value {
@@ -175,27 +175,48 @@ impl PodOptions {
     }
 }
 
-/// Cores in a CPU quantity that [`is_quantity`] accepted (`1`, `1500m`, `2.5`, `1e3m`);
-/// `None` for one that is not a number of cores (negative, or too large to mean anything).
-pub(super) fn cpu_cores(quantity: &str) -> Option<f64> {
-    let digits_end = quantity
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(quantity.len());
-    let (number, suffix) = quantity.split_at(digits_end);
-    let number: f64 = number.parse().ok()?;
-    let scale = match suffix {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        exponent => 10f64.powi(exponent.get(1..)?.parse::<i32>().ok()?),
+/// Millicores in a CPU quantity that [`is_quantity`] accepted (`1` → 1000, `1500m` → 1500,
+/// `2.5` → 2500, `1e-3` → 1), in exact decimal arithmetic and rounded up to a whole millicore
+/// as the API server rounds CPU quantities. `None` for zero, a negative quantity, a binary
+/// (memory) suffix, or more than 1024 cores.
+pub(super) fn cpu_millicores(quantity: &str) -> Option<u64> {
+    const MAX_MILLICORES: u128 = 1024 * 1000;
+    let unsigned = quantity.strip_prefix('+').unwrap_or(quantity);
+    let digits_end = unsigned
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(unsigned.len());
+    let (number, suffix) = unsigned.split_at(digits_end);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    // number = mantissa × 10^-len(fraction); the exponent below counts millicores.
+    let significant = format!("{whole}{fraction}");
+    let significant = significant.trim_start_matches('0');
+    if significant.is_empty() || significant.len() > 30 {
+        return None; // zero (or a sign we do not take), or digits beyond any meaning
+    }
+    let mantissa: u128 = significant.parse().ok()?;
+    let exponent = 3 - fraction.len() as i64
+        + match suffix {
+            "" => 0,
+            "n" => -9,
+            "u" => -6,
+            "m" => -3,
+            "k" => 3,
+            "M" => 6,
+            "G" => 9,
+            "T" => 12,
+            "P" => 15,
+            "E" => 18,
+            exponent => exponent.strip_prefix(['e', 'E'])?.parse::<i64>().ok()?,
+        };
+    let millicores = match u32::try_from(exponent.unsigned_abs()) {
+        // 10^8 millicores are far beyond the cap whatever the mantissa.
+        Ok(e) if exponent >= 0 => mantissa.checked_mul(10u128.checked_pow(e.min(8))?)?,
+        Ok(e) if e <= 38 => mantissa.div_ceil(10u128.pow(e)),
+        // Smaller than any power of ten u128 holds: a fraction of a millicore, so one.
+        _ if exponent < 0 => 1,
+        _ => return None,
     };
-    Some(number * scale).filter(|cores| cores.is_finite() && *cores > 0.0 && *cores <= 1024.0)
+    (millicores <= MAX_MILLICORES).then_some(millicores as u64)
 }
 
 pub(super) fn wanted_volumes() -> Vec<Value> {

@@ -645,21 +645,35 @@ fn quantities_cidrs_and_server_versions() {
     for bad in ["", "m", "1GB", "1.2.3", "lots", "1 Gi", "1e", "."] {
         assert!(!is_quantity(bad), "{bad}");
     }
-    // CPU limits in cores, as the proxy's worker count is derived from them.
-    for (quantity, cores) in [
-        ("1", 1.0),
-        ("1500m", 1.5),
-        ("250m", 0.25),
-        ("2.5", 2.5),
-        ("2e0", 2.0),
-        ("1E-2", 0.01),
-        ("+4", 4.0),
+    // CPU limits in millicores (rounded up, exactly), as the proxy's worker count is derived
+    // from them.
+    for (quantity, millicores) in [
+        ("1", 1000),
+        ("1500m", 1500),
+        ("250m", 250),
+        ("2.5", 2500),
+        (".5", 500),
+        ("+.5", 500),
+        ("2e0", 2000),
+        ("1E-2", 10),
+        ("1e-3", 1),
+        ("0.0001", 1),
+        ("1e-400", 1),
+        ("+4", 4000),
+        ("15000000000n", 15000),
+        ("2.0001", 2001),
+        ("1024", 1024000),
     ] {
-        let got = pod::cpu_cores(quantity).unwrap_or_else(|| panic!("{quantity}"));
-        assert!((got - cores).abs() < 1e-9, "{quantity}: {got}");
+        assert_eq!(
+            pod::cpu_millicores(quantity),
+            Some(millicores),
+            "{quantity}"
+        );
     }
-    for nonsense in ["-1", "0", "64Gi", "1e9"] {
-        assert_eq!(pod::cpu_cores(nonsense), None, "{nonsense}");
+    for nonsense in [
+        "-1", "0", "0e400", "64Gi", "2Ki", "1e9", "1e400", "1025", "1024001m",
+    ] {
+        assert_eq!(pod::cpu_millicores(nonsense), None, "{nonsense}");
     }
     for ok in ["10.0.0.0/8", "0.0.0.0/0", "1.2.3.4/32"] {
         assert!(is_cidr(ok), "{ok}");
