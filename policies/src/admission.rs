@@ -218,6 +218,24 @@ mod tests {
         xfcc: "By=spiffe://cluster.local/ns/default/sa/backend;URI=spiffe://cluster.local/ns/default/sa/frontend",
     };
 
+    /// Admits `path` from [`PEER`] under STRICT mTLS, no JWT rule and `set`; expects a decision.
+    fn decide(
+        set: &[AuthorizationPolicy],
+        path: &str,
+        headers: &(dyn Fn() -> BTreeMap<String, Vec<String>> + Sync),
+    ) -> Decided {
+        let none = Authenticator::default();
+        let policies = InboundPolicies {
+            mtls: (MtlsMode::Strict, None),
+            authenticator: &none,
+            authorization: set.iter(),
+        };
+        match admit(&request(Some(PEER), path, headers), &policies) {
+            Admission::Decided(d) => d,
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// Plaintext is refused under STRICT before anything else, even a bad path; PERMISSIVE lets
     /// it on to the path check.
     #[test]
@@ -258,7 +276,6 @@ mod tests {
     /// the peer's principal and a DENY on a path, both decided, the headers never called.
     #[test]
     fn policies_without_header_conditions_never_build_the_header_map() {
-        let none = Authenticator::default();
         let no_headers = || panic!("no policy reads the headers");
         let set = [
             policy(
@@ -284,15 +301,7 @@ spec:
             ),
         ];
         assert!(set.iter().all(|p| !p.reads_request_headers()));
-        let policies = InboundPolicies {
-            mtls: (MtlsMode::Strict, None),
-            authenticator: &none,
-            authorization: set.iter(),
-        };
-        let decided = |path| match admit(&request(Some(PEER), path, &no_headers), &policies) {
-            Admission::Decided(d) => d,
-            other => panic!("{other:?}"),
-        };
+        let decided = |path| decide(&set, path, &no_headers);
         let allowed = decided("/reports");
         assert!(allowed.decision.allowed);
         assert_eq!(allowed.decision.policy.as_deref(), Some("default/frontend"));
@@ -307,7 +316,6 @@ spec:
     /// A policy sees the sidecar's XFCC, never a client's copy, and the normalized path.
     #[test]
     fn policies_see_the_admitted_headers_and_the_normalized_path() {
-        let none = Authenticator::default();
         let deny_admin = policy(
             "apiVersion: meshflow.io/v1alpha1
 kind: AuthorizationPolicy
@@ -328,22 +336,15 @@ spec:
     - when: [{ key: 'request.headers[x-forwarded-client-cert]', values: ['By=*'] }]
 ",
         );
+        assert!(xfcc_only.reads_request_headers());
         let set = [deny_admin, xfcc_only];
-        let policies = InboundPolicies {
-            mtls: (MtlsMode::Strict, None),
-            authenticator: &none,
-            authorization: set.iter(),
-        };
         let spoofed = || {
             BTreeMap::from([(
                 "x-forwarded-client-cert".to_string(),
                 vec!["URI=spiffe://evil".to_string()],
             )])
         };
-        let decided = |path| match admit(&request(Some(PEER), path, &spoofed), &policies) {
-            Admission::Decided(d) => d,
-            other => panic!("{other:?}"),
-        };
+        let decided = |path| decide(&set, path, &spoofed);
         let ok = decided("/reports");
         assert!(ok.decision.allowed);
         assert_eq!(ok.decision.policy.as_deref(), Some("default/xfcc"));
