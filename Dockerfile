@@ -7,12 +7,18 @@
 # The build stage installs what CI installs (scripts/install-deps build: cmake and a C
 # toolchain for Pingora) and runs the cargo command below; the final stages hold only the
 # binary, the CA certificates and a non-root user (65532, like distroless "nonroot").
-# Not built by CI: its machines have no container runtime (see README, "Kubernetes").
+# The proxy image's sidecar is the profile-guided build (scripts/build-pgo-proxy: an
+# instrumented build, a minute of mixed mesh traffic on 127.0.0.1 inside the build, llvm-19's
+# llvm-profdata from Debian, the optimized build; about 30 more minutes on 2 cores), the
+# binary bench/mesh-compare measures. `--build-arg PGO=0` ships the plain release build.
+# Not built by CI: its machines have no container runtime (see README, "Kubernetes"); CI
+# builds the plain binaries only; `PGO=1 bench/mesh-compare` runs scripts/build-pgo-proxy.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+ARG PGO=1
 WORKDIR /src
 COPY scripts/install-deps scripts/install-deps
 RUN scripts/install-deps build
@@ -23,7 +29,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p meshflow-control-plane -p meshflow-proxy \
     && mkdir -p /out \
-    && cp target/release/meshflow-control-plane target/release/meshflow-proxy /out/
+    && cp target/release/meshflow-control-plane target/release/meshflow-proxy /out/ \
+    && if [ "$PGO" = 1 ]; then \
+         scripts/build-pgo-proxy && cp target/release-pgo/meshflow-proxy /out/; \
+       fi
 
 # Shared runtime base: glibc of the same Debian release as the build stage, no shell tools
 # beyond slim's, CA roots for outbound TLS (OTLP, PostgreSQL), an unprivileged user.

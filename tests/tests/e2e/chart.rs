@@ -1094,6 +1094,10 @@ fn dockerfile_builds_release_binaries_and_runs_them_as_non_root() {
     assert!(dockerfile.contains("RUN scripts/install-deps build"));
     assert!(dockerfile
         .contains("cargo build --release --locked -p meshflow-control-plane -p meshflow-proxy"));
+    // The proxy image ships the profile-guided sidecar unless the build says PGO=0.
+    assert!(dockerfile.contains("ARG PGO=1"));
+    assert!(dockerfile
+        .contains("scripts/build-pgo-proxy && cp target/release-pgo/meshflow-proxy /out/"));
     let stages: Vec<&str> = dockerfile.split("\nFROM ").skip(1).collect();
     let stage = |name: &str| -> &str {
         stages
