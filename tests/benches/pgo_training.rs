@@ -173,12 +173,35 @@ fn spawn_loops<F, Fut>(
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let seconds = seconds();
-    let mesh = tokio::task::spawn_blocking(|| common::start_dir(MESH, POLICIES, |_| {}))
-        .await
-        .expect("mesh start");
+    // Started on the main thread, which outlives the run: the supervisor's children die with
+    // the thread that spawned them (PR_SET_PDEATHSIG), and tokio ends idle blocking threads.
+    let mut mesh = common::start_dir(MESH, POLICIES, |_| {});
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let failed = runtime.block_on(drive(&mesh, seconds));
+    drop(runtime);
+    // A process that exited during the run (a sidecar crash) fails it, with the logs to say why.
+    if let Err(exited) = mesh.mesh.check_running() {
+        eprintln!("pgo_training: {exited}");
+        eprintln!("{}", common::process_logs(&mesh.state_dir()));
+        std::process::exit(1);
+    }
+    if failed {
+        eprintln!(
+            "pgo_training: a kind of call failed (see the table): the profile would be of error \
+             paths. The mesh's process logs:\n{}",
+            common::process_logs(&mesh.state_dir())
+        );
+        std::process::exit(1);
+    }
+    // Dropping the mesh stops the sidecars with SIGTERM; they write their profiles on exit.
+    drop(mesh);
+}
+
+/// Drives the traffic mix through `mesh` for `seconds`, prints the table; true when a kind
+/// failed.
+async fn drive(mesh: &common::TestMesh, seconds: u64) -> bool {
     let outbound = mesh.mesh.workload("client").outbound.clone();
     let outbound_addr: std::net::SocketAddr = outbound.parse().expect("outbound address");
     eprintln!("pgo_training: mesh up (client outbound {outbound}); {seconds} s of traffic");
@@ -365,11 +388,6 @@ async fn main() {
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
-    // Dropping the mesh stops the sidecars with SIGTERM; they write their profiles on exit.
-    tokio::task::spawn_blocking(move || drop(mesh))
-        .await
-        .expect("mesh stop");
-
     let mut failed = false;
     println!("{:<32} {:>10} {:>8}", "kind", "expected", "other");
     for (kind, tally) in &tallies {
@@ -379,17 +397,13 @@ async fn main() {
             .first_other
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take();
-        println!(
-            "{kind:<32} {expected:>10} {other:>8}  {}",
-            first.unwrap_or_default()
-        );
+            .take()
+            .map(|what| format!("  first other: {what}"))
+            .unwrap_or_default();
+        println!("{kind:<32} {expected:>10} {other:>8}{first}");
         if expected == 0 || other * 100 > expected + other {
             failed = true;
         }
     }
-    if failed {
-        eprintln!("pgo_training: a kind of call failed (see the table): the profile would be of error paths");
-        std::process::exit(1);
-    }
+    failed
 }
