@@ -188,6 +188,11 @@ fn protocol_flag(p: AppProtocol) -> &'static str {
 impl LocalMesh {
     /// Starts the mesh in `mesh_path` and waits until every sidecar is ready.
     ///
+    /// Call it from a thread that outlives the mesh (the main thread, a test's own thread):
+    /// each process is killed when the thread that spawned it ends (`PR_SET_PDEATHSIG`), and
+    /// a pool thread — tokio's `spawn_blocking` ends idle ones after 10 s — takes the mesh with
+    /// it.
+    ///
     /// # Errors
     /// [`UpError::Config`] for an invalid mesh file; otherwise the first process that failed.
     pub fn start(mesh_path: &Path, options: UpOptions) -> Result<Self, UpError> {

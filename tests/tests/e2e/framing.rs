@@ -441,9 +441,10 @@ async fn start() -> Apps {
     let h2: Log = Arc::default();
     tokio::spawn(h1_app(h1_listener, h1.clone()));
     tokio::spawn(h2_app(h2_listener, h2.clone()));
-    let t = tokio::task::spawn_blocking(move || start_mesh(&mesh, |_| {}))
-        .await
-        .unwrap();
+    // On this test's own thread, not a blocking-pool one: the mesh's processes die with the
+    // thread that spawned them (see `LocalMesh::start`). The runtime's workers serve the apps
+    // meanwhile.
+    let t = start_mesh(&mesh, |_| {});
     Apps { t, h1, h2 }
 }
 
