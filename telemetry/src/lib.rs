@@ -637,12 +637,18 @@ pub fn headers_for(span: &SpanContext) -> Vec<(String, String)> {
     pairs.0
 }
 
-/// A `traceparent` value (`00-<trace id>-<span id>-<flags>`).
+/// A W3C Trace Context `traceparent` value, version 00: `00-<trace id>-<span id>-<flags>`, 55
+/// ASCII bytes, ids in lowercase hex (32 and 16 digits), flags `01` when sampled else `00`.
 pub fn traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> String {
-    format!(
-        "00-{trace_id}-{span_id}-{}",
-        if sampled { "01" } else { "00" }
-    )
+    // Written into a buffer rather than with `format!`: every sidecar does this for every
+    // request it forwards, and the formatting machinery was 1 % of a sidecar pair's CPU.
+    let mut value = [0u8; 55];
+    value[..3].copy_from_slice(b"00-");
+    hex::encode_to_slice(trace_id.to_bytes(), &mut value[3..35]).expect("16 bytes, 32 digits");
+    value[35] = b'-';
+    hex::encode_to_slice(span_id.to_bytes(), &mut value[36..52]).expect("8 bytes, 16 digits");
+    value[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+    String::from_utf8(value.to_vec()).expect("hex digits and dashes are ASCII")
 }
 
 /// Parses a W3C `traceparent` into (trace id, span id, sampled); `None` when invalid.
@@ -784,6 +790,24 @@ fn spawn_exporter(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn traceparent_is_the_w3c_form_and_parses_back() {
+        for (trace, span, sampled) in [
+            (1u128, 1u64, true),
+            (u128::MAX, u64::MAX, false),
+            (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, true),
+        ] {
+            let (trace_id, span_id) = (TraceId::from(trace), SpanId::from(span));
+            let value = traceparent(trace_id, span_id, sampled);
+            let flags = if sampled { "01" } else { "00" };
+            assert_eq!(value, format!("00-{trace:032x}-{span:016x}-{flags}"));
+            assert_eq!(
+                parse_traceparent(&value),
+                Some((trace_id, span_id, sampled))
+            );
+        }
+    }
     use super::*;
 
     fn tracing(b3: bool) -> Tracing {
