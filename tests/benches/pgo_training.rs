@@ -265,19 +265,24 @@ async fn drive(mesh: &common::TestMesh, seconds: u64) -> bool {
         }
     };
     let base = format!("http://{outbound}");
-    spawn_loops(
-        &mut tasks,
-        &mut tallies,
-        &stop,
-        "http1 GET web",
-        6,
-        get(
-            h1.clone(),
-            format!("{base}/items/"),
-            Some("web.default"),
-            200,
+    for (kind, loops, path, host) in [
+        ("http1 GET web", 6, "/items/", "web.default"),
+        (
+            "http1 GET backend (principal)",
+            1,
+            "/orders/",
+            "backend.default",
         ),
-    );
+        (
+            "http1 GET backend (header)",
+            1,
+            "/tenant/",
+            "backend.default",
+        ),
+    ] {
+        let call = get(h1.clone(), format!("{base}{path}"), Some(host), 200);
+        spawn_loops(&mut tasks, &mut tallies, &stop, kind, loops, call);
+    }
     let (client, url) = (h1.clone(), format!("{base}/upload"));
     spawn_loops(
         &mut tasks,
@@ -292,32 +297,6 @@ async fn drive(mesh: &common::TestMesh, seconds: u64) -> bool {
                 .body(vec![b'x'; 8192]);
             async move { expect_status(request.send().await, 200).await }
         },
-    );
-    spawn_loops(
-        &mut tasks,
-        &mut tallies,
-        &stop,
-        "http1 GET backend (principal)",
-        1,
-        get(
-            h1.clone(),
-            format!("{base}/orders/"),
-            Some("backend.default"),
-            200,
-        ),
-    );
-    spawn_loops(
-        &mut tasks,
-        &mut tallies,
-        &stop,
-        "http1 GET backend (header)",
-        1,
-        get(
-            h1.clone(),
-            format!("{base}/tenant/"),
-            Some("backend.default"),
-            200,
-        ),
     );
     spawn_loops(
         &mut tasks,
