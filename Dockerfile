@@ -4,8 +4,8 @@
 #   docker build --target control-plane -t <registry>/meshflow/control-plane:0.1.0 .
 #   docker build --target proxy         -t <registry>/meshflow/proxy:0.1.0 .
 #
-# The build stage installs what CI installs (scripts/install-deps build: cmake and a C
-# toolchain for Pingora) and runs the cargo command below; the final stages hold only the
+# The build stages start from `source`, which installs what CI installs (scripts/install-deps
+# build: cmake and a C toolchain for Pingora); the final stages hold only the
 # binary, the CA certificates and a non-root user (65532, like distroless "nonroot").
 #
 # The proxy image's sidecar is the profile-guided build by default (stage proxy-build-1:
