@@ -790,6 +790,7 @@ fn spawn_exporter(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn traceparent_is_the_w3c_form_and_parses_back() {
@@ -808,7 +809,6 @@ mod tests {
             );
         }
     }
-    use super::*;
 
     fn tracing(b3: bool) -> Tracing {
         Tracing::new(
