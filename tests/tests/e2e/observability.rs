@@ -113,6 +113,45 @@ async fn random_hosts_add_no_series() {
     assert!(!text.contains("svc-"), "no client-chosen host in a label");
 }
 
+/// Calls between two sidecars ride pooled connections: HTTP/2 over mTLS between the sidecars,
+/// HTTP/1.1 keep-alive to the app. Pingora checks each pooled connection's peer address before
+/// reusing it (our patched pingora-core reads that address once per connection instead of once
+/// per reuse, `third_party/README.md`); a check that refused would show here as a handshake
+/// per call.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_between_sidecars_reuse_one_mtls_connection() {
+    let t = start_hello();
+    let frontend = t.mesh.workload("frontend").clone();
+    let backend = t.mesh.workload("backend").clone();
+    let handshakes = |text: &str| {
+        metric(
+            text,
+            "meshflow_tls_handshakes_total",
+            &[("direction", "inbound")],
+        )
+    };
+    let client = via(&frontend.outbound);
+    let call = || async {
+        let r = client
+            .get("http://backend.default/hello")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    };
+    // The first call opens the connection (or finds one a readiness check opened).
+    call().await;
+    let before = handshakes(&metrics(&backend.admin).await);
+    for _ in 0..40 {
+        call().await;
+    }
+    // Concurrent calls share the connection's HTTP/2 streams.
+    futures::future::join_all((0..16).map(|_| call())).await;
+    let after = handshakes(&metrics(&backend.admin).await);
+    assert!(before >= 1.0, "the first call was an mTLS connection");
+    assert_eq!(after, before, "56 calls after the first opened no connection");
+}
+
 const MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
 kind: Mesh
 metadata: { name: logs }

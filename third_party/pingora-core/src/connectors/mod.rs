@@ -261,8 +261,11 @@ impl TransportConnector {
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
                         #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
-                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
+                        if peer_matches_connection(
+                            peer,
+                            stream.get_socket_digest().as_deref(),
+                            stream.id(),
+                        ) && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
                         } else {
@@ -470,6 +473,40 @@ impl PreferredHttpVersion {
 
 use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
+
+/// meshflow patch: whether a pooled connection is one to `peer`'s address, as
+/// [`Peer::matches_fd`] tells, but from the peer address the connection's socket digest read
+/// once (`getpeername`) and keeps, instead of one `getpeername` per reuse.
+///
+/// The check guards against a pool key shared by two peers; an fd cannot be closed and reused
+/// while the pool holds its stream, so the address read once stays the fd's address. A peer
+/// reached through a proxy, or a connection without a socket digest or address, is checked
+/// with [`Peer::matches_fd`] as before.
+#[cfg(unix)]
+pub(crate) fn peer_matches_connection<P: Peer + ?Sized>(
+    peer: &P,
+    socket_digest: Option<&crate::protocols::SocketDigest>,
+    fd: crate::protocols::UniqueIDType,
+) -> bool {
+    use crate::protocols::l4::socket::SocketAddr;
+    if peer.get_proxy().is_none() {
+        let cached = socket_digest.and_then(|d| d.peer_addr());
+        if let (Some(SocketAddr::Inet(connected)), SocketAddr::Inet(wanted)) =
+            (cached, peer.address())
+        {
+            // As `check_fd_match`: 0.0.0.0 as a destination may be mapped to 127.0.0.1.
+            if wanted.ip().is_unspecified() && wanted.is_ipv4() {
+                return true;
+            }
+            if connected == wanted {
+                return true;
+            }
+            error!("Crit: FD mismatch: fd: {fd:?}, addr: {wanted}, peer: {connected}");
+            return false;
+        }
+    }
+    peer.matches_fd(fd)
+}
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {

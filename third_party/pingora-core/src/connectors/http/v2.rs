@@ -421,7 +421,11 @@ impl Connector {
             .or_else(|| self.idle_pool.get(&reuse_hash));
         if let Some(conn) = maybe_conn {
             #[cfg(unix)]
-            if !peer.matches_fd(conn.id()) {
+            if !crate::connectors::peer_matches_connection(
+                peer,
+                conn.digest().socket_digest.as_deref(),
+                conn.id(),
+            ) {
                 return Ok(None);
             }
             #[cfg(windows)]

@@ -209,10 +209,12 @@ impl std::fmt::Display for CertKey {
 
 impl Hash for CertKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
+        // meshflow patch: hash each serial's bytes, not `get_serial`'s hex text. The same
+        // certificates hash alike as before, but the connection pools hash their peer (this
+        // included) on every checkout and return, and formatting the serial allocated a
+        // `String` per byte there.
         for certificate in &self.certificates {
-            if let Ok(serial) = get_serial(certificate) {
-                serial.hash(state)
-            }
+            certificate.borrow_cert().raw_serial().hash(state)
         }
     }
 }
