@@ -113,11 +113,12 @@ async fn random_hosts_add_no_series() {
     assert!(!text.contains("svc-"), "no client-chosen host in a label");
 }
 
-/// Calls between two sidecars ride pooled connections: HTTP/2 over mTLS between the sidecars,
-/// HTTP/1.1 keep-alive to the app. Pingora checks each pooled connection's peer address before
-/// reusing it (our patched pingora-core reads that address once per connection instead of once
-/// per reuse, `third_party/README.md`); a check that refused would show here as a handshake
-/// per call.
+/// Calls between two sidecars ride one pooled HTTP/2 connection over mTLS. Pingora checks each
+/// pooled connection's peer address before reusing it (our patched pingora-core compares the
+/// address the connection was dialed to instead of asking `getpeername` per reuse,
+/// `third_party/README.md`); a check that refused would show here as a handshake per call.
+/// The concurrent calls take the connection from the in-use pool: with the sidecar's one worker
+/// thread (the default), no other request runs between taking it and putting it back.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_between_sidecars_reuse_one_mtls_connection() {
     let t = start_hello();
@@ -139,7 +140,7 @@ async fn calls_between_sidecars_reuse_one_mtls_connection() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 200);
     };
-    // The first call opens the connection (or finds one a readiness check opened).
+    // The first call opens the connection.
     call().await;
     let before = handshakes(&metrics(&backend.admin).await);
     for _ in 0..40 {

@@ -475,15 +475,17 @@ use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
 
 /// meshflow patch: whether a pooled connection is one to `peer`'s address, as
-/// [`Peer::matches_fd`] tells, but from the peer address the connection's socket digest read
-/// once (`getpeername`) and keeps, instead of one `getpeername` per reuse.
+/// [`Peer::matches_fd`] tells for the peers of this crate, without a `getpeername` per reuse:
+/// the connection's socket digest holds its peer address (the address `l4::connect` dialed, or
+/// one `getpeername` the first time it is asked).
 ///
-/// The check guards against a pool key shared by two peers; an fd cannot be closed and reused
-/// while the pool holds its stream, so the address read once stays the fd's address. A peer
-/// reached through a proxy, or a connection without a socket digest or address, is checked
-/// with [`Peer::matches_fd`] as before.
+/// The check guards against two peers sharing a pool key. A connection whose socket was closed
+/// is left to the callers' liveness checks (`test_reusable_stream` for HTTP/1.x, the closed
+/// signal for HTTP/2). A peer reached through a proxy, or a connection without a socket digest
+/// or an inet address, is checked with [`Peer::matches_fd`] as before; a `Peer` that overrides
+/// `matches_fd` is not asked for an inet address without a proxy.
 #[cfg(unix)]
-pub(crate) fn peer_matches_connection<P: Peer + ?Sized>(
+pub(crate) fn peer_matches_connection<P: Peer>(
     peer: &P,
     socket_digest: Option<&crate::protocols::SocketDigest>,
     fd: crate::protocols::UniqueIDType,

@@ -420,12 +420,17 @@ impl Connector {
             .filter(|c| !c.is_closed())
             .or_else(|| self.idle_pool.get(&reuse_hash));
         if let Some(conn) = maybe_conn {
+            // meshflow patch: `getpeername` on a connection whose driver task had closed the
+            // socket failed, so such a connection from the idle pool was refused; the address
+            // check below no longer reads the socket, so the closed signal is asked instead.
             #[cfg(unix)]
-            if !crate::connectors::peer_matches_connection(
-                peer,
-                conn.digest().socket_digest.as_deref(),
-                conn.id(),
-            ) {
+            if conn.is_closed()
+                || !crate::connectors::peer_matches_connection(
+                    peer,
+                    conn.digest().socket_digest.as_deref(),
+                    conn.id(),
+                )
+            {
                 return Ok(None);
             }
             #[cfg(windows)]
@@ -956,9 +961,12 @@ mod tests {
 
         connector.release_http_session(h2_stream, &peer, None);
 
+        // meshflow patch: the reuse check compares the address the connection was dialed to, so
+        // the peer sharing the pool key has another address (a key collision, what the check is
+        // for), not only a `matches_fd` that says no.
         let mismatch_peer = MismatchPeer {
             reuse_hash: peer.reuse_hash(),
-            address: peer.address().clone(),
+            address: SocketAddr::Inet("1.0.0.1:443".parse().unwrap()),
         };
 
         assert!(connector
