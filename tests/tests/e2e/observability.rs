@@ -150,7 +150,10 @@ async fn calls_between_sidecars_reuse_one_mtls_connection() {
     futures::future::join_all((0..16).map(|_| call())).await;
     let after = handshakes(&metrics(&backend.admin).await);
     assert!(before >= 1.0, "the first call was an mTLS connection");
-    assert_eq!(after, before, "56 calls after the first opened no connection");
+    assert_eq!(
+        after, before,
+        "56 calls after the first opened no connection"
+    );
 }
 
 const MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
