@@ -220,6 +220,14 @@ fn reserve(addr: SocketAddr) -> std::io::Result<PortReservation> {
 /// few connections (one per peer sidecar), each multiplexing many HTTP/2 streams under TLS.
 const OUTBOUND_READ_BUFFER: usize = 4096;
 
+/// Write buffer (bytes) of each connection accepted on the inbound port, under TLS. Pingora's
+/// default is 1,460 (one MSS), so each TLS record — one per HTTP/2 DATA frame of a response —
+/// went out in its own `send`, waking the peer sidecar once per response. With room for a full
+/// TLS record (16 KiB), the records HTTP/2 writes in one round leave in one `send` when it
+/// flushes (the patched `h2` in `third_party/` no longer flushes per DATA frame). A buffer is
+/// written to only as far as it fills, so its untouched pages are not resident.
+const INBOUND_WRITE_BUFFER: usize = 16 * 1024;
+
 fn reuseport() -> TcpSocketOptions {
     let mut options = TcpSocketOptions::default();
     options.so_reuseport = Some(true);
@@ -467,7 +475,11 @@ pub fn run(config: ProxyConfig) -> Result<(), StartError> {
             transparent_settings.clone(),
         ),
     );
-    inbound.add_tcp_with_settings(&inbound_port.addr.to_string(), reuseport());
+    inbound.add_listener(
+        ListenerConfig::tcp(inbound_port.addr.to_string())
+            .tcp_socket_options(reuseport())
+            .l4_buffer(L4BufferSettings::default().write(INBOUND_WRITE_BUFFER)),
+    );
 
     // The outbound port: explicit requests as always, and connections the capture rules
     // redirected (`transparent`), through the same `OutboundProxy`.

@@ -170,6 +170,34 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
     drop(tx);
     assert!(replies.message().await.expect("clean end").is_none());
 
+    // Bidi again with 4 KiB messages: each is an HTTP/2 DATA frame large enough that h2 chains
+    // it instead of copying it, and the patched h2 (third_party/) writes such frames without
+    // flushing until the end of its write round; the inbound sidecar's TLS socket buffers up
+    // to 16 KiB. A reply left in either buffer would never arrive: the next request waits on it.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = echo
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi with large messages")
+        .into_inner();
+    for i in 0..3 {
+        let message = format!("{i}").repeat(4096);
+        tx.send(EchoRequest {
+            message: message.clone(),
+        })
+        .await
+        .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
+            .await
+            .expect("large bidi reply in time, not held in a write buffer")
+            .expect("large bidi reply")
+            .expect("not closed");
+        assert_eq!(reply.message, message);
+        assert_eq!(reply.sequence, i + 1);
+    }
+    drop(tx);
+    assert!(replies.message().await.expect("clean end").is_none());
+
     // Unknown service → 503 with a clear body.
     let response = client
         .get(format!("http://{}/", frontend.outbound))

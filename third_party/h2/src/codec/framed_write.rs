@@ -106,11 +106,15 @@ where
     /// Returns `Ready` when `send` is able to accept a frame
     ///
     /// Calling this function may result in the current contents of the buffer
-    /// to be flushed to `T`.
+    /// to be written to `T` (not flushed: see `flush`).
     pub fn poll_ready(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         if !self.encoder.has_capacity() {
-            // Try flushing
-            ready!(self.flush(cx))?;
+            // Make room by writing the buffered frames to `T`, without flushing `T`: a
+            // buffered `T` (a TLS stream over a buffered socket) then coalesces the frames
+            // of one `poll_complete` round into one write to the socket, instead of one per
+            // DATA frame above `chain_threshold`. Every caller buffers a frame next, and
+            // buffered frames only leave through `flush`, which flushes `T` too.
+            ready!(self.write_buffered(cx))?;
 
             if !self.encoder.has_capacity() {
                 return Poll::Pending;
@@ -139,6 +143,17 @@ where
         let span = tracing::trace_span!("FramedWrite::flush");
         let _e = span.enter();
 
+        ready!(self.write_buffered(cx))?;
+
+        tracing::trace!("flushing buffer");
+        // Flush the upstream
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+
+        Poll::Ready(Ok(()))
+    }
+
+    /// Write the buffered frames to `T`, without flushing `T`.
+    fn write_buffered(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         loop {
             while !self.encoder.is_empty() {
                 let n = match self.encoder.next {
@@ -168,10 +183,6 @@ where
                 ControlFlow::Break => break,
             }
         }
-
-        tracing::trace!("flushing buffer");
-        // Flush the upstream
-        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
 
         Poll::Ready(Ok(()))
     }
