@@ -220,12 +220,18 @@ fn reserve(addr: SocketAddr) -> std::io::Result<PortReservation> {
 /// few connections (one per peer sidecar), each multiplexing many HTTP/2 streams under TLS.
 const OUTBOUND_READ_BUFFER: usize = 4096;
 
-/// Write buffer (bytes) of each connection accepted on the inbound port, under TLS. Pingora's
-/// default is 1,460 (one MSS), so each TLS record — one per HTTP/2 DATA frame of a response —
-/// went out in its own `send`, waking the peer sidecar once per response. With room for a full
-/// TLS record (16 KiB), the records HTTP/2 writes in one round leave in one `send` when it
-/// flushes (the patched `h2` in `third_party/` no longer flushes per DATA frame). A buffer is
-/// written to only as far as it fills, so its untouched pages are not resident.
+/// Write buffer (bytes) of each connection accepted on the inbound port (below TLS for mesh
+/// traffic). h2 writes
+/// the frames of one write round to the TLS stream and flushes once at the end of the round
+/// (the patched `h2` in `third_party/`; before, each DATA frame of 256 bytes or more was
+/// flushed alone). rustls turns each write into a TLS record and hands it to this buffer, so
+/// with room for several records (Pingora's default is 1,460 bytes, about one 1 KiB response)
+/// the records of one round leave in one `send` instead of one `send` per response, each
+/// waking the peer sidecar. A record that does not fit (a full 16 KiB DATA frame) bypasses the
+/// buffer, as before. Each inbound connection holds this buffer (there are few: one per peer
+/// sidecar, plus plaintext and opaque TCP callers). What else it changes: an HTTP/1.x response
+/// body with a Content-Length, which Pingora flushes only when complete, now waits in it for up
+/// to 16 KiB instead of 1,460 bytes (docs/ARCHITECTURE.md, "Departures forced by Pingora").
 const INBOUND_WRITE_BUFFER: usize = 16 * 1024;
 
 fn reuseport() -> TcpSocketOptions {

@@ -170,30 +170,47 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
     drop(tx);
     assert!(replies.message().await.expect("clean end").is_none());
 
-    // Bidi again with 4 KiB messages: each is an HTTP/2 DATA frame large enough that h2 chains
-    // it instead of copying it, and the patched h2 (third_party/) writes such frames without
-    // flushing until the end of its write round; the inbound sidecar's TLS socket buffers up
-    // to 16 KiB. A reply left in either buffer would never arrive: the next request waits on it.
+    // Bidi again with messages that take several HTTP/2 DATA frames of 256 bytes or more in one
+    // write round: a 64 KiB message (four 16 KiB frames), then three 4 KiB messages sent before
+    // any reply is read. To take each such frame after the first, the patched h2
+    // (third_party/) writes the waiting one out without flushing and flushes at the end of the
+    // round; the inbound sidecar's socket buffers up to 16 KiB below TLS. A reply held in
+    // either buffer without a flush would not arrive in time.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut replies = echo
         .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .expect("bidi with large messages")
         .into_inner();
-    for i in 0..3 {
-        let message = format!("{i}").repeat(4096);
+    let large = "L".repeat(64 * 1024);
+    tx.send(EchoRequest {
+        message: large.clone(),
+    })
+    .await
+    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
+        .await
+        .expect("64 KiB bidi reply in time, not held in a write buffer")
+        .expect("64 KiB bidi reply")
+        .expect("not closed");
+    assert_eq!(reply.message, large);
+    assert_eq!(reply.sequence, 1);
+    let messages: Vec<String> = (0..3).map(|i| format!("{i}").repeat(4096)).collect();
+    for message in &messages {
         tx.send(EchoRequest {
             message: message.clone(),
         })
         .await
         .unwrap();
+    }
+    for (i, message) in messages.iter().enumerate() {
         let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
             .await
-            .expect("large bidi reply in time, not held in a write buffer")
-            .expect("large bidi reply")
+            .expect("4 KiB bidi reply in time, not held in a write buffer")
+            .expect("4 KiB bidi reply")
             .expect("not closed");
-        assert_eq!(reply.message, message);
-        assert_eq!(reply.sequence, i + 1);
+        assert_eq!(&reply.message, message);
+        assert_eq!(reply.sequence, i as u32 + 2);
     }
     drop(tx);
     assert!(replies.message().await.expect("clean end").is_none());

@@ -111,9 +111,10 @@ where
         if !self.encoder.has_capacity() {
             // Make room by writing the buffered frames to `T`, without flushing `T`: a
             // buffered `T` (a TLS stream over a buffered socket) then coalesces the frames
-            // of one `poll_complete` round into one write to the socket, instead of one per
-            // DATA frame above `chain_threshold`. Every caller buffers a frame next, and
-            // buffered frames only leave through `flush`, which flushes `T` too.
+            // of one write round into one write to the socket, instead of one per DATA frame
+            // at or above `chain_threshold`. Nothing is left unflushed: every caller runs
+            // inside `Connection::poll`, which leaves only through `poll_complete` (it ends
+            // with `flush`), through `shutdown` (which flushes first), or Pending on `T`.
             ready!(self.write_buffered(cx))?;
 
             if !self.encoder.has_capacity() {
