@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use meshflow_example_echo::pb::{echo_client::EchoClient, EchoRequest, StreamRequest};
+use meshflow_example_echo::pb::{echo_client::EchoClient, EchoReply, EchoRequest, StreamRequest};
 use tonic::transport::Endpoint;
 
 use crate::common::*;
@@ -159,11 +159,7 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
         })
         .await
         .unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
-            .await
-            .expect("bidi reply in time")
-            .expect("bidi reply")
-            .expect("not closed");
+        let reply = next_bidi_reply(&mut replies, "bidi reply").await;
         assert_eq!(reply.message, format!("m{i}"));
         assert_eq!(reply.sequence, i + 1);
     }
@@ -188,11 +184,7 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
     })
     .await
     .unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
-        .await
-        .expect("64 KiB bidi reply in time, not held in a write buffer")
-        .expect("64 KiB bidi reply")
-        .expect("not closed");
+    let reply = next_bidi_reply(&mut replies, "64 KiB bidi reply").await;
     assert_eq!(reply.message, large);
     assert_eq!(reply.sequence, 1);
     let messages: Vec<String> = (0..3).map(|i| format!("{i}").repeat(4096)).collect();
@@ -204,11 +196,7 @@ async fn http1_http2_and_grpc_through_two_sidecars() {
         .unwrap();
     }
     for (i, message) in messages.iter().enumerate() {
-        let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
-            .await
-            .expect("4 KiB bidi reply in time, not held in a write buffer")
-            .expect("4 KiB bidi reply")
-            .expect("not closed");
+        let reply = next_bidi_reply(&mut replies, "4 KiB bidi reply").await;
         assert_eq!(&reply.message, message);
         assert_eq!(reply.sequence, i as u32 + 2);
     }
@@ -288,4 +276,14 @@ async fn up_smoke_and_promtool_clean_metrics() {
             &[("direction", "inbound"), ("status_code", "200")]
         ) >= 5.0
     );
+}
+
+/// The next reply of a bidi stream, within 5 s: a reply a proxy holds in a buffer without
+/// flushing it never comes. Panics, naming `what`, on a timeout, an error or the stream's end.
+async fn next_bidi_reply(replies: &mut tonic::Streaming<EchoReply>, what: &str) -> EchoReply {
+    tokio::time::timeout(Duration::from_secs(5), replies.message())
+        .await
+        .unwrap_or_else(|_| panic!("{what} in time"))
+        .unwrap_or_else(|status| panic!("{what}: {status}"))
+        .unwrap_or_else(|| panic!("{what}: the stream closed"))
 }
