@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::*;
@@ -54,7 +54,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Reads from `stream` into `buf` until `buf` holds at least `n` bytes; `false` on EOF.
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> bool {
+async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>, n: usize) -> bool {
     while buf.len() < n {
         let mut chunk = [0u8; 8192];
         match stream.read(&mut chunk).await {
@@ -670,5 +670,176 @@ fn dechunk(mut text: &str) -> String {
         }
         out.push_str(&rest[..size]);
         text = &rest[size + 2..];
+    }
+}
+
+const PIECES_MESH: &str = r#"apiVersion: meshflow.io/v1alpha1
+kind: Mesh
+metadata: { name: pieces }
+spec:
+  workloads:
+    - name: client
+      app: { protocol: http1, command: ["meshflow-echo", "--name", "client", "--listen", "127.0.0.1:{port}"] }
+    - name: pieces
+      app: { protocol: http1, port: PIECES_PORT }
+"#;
+
+/// How many pieces the pieces app writes per response.
+const PIECES: usize = 3;
+
+/// An HTTP/1.1 app that answers `GET /pieces/<size>` with a Content-Length body of
+/// [`PIECES`] pieces of `<size>` bytes (`a…`, `b…`, `c…`), and writes each piece after the
+/// first only once the test has read the one before (`read` gets a permit per piece read).
+async fn pieces_app(listener: TcpListener, read: Arc<tokio::sync::Semaphore>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let read = read.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                let head_end = loop {
+                    if let Some(p) = find(&buf, b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    let have = buf.len();
+                    if !fill(&mut stream, &mut buf, have + 1).await {
+                        return;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                buf.drain(..head_end);
+                let size: usize = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|path| path.strip_prefix("/pieces/"))
+                    .and_then(|size| size.parse().ok())
+                    .unwrap_or(1);
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                    size * PIECES
+                );
+                if stream.write_all(response.as_bytes()).await.is_err() {
+                    return;
+                }
+                for piece in 0..PIECES {
+                    if piece > 0 {
+                        read.acquire().await.unwrap().forget();
+                    }
+                    let bytes = vec![b'a' + piece as u8; size];
+                    if stream.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Reads a response to `GET /pieces/<size>` from `stream` piece by piece: each piece must
+/// arrive within 5 s of the app writing it, and the app writes the next only after this read
+/// the last (a permit on `read`). A piece the proxy keeps in a write buffer until the body is
+/// complete never arrives: the timeout fails the test, naming the piece.
+async fn read_pieces<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    read: &tokio::sync::Semaphore,
+    authority: &str,
+    size: usize,
+    what: &str,
+) {
+    let request = format!("GET /pieces/{size} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(p) = find(&buf, b"\r\n\r\n") {
+            break p + 4;
+        }
+        let have = buf.len();
+        let filled = tokio::time::timeout(Duration::from_secs(5), fill(stream, &mut buf, have + 1))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no response head within 5 s: held in a write buffer with the first piece"));
+        assert!(filled, "{what}: the connection closed before the head");
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{what}: {head}");
+    assert!(
+        head.contains(&format!("content-length: {}", size * PIECES)),
+        "{what}: the body must keep its Content-Length framing (chunked bodies are flushed \
+         anyway): {head}"
+    );
+    for piece in 1..=PIECES {
+        let filled = tokio::time::timeout(
+            Duration::from_secs(5),
+            fill(stream, &mut buf, head_end + piece * size),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{what}: piece {piece} of {PIECES} ({size} bytes) not delivered within 5 s of \
+                 the app writing it ({} of {} body bytes arrived): held in a write buffer",
+                buf.len() - head_end,
+                piece * size
+            )
+        });
+        assert!(filled, "{what}: the connection closed in piece {piece}");
+        if piece < PIECES {
+            read.add_permits(1);
+        }
+    }
+    let body = &buf[head_end..];
+    assert_eq!(body.len(), size * PIECES, "{what}: nothing after the body");
+    for piece in 0..PIECES {
+        assert!(
+            body[piece * size..(piece + 1) * size]
+                .iter()
+                .all(|b| *b == b'a' + piece as u8),
+            "{what}: piece {} has other bytes",
+            piece + 1
+        );
+    }
+}
+
+/// An app that writes a Content-Length body in pieces, each after the client has read the one
+/// before (a server-side stream of known length, or a full-duplex exchange), reaches an
+/// HTTP/1.1 client piece by piece: each piece is flushed, not held in the sidecar's write
+/// buffer until the body is complete (Pingora flushes such a body only at its end; patched in
+/// `third_party/pingora-core`). Through the pair with 1,000-byte pieces, under the outbound
+/// port's 1,460-byte write buffer, and straight to the inbound port over mTLS HTTP/1.1 with
+/// 4,000-byte pieces, under its 16 KiB one; both on one keep-alive connection, twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_length_bodies_reach_http1_clients_piece_by_piece() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mesh = PIECES_MESH.replace(
+        "PIECES_PORT",
+        &listener.local_addr().unwrap().port().to_string(),
+    );
+    let read = Arc::new(tokio::sync::Semaphore::new(0));
+    tokio::spawn(pieces_app(listener, read.clone()));
+    // On this test's own thread (see `start`).
+    let t = start_mesh(&mesh, |_| {});
+
+    let outbound = t.mesh.workload("client").outbound.clone();
+    let mut conn = TcpStream::connect(&outbound).await.unwrap();
+    for round in 1..=2 {
+        let what = format!("through the pair, round {round}");
+        read_pieces(&mut conn, &read, "pieces.default", 1000, &what).await;
+    }
+
+    let pki = Pki::mesh(&t.state_dir());
+    let leaf = pki.issue(LeafSpec::spiffe(
+        "spiffe://cluster.local/ns/default/sa/client",
+    ));
+    let config = client_config(pki.roots(), Some(leaf), &[&rustls::version::TLS13]);
+    let inbound = t.mesh.workload("pieces").inbound.clone();
+    let tcp = TcpStream::connect(&inbound).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(identity_dns("pieces")).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("mTLS HTTP/1.1 to the inbound listener");
+    for round in 1..=2 {
+        let what = format!("mTLS HTTP/1.1 to the inbound port, round {round}");
+        read_pieces(&mut tls, &read, "pieces.default", 4000, &what).await;
     }
 }

@@ -1317,6 +1317,13 @@ impl BodyWriter {
     // But it hurts real time communication
     // So we only allow buffering when the body size is known ahead, which is less likely
     // to be real time interaction
+    //
+    // meshflow: a body of known length is flushed after every write too. It can be real time
+    // (an app that streams a response while it still reads the request, a download the client
+    // reads as it comes), and a piece smaller than the stream's write buffer waited there
+    // until the body was complete: a full-duplex exchange stalled until a timeout. A body
+    // written in one piece (the common case) is flushed once, as before; the response head
+    // still waits in the buffer for the first piece of the body.
 
     pub async fn write_body<S>(&mut self, stream: &mut S, buf: &[u8]) -> Result<Option<usize>>
     where
@@ -1364,9 +1371,10 @@ impl BodyWriter {
                 match res {
                     Ok(()) => {
                         self.body_mode = BM::ContentLength(total, written + to_write);
-                        if self.finished() {
-                            stream.flush().await.or_err(WriteError, "flushing body")?;
-                        }
+                        // meshflow: flush every piece, not only the last (see the NOTE on
+                        // buffering above). A body written in one piece is flushed once, as
+                        // before.
+                        stream.flush().await.or_err(WriteError, "flushing body")?;
                         Ok(Some(to_write))
                     }
                     Err(e) => Error::e_because(WriteError, "while writing body", e),
@@ -1818,13 +1826,9 @@ impl BodyWriter {
                     let (total, written) = self.body_mode.expect_content_length();
                     self.body_mode = BM::ContentLength(total, written + bytes_written);
 
-                    if written + bytes_written >= total {
-                        // All content-length bytes written, flush needed
-                        self.send_body_state.write_state = WriteState::Flushing(bytes_written);
-                    } else {
-                        // More bytes to come, no flush needed
-                        self.send_body_state.write_state = WriteState::Done(bytes_written);
-                    }
+                    // meshflow: every piece is flushed, not only the last (see the NOTE on
+                    // buffering above `write_body`).
+                    self.send_body_state.write_state = WriteState::Flushing(bytes_written);
                 }
                 Err(e) => {
                     return Poll::Ready(Error::e_because(WriteError, "while writing body", e))
@@ -4063,8 +4067,8 @@ mod test_body_task_api {
     }
 
     // Verifies that body_mode byte tracking is correct when writing
-    // content-length body in multiple chunks. Each intermediate chunk
-    // does not trigger a flush; the body_mode must still accumulate
+    // content-length body in multiple chunks. Each chunk is flushed
+    // (meshflow; upstream flushes only the last); the body_mode must still accumulate
     // bytes correctly so that finish_task succeeds.
     #[tokio::test]
     async fn content_length_body_mode_tracks_across_chunks() {
@@ -4074,13 +4078,13 @@ mod test_body_task_api {
         let chunk2 = b", World!";
         let total_len = chunk1.len() + chunk2.len(); // 13
 
-        // Mock expects both writes; the final write triggers a flush internally
+        // Mock expects both writes; each write is followed by a flush (meshflow)
         let mut mock_io = Builder::new().write(chunk1).write(chunk2).build();
 
         let mut body_writer = BodyWriter::new();
         body_writer.init_content_length(total_len);
 
-        // Write first chunk (intermediate, no flush expected)
+        // Write first chunk (intermediate; flushed as well, meshflow)
         body_writer.send_body_task(Bytes::from_static(chunk1), None);
         let result = body_writer
             .write_current_body_task(&mut mock_io)
