@@ -229,9 +229,11 @@ const OUTBOUND_READ_BUFFER: usize = 4096;
 /// the records of one round leave in one `send` instead of one `send` per response, each
 /// waking the peer sidecar. A record that does not fit (a full 16 KiB DATA frame) bypasses the
 /// buffer, as before. Each inbound connection holds this buffer (there are few: one per peer
-/// sidecar, plus plaintext and opaque TCP callers). What else it changes: an HTTP/1.x response
-/// body with a Content-Length, which Pingora flushes only when complete, now waits in it for up
-/// to 16 KiB instead of 1,460 bytes (docs/ARCHITECTURE.md, "Departures forced by Pingora").
+/// sidecar, plus plaintext and opaque TCP callers). HTTP/1.x responses on this port are flushed
+/// after every body write (patched pingora-core; upstream Pingora flushed a Content-Length body
+/// only when complete, which with this buffer held streamed pieces), so only an h2 write round
+/// and a Content-Length response head waiting for its first body piece sit in it
+/// (docs/ARCHITECTURE.md, "Departures forced by Pingora").
 const INBOUND_WRITE_BUFFER: usize = 16 * 1024;
 
 fn reuseport() -> TcpSocketOptions {

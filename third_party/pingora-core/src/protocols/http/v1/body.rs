@@ -1773,7 +1773,7 @@ impl BodyWriter {
     // ========================================================================
 
     /// Internal helper to poll a body task that writes in content-length mode
-    /// and flushes at end.
+    /// and flushes after every write (meshflow; upstream flushes at end).
     fn poll_write_content_length_body_task<S>(
         &mut self,
         cx: &mut Context<'_>,
@@ -1814,7 +1814,7 @@ impl BodyWriter {
             }
         }
 
-        // Handle Writing state - do the write, transition to Flushing or Done
+        // Handle Writing state - do the write, transition to Flushing (meshflow)
         if let WriteState::Writing(size, ref mut buf) = &mut self.send_body_state.write_state {
             let bytes_written = *size;
 
@@ -4079,7 +4079,8 @@ mod test_body_task_api {
         let total_len = chunk1.len() + chunk2.len(); // 13
 
         // Mock expects both writes; each write is followed by a flush (meshflow)
-        let mut mock_io = Builder::new().write(chunk1).write(chunk2).build();
+        let mock_io = Builder::new().write(chunk1).write(chunk2).build();
+        let (mut mock_io, flush_count) = FlushTrackingMock::new(mock_io);
 
         let mut body_writer = BodyWriter::new();
         body_writer.init_content_length(total_len);
@@ -4094,6 +4095,11 @@ mod test_body_task_api {
         assert!(
             !body_writer.finished(),
             "Should not be finished after first chunk"
+        );
+        assert_eq!(
+            FlushTrackingMock::flush_count(&flush_count),
+            1,
+            "An intermediate content-length piece is flushed (meshflow)"
         );
 
         // Verify body_mode tracks the bytes from the first chunk
@@ -4115,6 +4121,7 @@ mod test_body_task_api {
             body_writer.finished(),
             "Should be finished after all bytes written"
         );
+        assert_eq!(FlushTrackingMock::flush_count(&flush_count), 2);
 
         // Finish should succeed since all content-length bytes were written
         body_writer.send_finish_task();
