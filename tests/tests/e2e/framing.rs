@@ -65,6 +65,20 @@ async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>, n: usize)
     true
 }
 
+/// Reads from `stream` into `buf` until it holds a whole HTTP/1.x head; returns the offset just
+/// past the head's empty line, or `None` on EOF first.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(p) = find(buf, b"\r\n\r\n") {
+            return Some(p + 4);
+        }
+        let have = buf.len();
+        if !fill(stream, buf, have + 1).await {
+            return None;
+        }
+    }
+}
+
 /// Reads through the next CRLF; returns the line's bytes including the CRLF.
 async fn line(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     loop {
@@ -91,14 +105,8 @@ async fn h1_app(listener: TcpListener, log: Log) {
         tokio::spawn(async move {
             let mut buf = Vec::new();
             loop {
-                let head_end = loop {
-                    if let Some(p) = find(&buf, b"\r\n\r\n") {
-                        break p + 4;
-                    }
-                    let have = buf.len();
-                    if !fill(&mut stream, &mut buf, have + 1).await {
-                        return;
-                    }
+                let Some(head_end) = read_head(&mut stream, &mut buf).await else {
+                    return;
                 };
                 let head: Vec<u8> = buf.drain(..head_end).collect();
                 let head = String::from_utf8_lossy(&head).into_owned();
@@ -588,16 +596,9 @@ async fn chunked_bodies_through_both_sidecars_keep_responses_in_order() {
             conn.write_all(request.as_bytes()).await.unwrap();
             // One response with a Content-Length (the logger's and the sidecar's answers).
             let mut buf = Vec::new();
-            let head_end = loop {
-                if let Some(p) = find(&buf, b"\r\n\r\n") {
-                    break p + 4;
-                }
-                let have = buf.len();
-                assert!(
-                    fill(&mut conn, &mut buf, have + 1).await,
-                    "{id}: connection closed"
-                );
-            };
+            let head_end = read_head(&mut conn, &mut buf)
+                .await
+                .unwrap_or_else(|| panic!("{id}: connection closed"));
             let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
             let length: usize = head
                 .lines()
@@ -699,14 +700,8 @@ async fn pieces_app(listener: TcpListener, read: Arc<tokio::sync::Semaphore>) {
         tokio::spawn(async move {
             let mut buf = Vec::new();
             loop {
-                let head_end = loop {
-                    if let Some(p) = find(&buf, b"\r\n\r\n") {
-                        break p + 4;
-                    }
-                    let have = buf.len();
-                    if !fill(&mut stream, &mut buf, have + 1).await {
-                        return;
-                    }
+                let Some(head_end) = read_head(&mut stream, &mut buf).await else {
+                    return;
                 };
                 let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
                 buf.drain(..head_end);
@@ -751,16 +746,14 @@ async fn read_pieces<S: AsyncRead + AsyncWrite + Unpin>(
     let request = format!("GET /pieces/{size} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(p) = find(&buf, b"\r\n\r\n") {
-            break p + 4;
-        }
-        let have = buf.len();
-        let filled = tokio::time::timeout(Duration::from_secs(5), fill(stream, &mut buf, have + 1))
-            .await
-            .unwrap_or_else(|_| panic!("{what}: no response head within 5 s: held in a write buffer with the first piece"));
-        assert!(filled, "{what}: the connection closed before the head");
-    };
+    let head_end = tokio::time::timeout(Duration::from_secs(5), read_head(stream, &mut buf))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{what}: no response head within 5 s: held in a write buffer with the first piece"
+            )
+        })
+        .unwrap_or_else(|| panic!("{what}: the connection closed before the head"));
     let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{what}: {head}");
     assert!(

@@ -281,9 +281,10 @@ async fn up_smoke_and_promtool_clean_metrics() {
 /// The next reply of a bidi stream, within 5 s: a reply a proxy holds in a buffer without
 /// flushing it never comes. Panics, naming `what`, on a timeout, an error or the stream's end.
 async fn next_bidi_reply(replies: &mut tonic::Streaming<EchoReply>, what: &str) -> EchoReply {
-    tokio::time::timeout(Duration::from_secs(5), replies.message())
-        .await
-        .unwrap_or_else(|_| panic!("{what} in time"))
-        .unwrap_or_else(|status| panic!("{what}: {status}"))
-        .unwrap_or_else(|| panic!("{what}: the stream closed"))
+    match tokio::time::timeout(Duration::from_secs(5), replies.message()).await {
+        Err(_) => panic!("{what}: not within 5 s"),
+        Ok(Err(status)) => panic!("{what}: {status}"),
+        Ok(Ok(None)) => panic!("{what}: the stream closed"),
+        Ok(Ok(Some(reply))) => reply,
+    }
 }
