@@ -221,19 +221,18 @@ fn reserve(addr: SocketAddr) -> std::io::Result<PortReservation> {
 const OUTBOUND_READ_BUFFER: usize = 4096;
 
 /// Write buffer (bytes) of each connection accepted on the inbound port (below TLS for mesh
-/// traffic). h2 writes
-/// the frames of one write round to the TLS stream and flushes once at the end of the round
-/// (the patched `h2` in `third_party/`; before, each DATA frame of 256 bytes or more was
-/// flushed alone). rustls turns each write into a TLS record and hands it to this buffer, so
-/// with room for several records (Pingora's default is 1,460 bytes, about one 1 KiB response)
-/// the records of one round leave in one `send` instead of one `send` per response, each
-/// waking the peer sidecar. A record that does not fit (a full 16 KiB DATA frame) bypasses the
-/// buffer, as before. Each inbound connection holds this buffer (there are few: one per peer
-/// sidecar, plus plaintext and opaque TCP callers). HTTP/1.x responses on this port are flushed
-/// after every body write (patched pingora-core; upstream Pingora flushed a Content-Length body
-/// only when complete, which with this buffer held streamed pieces), so only an h2 write round
-/// and a Content-Length response head waiting for its first body piece sit in it
-/// (docs/ARCHITECTURE.md, "Departures forced by Pingora").
+/// traffic). h2 writes the frames of one write round to the TLS stream and flushes once at the end
+/// of the round (the patched `h2` in `third_party/`; before, each DATA frame of 256 bytes or more
+/// was flushed alone). rustls turns each write into a TLS record and hands it to this buffer, so
+/// with room for several records (Pingora's default is 1,460 bytes, about one 1 KiB response) the
+/// records of one round leave in one `send` instead of one `send` per response, each waking the
+/// peer sidecar. A record that does not fit (a full 16 KiB DATA frame) bypasses the buffer, as
+/// before. Each inbound connection holds this buffer (there are few: one per peer sidecar, plus
+/// plaintext and opaque TCP callers). HTTP/1.x responses on this port are flushed after every body
+/// write (patched pingora-core; upstream Pingora flushed a Content-Length body only when complete,
+/// which with this buffer held streamed pieces), so only an h2 write round and a Content-Length
+/// response head waiting for its first body piece sit in it (docs/ARCHITECTURE.md, "Departures
+/// forced by Pingora").
 const INBOUND_WRITE_BUFFER: usize = 16 * 1024;
 
 fn reuseport() -> TcpSocketOptions {

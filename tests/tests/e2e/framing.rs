@@ -341,12 +341,14 @@ impl Shape {
     }
 }
 
-/// An HTTP/2 connection to `inbound` with a mesh certificate for `caller` (ALPN h2).
-async fn h2_client(
+/// An mTLS connection to `inbound` with a mesh certificate for the `client` workload, verifying
+/// the server as `target_workload`'s SVID, offering `alpn` (e.g. `h2`, `http/1.1`).
+async fn mesh_tls(
     t: &TestMesh,
     inbound: &str,
     target_workload: &str,
-) -> h2::client::SendRequest<Bytes> {
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let pki = Pki::mesh(&t.state_dir());
     let leaf = pki.issue(LeafSpec::spiffe(
         "spiffe://cluster.local/ns/default/sa/client",
@@ -355,13 +357,22 @@ async fn h2_client(
         .with_root_certificates(pki.roots())
         .with_client_auth_cert(leaf.chain, leaf.key)
         .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let tcp = TcpStream::connect(inbound).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(identity_dns(target_workload)).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .expect("mTLS to the inbound listener");
+        .expect("mTLS to the inbound listener")
+}
+
+/// An HTTP/2 connection to `inbound` with a mesh certificate for `client` (ALPN h2).
+async fn h2_client(
+    t: &TestMesh,
+    inbound: &str,
+    target_workload: &str,
+) -> h2::client::SendRequest<Bytes> {
+    let tls = mesh_tls(t, inbound, target_workload, b"h2").await;
     let (send, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
     tokio::spawn(async move {
         let _ = connection.await;
@@ -819,18 +830,8 @@ async fn content_length_bodies_reach_http1_clients_piece_by_piece() {
         read_pieces(&mut conn, &read, "pieces.default", 1000, &what).await;
     }
 
-    let pki = Pki::mesh(&t.state_dir());
-    let leaf = pki.issue(LeafSpec::spiffe(
-        "spiffe://cluster.local/ns/default/sa/client",
-    ));
-    let config = client_config(pki.roots(), Some(leaf), &[&rustls::version::TLS13]);
     let inbound = t.mesh.workload("pieces").inbound.clone();
-    let tcp = TcpStream::connect(&inbound).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(identity_dns("pieces")).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .expect("mTLS HTTP/1.1 to the inbound listener");
+    let mut tls = mesh_tls(&t, &inbound, "pieces", b"http/1.1").await;
     for round in 1..=2 {
         let what = format!("mTLS HTTP/1.1 to the inbound port, round {round}");
         read_pieces(&mut tls, &read, "pieces.default", 4000, &what).await;
